@@ -1,0 +1,1 @@
+"""PyTorch reference implementations written from the specs in shared/docs."""
