@@ -1,0 +1,811 @@
+"""ReSET step-aware temperature, the fixed-temperature baseline, and the sampler.
+
+The rule is specified in ``shared/docs/reset-algorithm.md``; this module follows
+it decision for decision. Everything that runs per token is pure ``jnp``/``lax``
+over a batch of rows, so it runs inside the jitted decode loop with no host
+round trip.
+
+Protocol (what the decode loop calls; both rules implement it)::
+
+    state = init_state(rule, batch_size)
+    state, temperature, entropy = step(rule, state, logits)  # [B, V] -> [B], [B]
+    token = sample(key, logits, temperature, top_p=..., top_k=...)
+    state = observe(rule, state, token)
+
+``step`` applies the step-boundary check from the tokens seen so far, measures
+the entropy of the raw logits, decides the temperature, and only then records
+the entropy. ``observe`` records the token that was generated.
+
+Numerics. The reference keeps Python (double) means over float32 entropies.
+Here every sum of entropies is a float-float (TwoSum-compensated) pair, so each
+mean is within one float32 rounding of the reference's, and the entropy's own
+reductions over the vocabulary are compensated too (XLA:CPU sums a fused row
+sequentially, which is off by ~1e-4 nats at V = 32k). The structural tie of the
+rule (``H_step == H_bar`` while the window holds every entropy so far, or while
+the step spans the whole sequence) is kept bitwise by construction, see
+``ReSETConfig._decide``.
+
+Bad logits (a row with a NaN, a ``+inf``, or no finite value) never yield a
+token: ``step`` returns NaN entropy and NaN temperature for that row, leaves the
+row's statistics untouched and sets the sticky ``state.bad[row]``; ``sample``
+returns ``INVALID_TOKEN`` (-1) for that row. The decode loop should mark such a
+row finished (``token < 0`` or ``state.bad``), feed the model a pad token instead
+of -1, keep -1 in the recorded tokens, and have the host raise after the loop
+(``check_tokens`` does it).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+GREEDY_TEMPERATURE = 1e-6
+"""A temperature at or below this means greedy decoding (argmax)."""
+
+INVALID_TOKEN = -1
+"""What ``sample`` returns for a row whose logits or temperature are unusable."""
+
+ENTROPY_FLOOR = 1e-10
+"""Probabilities are clamped to this inside the log, as in the reference."""
+
+# Id arrays are padded to a multiple of this (at least) so that tokenizers with
+# slightly different numbers of newline ids share one compiled decode loop.
+_ID_BUCKET = 8
+_PAD_ID = -1
+_FSUM_CHUNK = 128
+
+
+# ----------------------------------------------------------------------------
+# Small numerical helpers
+# ----------------------------------------------------------------------------
+
+
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Knuth's TwoSum: ``s = fl(a + b)`` and the exact rounding error ``e``."""
+    s = a + b
+    b_virtual = s - a
+    e = (a - (s - b_virtual)) + (b - b_virtual)
+    return s, e
+
+
+def _acc_add(hi: jax.Array, lo: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Adds ``x`` to the float-float sum ``hi + lo`` and renormalises.
+
+    After renormalisation ``hi`` is ``fl(hi + lo)``, i.e. the float32 rounding of
+    a sum carried to about 48 bits, so ``hi / n`` is the mean to within one
+    float32 rounding of the reference's double-precision mean.
+    """
+    s, e = _two_sum(hi, x)
+    return _two_sum(s, lo + e)
+
+
+def _fsum(x: jax.Array, axis: int = -1) -> jax.Array:
+    """Compensated (float-float) sum over ``axis``, rounded once to float32.
+
+    A plain float32 reduction is only as good as the order the backend picks;
+    XLA:CPU sums a fused row sequentially, which at V = 32k leaves errors near
+    1e-4 nats in the entropy. Reducing ``(hi, lo)`` pairs with TwoSum makes the
+    result accurate to about one float32 rounding whatever the order.
+
+    Args:
+      x: ``[..., n, ...]`` float32.
+      axis: the axis to sum.
+
+    Returns:
+      ``x`` without ``axis``, float32.
+    """
+    axis = axis % x.ndim
+    n = x.shape[axis]
+    if n > _FSUM_CHUNK:
+        # Compensating every element costs about 10x a plain reduction on CPU.
+        # Plain sums of short chunks are accurate enough (error <= 128 ulps,
+        # typically ~10) and leave a 128x shorter axis for the compensated pass.
+        x = jnp.moveaxis(x, axis, -1)
+        pad = (-n) % _FSUM_CHUNK
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+        x = jnp.sum(x.reshape(*x.shape[:-1], -1, _FSUM_CHUNK), axis=-1)
+        axis = x.ndim - 1
+
+    def combine(a, b):
+        s, e = _two_sum(a[0], b[0])
+        return s, a[1] + b[1] + e
+
+    zero = jnp.zeros((), x.dtype)
+    hi, lo = jax.lax.reduce((x, jnp.zeros_like(x)), (zero, zero), combine, (axis,))
+    return hi + lo
+
+
+@jax.jit
+def token_entropy(logits: jax.Array) -> jax.Array:
+    """Entropy in nats of ``softmax(logits)``, as the reference computes it.
+
+    ``H = -sum(p * log(max(p, 1e-10)))`` with ``p = softmax(logits)`` in float32.
+    The clamp is part of the rule (it changes H measurably at large vocabularies),
+    so this does not use the algebraically equal ``logsumexp`` form.
+
+    Args:
+      logits: ``[..., V]`` raw logits (any float dtype; computed in float32).
+
+    Returns:
+      ``[...]`` float32. NaN exactly for rows with a NaN, a ``+inf`` or no finite
+      value (every such row makes ``exp(z - max)`` NaN somewhere), finite otherwise.
+    """
+    z = jnp.asarray(logits, jnp.float32)
+    m = jnp.max(z, axis=-1, keepdims=True)
+    e = jnp.exp(z - m)
+    p = e / _fsum(e)[..., None]
+    return -_fsum(p * jnp.log(jnp.maximum(p, ENTROPY_FLOOR)))
+
+
+def logits_valid(logits: jax.Array) -> jax.Array:
+    """Whether each row can be sampled: no NaN, no ``+inf``, at least one finite value.
+
+    ``-inf`` entries (masked tokens) are fine.
+
+    Args:
+      logits: ``[..., V]``.
+
+    Returns:
+      ``[...]`` bool.
+    """
+    z = jnp.asarray(logits)
+    # NaN fails both comparisons, +inf fails both, -inf and finite values pass.
+    no_bad = jnp.all((z < jnp.inf) | (z == -jnp.inf), axis=-1)
+    return no_bad & jnp.any(z > -jnp.inf, axis=-1)
+
+
+def _rows(x: Any, batch: int, dtype: Any) -> jax.Array:
+    """Broadcasts a scalar or ``[B]`` knob to ``[B]``."""
+    return jnp.broadcast_to(jnp.asarray(x, dtype), (batch,))
+
+
+def _member(tokens: jax.Array, ids: jax.Array) -> jax.Array:
+    """``tokens[b] in ids`` for ``[B]`` tokens and a padded 1-D id array."""
+    if ids.shape[0] == 0:
+        return jnp.zeros(tokens.shape, bool)
+    hit = (tokens[:, None] == ids[None, :]) & (ids[None, :] >= 0)
+    return jnp.any(hit, axis=-1)
+
+
+def _select_rows(keep_new: jax.Array, new: Any, old: Any) -> Any:
+    """Per-row ``where`` over two state pytrees whose leaves lead with ``[B]``."""
+
+    def pick(n, o):
+        mask = keep_new.reshape(keep_new.shape + (1,) * (n.ndim - 1))
+        return jnp.where(mask, n, o)
+
+    return jax.tree_util.tree_map(pick, new, old)
+
+
+def _pad_ids(ids: Any, name: str) -> jax.Array:
+    if isinstance(ids, jax.core.Tracer):
+        return jnp.asarray(ids, jnp.int32)
+    arr = np.asarray(ids if not isinstance(ids, (set, frozenset)) else sorted(ids))
+    if arr.size == 0:
+        arr = np.zeros((0,), np.int64)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must be a 1-D sequence of integer token ids, got {arr!r}")
+    if (arr < 0).any():
+        raise ValueError(f"{name} must hold non-negative token ids, got {arr.tolist()}")
+    if arr.max(initial=0) > np.iinfo(np.int32).max:
+        raise ValueError(f"{name} holds an id that does not fit int32")
+    width = max(_ID_BUCKET, 1 << max(arr.size - 1, 0).bit_length())
+    out = np.full((width,), _PAD_ID, np.int32)
+    out[: arr.size] = np.unique(arr)
+    return jnp.asarray(out)
+
+
+def _knob(x: Any, name: str) -> jax.Array:
+    if isinstance(x, jax.core.Tracer):
+        return jnp.asarray(x, jnp.float32)
+    arr = np.asarray(x, np.float32)
+    if arr.ndim > 1:
+        raise ValueError(f"{name} must be a scalar or a per-row [B] array, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} must be finite, got {arr}")
+    return jnp.asarray(arr)
+
+
+# ----------------------------------------------------------------------------
+# States
+# ----------------------------------------------------------------------------
+
+
+@struct.dataclass
+class ReSETState:
+    """Per-row ReSET state; every leaf leads with the batch axis ``B``.
+
+    Attributes:
+      ring: ``[B, W]`` float32, entropy number ``i`` of the row lives in slot ``i % W``.
+      count: ``[B]`` int32, entropies recorded (positions decided) so far.
+      total_hi: ``[B]`` float32, float-float sum of every recorded entropy (high part).
+      total_lo: ``[B]`` float32, its low part.
+      step_hi: ``[B]`` float32, float-float sum of the current step's entropies.
+      step_lo: ``[B]`` float32, its low part.
+      step_count: ``[B]`` int32, entropies in the current step.
+      last_token: ``[B]`` int32, the last generated token (-1 before any).
+      prev_token: ``[B]`` int32, the one before it (-1 before any).
+      num_generated: ``[B]`` int32, tokens observed so far (prompt excluded).
+      bad: ``[B]`` bool, sticky: the row has seen unusable logits.
+    """
+
+    ring: jax.Array
+    count: jax.Array
+    total_hi: jax.Array
+    total_lo: jax.Array
+    step_hi: jax.Array
+    step_lo: jax.Array
+    step_count: jax.Array
+    last_token: jax.Array
+    prev_token: jax.Array
+    num_generated: jax.Array
+    bad: jax.Array
+
+
+@struct.dataclass
+class FixedState:
+    """Per-row state of the fixed-temperature rule.
+
+    Attributes:
+      num_generated: ``[B]`` int32, tokens observed so far.
+      bad: ``[B]`` bool, sticky: the row has seen unusable logits.
+    """
+
+    num_generated: jax.Array
+    bad: jax.Array
+
+
+class StepInfo(NamedTuple):
+    """Diagnostics of one ReSET decision, each ``[B]``."""
+
+    boundary: jax.Array  # bool: the step was emptied before this position
+    h_step: jax.Array  # float32: the step-entropy estimate
+    h_bar: jax.Array  # float32: the running mean used for the comparison
+    uncertain: jax.Array  # bool: h_step > h_bar
+
+
+# ----------------------------------------------------------------------------
+# Rules
+# ----------------------------------------------------------------------------
+
+
+@struct.dataclass
+class ReSETConfig:
+    """ReSET hyperparameters. Numeric knobs and id arrays are traced leaves.
+
+    A new ``t_high``/``t_low``/``tau0`` value (scalar or per-row ``[B]``) or new
+    contents of the id arrays never recompile; only ``window`` (static), a change
+    from scalar to ``[B]`` knobs, or an id array growing past its padded bucket
+    does. Build it with ``ReSETConfig.create`` from Python values.
+
+    Attributes:
+      t_high: float32 ``[]`` or ``[B]``, temperature for high-entropy tokens.
+      t_low: float32 ``[]`` or ``[B]``, temperature for the others.
+      tau0: float32 ``[]`` or ``[B]``, entropy threshold outside uncertain steps.
+      nl_ids: int32 ``[K1]`` ids that decode to exactly ``"\\n"`` (-1 pads).
+      dnl_ids: int32 ``[K2]`` ids whose text contains ``"\\n\\n"`` (-1 pads).
+      window: static int ``w``, the sliding window length (paper: 32).
+    """
+
+    t_high: jax.Array
+    t_low: jax.Array
+    tau0: jax.Array
+    nl_ids: jax.Array
+    dnl_ids: jax.Array
+    window: int = struct.field(pytree_node=False, default=32)
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        t_low: float | Sequence[float] | jax.Array,
+        tau0: float | Sequence[float] | jax.Array,
+        t_high: float | Sequence[float] | jax.Array = 1.0,
+        window: int = 32,
+        nl_ids: Iterable[int] | jax.Array = (),
+        dnl_ids: Iterable[int] | jax.Array = (),
+    ) -> ReSETConfig:
+        """Builds a config from Python floats/lists (or arrays), checking them.
+
+        Args:
+          t_low: temperature below the threshold, scalar or per-row ``[B]``.
+          tau0: entropy threshold in nats, scalar or ``[B]`` (see ``calibrate_tau0``).
+          t_high: temperature at or above the threshold, scalar or ``[B]``.
+          window: sliding-window length ``w >= 1``.
+          nl_ids: token ids decoding to exactly ``"\\n"`` (see ``step_boundary_ids``).
+          dnl_ids: token ids whose text contains ``"\\n\\n"``.
+
+        Returns:
+          The config; id arrays padded with -1 to a power of two (at least 8).
+        """
+        if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+            raise ValueError(f"window must be a positive int, got {window!r}")
+        return cls(
+            t_high=_knob(t_high, "t_high"),
+            t_low=_knob(t_low, "t_low"),
+            tau0=_knob(tau0, "tau0"),
+            nl_ids=_pad_ids(nl_ids, "nl_ids"),
+            dnl_ids=_pad_ids(dnl_ids, "dnl_ids"),
+            window=int(window),
+        )
+
+    def init_state(self, batch_size: int) -> ReSETState:
+        """Fresh state for ``batch_size`` rows (see ``init_state``)."""
+        b, w = batch_size, self.window
+        zf = jnp.zeros((b,), jnp.float32)
+        zi = jnp.zeros((b,), jnp.int32)
+        none = jnp.full((b,), -1, jnp.int32)
+        return ReSETState(
+            ring=jnp.zeros((b, w), jnp.float32),
+            count=zi,
+            total_hi=zf,
+            total_lo=zf,
+            step_hi=zf,
+            step_lo=zf,
+            step_count=zi,
+            last_token=none,
+            prev_token=none,
+            num_generated=zi,
+            bad=jnp.zeros((b,), bool),
+        )
+
+    def step_with_info(
+        self, state: ReSETState, logits: jax.Array
+    ) -> tuple[ReSETState, jax.Array, jax.Array, StepInfo]:
+        """``step`` plus the decision's diagnostics (see ``StepInfo``)."""
+        h = token_entropy(logits)  # [B]
+        valid = ~jnp.isnan(h)
+        new_state, temperature, info = self._decide(state, jnp.where(valid, h, 0.0))
+        new_state = _select_rows(valid, new_state, state).replace(bad=state.bad | ~valid)
+        temperature = jnp.where(valid, temperature, jnp.nan)
+        return new_state, temperature, h, info
+
+    def step(self, state: ReSETState, logits: jax.Array) -> tuple[ReSETState, jax.Array, jax.Array]:
+        """See the module-level ``step``."""
+        new_state, temperature, h, _ = self.step_with_info(state, logits)
+        return new_state, temperature, h
+
+    def _decide(self, state: ReSETState, h: jax.Array) -> tuple[ReSETState, jax.Array, StepInfo]:
+        """The ReSET rule, items 1-7 of the algorithm doc, for ``[B]`` entropies ``h``.
+
+        This is the only place the rule is written down.
+        """
+        w = self.window
+        b = h.shape[0]
+        t_high = _rows(self.t_high, b, jnp.float32)
+        t_low = _rows(self.t_low, b, jnp.float32)
+        tau0 = _rows(self.tau0, b, jnp.float32)
+
+        # 1. Boundary from the generated tokens only (num_generated excludes the prompt).
+        n = state.num_generated
+        last_nl = _member(state.last_token, self.nl_ids)
+        prev_nl = _member(state.prev_token, self.nl_ids)
+        last_dnl = _member(state.last_token, self.dnl_ids)
+        boundary = ((n >= 1) & last_dnl) | ((n >= 2) & last_nl & prev_nl)
+        step_hi = jnp.where(boundary, 0.0, state.step_hi)
+        step_lo = jnp.where(boundary, 0.0, state.step_lo)
+        step_count = jnp.where(boundary, 0, state.step_count)
+
+        count = state.count
+        none_yet = count == 0
+        mean_all = state.total_hi / jnp.maximum(count, 1).astype(jnp.float32)
+
+        # 3. The window mean. While count <= w the window holds every entropy so
+        # far, and the reference's mean(window) and H_bar are the same double sum
+        # in the same order, hence equal: the step is never uncertain there. Two
+        # separately rounded float32 sums would break that tie at random, so
+        # that case reuses the very same running mean as H_bar (bitwise equal).
+        # It is <= and not <: at count == w the window is still every entropy.
+        # Once the ring has wrapped, its float-float sum is rounded once, which
+        # matches the reference's double mean to one float32 rounding.
+        window_mean = jnp.where(count <= w, mean_all, _fsum(state.ring) / jnp.float32(w))
+        # When the step spans the whole sequence (no boundary yet) its sum went
+        # through exactly the same float-float updates as the total, so
+        # mean(step) and H_bar tie bitwise there too, as they do in the reference.
+        step_mean = step_hi / jnp.maximum(step_count, 1).astype(jnp.float32)
+        h_step = jnp.where(step_count < w, window_mean, step_mean)
+        h_step = jnp.where(none_yet, h, h_step)
+        # 4. The first token has no earlier entropy: H_bar falls back to H_step.
+        h_bar = jnp.where(none_yet, h_step, mean_all)
+        # 5. Strict, so the exact ties above are never uncertain.
+        uncertain = h_step > h_bar
+        # 6. Note >=: an entropy equal to the threshold takes t_high.
+        tau = jnp.where(uncertain, h_step, tau0)
+        temperature = jnp.where(h >= tau, t_high, t_low)
+
+        # 7. Only now record h.
+        slot = (count % w)[:, None] == jnp.arange(w)[None, :]
+        total_hi, total_lo = _acc_add(state.total_hi, state.total_lo, h)
+        step_hi, step_lo = _acc_add(step_hi, step_lo, h)
+        new_state = state.replace(
+            ring=jnp.where(slot, h[:, None], state.ring),
+            count=count + 1,
+            total_hi=total_hi,
+            total_lo=total_lo,
+            step_hi=step_hi,
+            step_lo=step_lo,
+            step_count=step_count + 1,
+        )
+        return new_state, temperature, StepInfo(boundary, h_step, h_bar, uncertain)
+
+    def observe(self, state: ReSETState, token: jax.Array) -> ReSETState:
+        """See the module-level ``observe``."""
+        token = jnp.asarray(token, jnp.int32)
+        return state.replace(
+            prev_token=state.last_token,
+            last_token=token,
+            num_generated=state.num_generated + 1,
+        )
+
+
+@struct.dataclass
+class FixedTemperature:
+    """The baseline: one temperature for every token (paper: 0.6).
+
+    Attributes:
+      temperature: float32 ``[]`` or ``[B]`` (traced); ``<= 1e-6`` means greedy.
+    """
+
+    temperature: jax.Array
+
+    @classmethod
+    def create(cls, temperature: float | Sequence[float] | jax.Array = 0.6) -> FixedTemperature:
+        """Builds the rule from a Python float/list (or array), checking it."""
+        return cls(temperature=_knob(temperature, "temperature"))
+
+    def init_state(self, batch_size: int) -> FixedState:
+        """Fresh state for ``batch_size`` rows (see ``init_state``)."""
+        return FixedState(
+            num_generated=jnp.zeros((batch_size,), jnp.int32),
+            bad=jnp.zeros((batch_size,), bool),
+        )
+
+    def step(self, state: FixedState, logits: jax.Array) -> tuple[FixedState, jax.Array, jax.Array]:
+        """See the module-level ``step``."""
+        h = token_entropy(logits)
+        valid = ~jnp.isnan(h)
+        temperature = _rows(self.temperature, h.shape[0], jnp.float32)
+        temperature = jnp.where(valid, temperature, jnp.nan)
+        return state.replace(bad=state.bad | ~valid), temperature, h
+
+    def observe(self, state: FixedState, token: jax.Array) -> FixedState:
+        """See the module-level ``observe``."""
+        del token
+        return state.replace(num_generated=state.num_generated + 1)
+
+
+Rule = ReSETConfig | FixedTemperature
+State = ReSETState | FixedState
+
+
+# ----------------------------------------------------------------------------
+# The protocol
+# ----------------------------------------------------------------------------
+
+
+# The protocol functions are jitted so that eager callers (tests, notebooks,
+# replay tools) get compiled, cached code; inside the decode loop's jit they
+# simply inline.
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def init_state(rule: Rule, batch_size: int) -> State:
+    """A fresh per-row state for ``rule``.
+
+    Args:
+      rule: ``ReSETConfig`` or ``FixedTemperature``.
+      batch_size: number of rows ``B`` (static).
+
+    Returns:
+      A state pytree whose leaves lead with ``[B]``; O(window) memory per row.
+    """
+    return rule.init_state(batch_size)
+
+
+@jax.jit
+def step(rule: Rule, state: State, logits: jax.Array) -> tuple[State, jax.Array, jax.Array]:
+    """Decides this position's temperatures and records its entropies.
+
+    Pure ``jnp``/``lax``: works under ``jit``, ``vmap``, ``lax.scan`` and
+    ``lax.while_loop``. Call ``observe`` with the sampled tokens before the next
+    ``step``; the step boundary is read from the tokens observed so far.
+
+    Args:
+      rule: ``ReSETConfig`` or ``FixedTemperature``.
+      state: from ``init_state`` / the previous ``observe``.
+      logits: ``[B, V]`` raw logits (before any temperature); used in float32.
+
+    Returns:
+      ``(state, temperature, entropy)``: temperature ``[B]`` float32 and entropy
+      ``[B]`` float32 (nats). For a row with unusable logits (a NaN, a ``+inf``,
+      or no finite value) both are NaN, the row's statistics are left as they
+      were and ``state.bad`` is set for it.
+    """
+    return rule.step(state, logits)
+
+
+@jax.jit
+def observe(rule: Rule, state: State, token: jax.Array) -> State:
+    """Records the token just generated at each row.
+
+    Args:
+      rule: ``ReSETConfig`` or ``FixedTemperature``.
+      state: the state ``step`` returned for this position.
+      token: ``[B]`` int32 generated tokens.
+
+    Returns:
+      The updated state.
+    """
+    return rule.observe(state, token)
+
+
+@functools.partial(jax.jit, static_argnames=("return_info",))
+def _replay(rule, logits, tokens, return_info):
+    # logits [T, B, V], tokens [T, B]
+    state = init_state(rule, logits.shape[1])
+
+    def body(state, xs):
+        z, tok = xs
+        if return_info:
+            state, temperature, h, info = rule.step_with_info(state, z)
+        else:
+            state, temperature, h = step(rule, state, z)
+            info = None
+        return observe(rule, state, tok), (temperature, h, info)
+
+    _, out = jax.lax.scan(body, state, (logits, tokens))
+    return out
+
+
+def replay(
+    rule: Rule, logits: jax.Array, tokens: jax.Array, *, return_info: bool = False
+) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, StepInfo]:
+    """Runs ``step``/``observe`` over recorded sequences with ``lax.scan``.
+
+    ``tokens[..., t]`` is the token generated at position ``t``; the decision at
+    ``t`` sees the boundary from ``tokens[..., :t]``.
+
+    Args:
+      rule: ``ReSETConfig`` or ``FixedTemperature`` (knobs scalar, or ``[B]`` for
+        batched input).
+      logits: ``[T, V]`` for one sequence, or ``[B, T, V]`` for ``B`` sequences.
+      tokens: ``[T]`` or ``[B, T]`` int.
+      return_info: also return ``StepInfo`` (``ReSETConfig`` only), each ``[T]``
+        or ``[B, T]``.
+
+    Returns:
+      ``(temperatures, entropies)`` shaped like ``tokens`` (float32), plus the
+      ``StepInfo`` when asked for.
+    """
+    logits = jnp.asarray(logits)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if logits.ndim not in (2, 3) or tokens.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"replay wants logits [T, V] with tokens [T], or [B, T, V] with [B, T]; "
+            f"got {logits.shape} and {tokens.shape}"
+        )
+    if return_info and not isinstance(rule, ReSETConfig):
+        raise TypeError("return_info=True needs a ReSETConfig")
+    batched = logits.ndim == 3
+    if not batched:
+        logits, tokens = logits[None], tokens[None]
+    temperature, h, info = _replay(
+        rule, jnp.swapaxes(logits, 0, 1), jnp.swapaxes(tokens, 0, 1), return_info
+    )
+
+    def unstack(x):
+        x = jnp.swapaxes(x, 0, 1)  # [B, T]
+        return x if batched else x[0]
+
+    out = (unstack(temperature), unstack(h))
+    if return_info:
+        return (*out, StepInfo(*(unstack(x) for x in info)))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------
+
+
+def _sorted_descending(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Full descending sort of ``[B, V]`` with ties in index order."""
+    iota = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
+    neg, idx = jax.lax.sort((-z, iota), dimension=z.ndim - 1, num_keys=1, is_stable=True)
+    return -neg, idx
+
+
+def _sample_candidates(key, vals, idx, k_eff, top_p, log_norm_all, vocab):
+    """Top-k then top-p over descending candidates ``vals``/``idx`` ``[B, C]``.
+
+    Returns the sampled token ``[B]`` and whether the candidates hold the whole
+    kept set ``[B]`` (always true when ``C == V``).
+    """
+    c = vals.shape[-1]
+    rank = jnp.arange(c)[None, :]
+    in_k = rank < k_eff[:, None]
+    masked = jnp.where(in_k, vals, -jnp.inf)
+    # Top-p is measured on the distribution renormalised over the top-k set
+    # (the Hugging Face / vLLM order). With top-k off, that set is the full
+    # vocabulary, whose normaliser the candidates alone do not give.
+    log_norm = jnp.where(k_eff <= c, jax.nn.logsumexp(masked, axis=-1), log_norm_all)
+    probs = jnp.exp(masked - log_norm[:, None])
+    cum = jnp.cumsum(probs, axis=-1)
+    before = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum[:, :-1]], axis=-1)
+    nucleus_on = top_p < 1.0
+    # The top token is always kept, so top_p <= 0 still samples.
+    keep = in_k & ((before < top_p[:, None]) | (rank == 0) | ~nucleus_on[:, None])
+    choice = jax.random.categorical(key, jnp.where(keep, vals, -jnp.inf), axis=-1)
+    token = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+    fits = (k_eff <= c) | ((k_eff >= vocab) & nucleus_on & (cum[:, -1] >= top_p))
+    return token, fits
+
+
+def sample(
+    key: jax.Array,
+    logits: jax.Array,
+    temperature: jax.Array | float,
+    *,
+    top_p: jax.Array | float = 1.0,
+    top_k: jax.Array | int = 0,
+    max_candidates: int = 256,
+) -> jax.Array:
+    """Draws one token per row: ``logits / T``, then top-k, then top-p.
+
+    Rows with ``T <= 1e-6`` take the argmax of the raw logits (deterministic).
+    Top-k keeps exactly ``k`` tokens (ties by lower id); ``k <= 0`` or ``k >= V``
+    is off. Top-p keeps the smallest prefix of the probability-sorted tokens
+    (renormalised over the top-k set) whose mass reaches ``top_p``, always the
+    top token; ``top_p >= 1`` is off. All parameters may differ per row.
+
+    Cost: rows with both filters off draw from the full vocabulary with no sort.
+    Filtered rows look at the ``max_candidates`` best tokens (``lax.top_k``); only
+    when some row's kept set may reach beyond them (a large ``k``, or a nucleus
+    wider than the candidates) does the batch fall back to a full sort, via
+    ``lax.cond``, so the result is always exact.
+
+    Args:
+      key: PRNG key.
+      logits: ``[B, V]`` raw logits.
+      temperature: ``[B]`` or scalar float32.
+      top_p: ``[B]`` or scalar.
+      top_k: ``[B]`` or scalar int.
+      max_candidates: static size of the candidate set for filtered rows.
+
+    Returns:
+      ``[B]`` int32 tokens; ``INVALID_TOKEN`` (-1) for a row whose logits hold a
+      NaN or ``+inf`` or no finite value, or whose temperature is NaN or
+      infinite. No token is ever drawn from such a row.
+    """
+    logits = jnp.asarray(logits, jnp.float32)
+    b = logits.shape[0]
+    # Fixed dtypes and shapes here, so that Python scalars and arrays, weak
+    # types or not, all share one compiled sampler per (B, V).
+    return _sample(
+        key,
+        logits,
+        _rows(temperature, b, jnp.float32),
+        _rows(top_p, b, jnp.float32),
+        _rows(top_k, b, jnp.int32),
+        max_candidates=max_candidates,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("max_candidates",))
+def _sample(key, logits, t, top_p, top_k, *, max_candidates):
+    b, vocab = logits.shape
+    valid = logits_valid(logits) & jnp.isfinite(t)
+    greedy = t <= GREEDY_TEMPERATURE
+
+    z = logits / jnp.where(greedy, 1.0, t)[:, None]
+    k_eff = jnp.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
+    plain = (k_eff >= vocab) & (top_p >= 1.0)
+    drawn = valid & ~greedy
+    key_plain, key_filtered = jax.random.split(key)
+    zero = jnp.zeros((b,), jnp.int32)
+
+    def draw_plain():
+        return jax.random.categorical(key_plain, z, axis=-1).astype(jnp.int32)
+
+    def draw_filtered():
+        log_norm_all = jax.nn.logsumexp(z, axis=-1)
+        c = min(max_candidates, vocab)
+        vals, idx = jax.lax.top_k(z, c)
+        token, fits = _sample_candidates(key_filtered, vals, idx, k_eff, top_p, log_norm_all, vocab)
+
+        def full_sort():
+            vals, idx = _sorted_descending(z)
+            return _sample_candidates(key_filtered, vals, idx, k_eff, top_p, log_norm_all, vocab)[0]
+
+        need = drawn & ~plain
+        return jax.lax.cond(jnp.all(fits | ~need), lambda: token, full_sort).astype(jnp.int32)
+
+    tok_plain = jax.lax.cond(jnp.any(drawn & plain), draw_plain, lambda: zero)
+    tok_filtered = jax.lax.cond(jnp.any(drawn & ~plain), draw_filtered, lambda: zero)
+    token = jnp.where(
+        greedy,
+        jnp.argmax(logits, axis=-1).astype(jnp.int32),
+        jnp.where(plain, tok_plain, tok_filtered),
+    )
+    return jnp.where(valid, token, INVALID_TOKEN).astype(jnp.int32)
+
+
+def check_tokens(tokens: Any) -> None:
+    """Host-side check after decoding: raises if any row hit unusable logits.
+
+    Args:
+      tokens: ``[..., T]`` generated tokens (NumPy or JAX), as the decode loop
+        recorded them (``INVALID_TOKEN`` where ``sample`` refused).
+
+    Raises:
+      FloatingPointError: naming the first offending (row, position) pairs.
+    """
+    arr = np.asarray(tokens)
+    bad = np.argwhere(arr == INVALID_TOKEN)
+    if bad.size:
+        shown = ", ".join(str(tuple(int(i) for i in row)) for row in bad[:8])
+        raise FloatingPointError(
+            f"the model produced unusable logits (NaN, +inf or all -inf) at {len(bad)} "
+            f"position(s), first at (row, position): {shown}"
+        )
+
+
+# ----------------------------------------------------------------------------
+# Host-side helpers
+# ----------------------------------------------------------------------------
+
+
+def step_boundary_ids(tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Finds the step-boundary token ids of a Hugging Face tokenizer.
+
+    Every id is decoded on its own (special tokens included, no clean-up).
+
+    Args:
+      tokenizer: a ``transformers`` tokenizer (``len(tokenizer)`` ids).
+
+    Returns:
+      ``(nl_ids, dnl_ids)``, sorted int32 arrays: ids whose text is exactly
+      ``"\\n"``, and ids whose text contains ``"\\n\\n"``.
+    """
+    n = len(tokenizer)
+    texts = tokenizer.batch_decode(
+        [[i] for i in range(n)], skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+    nl = [i for i, s in enumerate(texts) if s == "\n"]
+    dnl = [i for i, s in enumerate(texts) if "\n\n" in s]
+    return np.asarray(nl, np.int32), np.asarray(dnl, np.int32)
+
+
+def calibrate_tau0(entropies: Any, percentile: float = 80) -> float:
+    """The ``percentile``-th percentile of pooled token entropies (paper: 80).
+
+    Args:
+      entropies: one array of any shape, or a sequence of arrays (e.g. one per
+        decoded problem), of token entropies in nats.
+      percentile: in ``[0, 100]``; linear interpolation between order statistics.
+
+    Returns:
+      ``tau0`` as a Python float.
+
+    Raises:
+      ValueError: no entropies, a non-finite entropy, or a bad percentile.
+    """
+    if isinstance(entropies, (list, tuple)):
+        parts = [np.asarray(e, np.float64).ravel() for e in entropies]
+        pooled = np.concatenate(parts) if parts else np.zeros((0,))
+    else:
+        pooled = np.asarray(entropies, np.float64).ravel()
+    if pooled.size == 0:
+        raise ValueError("calibrate_tau0 needs at least one entropy; got none")
+    if not np.isfinite(pooled).all():
+        raise ValueError(
+            f"calibrate_tau0 needs finite entropies; {int((~np.isfinite(pooled)).sum())} "
+            "are NaN or infinite (rows with bad logits must be dropped first)"
+        )
+    if not 0 <= percentile <= 100:
+        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+    return float(np.percentile(pooled, percentile))

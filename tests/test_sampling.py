@@ -1,0 +1,723 @@
+"""ReSET sampler against the per-request PyTorch reference, and the sampler around it."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference.torch_reset import TorchReSETRequest, reference_replay, torch_entropy
+
+from reset_jax import sampling as S
+
+NL, DNL = 1, 2  # token ids used as "\n" and ".\n\n" in the synthetic sequences
+T_HIGH, T_LOW = 1.0, 0.25
+
+
+# ----------------------------------------------------------------------------
+# Synthetic sequences
+# ----------------------------------------------------------------------------
+
+
+def _tokens(rng: np.random.Generator, length: int, vocab: int) -> np.ndarray:
+    """Steps of many lengths (1-3, 4-31, 32-150) separated by every boundary form.
+
+    Inside steps, lone "\\n" tokens appear too (they are not boundaries).
+    """
+    out: list[int] = []
+    ordinary = np.arange(3, vocab)
+    while len(out) < length:
+        kind = rng.random()
+        n = int(
+            rng.integers(1, 4)
+            if kind < 0.3
+            else rng.integers(4, 32)
+            if kind < 0.7
+            else rng.integers(32, 151)
+        )
+        body = rng.choice(ordinary, size=n)
+        lone = rng.random(n) < 0.05
+        body[lone] = NL
+        # A lone NL right before the terminator could merge with it; that is
+        # fine, it just makes another boundary form.
+        out.extend(body.tolist())
+        end = rng.random()
+        out.extend([DNL] if end < 0.4 else [NL, NL] if end < 0.8 else [NL, NL, NL])
+    return np.asarray(out[:length], np.int64)
+
+
+def _logits(rng: np.random.Generator, length: int, vocab: int) -> np.ndarray:
+    """Runs of peaked and flat rows, so step entropies differ from the running mean."""
+    scale = np.empty(length, np.float32)
+    i = 0
+    while i < length:
+        n = int(rng.integers(5, 120))
+        level = np.exp(rng.uniform(np.log(0.1), np.log(8.0)))
+        scale[i : i + n] = level * np.exp(rng.normal(0.0, 0.8, size=min(n, length - i)))
+        i += n
+    z = rng.standard_normal((length, vocab), dtype=np.float32)
+    return z * scale[:, None]
+
+
+@functools.lru_cache(maxsize=4)
+def _sequence(vocab: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return _logits(rng, length, vocab), _tokens(rng, length, vocab)
+
+
+def _tau0_for(logits: np.ndarray) -> float:
+    """A float32-exact tau0 near the 60th entropy percentile (both sides occur)."""
+    h = np.asarray(S.token_entropy(logits[:400]))
+    return float(np.float32(np.percentile(h, 60)))
+
+
+def _step_lengths(decisions) -> list[int]:
+    lengths, n = [], 0
+    for d in decisions:
+        if d.boundary:
+            lengths.append(n)
+            n = 0
+        n += 1
+    return [*lengths, n]
+
+
+# ----------------------------------------------------------------------------
+# Decision-for-decision comparison
+# ----------------------------------------------------------------------------
+
+
+def _assert_same_decisions(decisions, temperature, entropy, info, window, t_high, t_low):
+    """Every decision equal to the reference's, near-ties to float32 entropy noise aside.
+
+    The reference measures entropy with torch's float32 reductions, which at
+    V = 32k are off by up to ~7e-6 relative (our compensated sums are ~3e-7).
+    A comparison whose reference margin is within that noise is decided by
+    rounding, not by the rule, so it is excluded; the tolerance is twice the
+    largest entropy gap seen on the sequence plus one float32 rounding, and the
+    number excluded is returned (expected ~0). Exact ties (margin 0.0, the
+    window/H_bar tie) are never excluded: they must match exactly.
+    """
+    temperature = np.asarray(temperature)
+    entropy = np.asarray(entropy)
+    ref_h = np.array([d.entropy for d in decisions])
+    scale = np.maximum(1.0, np.abs(ref_h))
+    gap = np.abs(entropy - ref_h)
+    assert np.all(gap <= 2e-5 * scale), f"entropy gap {np.max(gap / scale):.3g} relative"
+    eps_h = float(gap.max())
+
+    def near(a, b):
+        tol = 2 * eps_h + 2.0**-22 * max(1.0, abs(a), abs(b))
+        return 0.0 < abs(a - b) <= tol
+
+    excluded = np.array([near(d.h_step, d.h_bar) or near(d.entropy, d.tau) for d in decisions])
+    ref_t = np.array([d.temperature for d in decisions], np.float32)
+    ref_u = np.array([d.uncertain for d in decisions])
+    ref_b = np.array([d.boundary for d in decisions])
+    keep = ~excluded
+    np.testing.assert_array_equal(np.asarray(info.boundary), ref_b)
+    bad_u = np.flatnonzero((np.asarray(info.uncertain) != ref_u) & keep)
+    bad_t = np.flatnonzero((temperature != ref_t) & keep)
+    assert bad_u.size == 0, f"uncertain differs at positions {bad_u[:10]}"
+    assert bad_t.size == 0, f"temperature differs at positions {bad_t[:10]}"
+    # The estimates themselves agree to the entropy noise.
+    ref_step = np.array([d.h_step for d in decisions])
+    ref_bar = np.array([d.h_bar for d in decisions])
+    np.testing.assert_allclose(np.asarray(info.h_step), ref_step, rtol=2e-5, atol=2 * eps_h + 1e-7)
+    np.testing.assert_allclose(np.asarray(info.h_bar), ref_bar, rtol=2e-5, atol=2 * eps_h + 1e-7)
+
+    # The sequence exercised everything: both temperatures in both branches.
+    assert ref_u.any() and (~ref_u).any()
+    for branch in (ref_u, ~ref_u):
+        assert (ref_t[branch] == np.float32(t_high)).any()
+        assert (ref_t[branch] == np.float32(t_low)).any()
+    # Uncertain decisions came both from mean(step) and from mean(window).
+    from_step = np.array([d.from_step for d in decisions])
+    assert (ref_u & from_step).any() and (ref_u & ~from_step).any()
+    assert len(_step_lengths(decisions)) > 20
+    assert excluded.sum() <= max(2, len(decisions) // 500)
+    return int(excluded.sum())
+
+
+@pytest.mark.parametrize(
+    "vocab, window, length",
+    [
+        (7, 1, 6000),
+        (7, 4, 6000),
+        (7, 32, 6000),
+        (1000, 1, 2000),
+        (1000, 4, 2000),
+        (1000, 32, 2000),
+        (32000, 4, 600),
+        (32000, 32, 600),
+    ],
+)
+def test_replay_matches_reference(vocab, window, length):
+    logits, tokens = _sequence(vocab, length, seed=vocab)
+    tau0 = _tau0_for(logits)
+    cfg = dict(t_high=T_HIGH, t_low=T_LOW, tau0=tau0, window=window, nl_ids=[NL], dnl_ids=[DNL])
+    decisions = reference_replay(torch.from_numpy(logits), tokens.tolist(), **cfg)
+    temperature, entropy, info = S.replay(
+        S.ReSETConfig.create(**cfg), logits, tokens, return_info=True
+    )
+    n = _assert_same_decisions(decisions, temperature, entropy, info, window, T_HIGH, T_LOW)
+    print(f"V={vocab} w={window}: {n} of {length} near-ties excluded")
+
+
+def test_batched_rows_with_own_knobs_match_reference():
+    """Four different sequences in one [B, V] step per position, per-row knobs."""
+    b, length, vocab, window = 4, 2000, 1000, 8
+    rng = np.random.default_rng(7)
+    logits = np.stack([_logits(rng, length, vocab) for _ in range(b)])
+    tokens = np.stack([_tokens(rng, length, vocab) for _ in range(b)])
+    t_high = [1.0, 0.9, 1.2, 0.7]
+    t_low = [0.1, 0.3, 0.0, 0.5]
+    tau0 = [float(np.float32(v)) for v in (5.5, 6.0, 6.3, 4.0)]
+    rule = S.ReSETConfig.create(
+        t_high=t_high, t_low=t_low, tau0=tau0, window=window, nl_ids=[NL], dnl_ids=[DNL]
+    )
+    temperature, entropy, info = S.replay(rule, logits, tokens, return_info=True)
+    assert temperature.shape == (b, length)
+    for r in range(b):
+        decisions = reference_replay(
+            torch.from_numpy(logits[r]),
+            tokens[r].tolist(),
+            t_high=t_high[r],
+            t_low=t_low[r],
+            tau0=tau0[r],
+            window=window,
+            nl_ids=[NL],
+            dnl_ids=[DNL],
+        )
+        row_info = S.StepInfo(*(x[r] for x in info))
+        n = _assert_same_decisions(
+            decisions, temperature[r], entropy[r], row_info, window, t_high[r], t_low[r]
+        )
+        print(f"batched row {r}: {n} of {length} near-ties excluded")
+
+
+def test_decode_loop_protocol_under_while_loop():
+    """step -> sample -> observe inside a jitted lax.while_loop, checked token by token."""
+    b, length, vocab, window = 3, 300, 12, 4
+    rng = np.random.default_rng(3)
+    logits = np.stack([_logits(rng, length, vocab) for _ in range(b)], axis=1)  # [T, B, V]
+    logits[:, :, NL] += 2.5  # newlines get sampled often, so boundaries happen
+    logits[:, :, DNL] += 1.0
+    rule = S.ReSETConfig.create(t_low=0.3, tau0=1.2, window=window, nl_ids=[NL], dnl_ids=[DNL])
+
+    @jax.jit
+    def decode(rule, logits, key):
+        def body(carry):
+            t, state, key, toks, temps = carry
+            key, sub = jax.random.split(key)
+            state, temp, _ = S.step(rule, state, logits[t])
+            tok = S.sample(sub, logits[t], temp, top_p=0.95)
+            state = S.observe(rule, state, tok)
+            return t + 1, state, key, toks.at[t].set(tok), temps.at[t].set(temp)
+
+        init = (
+            0,
+            S.init_state(rule, b),
+            key,
+            jnp.zeros((length, b), jnp.int32),
+            jnp.zeros((length, b), jnp.float32),
+        )
+        return jax.lax.while_loop(lambda c: c[0] < length, body, init)[3:]
+
+    toks, temps = decode(rule, jnp.asarray(logits), jax.random.key(0))
+    toks, temps = np.asarray(toks), np.asarray(temps)
+    assert ((toks >= 0) & (toks < vocab)).all()
+    for r in range(b):
+        decisions = reference_replay(
+            torch.from_numpy(logits[:, r]),
+            toks[:, r].tolist(),
+            t_high=1.0,
+            t_low=0.3,
+            tau0=1.2,
+            window=window,
+            nl_ids=[NL],
+            dnl_ids=[DNL],
+        )
+        assert sum(d.boundary for d in decisions) > 10
+        ref_t = np.array([d.temperature for d in decisions], np.float32)
+        assert (ref_t == temps[:, r]).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    window=st.sampled_from([1, 3]),
+    tokens=st.lists(st.sampled_from([NL, DNL, 3, 4]), min_size=48, max_size=48),
+    scales=st.lists(st.sampled_from([0.05, 0.5, 1.0, 2.0, 6.0]), min_size=48, max_size=48),
+    seed=st.integers(0, 2**16),
+)
+def test_short_sequences_property(window, tokens, scales, seed):
+    """Arbitrary boundary patterns (nl runs, dnl runs, at the very start) on short sequences."""
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((48, 5), dtype=np.float32) * np.float32(scales)[:, None]
+    cfg = dict(t_high=1.0, t_low=0.2, tau0=0.75, window=window, nl_ids=[NL], dnl_ids=[DNL])
+    decisions = reference_replay(torch.from_numpy(logits), tokens, **cfg)
+    temperature, entropy, info = S.replay(
+        S.ReSETConfig.create(**cfg), logits, np.asarray(tokens), return_info=True
+    )
+    np.testing.assert_array_equal(info.boundary, [d.boundary for d in decisions])
+    ref_h = np.array([d.entropy for d in decisions])
+    eps_h = float(np.abs(np.asarray(entropy) - ref_h).max())
+    for t, d in enumerate(decisions):
+        tol = 2 * eps_h + 2.0**-22 * max(1.0, abs(d.h_step), abs(d.h_bar), abs(d.tau))
+        if 0 < abs(d.h_step - d.h_bar) <= tol or abs(d.entropy - d.tau) <= tol:
+            continue
+        assert bool(info.uncertain[t]) == d.uncertain, t
+        assert float(temperature[t]) == np.float32(d.temperature), t
+
+
+# ----------------------------------------------------------------------------
+# The rule's corner cases
+# ----------------------------------------------------------------------------
+
+
+def test_first_token_rule():
+    """First token: H_step = H_bar = H, never uncertain, T = t_high iff H >= tau0."""
+    rng = np.random.default_rng(11)
+    b = 64
+    logits = rng.standard_normal((b, 50), dtype=np.float32) * rng.uniform(0.1, 6, (b, 1)).astype(
+        np.float32
+    )
+    tau0 = rng.uniform(0.5, 3.5, b).astype(np.float32)
+    rule = S.ReSETConfig.create(t_low=0.1, tau0=tau0, window=32, nl_ids=[NL], dnl_ids=[DNL])
+    state, temperature, h, info = jax.jit(lambda r, z: r.step_with_info(S.init_state(r, b), z))(
+        rule, logits
+    )
+    h = np.asarray(h)
+    np.testing.assert_array_equal(info.h_step, h)
+    np.testing.assert_array_equal(info.h_bar, h)
+    assert not np.asarray(info.uncertain).any()
+    np.testing.assert_array_equal(temperature, np.where(h >= tau0, 1.0, 0.1).astype(np.float32))
+    assert 0 < (h >= tau0).sum() < b
+    for r in range(b):
+        req = TorchReSETRequest.create(
+            t_high=1.0, t_low=0.1, tau0=float(tau0[r]), window=32, nl_ids=[NL], dnl_ids=[DNL]
+        )
+        assert np.float32(req.decide(torch.from_numpy(logits[r])).temperature) == temperature[r]
+    assert (np.asarray(state.count) == 1).all()
+
+
+def test_threshold_tie_takes_t_high():
+    """H exactly equal to the threshold takes t_high (>=), for tau0 and for H_step."""
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((1, 40), dtype=np.float32)
+    h = np.asarray(S.token_entropy(z))[0]
+
+    first = jax.jit(lambda rule: S.step(rule, S.init_state(rule, 1), z)[1][0])
+
+    def first_temperature(tau0):
+        return float(first(S.ReSETConfig.create(t_low=0.1, tau0=tau0, window=4)))
+
+    assert first_temperature(float(h)) == 1.0
+    assert first_temperature(float(np.nextafter(h, np.float32(np.inf)))) == np.float32(0.1)
+    assert first_temperature(float(np.nextafter(h, np.float32(-np.inf)))) == 1.0
+
+    # Uncertain branch, tau = H_step = H exactly: window 1, a dnl ends step one,
+    # position 2 repeats position 1's logits, so H == mean(step) == H_1 bitwise.
+    low = rng.standard_normal(40, dtype=np.float32) * 4.0  # peaked: low entropy first
+    high = rng.standard_normal(40, dtype=np.float32) * 0.3  # flat: higher entropy
+    logits = np.stack([low, high, high])
+    tokens = np.array([DNL, 3, 3])
+    cfg = dict(t_high=1.0, t_low=0.1, tau0=1e6, window=1, nl_ids=[NL], dnl_ids=[DNL])
+    temperature, entropy, info = S.replay(
+        S.ReSETConfig.create(**cfg), logits, tokens, return_info=True
+    )
+    assert bool(info.uncertain[2])
+    assert float(info.h_step[2]) == float(entropy[2])
+    assert float(temperature[2]) == 1.0
+    ref = reference_replay(torch.from_numpy(logits), tokens.tolist(), **cfg)
+    assert ref[2].uncertain and ref[2].h_step == ref[2].entropy and ref[2].temperature == 1.0
+
+
+def _naive_float32_means(h: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """What a port with two separately rounded float32 sums would compute at each t.
+
+    Returns ``(mean(window), H_bar)`` before position t, the window summed
+    pairwise from the ring buffer, H_bar from a sequential running sum.
+    """
+    ring_mean = np.full(len(h), np.nan, np.float32)
+    run_mean = np.full(len(h), np.nan, np.float32)
+    total = np.float32(0)
+    for t in range(1, len(h)):
+        total = np.float32(total + h[t - 1])
+        run_mean[t] = total / np.float32(t)
+        win = h[max(0, t - window) : t]
+        ring_mean[t] = np.sum(win, dtype=np.float32) / np.float32(len(win))
+    return ring_mean, run_mean
+
+
+def test_window_and_hbar_tie_is_exact():
+    """While count <= w (and while no boundary ever happened) H_step == H_bar bitwise.
+
+    tau0 is huge, so the non-uncertain branch always gives t_low; a port whose
+    two means round differently would call some of these positions uncertain
+    and give t_high wherever H >= H_step. The sequences are chosen so that the
+    naive float32 means do differ, with H >= H_step, at many positions.
+    """
+    b, length, window = 64, 80, 32
+    rng = np.random.default_rng(2)
+    scale = np.exp(rng.uniform(np.log(0.05), np.log(5.0), (b, length, 1))).astype(np.float32)
+    logits = rng.standard_normal((b, length, 300), dtype=np.float32) * scale
+    cfg = dict(t_high=1.0, t_low=0.1, tau0=1e6, window=window, nl_ids=[NL], dnl_ids=[DNL])
+    tokens = np.full((b, length), 3)  # no boundary at all
+    rule = S.ReSETConfig.create(**cfg)
+    temperature, entropy, info = S.replay(rule, logits, tokens, return_info=True)
+
+    h = np.asarray(entropy)
+    flips = 0
+    for r in range(b):
+        ring_mean, run_mean = _naive_float32_means(h[r], window)
+        flips += int(((ring_mean > run_mean) & (h[r] >= ring_mean))[: window + 1].sum())
+    assert flips > 20, "the sequences do not exercise the tie"
+
+    # No boundary: the step spans the sequence, so the tie holds at every position.
+    np.testing.assert_array_equal(info.h_step, info.h_bar)
+    assert not np.asarray(info.uncertain).any()
+    assert (np.asarray(temperature) == np.float32(0.1)).all()
+    for r in range(4):
+        decisions = reference_replay(torch.from_numpy(logits[r]), tokens[r].tolist(), **cfg)
+        assert all(d.h_step == d.h_bar and not d.uncertain for d in decisions)
+
+    # With boundaries the tie holds while count <= w, and then ends.
+    tokens = np.tile(np.where(np.arange(length) % 5 == 4, DNL, 3), (b, 1))
+    temperature, _, info = S.replay(rule, logits, tokens, return_info=True)
+    head = slice(0, window + 1)
+    np.testing.assert_array_equal(info.h_step[:, head], info.h_bar[:, head])
+    assert (np.asarray(temperature)[:, head] == np.float32(0.1)).all()
+    assert np.asarray(info.uncertain)[:, window + 1 :].any()
+
+
+def test_boundaries_need_generated_tokens_and_empty_ids():
+    rule = S.ReSETConfig.create(t_low=0.1, tau0=1.0, window=4, nl_ids=[NL], dnl_ids=[DNL])
+    z = np.zeros((6, 9), np.float32)
+    _, _, info = S.replay(rule, z, np.array([NL, NL, 3, DNL, 3, NL]), return_info=True)
+    # Position 1 sees one nl only; position 2 sees two; position 4 follows a dnl.
+    np.testing.assert_array_equal(info.boundary, [False, False, True, False, True, False])
+    # nl nl nl: boundaries at every position after the second.
+    _, _, info = S.replay(rule, z, np.array([NL] * 6), return_info=True)
+    np.testing.assert_array_equal(info.boundary, [False, False, True, True, True, True])
+    no_ids = S.ReSETConfig.create(t_low=0.1, tau0=1.0, window=4)
+    _, _, info = S.replay(no_ids, z, np.array([NL, NL, DNL, DNL, 3, 3]), return_info=True)
+    assert not np.asarray(info.boundary).any()
+
+
+def test_vmap_and_jit_agree_with_eager():
+    rule = S.ReSETConfig.create(t_low=0.1, tau0=1.0, window=3, nl_ids=[NL], dnl_ids=[DNL])
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((2, 4, 3, 11), dtype=np.float32)  # [G, T, B, V]
+    tokens = rng.integers(0, 4, (2, 4, 3))
+
+    def run(logits, tokens):
+        state = S.init_state(rule, logits.shape[1])
+        temps = []
+        for t in range(logits.shape[0]):
+            state, temp, _ = S.step(rule, state, logits[t])
+            state = S.observe(rule, state, tokens[t])
+            temps.append(temp)
+        return jnp.stack(temps)
+
+    one = jax.jit(run)
+    separate = np.stack([one(logits[g], tokens[g]) for g in range(2)])
+    np.testing.assert_array_equal(jax.jit(jax.vmap(run))(logits, tokens), separate)
+
+
+def test_knob_changes_never_retrace():
+    traces = 0
+
+    @jax.jit
+    def one(rule, state, logits, token):
+        nonlocal traces
+        traces += 1
+        state, temp, h = S.step(rule, state, logits)
+        return S.observe(rule, state, token), temp, h
+
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((2, 20), dtype=np.float32))
+    token = jnp.array([NL, 5])
+    temps = set()
+    for t_high, t_low, tau0, nl, dnl in [
+        (1.0, 0.1, 0.5, [1], [2]),
+        (0.8, 0.3, 2.5, [4, 7], [2, 9, 11]),
+        (1.2, 0.0, 1.0, [], [3]),
+        (1.0, 0.2, 9.0, [5], []),
+    ]:
+        rule = S.ReSETConfig.create(
+            t_high=t_high, t_low=t_low, tau0=tau0, window=8, nl_ids=nl, dnl_ids=dnl
+        )
+        _, temp, _ = one(rule, S.init_state(rule, 2), logits, token)
+        temps.add(tuple(np.asarray(temp).tolist()))
+    assert traces == 1
+    assert len(temps) > 1  # the new values did take effect
+
+    fixed_traces = 0
+
+    @jax.jit
+    def fixed(rule, state, logits):
+        nonlocal fixed_traces
+        fixed_traces += 1
+        return S.step(rule, state, logits)[1]
+
+    for t in (0.6, 1.0, 0.0):
+        rule = S.FixedTemperature.create(t)
+        np.testing.assert_array_equal(
+            fixed(rule, S.init_state(rule, 2), logits), np.float32([t, t])
+        )
+    assert fixed_traces == 1
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="window"):
+        S.ReSETConfig.create(t_low=0.1, tau0=1.0, window=0)
+    with pytest.raises(ValueError, match="non-negative"):
+        S.ReSETConfig.create(t_low=0.1, tau0=1.0, nl_ids=[-3])
+    with pytest.raises(ValueError, match="tau0"):
+        S.ReSETConfig.create(t_low=0.1, tau0=float("nan"))
+    rule = S.ReSETConfig.create(t_low=0.1, tau0=1.0, nl_ids=list(range(9)), dnl_ids=[])
+    assert rule.nl_ids.shape == (16,) and rule.dnl_ids.shape == (8,)
+
+
+def test_fixed_temperature_protocol():
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((3, 30), dtype=np.float32)
+    rule = S.FixedTemperature.create([0.6, 0.0, 1.0])
+    state = S.init_state(rule, 3)
+    state, temp, h = S.step(rule, state, logits)
+    np.testing.assert_array_equal(temp, np.float32([0.6, 0.0, 1.0]))
+    np.testing.assert_allclose(h, [torch_entropy(torch.from_numpy(r)) for r in logits], rtol=1e-6)
+    state = S.observe(rule, state, jnp.array([1, 2, 3]))
+    assert (np.asarray(state.num_generated) == 1).all()
+    temp, h = S.replay(S.FixedTemperature(0.6), logits, np.array([1, 2, 3]))
+    np.testing.assert_array_equal(temp, np.float32([0.6] * 3))
+
+
+# ----------------------------------------------------------------------------
+# Bad logits
+# ----------------------------------------------------------------------------
+
+
+def _bad_batch():
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal((6, 10), dtype=np.float32)
+    logits[1, 3] = np.nan
+    logits[2, :] = -np.inf
+    logits[3, 7] = np.inf
+    logits[4, :8] = -np.inf  # masked tokens are fine
+    logits[5, 0] = np.nan
+    logits[5, 1:] = -np.inf
+    return logits, np.array([True, False, False, False, True, False])
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        S.ReSETConfig.create(t_low=0.1, tau0=1.0, window=2, nl_ids=[NL], dnl_ids=[DNL]),
+        S.FixedTemperature.create(0.7),
+    ],
+)
+def test_bad_logits_in_step(rule):
+    logits, ok = _bad_batch()
+    good = np.random.default_rng(0).standard_normal((6, 10), dtype=np.float32)
+    state = S.init_state(rule, 6)
+    state = S.observe(rule, S.step(rule, state, good)[0], jnp.arange(6))
+    new, temp, h = S.step(rule, state, logits)
+    temp, h = np.asarray(temp), np.asarray(h)
+    assert np.isfinite(h[ok]).all() and np.isnan(h[~ok]).all()
+    assert np.isfinite(temp[ok]).all() and np.isnan(temp[~ok]).all()
+    np.testing.assert_array_equal(new.bad, ~ok)
+    # A bad row's statistics are untouched (stay finite); good rows move on as usual.
+    for old_leaf, new_leaf in zip(jax.tree.leaves(state), jax.tree.leaves(new)):
+        old_leaf, new_leaf = np.asarray(old_leaf), np.asarray(new_leaf)
+        if new_leaf.dtype == np.bool_:
+            continue
+        assert np.isfinite(new_leaf.astype(np.float64)).all()
+        np.testing.assert_array_equal(new_leaf[~ok], old_leaf[~ok])
+    alone, temp_ok, _ = S.step(rule, jax.tree.map(lambda x: x[ok], state), logits[ok])
+    np.testing.assert_array_equal(temp_ok, temp[ok])
+    for a, n in zip(jax.tree.leaves(alone), jax.tree.leaves(new)):
+        if a.dtype != jnp.bool_:
+            np.testing.assert_array_equal(a, np.asarray(n)[ok])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("top_p, top_k", [(1.0, 0), (0.9, 0), (1.0, 3)])
+def test_bad_logits_in_sample(temperature, top_p, top_k):
+    logits, ok = _bad_batch()
+    tok = np.asarray(S.sample(jax.random.key(0), logits, temperature, top_p=top_p, top_k=top_k))
+    assert (tok[~ok] == S.INVALID_TOKEN).all()
+    assert ((tok[ok] >= 0) & (tok[ok] < 10)).all()
+    assert tok[4] >= 8  # never a masked token
+    with pytest.raises(FloatingPointError, match=r"\(1, 0\)"):
+        S.check_tokens(tok[:, None])
+    S.check_tokens(tok[ok][:, None])
+
+
+def test_nan_or_inf_temperature_gives_no_token():
+    logits = np.zeros((3, 5), np.float32)
+    tok = S.sample(jax.random.key(0), logits, jnp.array([np.nan, np.inf, 1.0]))
+    np.testing.assert_array_equal(np.asarray(tok)[:2], [-1, -1])
+    assert 0 <= int(tok[2]) < 5
+
+
+# ----------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------
+
+
+def test_greedy_and_top_k_1_and_tiny_top_p_are_argmax():
+    rng = np.random.default_rng(8)
+    logits = rng.standard_normal((32, 500), dtype=np.float32)
+    best = logits.argmax(-1)
+    key = jax.random.key(1)
+    for temperature in (0.0, 1e-6, -1.0):
+        np.testing.assert_array_equal(S.sample(key, logits, temperature), best)
+    np.testing.assert_array_equal(S.sample(key, logits, 1.0, top_k=1), best)
+    np.testing.assert_array_equal(S.sample(key, logits, 1.0, top_p=1e-6), best)
+    np.testing.assert_array_equal(S.sample(key, logits, 1.0, top_p=0.0), best)
+    np.testing.assert_array_equal(S.sample(key, logits * 0, 0.0), np.zeros(32))  # first of ties
+
+
+def _empirical(tokens: np.ndarray, rows: slice, vocab: int) -> np.ndarray:
+    return np.bincount(tokens[rows], minlength=vocab) / len(tokens[rows])
+
+
+def _expected(z, temperature, top_k=0, top_p=1.0):
+    """The kept set and its renormalised probabilities, from the definition."""
+    z = np.asarray(z, np.float64) / temperature
+    order = np.argsort(-z, kind="stable")
+    keep = np.zeros(len(z), bool)
+    keep[order[: top_k if top_k > 0 else len(z)]] = True
+    p = np.where(keep, np.exp(z - z.max()), 0.0)
+    p /= p.sum()
+    if top_p < 1.0:
+        before = np.cumsum(p[order]) - p[order]
+        nucleus = np.zeros(len(z), bool)
+        nucleus[order[(before < top_p) | (np.arange(len(z)) == 0)]] = True
+        p = np.where(nucleus, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+def test_distribution_per_row_parameters():
+    """One call, rows with different T/top-k/top-p, frequencies within 5 sigma."""
+    z = np.array([2.0, 1.5, 1.0, 0.2, -0.5, -1.0, -3.0], np.float32)
+    settings_ = [  # (T, top_k, top_p)
+        (0.7, 0, 1.0),
+        (1.3, 0, 1.0),
+        (1.0, 3, 1.0),
+        (1.0, 0, 0.8),
+        (0.9, 5, 0.7),
+        (2.0, 0, 0.95),
+    ]
+    n = 20000
+    rows = len(settings_) * n
+    t = np.repeat([s[0] for s in settings_], n).astype(np.float32)
+    k = np.repeat([s[1] for s in settings_], n).astype(np.int32)
+    p = np.repeat([s[2] for s in settings_], n).astype(np.float32)
+    tok = np.asarray(
+        jax.jit(S.sample)(jax.random.key(42), np.tile(z, (rows, 1)), t, top_p=p, top_k=k)
+    )
+    for i, (temperature, top_k, top_p) in enumerate(settings_):
+        want = _expected(z, temperature, top_k, top_p)
+        got = _empirical(tok, slice(i * n, (i + 1) * n), len(z))
+        sigma = np.sqrt(want * (1 - want) / n)
+        assert np.all(np.abs(got - want) <= 5 * sigma + 1e-12), (settings_[i], got, want)
+        assert np.all(got[want == 0] == 0)
+
+
+def test_candidate_path_and_full_sort_agree():
+    """The capped lax.top_k path and the full-sort fallback give the same distribution."""
+    rng = np.random.default_rng(9)
+    z = rng.standard_normal(60).astype(np.float32) * 0.5
+    n = 20000
+    x = np.tile(z, (n, 1))
+    want = _expected(z, 1.0, 0, 0.5)
+    assert (want > 0).sum() > 8  # the nucleus is wider than 8 candidates
+    for cap in (8, 60):  # 8 forces the full-sort fallback; 60 fits
+        tok = np.asarray(S.sample(jax.random.key(cap), x, 1.0, top_p=0.5, max_candidates=cap))
+        got = np.bincount(tok, minlength=60) / n
+        assert np.all(got[want == 0] == 0)
+        sigma = np.sqrt(want * (1 - want) / n)
+        assert np.all(np.abs(got - want) <= 5 * sigma + 1e-12), cap
+    # top-k above the cap falls back too, and stays exact.
+    tok = np.asarray(S.sample(jax.random.key(3), x, 1.0, top_k=20, max_candidates=8))
+    assert set(np.unique(tok)) <= set(np.argsort(-z)[:20].tolist())
+    assert len(np.unique(tok)) == 20
+
+
+def test_plain_rows_draw_from_the_whole_vocabulary():
+    z = np.zeros((50000, 3), np.float32)
+    z[:, 2] = -30.0  # p ~ 5e-14: must still be representable, never truncated
+    z[:, 1] = np.log(0.25 / 0.75)
+    tok = np.asarray(S.sample(jax.random.key(5), z, 1.0))
+    got = np.bincount(tok, minlength=3) / len(tok)
+    assert abs(got[1] - 0.25) < 5 * np.sqrt(0.25 * 0.75 / len(tok))
+
+
+# ----------------------------------------------------------------------------
+# Host-side helpers
+# ----------------------------------------------------------------------------
+
+
+def _byte_level_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    # "Ċ" is the byte-level symbol for "\n", "Ġ" for a space.
+    merges = [("Ċ", "Ċ"), (".", "ĊĊ"), ("ĊĊ", "Ċ"), ("Ġ", "Ċ"), ("a", "b")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok)
+    hf.add_special_tokens({"eos_token": "<|im_end|>"})
+    hf.add_tokens(["\n\n\n\n", "\n"])  # an added "\n" duplicate counts too
+    return hf, vocab
+
+
+def test_step_boundary_ids():
+    hf, vocab = _byte_level_tokenizer()
+    nl, dnl = S.step_boundary_ids(hf)
+    added_nl = hf.convert_tokens_to_ids("\n")
+    added_dnl = hf.convert_tokens_to_ids("\n\n\n\n")
+    assert nl.dtype == np.int32 and dnl.dtype == np.int32
+    assert sorted(nl.tolist()) == sorted([vocab["Ċ"], added_nl])
+    assert sorted(dnl.tolist()) == sorted([vocab["ĊĊ"], vocab[".ĊĊ"], vocab["ĊĊĊ"], added_dnl])
+    assert vocab["ĠĊ"] not in nl  # " \n" is not exactly a newline
+    # And they work as config ids.
+    S.ReSETConfig.create(t_low=0.1, tau0=0.5, nl_ids=nl, dnl_ids=dnl)
+
+
+def test_calibrate_tau0():
+    rng = np.random.default_rng(0)
+    parts = [rng.exponential(size=n).astype(np.float32) for n in (10, 300, 57)]
+    pooled = np.concatenate(parts).astype(np.float64)
+    assert S.calibrate_tau0(parts) == pytest.approx(np.percentile(pooled, 80), rel=0, abs=0)
+    assert S.calibrate_tau0(jnp.asarray(pooled), percentile=50) == float(np.median(pooled))
+    assert isinstance(S.calibrate_tau0(parts), float)
+    with pytest.raises(ValueError, match="at least one"):
+        S.calibrate_tau0([])
+    with pytest.raises(ValueError, match="at least one"):
+        S.calibrate_tau0(np.zeros((0,)))
+    with pytest.raises(ValueError, match="finite"):
+        S.calibrate_tau0([np.array([0.1, np.nan])])
+
+
+def test_entropy_is_accurate():
+    """Compensated sums: within ~1e-6 relative of float64 at a Qwen-sized vocabulary."""
+    rng = np.random.default_rng(6)
+    z = rng.standard_normal((4, 151936), dtype=np.float32) * np.float32([[0.3], [1], [3], [9]])
+    z64 = z.astype(np.float64)
+    p = np.exp(z64 - z64.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = -(p * np.log(np.maximum(p, 1e-10))).sum(-1)
+    np.testing.assert_allclose(jax.jit(S.token_entropy)(z), want, rtol=2e-6, atol=1e-6)
