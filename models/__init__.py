@@ -1,0 +1,55 @@
+"""Flax NNX decoder models (Qwen3, Qwen2, Llama) and their checkpoints.
+
+Installed as ``reset_jax.models``::
+
+    from reset_jax.models import from_pretrained
+    model = from_pretrained("path/or/name", dtype=jnp.bfloat16, quantize="nvfp4")
+    logits = model(input_ids)  # [B, S] -> [B, S, V] float32
+"""
+
+from reset_jax.models.cache import KVCache
+from reset_jax.models.config import ModelConfig
+from reset_jax.models.layers import CausalLM, Linear, LinearGroup, NVFP4Param
+from reset_jax.models.llama import LlamaForCausalLM
+from reset_jax.models.loading import (
+    DEFAULT_EXCLUDE,
+    MODEL_CLASSES,
+    CheckpointError,
+    QuantMeta,
+    build_from_state_dict,
+    build_model,
+    from_pretrained,
+    model_tensors,
+    named_linears,
+    read_quant_meta,
+    read_safetensors,
+    save_nvfp4,
+    write_safetensors,
+)
+from reset_jax.models.qwen2 import Qwen2ForCausalLM
+from reset_jax.models.qwen3 import Qwen3ForCausalLM
+
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "MODEL_CLASSES",
+    "CausalLM",
+    "CheckpointError",
+    "KVCache",
+    "Linear",
+    "LinearGroup",
+    "LlamaForCausalLM",
+    "ModelConfig",
+    "NVFP4Param",
+    "QuantMeta",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "build_from_state_dict",
+    "build_model",
+    "from_pretrained",
+    "model_tensors",
+    "named_linears",
+    "read_quant_meta",
+    "read_safetensors",
+    "save_nvfp4",
+    "write_safetensors",
+]

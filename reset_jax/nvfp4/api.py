@@ -70,7 +70,11 @@ def matmul(
             raise ValueError("implementation= must name at least one backend")
     reasons = []
     for name in order:
-        backend = _backend(name)
+        try:
+            backend = _backend(name)
+        except ImportError as e:  # a backend whose own imports fail is a refusal, not a crash
+            reasons.append(f"{name}: could not import its module ({e})")
+            continue
         try:
             return backend.matmul(x, q, activations=activations, input_scale=input_scale)
         except NotImplementedError as e:
@@ -103,6 +107,8 @@ def explain(
         try:
             _backend(name).supports(x, q, activations=activations)
             out.append((name, None))
+        except ImportError as e:
+            out.append((name, f"could not import its module ({e})"))
         except NotImplementedError as e:
             out.append((name, str(e)))
     return out
