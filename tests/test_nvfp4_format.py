@@ -1,0 +1,483 @@
+"""NVFP4 format: bit-exact against the PyTorch reference and ml_dtypes casts.
+
+Every comparison is on bits (codes, packed bytes, E4M3 bytes, float32 words),
+never with a tolerance. Inputs stay in the normal float32 range: XLA on CPU
+flushes subnormals, IEEE references do not (see ``format``'s docstring).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import torch_nvfp4 as ref
+
+from reset_jax.nvfp4 import format as fmt
+from reset_jax.nvfp4 import xla
+
+F32 = np.float32
+E4M3 = ml_dtypes.float8_e4m3fn
+E2M1 = ml_dtypes.float4_e2m1fn
+E2M1_TIES = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+# Where each tie goes under round-half-to-even (the neighbour with an even code).
+E2M1_TIE_CODES = {0.25: 0, 0.75: 2, 1.25: 2, 1.75: 4, 2.5: 4, 3.5: 6, 5.0: 6}
+SHAPE = (4, 64)  # one shape for the property tests: one compilation
+
+PROPERTY = settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+
+unpack = jax.jit(fmt.unpack_codes)
+
+
+def bits(a) -> np.ndarray:
+    """Raw bytes/words of an array, so that -0.0 != 0.0 and NaN == NaN."""
+    a = np.asarray(a)
+    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
+
+
+def mldtypes_codes_and_scales(x: np.ndarray, g: np.ndarray):
+    """The spec in NumPy float32 with ml_dtypes doing both casts.
+
+    Returns (codes uint8 [..., K], E4M3 bytes [..., K/16]).
+    """
+    x = x.astype(F32)
+    g = np.asarray(g, F32)
+    gb = g if g.ndim == 0 else g[..., None]
+    xb = x.reshape(*x.shape[:-1], -1, 16)
+    amax_b = np.abs(xb).max(axis=-1, keepdims=True)
+    s = np.clip(amax_b / (F32(6) * gb), F32(0), F32(448)).astype(E4M3).astype(F32)
+    s = np.where(s == 0, F32(1), s).astype(F32)
+    codes = (xb / (s * gb)).astype(E2M1).view(np.uint8).reshape(x.shape)
+    return codes, s[..., 0].astype(E4M3).view(np.uint8)
+
+
+def assert_bit_exact(x: np.ndarray, global_scale=None, *, activations=False):
+    """quantize / quantize_activations == torch reference == ml_dtypes, bit for bit."""
+    x32 = np.asarray(x, F32)
+    if activations:
+        q = fmt.quantize_activations(x, global_scale)
+        r = ref.quantize_activations(torch.from_numpy(x32), global_scale)
+    else:
+        q = fmt.quantize(x, global_scale)
+        r = ref.quantize(torch.from_numpy(x32), global_scale)
+    codes = np.asarray(unpack(q.packed))
+    np.testing.assert_array_equal(bits(q.global_scale), bits(r.global_scale.numpy()))
+    np.testing.assert_array_equal(bits(q.scales), r.scale_bits.numpy())
+    np.testing.assert_array_equal(codes, r.codes.numpy())
+    np.testing.assert_array_equal(np.asarray(q.packed), r.packed.numpy())
+    deq = fmt.dequantize(q, jnp.float32)
+    np.testing.assert_array_equal(bits(deq), bits(r.dequantized.numpy()))
+    ml_codes, ml_scales = mldtypes_codes_and_scales(x32, r.global_scale.numpy())
+    np.testing.assert_array_equal(codes, ml_codes)
+    np.testing.assert_array_equal(bits(q.scales), ml_scales)
+    return q
+
+
+def _nudge(v: float, steps: int) -> F32:
+    """``v`` moved ``steps`` float32 ulps (negative: towards -inf)."""
+    x = F32(v)
+    direction = F32(np.inf) if steps > 0 else F32(-np.inf)
+    for _ in range(abs(steps)):
+        x = np.nextafter(x, direction)
+    return x
+
+
+# E4M3 values >= 0 (bytes 0..126) and the midpoints between neighbours.
+E4M3_VALUES = np.arange(127, dtype=np.uint8).view(E4M3).astype(np.float64)
+E4M3_MIDPOINTS = (E4M3_VALUES[:-1] + E4M3_VALUES[1:]) / 2
+
+
+# --------------------------------------------------------------------------
+# Elementwise casts
+# --------------------------------------------------------------------------
+
+
+def test_e2m1_rounding_at_every_boundary():
+    vals = []
+    for t in (*E2M1_TIES, *fmt.E2M1_VALUES[:8].tolist(), 6.0, 7.0, 1e30):
+        vals += [_nudge(t, k) for k in (-2, -1, 0, 1, 2) if t > 0]
+    vals += [0.0, F32(np.finfo(F32).tiny)]
+    v = np.array(vals, F32)
+    v = np.concatenate([v, -v])
+    got = np.asarray(jax.jit(fmt.encode_e2m1)(v))
+    np.testing.assert_array_equal(got, v.astype(E2M1).view(np.uint8))
+    np.testing.assert_array_equal(got, ref.round_e2m1(torch.from_numpy(v)).numpy())
+    for t, code in E2M1_TIE_CODES.items():
+        assert got[list(v).index(F32(t))] == code, t
+
+
+def test_e2m1_negative_zero_convention():
+    # The sign bit is signbit(x / d), as in the ml_dtypes cast: -0.0 and small
+    # negatives encode as code 8; both decode to zero.
+    v = np.array([-0.0, -0.1, 0.0, 0.1], F32)
+    np.testing.assert_array_equal(np.asarray(jax.jit(fmt.encode_e2m1)(v)), [8, 8, 0, 0])
+    assert fmt.E2M1_VALUES[8] == 0
+
+
+def test_e4m3_scale_cast_at_every_tie():
+    # global_scale = 1, so s = amax_b / 6: one block per target scale, with the
+    # target at an exact E4M3 midpoint, next to it, or past 448 (clipped).
+    targets = []
+    for m in E4M3_MIDPOINTS:
+        six_m = 6 * m  # exact: at most 7 significant bits
+        targets += [_nudge(six_m, k) for k in (-1, 0, 1)]
+    targets += [6 * v for v in (448.0, 460.0, 464.0, 465.0, 480.0, 1e4, 1e30)]
+    targets += [_nudge(6 * 464.0, 1)]
+    w = np.zeros((len(targets), 16), F32)
+    w[:, 3] = targets
+    w[:, 7] = -np.array(targets, F32) / 3
+    q = assert_bit_exact(w, 1.0)
+    s = np.asarray(q.scales).astype(F32)
+    assert not np.isnan(s).any()
+    np.testing.assert_array_equal(s[-8:], 448.0)  # saturated, never NaN
+    # Exact midpoints go to the neighbour with the even mantissa.
+    mid = s[1 : 3 * len(E4M3_MIDPOINTS) : 3]
+    assert (np.asarray(mid.astype(E4M3)).view(np.uint8)[1:] % 2 == 0).all()
+
+
+def test_division_free_encoding_equals_ieee_division():
+    # XLA would turn x / d into x * (1/d) (and divides approximately on GPUs), so
+    # the codes are computed without dividing; they must equal fl(x / d) rounded.
+    rng = np.random.default_rng(5)
+    n = 100_000
+    d = (np.exp2(rng.integers(-20, 21, n)) * rng.uniform(1, 2, n)).astype(F32)
+    near = (rng.choice(E2M1_TIES, n) * d).astype(F32)
+    near = (near.view(np.int32) + rng.integers(-3, 4, n).astype(np.int32)).view(F32)
+    wide = (rng.standard_normal(n) * np.exp2(rng.uniform(-12, 12, n))).astype(F32)
+    x = np.concatenate([near, wide]) * rng.choice(np.array([-1, 1], F32), 2 * n)
+    d = np.concatenate([d, d])
+    got = np.asarray(jax.jit(fmt.encode_e2m1_scaled)(x, d))
+    np.testing.assert_array_equal(got, (x / d).astype(E2M1).view(np.uint8))
+
+
+def test_div_rn_is_correctly_rounded():
+    rng = np.random.default_rng(6)
+    n = 100_000
+    a = (np.exp2(rng.integers(-60, 61, n)) * rng.uniform(1, 2, n)).astype(F32)
+    b = (np.exp2(rng.integers(-60, 61, n)) * rng.uniform(1, 2, n)).astype(F32)
+    # Quotients one ulp either side of b * k: the hardest cases for rounding.
+    k = rng.integers(1, 2**20, n).astype(F32)
+    a[: n // 2] = (
+        (b * k)[: n // 2].view(np.int32) + rng.integers(-1, 2, n // 2, dtype=np.int32)
+    ).view(F32)
+    a[:10] = 0
+    got = np.asarray(jax.jit(fmt.div_rn)(a, b))
+    np.testing.assert_array_equal(bits(got), bits(a / b))
+    np.testing.assert_array_equal(bits(fmt.div_rn(F32(3.0), F32(2688.0))), bits(F32(3) / F32(2688)))
+
+
+# --------------------------------------------------------------------------
+# Whole-tensor properties
+# --------------------------------------------------------------------------
+
+
+@st.composite
+def tie_blocks(draw):
+    """A [4, 64] tensor and a power-of-two global scale, rich in exact ties.
+
+    With ``g = 2**a`` and a block whose largest element is ``6 * g * S`` the
+    block scale is exactly ``S``; elements ``t * S * g`` then sit exactly on
+    E2M1 boundaries (all these products have at most 7 significant bits).
+    """
+    a = draw(st.integers(-30, 30))
+    g = F32(2.0**a)
+    rows = []
+    for _ in range(SHAPE[0] * SHAPE[1] // 16):
+        kind = draw(st.sampled_from(["e2m1", "e4m3", "saturate", "zero", "random"]))
+        if kind == "zero":
+            rows.append(np.zeros(16, F32))
+            continue
+        if kind == "e2m1":
+            scale = draw(st.sampled_from(E4M3_VALUES[1:].tolist()))
+        elif kind == "e4m3":
+            scale = draw(st.sampled_from(E4M3_MIDPOINTS.tolist()))
+        elif kind == "saturate":
+            scale = draw(st.sampled_from([460.0, 464.0, 465.0, 480.0, 1e3, 1e6]))
+        else:
+            scale = draw(st.floats(2.0**-20, 448.0, width=32))
+        d = F32(scale) * g
+        picks = draw(
+            st.lists(
+                st.sampled_from([*E2M1_TIES, *fmt.E2M1_VALUES[:8].tolist()]),
+                min_size=15,
+                max_size=15,
+            )
+        )
+        nudges = draw(st.lists(st.integers(-1, 1), min_size=15, max_size=15))
+        signs = draw(st.lists(st.booleans(), min_size=15, max_size=15))
+        body = [
+            # Zero is never nudged: its neighbours are subnormal.
+            _nudge(F32(t) * d, k if t else 0) * (-1 if neg else 1)
+            for t, k, neg in zip(picks, nudges, signs)
+        ]
+        block = np.array([F32(6) * d, *body], F32)
+        rows.append(draw(st.permutations(block.tolist())))
+    x = np.array(rows, F32).reshape(SHAPE)
+    return x, g
+
+
+@PROPERTY
+@given(tie_blocks())
+def test_ties_and_saturation_bit_exact(case):
+    x, g = case
+    q = assert_bit_exact(x, g)
+    assert not np.isnan(np.asarray(q.scales).astype(F32)).any()
+    deq = np.asarray(fmt.dequantize(q, jnp.float32))
+    assert np.isfinite(deq).all()
+    # Saturation: nothing dequantizes beyond 6 * 448 * g.
+    assert np.abs(deq).max() <= 6 * 448 * g
+
+
+@st.composite
+def wide_range(draw):
+    """A [4, 64] tensor whose blocks span up to 2**80 in magnitude, some all zero.
+
+    The smallest possible max|x| is 2**-76, inside the exact range (``g >= 2**-91``).
+    """
+    base = draw(st.integers(-30, 60))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    mant = rng.uniform(1, 2, SHAPE)
+    block_exp = rng.integers(-40, 41, (SHAPE[0], SHAPE[1] // 16, 1))
+    elem_exp = block_exp + rng.integers(-6, 1, (SHAPE[0], SHAPE[1] // 16, 16))
+    x = mant * np.exp2(base + elem_exp.reshape(SHAPE)) * rng.choice([-1, 1], SHAPE)
+    x = x.astype(F32)
+    zero = rng.random((SHAPE[0], SHAPE[1] // 16)) < 0.15
+    x.reshape(SHAPE[0], -1, 16)[zero] = 0
+    return x
+
+
+@PROPERTY
+@given(wide_range())
+def test_wide_dynamic_range_bit_exact(x):
+    assert_bit_exact(x)
+
+
+@PROPERTY
+@given(wide_range(), st.sampled_from([None, "given"]))
+def test_activations_bit_exact(x, mode):
+    input_scale = None if mode is None else F32(np.abs(x).max() / 2688 * 0.7)
+    q = assert_bit_exact(x, input_scale, activations=True)
+    expected = (SHAPE[0], 1) if mode is None else ()
+    assert np.shape(q.global_scale) == expected
+    fq = fmt.fake_quantize_activations(x, input_scale)
+    np.testing.assert_array_equal(bits(fq), bits(fmt.dequantize(q, jnp.float32)))
+
+
+def test_all_zero_blocks_use_scale_one():
+    w = np.zeros((3, 48), F32)
+    w[1, 16:32] = np.linspace(-2, 3, 16)
+    q = assert_bit_exact(w)
+    s = np.asarray(q.scales).astype(F32)
+    assert s[0].tolist() == [1, 1, 1] and s[1, 0] == 1 and s[1, 2] == 1
+    zeros = fmt.quantize(np.zeros((2, 32), F32))
+    assert float(zeros.global_scale) == 1.0
+    assert (bits(zeros.scales) == 0x38).all() and (np.asarray(zeros.packed) == 0).all()
+    # -0.0 keeps its sign bit (code 8), and still dequantizes to zero.
+    negzero = fmt.quantize(np.full((1, 16), -0.0, F32))
+    assert (np.asarray(negzero.packed) == 0x88).all()
+    assert (np.asarray(fmt.dequantize(negzero, jnp.float32)) == 0).all()
+
+
+def test_bf16_and_f16_inputs_quantize_their_float32_values():
+    x = np.random.default_rng(0).normal(size=(3, 32)).astype(F32)
+    for dt in (jnp.bfloat16, jnp.float16):
+        xd = jnp.asarray(x, dt)
+        q = assert_bit_exact(np.asarray(xd, F32))
+        qd = fmt.quantize(xd)
+        assert qd.dtype == np.dtype(dt)
+        for a, b in zip(jax.tree.leaves(qd), jax.tree.leaves(q)):
+            np.testing.assert_array_equal(bits(a), bits(b))
+        assert fmt.dequantize(qd).dtype == np.dtype(dt)
+
+
+def test_packing_order_low_nibble_first():
+    # g = 1 and a block max of 6 give d = 1, so codes are the E2M1 codes of w.
+    vals = fmt.E2M1_VALUES[[1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 0, 7]]
+    q = fmt.quantize(vals.reshape(1, 16), 1.0)
+    assert np.asarray(q.packed)[0].tolist() == [0x21, 0x43, 0x65, 0x97, 0xBA, 0xDC, 0xFE, 0x70]
+    np.testing.assert_array_equal(np.asarray(fmt.dequantize(q, jnp.float32))[0], vals)
+    codes = np.random.default_rng(1).integers(0, 16, (5, 32), dtype=np.uint8)
+    packed = np.asarray(jax.jit(fmt.pack_codes)(codes))
+    np.testing.assert_array_equal(packed & 0xF, codes[:, 0::2])
+    np.testing.assert_array_equal(packed >> 4, codes[:, 1::2])
+    np.testing.assert_array_equal(np.asarray(unpack(packed)), codes)
+
+
+def test_reference_dequantize_of_stored_tensors():
+    # The checkpoint path: decode packed/scales/global as stored.
+    w = np.random.default_rng(2).normal(size=(6, 64)).astype(F32)
+    q = fmt.quantize(w)
+    d = ref.dequantize(
+        torch.from_numpy(np.array(q.packed)),
+        torch.from_numpy(np.asarray(q.scales).astype(F32)),
+        torch.tensor(np.asarray(q.global_scale)),
+    )
+    np.testing.assert_array_equal(bits(fmt.dequantize(q, jnp.float32)), bits(d.numpy()))
+
+
+# --------------------------------------------------------------------------
+# Transformations and the pytree
+# --------------------------------------------------------------------------
+
+
+def test_quantize_under_jit_matches_eager():
+    w = np.random.default_rng(3).normal(size=(2, 3, 32)).astype(F32)
+    for gs in (None, F32(0.01)):
+        eager = fmt.quantize(w, gs)
+        traced = jax.jit(fmt.quantize)(w, gs)
+        for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(traced)):
+            np.testing.assert_array_equal(bits(a), bits(b))
+        assert traced.shape == (2, 3, 32)
+
+
+def test_non_finite_under_jit_poisons_instead_of_saturating():
+    w = np.ones((2, 32), F32)
+    w[0, 3] = np.nan
+    w[1, 20] = np.inf
+    given = fmt.dequantize(jax.jit(fmt.quantize)(w, F32(0.01)), jnp.float32)
+    nan_blocks = np.isnan(np.asarray(given)).reshape(2, 2, 16).all(-1)
+    assert nan_blocks.tolist() == [[True, False], [False, True]]
+    computed = fmt.dequantize(jax.jit(fmt.quantize)(w), jnp.float32)
+    assert np.isnan(np.asarray(computed)).all()
+
+
+def test_pytree_through_jit_vmap_scan_and_nnx():
+    rng = np.random.default_rng(4)
+    ws = rng.normal(size=(3, 8, 32)).astype(F32)
+    layers = [fmt.quantize(w) for w in ws]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    assert stacked.shape == (3, 8, 32) and np.shape(stacked.global_scale) == (3,)
+    np.testing.assert_array_equal(
+        bits(fmt.dequantize(stacked, jnp.float32)),
+        bits(np.stack([np.asarray(fmt.dequantize(q, jnp.float32)) for q in layers])),
+    )
+    x = jnp.asarray(rng.normal(size=(2, 32)), jnp.float32)
+
+    def body(h, q):
+        assert q.shape == (8, 32)
+        return h, xla.matmul(h, q, activations="bf16", input_scale=None)
+
+    _, ys = jax.jit(lambda x, s: jax.lax.scan(body, x, s))(x, stacked)
+    loop = [xla.matmul(x, q, activations="bf16", input_scale=None) for q in layers]
+    np.testing.assert_array_equal(bits(ys), bits(jnp.stack(loop)))
+    by_vmap = jax.vmap(fmt.quantize)(ws)
+    for a, b in zip(jax.tree.leaves(by_vmap), jax.tree.leaves(stacked)):
+        np.testing.assert_array_equal(bits(a), bits(b))
+    assert jax.tree.structure(by_vmap) == jax.tree.structure(stacked)
+
+    class Linear(nnx.Module):
+        def __init__(self, q):
+            self.w = nnx.data(q)
+
+        def __call__(self, h):
+            return xla.matmul(h, self.w, activations="bf16", input_scale=None)
+
+    m = Linear(layers[0])
+    graph, state = nnx.split(m)
+    y = nnx.jit(lambda m, h: m(h))(nnx.merge(graph, state), x)
+    np.testing.assert_array_equal(bits(y), bits(loop[0]))
+
+
+def test_tensor_properties_and_constructor():
+    q = fmt.quantize(jnp.ones((4, 32), jnp.bfloat16))
+    assert q.shape == (4, 32) and q.ndim == 2 and q.dtype == np.dtype(jnp.bfloat16)
+    assert q.nbytes == 4 * 16 + 4 * 2 + 4
+    assert "Array" not in repr(q) and "(4, 32)" in repr(q)
+    same = fmt.NVFP4Tensor(q.packed, q.scales, q.global_scale, shape=(4, 32))
+    np.testing.assert_array_equal(np.asarray(fmt.dequantize(same)), np.ones((4, 32)))
+    with pytest.raises(AttributeError):
+        q.packed = q.packed
+    with pytest.raises(ValueError, match="does not match"):
+        fmt.NVFP4Tensor(q.packed, q.scales, q.global_scale, shape=(4, 64))
+    with pytest.raises(ValueError, match="scales has shape"):
+        fmt.NVFP4Tensor(q.packed, q.scales[:, :1], q.global_scale)
+    with pytest.raises(TypeError, match="uint8"):
+        fmt.NVFP4Tensor(q.packed.astype(jnp.int32), q.scales, q.global_scale)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        fmt.NVFP4Tensor(q.packed, q.scales.astype(jnp.float32), q.global_scale)
+
+
+# --------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------
+
+_GOOD = np.ones((2, 32), F32)
+
+
+@pytest.mark.parametrize(
+    ("w", "gs", "err", "match"),
+    [
+        (np.ones((2, 24), F32), None, ValueError, r"K=24 must be a positive multiple of 16"),
+        (np.ones((2, 0), F32), None, ValueError, r"K=0"),
+        (np.float32(1), None, ValueError, "rank >= 1"),
+        (np.ones((2, 32), np.int32), None, TypeError, "floating.*int32"),
+        (np.ones((2, 32), bool), None, TypeError, "floating.*bool"),
+        (np.ones((2, 32), np.complex64), None, TypeError, "floating"),
+        (np.where(np.eye(2, 32) > 0, np.nan, 1).astype(F32), None, ValueError, "2 non-finite"),
+        (np.full((2, 32), np.inf, F32), None, ValueError, "non-finite"),
+        (_GOOD, 0.0, ValueError, "finite and > 0"),
+        (_GOOD, -1.0, ValueError, "finite and > 0"),
+        (_GOOD, float("nan"), ValueError, "finite and > 0"),
+        (_GOOD, float("inf"), ValueError, "finite and > 0"),
+        (_GOOD, 1e-46, ValueError, "finite and > 0"),  # 0 as float32
+        (_GOOD, np.ones(2, F32), ValueError, "must be a scalar"),
+    ],
+)
+def test_bad_input_errors(w, gs, err, match):
+    with pytest.raises(err, match=match):
+        fmt.quantize(w, gs)
+    if gs is None:
+        with pytest.raises(err, match=match):
+            fmt.quantize_activations(w)
+    else:
+        with pytest.raises(err, match=match):
+            fmt.quantize_activations(w, gs)
+
+
+def test_matmul_argument_errors():
+    q = fmt.quantize(np.ones((8, 32), F32))
+    x = jnp.ones((3, 32), jnp.bfloat16)
+    check = fmt.check_matmul_args
+    check(x, q, activations="bf16", input_scale=None)
+    check(x, q, activations="nvfp4", input_scale=0.5)
+    with pytest.raises(TypeError, match="NVFP4Tensor"):
+        check(x, np.ones((8, 32)), activations="bf16", input_scale=None)
+    with pytest.raises(ValueError, match=r"expected \[\.\.\., 32\]"):
+        check(jnp.ones((3, 16)), q, activations="bf16", input_scale=None)
+    with pytest.raises(TypeError, match=r"bfloat16, float16 or float32.*int32"):
+        check(jnp.ones((3, 32), jnp.int32), q, activations="bf16", input_scale=None)
+    with pytest.raises(ValueError, match=r"logical shape \[N, K\]"):
+        check(x, fmt.quantize(np.ones((2, 8, 32), F32)), activations="bf16", input_scale=None)
+    with pytest.raises(ValueError, match="activations='fp8'"):
+        check(x, q, activations="fp8", input_scale=None)
+    with pytest.raises(ValueError, match="only to activations='nvfp4'"):
+        check(x, q, activations="bf16", input_scale=0.5)
+    with pytest.raises(ValueError, match="finite and > 0"):
+        check(x, q, activations="nvfp4", input_scale=-1.0)
+    with pytest.raises(TypeError, match="NVFP4Tensor"):
+        fmt.dequantize(np.ones((2, 16)))
+
+
+def test_round_to_e4m3_matches_ml_dtypes_everywhere():
+    # Every float32 bit pattern in [2**-12, 448] at a stride, plus 0 and the ties.
+    lo, hi = F32(2.0**-12).view(np.uint32), F32(448).view(np.uint32)
+    s = np.arange(lo, hi + 1, 61, dtype=np.uint32).view(F32)
+    s = np.concatenate([s, [0, 448], E4M3_MIDPOINTS.astype(F32)])
+    got = np.asarray(jax.jit(fmt.round_to_e4m3)(s))
+    np.testing.assert_array_equal(bits(got), bits(s.astype(E4M3).astype(F32)))
