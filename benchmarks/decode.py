@@ -1,0 +1,270 @@
+"""End-to-end decode speed: BF16 against NVFP4 (CUDA / Pallas / XLA; W4A16 and W4A4).
+
+Models at real shapes with random weights made on the GPU (no checkpoint travels):
+Qwen3-8B and Qwen3-32B configs, plus the real default model when its GGUF is in
+the cache. Each (model, variant) runs in its own process so its peak GPU memory
+is its own. Per batch size: prefill time, decode ms/token over the steady state
+(the jitted `lax.while_loop` of `reset_jax.decode`, timed as a whole and divided
+by the steps it ran, median over repeats), tokens/s, weight bytes and peak GPU
+memory; ReSET against a fixed temperature on the same loop gives the sampler's
+cost. Prints a table with speedups over BF16 and writes JSON.
+
+Usage:
+  python benchmarks/decode.py --models qwen3-8b --variants bf16,cuda-w4a16 --batch 1,8 \
+      --json /tmp/decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+VARIANTS = {
+    # name: (quantize, activations, implementation)
+    "bf16": (None, "bf16", None),
+    "cuda-w4a16": ("nvfp4", "bf16", "cuda"),
+    "cuda-w4a4": ("nvfp4", "nvfp4", "cuda"),
+    "pallas-w4a16": ("nvfp4", "bf16", "pallas"),
+    "pallas-w4a4": ("nvfp4", "nvfp4", "pallas"),
+    "xla-w4a16": ("nvfp4", "bf16", "xla"),
+    "xla-w4a4": ("nvfp4", "nvfp4", "xla"),
+}
+
+# Hugging Face config.json fields of the published models (shapes only matter here).
+HF_CONFIGS = {
+    # A toy shape for a CPU smoke test of this script.
+    "tiny": dict(
+        architectures=["Qwen3ForCausalLM"],
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        eos_token_id=1,
+    ),
+    "qwen3-8b": dict(
+        architectures=["Qwen3ForCausalLM"],
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=40960,
+        tie_word_embeddings=False,
+        eos_token_id=151645,
+    ),
+    "qwen3-32b": dict(
+        architectures=["Qwen3ForCausalLM"],
+        vocab_size=151936,
+        hidden_size=5120,
+        intermediate_size=25600,
+        num_hidden_layers=64,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=40960,
+        tie_word_embeddings=False,
+        eos_token_id=151645,
+    ),
+}
+
+
+def _tree_bytes(tree) -> int:
+    import jax
+
+    return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "nbytes")))
+
+
+def run_one(model_name: str, variant: str, batches: list[int], prompt_len: int, new_tokens: int,
+            repeats: int, samplers: list[str]) -> dict:  # fmt: skip
+    """Builds one model variant and times it; returns a JSON-able record."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from reset_jax import decode as dec
+    from reset_jax import sampling
+    from reset_jax.models import ModelConfig, build_model, from_pretrained
+
+    quantize, activations, implementation = VARIANTS[variant]
+    t0 = time.perf_counter()
+    if model_name in HF_CONFIGS:
+        config = ModelConfig.from_hf(HF_CONFIGS[model_name])
+        # Random normal weights drawn and quantized on the device (seconds for 8B).
+        model = build_model(config, dtype=jnp.bfloat16, quantize=quantize,
+                            activations=activations, implementation=implementation)  # fmt: skip
+    else:
+        model = from_pretrained(
+            model_name,
+            dtype=jnp.bfloat16,
+            quantize=quantize,
+            activations=activations,
+            implementation=implementation,
+        )
+        config = model.config
+    graphdef, params = nnx.split(model)
+    jax.block_until_ready(params)
+    build_s = time.perf_counter() - t0
+    weight_bytes = _tree_bytes(params)
+    rec = dict(model=model_name, variant=variant, weight_bytes=weight_bytes, build_s=build_s,
+               device=str(jax.devices()[0].device_kind), results=[])  # fmt: skip
+    v = config.vocab_size
+    for b in batches:
+        for sampler_name in samplers:
+            if sampler_name == "reset":
+                # Boundary ids of Qwen's tokenizer ("\n" = 198, "\n\n" = 271) stand in here.
+                sampler = sampling.ReSETConfig.create(
+                    t_high=1.0, t_low=0.1, tau0=0.55, nl_ids=[198], dnl_ids=[271, 382]
+                )
+            else:
+                sampler = sampling.FixedTemperature.create(0.6)
+            knobs = dec.make_knobs(b, top_p=0.95, seed=1, stop_ids=(), max_new_tokens=new_tokens)
+            rng = np.random.default_rng(b)
+            ids = jnp.asarray(rng.integers(0, v, (b, prompt_len)), jnp.int32)
+            lens = jnp.full((b,), prompt_len, jnp.int32)
+            max_len = prompt_len + new_tokens
+            tc = time.perf_counter()
+            pre = dec.prefill.lower(graphdef, params, ids, lens, model.init_cache(b, max_len),
+                                    sampler, knobs, max_new=new_tokens).compile()  # fmt: skip
+            state0 = pre(params, ids, lens, model.init_cache(b, max_len), sampler, knobs)
+            loop = dec.decode_loop.lower(graphdef, params, state0, sampler, knobs).compile()
+            compile_s = time.perf_counter() - tc
+            prefill_t, decode_t, steps = [], [], None
+            for _ in range(repeats + 1):  # the first run warms up
+                cache = model.init_cache(b, max_len)
+                jax.block_until_ready(cache)
+                t1 = time.perf_counter()
+                st = pre(params, ids, lens, cache, sampler, knobs)  # static args are baked in
+                jax.block_until_ready(st)
+                t2 = time.perf_counter()
+                st = loop(params, st, sampler, knobs)
+                jax.block_until_ready(st)
+                t3 = time.perf_counter()
+                prefill_t.append(t2 - t1)
+                decode_t.append(t3 - t2)
+                steps = int(st.step) - 1  # the loop ran step 1..N-1; prefill made token 0
+                lengths = np.asarray(st.lengths)
+                bad = np.asarray(st.error_step)
+            if (bad >= 0).any() or (lengths < new_tokens).any():
+                raise RuntimeError(
+                    f"{model_name}/{variant}/B={b}: rows stopped early "
+                    f"(lengths {lengths.tolist()}, bad-logit steps {bad.tolist()})"
+                )
+            ms_tok = 1e3 * float(np.median(decode_t[1:])) / steps
+            stats = jax.devices()[0].memory_stats() or {}
+            rec["results"].append(
+                dict(
+                    batch=b,
+                    sampler=sampler_name,
+                    prefill_ms=1e3 * float(np.median(prefill_t[1:])),
+                    decode_ms_per_token=ms_tok,
+                    tokens_per_s=b * 1e3 / ms_tok,
+                    steps=steps,
+                    compile_s=compile_s,
+                    peak_bytes=int(stats.get("peak_bytes_in_use", 0)),
+                )
+            )
+            print(json.dumps(rec["results"][-1]), file=sys.stderr, flush=True)
+    return rec
+
+
+def _table(records: list[dict]) -> str:
+    base = {}
+    for r in records:
+        if r["variant"] == "bf16":
+            for x in r["results"]:
+                base[(r["model"], x["batch"], x["sampler"])] = x
+    lines = [
+        "| model | variant | B | sampler | prefill ms | decode ms/tok | tok/s | × BF16 | weights GB | × BF16 bytes | peak GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    wbase = {r["model"]: r["weight_bytes"] for r in records if r["variant"] == "bf16"}
+    for r in records:
+        for x in r["results"]:
+            b = base.get((r["model"], x["batch"], x["sampler"]))
+            sp = f"{b['decode_ms_per_token'] / x['decode_ms_per_token']:.2f}" if b else "-"
+            wb = wbase.get(r["model"])
+            wr = f"{r['weight_bytes'] / wb:.3f}" if wb else "-"
+            lines.append(
+                f"| {r['model']} | {r['variant']} | {x['batch']} | {x['sampler']} | "
+                f"{x['prefill_ms']:.1f} | {x['decode_ms_per_token']:.3f} | {x['tokens_per_s']:.1f} | "
+                f"{sp} | {r['weight_bytes'] / 1e9:.2f} | {wr} | {x['peak_bytes'] / 1e9:.1f} |"
+            )
+    # The sampler's cost: ReSET against a fixed temperature, same model/variant/batch.
+    for r in records:
+        by = {(x["batch"], x["sampler"]): x for x in r["results"]}
+        for (bsz, s), x in sorted(by.items()):
+            if s == "reset" and (bsz, "fixed") in by:
+                f = by[(bsz, "fixed")]["decode_ms_per_token"]
+                d = x["decode_ms_per_token"] - f
+                lines.append(
+                    f"\nReSET overhead {r['model']}/{r['variant']}/B={bsz}: "
+                    f"{1e3 * d:+.1f} µs/token = {100 * d / f:+.2f}% of the step"
+                )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", default="qwen3-8b")
+    p.add_argument("--variants", default="bf16,cuda-w4a16,cuda-w4a4")
+    p.add_argument("--batch", default="1,8")
+    p.add_argument("--samplers", default="reset", help="reset, fixed or both (reset,fixed)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default="decode.json")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: MODEL:VARIANT in this process
+    a = p.parse_args(argv)
+    batches = [int(x) for x in a.batch.split(",")]
+    samplers = a.samplers.split(",")
+    if a.one:
+        model, variant = a.one.split(":")
+        rec = run_one(model, variant, batches, a.prompt_len, a.new_tokens, a.repeats, samplers)
+        print("RECORD " + json.dumps(rec), flush=True)
+        return
+    records = []
+    for model in a.models.split(","):
+        for variant in a.variants.split(","):
+            if variant not in VARIANTS:
+                raise SystemExit(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+            cmd = [sys.executable, __file__, "--one", f"{model}:{variant}", "--batch", a.batch,
+                   "--samplers", a.samplers, "--prompt-len", str(a.prompt_len),
+                   "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats)]  # fmt: skip
+            print(f"== {model} {variant}", file=sys.stderr, flush=True)
+            out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            rec_lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RECORD ")]
+            if out.returncode or not rec_lines:
+                print(out.stderr[-3000:], file=sys.stderr)
+                records.append(dict(model=model, variant=variant, error=out.stderr[-500:]))
+                continue
+            records.append(json.loads(rec_lines[-1][7:]))
+            Path(a.json).write_text(json.dumps(records, indent=1))
+    Path(a.json).write_text(json.dumps(records, indent=1))
+    print(_table([r for r in records if "results" in r]))
+    for r in records:
+        if "error" in r:
+            print(f"FAILED {r['model']}/{r['variant']}: {r['error'][-300:]}")
+
+
+if __name__ == "__main__":
+    main()
