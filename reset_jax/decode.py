@@ -1,0 +1,386 @@
+"""The jitted decoding loop: prefill, then ``lax.while_loop`` over decode steps.
+
+Everything a request varies is a traced argument, so a new value never
+recompiles: the model parameters (``nnx.split`` state; the graph definition is
+static), the sampler (`ReSETConfig` / `FixedTemperature` pytrees), per-row
+top-p / top-k / seeds, the stop ids and the new-token limit. What is static is
+only shapes: the batch, the prompt bucket P, the cache length T and the output
+buffer N. `buckets` picks them so most new requests reuse a compiled loop.
+
+Three jitted entry points share one step function:
+
+* `prefill`: runs the (right-padded) prompts through the model, writes the
+  cache, samples each row's first token from its last real position.
+* `decode_loop`: ``lax.while_loop`` of `decode_step` until every row is done
+  (stop id, new-token limit, full cache, or bad logits) or the buffer is full.
+* `decode`: both in one program, the path with no host round trip at all.
+
+Benchmarks time `prefill` and `decode_loop` separately, or call the jitted
+`decode_step_jit` for one step.
+
+Shapes: B batch, P prompt bucket, T cache slots, N output buffer, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from reset_jax import sampling
+
+__all__ = [
+    "Buckets",
+    "DecodeState",
+    "SamplingKnobs",
+    "buckets",
+    "decode",
+    "decode_loop",
+    "decode_step",
+    "decode_step_jit",
+    "make_knobs",
+    "prefill",
+    "trace_counts",
+]
+
+# Incremented each time a function below is traced: a test (or a curious user)
+# can check that a new request reused the compiled loop.
+trace_counts: collections.Counter[str] = collections.Counter()
+
+MIN_PROMPT_BUCKET = 16
+MIN_NEW_BUCKET = 16
+_STOP_IDS_BUCKET = 8
+
+
+def _pow2_at_least(n: int, minimum: int) -> int:
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """Static sizes of one compiled loop.
+
+    Attributes:
+      prompt_len: P, the padded prompt length.
+      max_new: N, the output buffer (the most new tokens a call can ask for).
+      cache_len: T, the KV cache length.
+    """
+
+    prompt_len: int
+    max_new: int
+    cache_len: int
+
+
+def buckets(max_prompt_len: int, max_new_tokens: int, max_cache_len: int | None = None) -> Buckets:
+    """Static sizes for a request, rounded up so similar requests share a compile.
+
+    P and N are powers of two (at least 16). The cache holds every prompt
+    token and every new token, T = P + N, unless `max_cache_len` fixes it
+    (then P is capped at T, since prefill writes all P slots).
+
+    Args:
+      max_prompt_len: the longest prompt in the batch, in tokens.
+      max_new_tokens: the requested number of new tokens.
+      max_cache_len: an explicit cache length, or None.
+
+    Returns:
+      The `Buckets`.
+
+    Raises:
+      ValueError: a prompt that leaves no room for a new token in the cache.
+    """
+    if max_prompt_len < 1:
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    p = _pow2_at_least(max_prompt_len, MIN_PROMPT_BUCKET)
+    n = _pow2_at_least(max_new_tokens, MIN_NEW_BUCKET)
+    if max_cache_len is None:
+        return Buckets(p, n, p + n)
+    if max_prompt_len >= max_cache_len:
+        raise ValueError(
+            f"a prompt of {max_prompt_len} tokens does not fit a cache of {max_cache_len} "
+            f"positions with room for a new token; raise max_cache_len above {max_prompt_len} "
+            "or shorten the prompt"
+        )
+    return Buckets(min(p, max_cache_len), n, int(max_cache_len))
+
+
+@struct.dataclass
+class SamplingKnobs:
+    """Per-request settings, all traced.
+
+    Attributes:
+      top_p: ``[B]`` float32 nucleus mass (1 = off).
+      top_k: ``[B]`` int32 (0 = off).
+      seed: ``[]`` uint32; step t draws with ``fold_in(key(seed), t)``.
+      stop_ids: ``[S]`` int32 ids that end a row (padded with -1).
+      max_new_tokens: ``[]`` int32 limit, at most the buffer size N.
+    """
+
+    top_p: jax.Array
+    top_k: jax.Array
+    seed: jax.Array
+    stop_ids: jax.Array
+    max_new_tokens: jax.Array
+
+
+def make_knobs(
+    batch: int,
+    *,
+    top_p: float | Any = 1.0,
+    top_k: int | Any = 0,
+    seed: int = 0,
+    stop_ids: Any = (),
+    max_new_tokens: int,
+) -> SamplingKnobs:
+    """Build `SamplingKnobs`, broadcasting scalars to the batch.
+
+    Args:
+      batch: B.
+      top_p, top_k: a scalar for every row or a sequence of B values.
+      seed: the random seed of the whole batch.
+      stop_ids: ids that end a row; padded to a multiple of 8 with -1 so a
+        different count rarely changes the shape.
+      max_new_tokens: the new-token limit.
+
+    Returns:
+      The knobs as device arrays.
+    """
+    stops = sorted({int(s) for s in np.asarray(stop_ids, dtype=np.int64).reshape(-1)})
+    width = max(_STOP_IDS_BUCKET, -(-len(stops) // _STOP_IDS_BUCKET) * _STOP_IDS_BUCKET)
+    stop_arr = np.full((width,), -1, np.int32)
+    stop_arr[: len(stops)] = stops
+
+    def rows(x, dtype):
+        x = np.asarray(x, dtype)
+        if x.ndim == 0:
+            x = np.full((batch,), x, dtype)
+        if x.shape != (batch,):
+            raise ValueError(f"expected a scalar or {batch} values, got shape {x.shape}")
+        return x
+
+    return SamplingKnobs(
+        top_p=jnp.asarray(rows(top_p, np.float32)),
+        top_k=jnp.asarray(rows(top_k, np.int32)),
+        seed=jnp.asarray(int(seed) % (1 << 32), jnp.uint32),
+        stop_ids=jnp.asarray(stop_arr),
+        max_new_tokens=jnp.asarray(max_new_tokens, jnp.int32),
+    )
+
+
+@struct.dataclass
+class DecodeState:
+    """Everything the loop carries; the host reads it once, at the end.
+
+    Attributes:
+      step: ``[]`` int32, tokens generated so far by every still-active row
+        (the next column of the output buffers).
+      done: ``[B]`` bool.
+      last_token: ``[B]`` int32, the newest token, fed to the next step.
+      positions: ``[B]`` int32, the cache slot `last_token` is written to.
+      prompt_lens: ``[B]`` int32.
+      cache: the model's ``KVCache`` ``[L, B, T, Hkv, Dh]``.
+      rng: the batch's PRNG key.
+      sampler_state: the sampler's per-row state.
+      tokens: ``[B, N]`` int32 generated ids (-1 past a row's length).
+      entropies: ``[B, N]`` float32 entropy (nats) of the raw logits of each token.
+      temperatures: ``[B, N]`` float32 temperature each token was sampled at.
+      lengths: ``[B]`` int32 tokens generated per row (stop ids included).
+      error_step: ``[B]`` int32, the step whose logits were NaN or all -inf
+        (the row stopped there), or -1.
+    """
+
+    step: jax.Array
+    done: jax.Array
+    last_token: jax.Array
+    positions: jax.Array
+    prompt_lens: jax.Array
+    cache: Any
+    rng: jax.Array
+    sampler_state: Any
+    tokens: jax.Array
+    entropies: jax.Array
+    temperatures: jax.Array
+    lengths: jax.Array
+    error_step: jax.Array
+
+
+def _advance(
+    state: DecodeState, logits: jax.Array, sampler: Any, knobs: SamplingKnobs
+) -> DecodeState:
+    """Choose temperatures, sample, record, and update `done` for one token per row.
+
+    Args:
+      state: the state before this token; `state.step` is its column.
+      logits: ``[B, V]`` float32 raw logits at each row's newest position.
+      sampler: the sampler rule pytree.
+      knobs: per-request settings.
+
+    Returns:
+      The state with the token appended to every active row.
+    """
+    sampler_state, temperature, entropy = sampling.step(sampler, state.sampler_state, logits)
+    # One key per step for the whole batch: `sample` draws every row at once
+    # (vmapping it per row would turn its lax.conds into always-taken selects).
+    key = jax.random.fold_in(state.rng, state.step)
+    token = sampling.sample(key, logits, temperature, top_p=knobs.top_p, top_k=knobs.top_k)
+    sampler_state = sampling.observe(sampler, sampler_state, token)
+
+    active = ~state.done
+    bad = token < 0  # the sampler's mark for NaN / all -inf logits
+    ok = active & ~bad
+    col = state.step
+
+    def put(buf, value):
+        return buf.at[:, col].set(jnp.where(active, value, buf[:, col]))
+
+    lengths = state.lengths + ok.astype(jnp.int32)
+    # -1 pads the stop ids (and marks a bad token): never a match.
+    is_stop = jnp.any((token[:, None] == knobs.stop_ids[None, :]) & (knobs.stop_ids >= 0), axis=-1)
+    cache_len = state.cache.k.shape[2]
+    finished = (
+        bad
+        | is_stop
+        | (lengths >= knobs.max_new_tokens)
+        # The sequence (prompt + new tokens) now fills the cache.
+        | (state.prompt_lens + lengths >= cache_len)
+    )
+    return state.replace(
+        step=state.step + 1,
+        done=state.done | (active & finished),
+        last_token=jnp.where(ok, token, state.last_token),
+        positions=state.positions + ok.astype(jnp.int32),
+        sampler_state=sampler_state,
+        tokens=put(state.tokens, jnp.where(bad, -1, token)),
+        entropies=put(state.entropies, entropy),
+        temperatures=put(state.temperatures, temperature),
+        lengths=lengths,
+        error_step=jnp.where(active & bad, state.step, state.error_step),
+    )
+
+
+def _prefill(graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs, max_new):
+    model = nnx.merge(graphdef, params)
+    b, p = prompt_ids.shape
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    hidden, cache = model.forward(prompt_ids, positions, cache)  # [B, P, D]
+    # lm_head only at each row's last real token: [B, D] -> [B, V], not [B, P, V].
+    last = jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
+    logits = model.logits(last)
+
+    state = DecodeState(
+        step=jnp.zeros((), jnp.int32),
+        done=jnp.zeros((b,), bool),
+        last_token=jnp.zeros((b,), jnp.int32),
+        # The first sampled token will sit right after the prompt.
+        positions=prompt_lens.astype(jnp.int32) - 1,
+        prompt_lens=prompt_lens.astype(jnp.int32),
+        cache=cache,
+        rng=jax.random.key(knobs.seed),
+        sampler_state=sampling.init_state(sampler, b),
+        tokens=jnp.full((b, max_new), -1, jnp.int32),
+        entropies=jnp.zeros((b, max_new), jnp.float32),
+        temperatures=jnp.zeros((b, max_new), jnp.float32),
+        lengths=jnp.zeros((b,), jnp.int32),
+        error_step=jnp.full((b,), -1, jnp.int32),
+    )
+    return _advance(state, logits, sampler, knobs)
+
+
+def decode_step(graphdef, params, state: DecodeState, sampler, knobs: SamplingKnobs) -> DecodeState:
+    """One decode step (traceable): feed `last_token`, sample the next one.
+
+    Args:
+      graphdef: the model's ``nnx`` graph definition.
+      params: the model's ``nnx`` state.
+      state: the loop state.
+      sampler: the sampler rule pytree.
+      knobs: per-request settings.
+
+    Returns:
+      The next state.
+    """
+    model = nnx.merge(graphdef, params)
+    cache_len = state.cache.k.shape[2]
+    # A finished row may point past the cache; its write lands on its own
+    # (unused) last slot instead.
+    pos = jnp.minimum(state.positions, cache_len - 1)[:, None]  # [B, 1]
+    hidden, cache = model.forward(state.last_token[:, None], pos, state.cache)  # [B, 1, D]
+    logits = model.logits(hidden[:, 0])  # [B, V] float32
+    return _advance(state.replace(cache=cache), logits, sampler, knobs)
+
+
+def _loop(graphdef, params, state, sampler, knobs):
+    n = state.tokens.shape[1]
+
+    def cond(s):
+        return (s.step < n) & ~jnp.all(s.done)
+
+    def body(s):
+        return decode_step(graphdef, params, s, sampler, knobs)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new"), donate_argnames=("cache",))
+def prefill(graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs, *, max_new):
+    """Prefill the cache and sample each row's first token.
+
+    Args:
+      graphdef: the model's ``nnx`` graph definition (static).
+      params: the model's ``nnx`` state (traced).
+      prompt_ids: ``[B, P]`` int32, right-padded.
+      prompt_lens: ``[B]`` int32, each in ``1..P``.
+      cache: an empty ``KVCache`` with ``T >= P`` (donated).
+      sampler: `ReSETConfig` or `FixedTemperature` (traced).
+      knobs: `SamplingKnobs` (traced).
+      max_new: N, the output buffer size (static).
+
+    Returns:
+      The `DecodeState` after one token per row.
+    """
+    trace_counts["prefill"] += 1
+    return _prefill(graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs, max_new)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
+def decode_loop(graphdef, params, state, sampler, knobs):
+    """Run decode steps until every row is done or the buffer is full.
+
+    Args:
+      graphdef: the model's ``nnx`` graph definition (static).
+      params: the model's ``nnx`` state (traced).
+      state: the `DecodeState` from `prefill` (donated: its cache is updated in place).
+      sampler: the same sampler passed to `prefill`.
+      knobs: the same knobs passed to `prefill`.
+
+    Returns:
+      The final `DecodeState`.
+    """
+    trace_counts["decode_loop"] += 1
+    return _loop(graphdef, params, state, sampler, knobs)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
+def decode_step_jit(graphdef, params, state, sampler, knobs):
+    """`decode_step` under ``jit``, for benchmarks that time single steps."""
+    trace_counts["decode_step"] += 1
+    return decode_step(graphdef, params, state, sampler, knobs)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new"), donate_argnames=("cache",))
+def decode(graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs, *, max_new):
+    """Prefill and decode in one program: no host round trip until it returns.
+
+    Takes the arguments of `prefill`; returns the final `DecodeState`.
+    """
+    trace_counts["decode"] += 1
+    state = _prefill(graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs, max_new)
+    return _loop(graphdef, params, state, sampler, knobs)

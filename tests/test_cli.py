@@ -1,0 +1,109 @@
+"""The ``reset-jax`` CLI: a fast in-process run on a tiny checkpoint saved by
+transformers, clear errors, and (slow) the README's command on the default model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from flax import nnx
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from reset_jax import cli
+
+WORDS = ["<unk>", "<eos>", "the", "cat", "sat", "on", "a", "mat", "\n", "\n\n", ".", "dog"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A random Llama and a word-level tokenizer with a chat template, as a HF directory."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=word_level, eos_token="<eos>", unk_token="<unk>"
+    )
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tok.save_pretrained(path)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=1,
+        tie_word_embeddings=True,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_generate_on_a_tiny_checkpoint(tiny_dir, capsys):
+    argv = ["generate", "--model", str(tiny_dir), "--prompt", "the cat sat", "--prompt", "a dog"]
+    argv += ["--max-new-tokens", "6", "--t-low", "0.2", "--tau0", "2.0", "--seed", "1"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "=== [0] the cat sat" in out and "=== [1] a dog" in out
+    assert "tokens/s" in out
+    account = out.strip().splitlines()[-1]
+    assert account.startswith("ReSET: ") and "at T_low=0.2" in account and "mean entropy" in account
+
+
+def test_errors_are_one_line(tiny_dir, capsys):
+    assert cli.main(["generate", "--model", "no-such-model", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model name" in err and "smollm2-135m-instruct" in err
+    assert "Traceback" not in err
+    argv = ["generate", "--model", str(tiny_dir), "--prompt", "the cat sat on a mat"]
+    assert cli.main([*argv, "--max-cache-len", "4", "--sampler", "greedy"]) == 2
+    assert "6 tokens" in capsys.readouterr().err
+
+
+def test_help_and_subcommands():
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # argparse keeps them here
+    assert {"generate", "quantize"} <= set(commands)
+    out = subprocess.run(
+        [sys.executable, "-m", "reset_jax.cli", "generate", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "--sampler {reset,fixed,greedy}" in out and "smollm2-135m-instruct" in out
+
+
+@pytest.mark.slow
+def test_readme_command_on_the_default_model():
+    # The README's main job (without --quantize to keep CPU time down; the
+    # NVFP4 path is covered by the model tests).
+    argv = ["generate", "--max-new-tokens", "12", "--prompt", "What is the capital of France?"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "reset_jax.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text, _, stats = proc.stdout.partition("\n---\n")
+    assert len(text.split()) >= 3, proc.stdout
+    assert "tokens/s" in stats and "ReSET: " in stats
+
+
+def test_quantize_writes_a_loadable_nvfp4_checkpoint(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "nvfp4"
+    assert cli.main(["quantize", str(tiny_dir), str(out), "--dtype", "float32"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_algo"] == "NVFP4"
+    assert (out / "tokenizer.json").is_file()
+    from reset_jax.models import NVFP4Param, from_pretrained
+
+    model = from_pretrained(out)
+    assert nnx.state(model, NVFP4Param)  # the linear layers came back quantized

@@ -1,0 +1,224 @@
+"""The jitted decode loop on a tiny random Llama: correctness against an uncached
+greedy loop, stopping rules, ReSET records against `sampling.replay`, and no
+retracing when only request values change."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from reset_jax import decode as dec
+from reset_jax import sampling
+from reset_jax.generate import BadLogitsError, generate
+from reset_jax.models import ModelConfig, build_from_state_dict, build_model, model_tensors
+
+VOCAB = 97
+CONFIG = ModelConfig(
+    family="llama",
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    rope_theta=10000.0,
+    max_position_embeddings=256,
+    eos_token_ids=(),
+)
+PROMPTS = [[5, 17, 3], [40, 2, 9, 11, 60, 7, 23], [8] * 12 + [1, 90]]
+
+
+class ToyTokenizer:
+    """Just enough of a tokenizer for `generate` with token-id prompts."""
+
+    eos_token_id = None
+    chat_template = None
+
+    def __len__(self):
+        return VOCAB
+
+    def encode(self, text, add_special_tokens=True):
+        return [ord(c) % VOCAB for c in text]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(str(i) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def model():
+    # The default init (std 0.02) gives near-uniform logits whose argmax could
+    # flip between two float32 evaluation orders; larger weights spread them.
+    base = model_tensors(build_model(CONFIG, dtype=jnp.float32, seed=1))
+    tensors = {k: v if "norm" in k else v * 12.0 for k, v in base.items()}
+    return build_from_state_dict(CONFIG, tensors, dtype=jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _uncached(graphdef, params, ids):
+    return nnx.merge(graphdef, params)(ids)
+
+
+def uncached_logits(model, seq, width=32):
+    """The uncached forward over `seq` ``-> [len(seq), V]``, right-padded to a
+    fixed width so one compile serves every length (causal: padding never
+    changes earlier logits)."""
+    ids = np.zeros((1, width), np.int32)
+    ids[0, : len(seq)] = seq
+    return _uncached(*nnx.split(model), jnp.asarray(ids))[0, : len(seq)]
+
+
+def naive_greedy(model, prompt, n):
+    """Uncached greedy decoding: the whole sequence through the model each step."""
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(jnp.argmax(uncached_logits(model, seq)[-1])))
+    return seq[len(prompt) :]
+
+
+def run(
+    model, prompts, *, sampler, max_new, max_cache_len=None, stop_ids=(), top_p=1.0, top_k=0, seed=0
+):
+    """The combined `decode` entry point, returning the final state on the host."""
+    sizes = dec.buckets(max(map(len, prompts)), max_new, max_cache_len)
+    ids = np.zeros((len(prompts), sizes.prompt_len), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = p
+    knobs = dec.make_knobs(
+        len(prompts), top_p=top_p, top_k=top_k, seed=seed, stop_ids=stop_ids, max_new_tokens=max_new
+    )
+    graphdef, params = nnx.split(model)
+    state = dec.decode(
+        graphdef,
+        params,
+        jnp.asarray(ids),
+        jnp.asarray([len(p) for p in prompts], jnp.int32),
+        model.init_cache(len(prompts), sizes.cache_len),
+        sampler,
+        knobs,
+        max_new=sizes.max_new,
+    )
+    return jax.device_get(state.replace(cache=None))
+
+
+GREEDY = sampling.FixedTemperature.create(0.0)
+
+
+def rows(state):
+    return [state.tokens[b, : state.lengths[b]].tolist() for b in range(state.tokens.shape[0])]
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    return [naive_greedy(model, p, 12) for p in PROMPTS]
+
+
+def test_greedy_matches_uncached_loop(model, reference):
+    state = run(model, PROMPTS, sampler=GREEDY, max_new=12)
+    assert rows(state) == reference
+    assert state.lengths.tolist() == [12, 12, 12]
+    assert (state.temperatures[:, :12] == 0).all()
+    assert (state.error_step == -1).all()
+
+
+def test_split_entry_points_match_combined(model, reference):
+    res = generate(model, ToyTokenizer(), PROMPTS, max_new_tokens=12, sampler=GREEDY, chat=False)
+    assert res.token_ids == reference
+    assert res.prompt_lengths == [3, 7, 14]
+    assert res.finish_reasons == ["length"] * 3
+    assert res.timing.new_tokens == 36 and res.timing.tokens_per_s > 0
+
+
+def test_stop_id_ends_only_its_row(model, reference):
+    # A token that row 0 emits early and some other row never emits.
+    stop = next(t for t in reference[0][:6] if any(t not in r for r in reference[1:]))
+    state = run(model, PROMPTS, sampler=GREEDY, max_new=12, stop_ids=[stop])
+    for got, ref in zip(rows(state), reference):
+        want = ref[: ref.index(stop) + 1] if stop in ref else ref
+        assert got == want
+    assert state.lengths[0] < 12 and max(state.lengths) == 12
+
+
+def test_full_cache_stops_each_row(model, reference):
+    cache_len = 18  # prompt + new tokens never exceed it
+    state = run(model, PROMPTS, sampler=GREEDY, max_new=12, max_cache_len=cache_len)
+    for b, (got, ref) in enumerate(zip(rows(state), reference)):
+        assert got == ref[: min(12, cache_len - len(PROMPTS[b]))]
+    assert state.lengths.tolist() == [12, 11, 4]
+
+
+def test_reset_records_match_replay(model):
+    rule = sampling.ReSETConfig.create(
+        t_high=1.0, t_low=0.3, tau0=3.0, window=4, nl_ids=range(0, 8), dnl_ids=range(8, 14)
+    )
+    n = 16
+    res = generate(
+        model,
+        ToyTokenizer(),
+        PROMPTS,
+        chat=False,
+        sampler=rule,
+        max_new_tokens=n,
+        top_p=1.0,
+        seed=3,
+    )
+    assert res.timing.new_tokens == 3 * n
+    temps = np.stack(res.temperatures)
+    assert set(np.unique(temps).tolist()) == {np.float32(0.3), 1.0}  # both branches taken
+    for b, prompt in enumerate(PROMPTS):
+        tokens = res.token_ids[b]
+        logits = uncached_logits(model, prompt + tokens)[len(prompt) - 1 : -1]  # [n, V]
+        t_ref, h_ref = sampling.replay(rule, logits, jnp.asarray(tokens))
+        np.testing.assert_allclose(res.entropies[b], h_ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(temps[b], t_ref)
+
+
+def test_no_retrace_when_only_request_values_change(model):
+    tok = ToyTokenizer()
+
+    def go(prompts, sampler, **kw):
+        return generate(model, tok, prompts, chat=False, sampler=sampler, **kw)
+
+    rule = sampling.ReSETConfig.create(t_low=0.1, tau0=1.0, window=4, nl_ids=[1], dnl_ids=[2])
+    go(PROMPTS, rule, max_new_tokens=12, top_p=0.9, seed=0)
+    go(PROMPTS, GREEDY, max_new_tokens=12)
+    before = dict(dec.trace_counts)
+    other = sampling.ReSETConfig.create(
+        t_high=0.8, t_low=0.4, tau0=2.5, window=4, nl_ids=[3, 4], dnl_ids=[5]
+    )
+    go(PROMPTS, other, max_new_tokens=12, top_p=0.5, top_k=7, seed=9, stop_ids=[3])
+    # New prompt contents and lengths in the same bucket, a new limit in the same buffer.
+    go([[1, 2], [3] * 9, [4] * 13], other, max_new_tokens=9, top_p=[0.9, 1, 0.3], top_k=[0, 5, 1])
+    # A new fixed temperature is not a new compile either.
+    go(PROMPTS, sampling.FixedTemperature.create(0.7), max_new_tokens=12)
+    go(PROMPTS, sampling.FixedTemperature.create(1.3), max_new_tokens=10, seed=5)
+    assert dict(dec.trace_counts) == before
+
+
+def test_prompt_longer_than_cache_is_an_error(model):
+    with pytest.raises(ValueError, match=r"prompt 2 has 14 tokens.*max_cache_len=10"):
+        generate(model, ToyTokenizer(), PROMPTS, chat=False, max_cache_len=10)
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, ToyTokenizer(), [[1], []], chat=False)
+
+
+def test_bad_logits_name_the_row(model):
+    tensors = model_tensors(model)
+    emb = tensors["model.embed_tokens.weight"].copy()
+    emb[90] = np.nan  # only the third prompt holds token 90
+    broken = build_from_state_dict(
+        CONFIG, tensors | {"model.embed_tokens.weight": emb}, dtype=jnp.float32
+    )
+    with pytest.raises(BadLogitsError, match="row 2 at new token 0"):
+        generate(broken, ToyTokenizer(), PROMPTS, chat=False, max_new_tokens=4, sampler=GREEDY)
+
+
+def test_buckets():
+    assert dec.buckets(3, 12) == dec.Buckets(16, 16, 32)
+    assert dec.buckets(17, 100) == dec.Buckets(32, 128, 160)
+    assert dec.buckets(40, 8, max_cache_len=50) == dec.Buckets(50, 16, 50)
+    with pytest.raises(ValueError, match="40 tokens"):
+        dec.buckets(40, 8, max_cache_len=40)
