@@ -36,7 +36,17 @@ def test_wheel_has_no_bare_models_package(wheel):
 def test_installed_wheel_imports_models_only_under_reset_jax(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
         check=True,
     )
     # -I -S: no working directory and no .pth files (an editable install of this checkout

@@ -1,0 +1,78 @@
+// Instantiations and launchers of the NVFP4 kernels (host API in nvfp4_kernels.h).
+#include "nvfp4_kernels.h"
+
+#include <cstdint>
+
+#include "nvfp4_kernels.cuh"
+
+namespace nvfp4 {
+namespace {
+
+// Library defaults (benchmarks/KERNEL_NOTES.md says how they were chosen).
+constexpr int kPipeline = 2;  // sub-steps in flight per warp
+constexpr int kWarps = 8;     // warps per CTA (split K)
+
+bool Aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) % a) == 0; }
+
+}  // namespace
+
+const char* GemvUnsupportedReason(const GemvArgs& a) {
+  if (a.M < 1 || a.M > kMaxM) return "M (rows of x) must be in 1..16";
+  if (a.N < 1) return "N must be >= 1";
+  if (a.K < 16 || a.K % 16 != 0) return "K must be a positive multiple of 16";
+  if (a.N > (int64_t{1} << 30) || a.K > (int64_t{1} << 30)) return "N and K must be < 2^30";
+  if (a.M * a.K > (int64_t{1} << 31) || a.M * a.N > (int64_t{1} << 31))
+    return "M*K and M*N must be < 2^31";
+  if (!a.x || !a.codes || !a.scales || !a.wscale || !a.y) return "null buffer";
+  if (!Aligned(a.x, 16)) return "x must be 16-byte aligned";
+  if (!Aligned(a.codes, 8)) return "codes must be 8-byte aligned";
+  if (!Aligned(a.y, 2)) return "y must be 2-byte aligned";
+  return nullptr;
+}
+
+KParams ToKParams(const GemvArgs& a) {
+  KParams kp;
+  kp.x = static_cast<const __nv_bfloat16*>(a.x);
+  kp.codes = a.codes;
+  kp.scales = a.scales;
+  kp.wscale = a.wscale;
+  kp.xscale = a.xscale;
+  kp.xscale_stride = a.xscale_per_row ? 1 : 0;
+  kp.y = static_cast<__nv_bfloat16*>(a.y);
+  kp.M = static_cast<int>(a.M);
+  kp.N = static_cast<int>(a.N);
+  kp.K = static_cast<int>(a.K);
+  return kp;
+}
+
+bool UseVec16(const GemvArgs& a) {
+  // 16-byte code loads need 16-byte aligned rows (K % 32 == 0) and 2-byte aligned
+  // scale pairs; otherwise 8-byte loads and one scale byte per lane.
+  return a.K % 32 == 0 && Aligned(a.codes, 16) && Aligned(a.scales, 2);
+}
+
+cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream, int /*variant*/) {
+  if (GemvUnsupportedReason(a) != nullptr) return cudaErrorInvalidValue;
+  return LaunchGemvConfig<kPipeline, kWarps>(ToKParams(a), UseVec16(a), stream);
+}
+
+cudaError_t LaunchQuantizeActivations(const void* x, const float* input_scale, bool per_row,
+                                      void* xhat, float* gx, int64_t M, int64_t K,
+                                      cudaStream_t stream) {
+  if (M < 1 || M > 65535 || K < 16 || K % 16 != 0 || K > (int64_t{1} << 30))
+    return cudaErrorInvalidValue;
+  if (!Aligned(x, 16) || !Aligned(xhat, 16)) return cudaErrorMisalignedAddress;
+  const auto* xb = static_cast<const __nv_bfloat16*>(x);
+  auto* ob = static_cast<__nv_bfloat16*>(xhat);
+  const dim3 grid(static_cast<unsigned>(M));
+  if (per_row) {
+    QuantizeActivationsKernel<true><<<grid, 256, 0, stream>>>(xb, input_scale, ob, gx,
+                                                              static_cast<int>(K));
+  } else {
+    QuantizeActivationsKernel<false><<<grid, 256, 0, stream>>>(xb, input_scale, ob, gx,
+                                                               static_cast<int>(K));
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace nvfp4

@@ -1,0 +1,497 @@
+// Small-M NVFP4 GEMV kernels (device code; included by nvfp4_kernels.cu and the checker).
+//
+// Design (see benchmarks/KERNEL_NOTES.md for the budget and the measurements):
+//  * One CTA = 16 weight rows x all of K; its W warps split K round-robin in
+//    sub-steps of 4 lanes x VEC bytes per row, and reduce through shared memory.
+//  * The weight tile is the A operand of mma.sync m16n8k16 (bf16 in, f32 acc);
+//    the activations (up to 8 rows per n-tile, 2 n-tiles for M <= 16) are B.
+//    Lane (g = lane/4, t = lane%4) loads VEC contiguous code bytes of rows g and
+//    g+8; since a dot product may permute K freely as long as A and B agree, each
+//    32-bit word of codes (elements e0..e7) feeds two k16 "tiles" whose slot
+//    pairs are (e0,e4),(e1,e5) and (e2,e6),(e3,e7); B is permuted the same way
+//    with two PRMTs per pair of registers.
+//  * E2M1 decode without tables: ((q & 0x000F000F) * 0x1040) & 0x81C081C0 puts
+//    sign at bit 15/31 and the exponent/mantissa bits at 8:6 / 24:22, i.e. the
+//    bf16 value e2m1 * 2^-126 (subnormal for +-0.5).  One bf16x2 FMA by the block
+//    scale s * 2^118 (exact: at most 6 significant bits) gives e2m1 * s * 2^-8;
+//    the 2^8 and the global scales are applied to the f32 sum.
+//  * Weights are streamed with ld.global.nc.L1::no_allocate and an L2
+//    evict_first policy, U sub-steps in flight per warp (a rolling register
+//    pipeline: after consuming buffer u, refill it with sub-step i+U).
+#ifndef RESET_JAX_FFI_NVFP4_KERNELS_CUH_
+#define RESET_JAX_FFI_NVFP4_KERNELS_CUH_
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+namespace nvfp4 {
+
+struct KParams {
+  const __nv_bfloat16* x;  // [M, K]
+  const uint8_t* codes;    // [N, K/2]
+  const uint8_t* scales;   // [N, K/16]
+  const float* wscale;     // []
+  const float* xscale;     // [] or [M] or nullptr
+  int xscale_stride;       // 0: scalar, 1: per row
+  __nv_bfloat16* y;        // [M, N]
+  int M, N, K;
+};
+
+// ---------------------------------------------------------------- loads ----
+
+__device__ __forceinline__ uint64_t EvictFirstPolicy() {
+  uint64_t p;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+  return p;
+}
+
+// Predicated loads: registers are zero where `pred` is false.  Weights stream
+// past L1 (no_allocate) with an L2 evict_first policy.
+template <int VEC>
+struct CodeLoad;
+
+template <>
+struct CodeLoad<16> {
+  static __device__ __forceinline__ void Load(uint32_t (&r)[4], const uint8_t* p, bool pred,
+                                              uint64_t pol) {
+    asm volatile(
+        "{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n"
+        " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+        " @q ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %6;\n}"
+        : "=&r"(r[0]), "=&r"(r[1]), "=&r"(r[2]), "=&r"(r[3])
+        : "l"(p), "r"(static_cast<int>(pred)), "l"(pol));
+  }
+};
+
+template <>
+struct CodeLoad<8> {
+  static __device__ __forceinline__ void Load(uint32_t (&r)[2], const uint8_t* p, bool pred,
+                                              uint64_t pol) {
+    asm volatile(
+        "{\n .reg .pred q;\n setp.ne.b32 q, %3, 0;\n"
+        " mov.b32 %0, 0;\n mov.b32 %1, 0;\n"
+        " @q ld.global.nc.L1::no_allocate.L2::cache_hint.v2.u32 {%0,%1}, [%2], %4;\n}"
+        : "=&r"(r[0]), "=&r"(r[1])
+        : "l"(p), "r"(static_cast<int>(pred)), "l"(pol));
+  }
+};
+
+// Block scales: BPL (1 or 2) consecutive bytes, through L1 (the four lanes of a
+// row group and the neighbouring sub-steps share a sector).
+template <int BPL>
+__device__ __forceinline__ uint32_t LoadScales(const uint8_t* p, bool pred, uint64_t pol) {
+  uint32_t v;
+  if constexpr (BPL == 2) {
+    asm volatile(
+        "{\n .reg .pred q;\n .reg .b16 h;\n setp.ne.b32 q, %2, 0;\n mov.b16 h, 0;\n"
+        " @q ld.global.nc.L2::cache_hint.b16 h, [%1], %3;\n cvt.u32.u16 %0, h;\n}"
+        : "=r"(v)
+        : "l"(p), "r"(static_cast<int>(pred)), "l"(pol));
+  } else {
+    asm volatile(
+        "{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n mov.b32 %0, 0;\n"
+        " @q ld.global.nc.L2::cache_hint.u8 %0, [%1], %3;\n}"
+        : "=&r"(v)
+        : "l"(p), "r"(static_cast<int>(pred)), "l"(pol));
+  }
+  return v;
+}
+
+// Activations (tiny, read by every CTA): cached in L1 and L2.
+__device__ __forceinline__ uint4 LoadX(const __nv_bfloat16* p) {
+  return __ldg(reinterpret_cast<const uint4*>(p));
+}
+
+// ------------------------------------------------------------ arithmetic ----
+
+// Eight E2M1 codes (element e in bits 4e..4e+3) -> four bf16x2 registers holding
+// e2m1 * 2^-126: o[0] = (e0, e4), o[1] = (e1, e5), o[2] = (e2, e6), o[3] = (e3, e7)
+// (first element in the low half).  n * 0x1040 = (n << 12) + (n << 6) puts the
+// sign at bit 15 and exponent/mantissa at bits 8:6 (the two copies do not
+// overlap, so no carries); the mask drops the other bits of each copy.
+__device__ __forceinline__ void DecodeE2M1x8(uint32_t q, uint32_t (&o)[4]) {
+  const uint32_t q8 = q >> 8;
+  o[0] = ((q & 0x000F000Fu) * 0x1040u) & 0x81C081C0u;
+  o[1] = ((q & 0x00F000F0u) * 0x0104u) & 0x81C081C0u;
+  o[2] = ((q8 & 0x000F000Fu) * 0x1040u) & 0x81C081C0u;
+  o[3] = ((q8 & 0x00F000F0u) * 0x0104u) & 0x81C081C0u;
+}
+
+__device__ __forceinline__ uint32_t PackBf16x2(float lo, float hi) {
+  uint32_t d;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+}
+
+// Two E4M3 bytes (low byte first) -> bf16x2 pairs (s0*2^118, s0*2^118) and
+// (s1*2^118, s1*2^118).  Exact: e4m3 has 4 significant bits, 2^-9 <= s <= 448,
+// so s*2^118 <= 2^127 is a normal bf16; a zero scale gives 0.
+__device__ __forceinline__ void ScalePairs(uint32_t two_e4m3, uint32_t& p0, uint32_t& p1) {
+  const __half2_raw h =
+      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two_e4m3), __NV_E4M3);
+  __half_raw lo, hi;
+  lo.x = h.x;
+  hi.x = h.y;
+  const float f0 = __half2float(__half(lo)) * 0x1p118f;
+  const float f1 = __half2float(__half(hi)) * 0x1p118f;
+  p0 = PackBf16x2(f0, f0);
+  p1 = PackBf16x2(f1, f1);
+}
+
+// a * b in bf16x2 (an fma with -0, one HFMA2/HMUL2 on sm_80 and sm_90).  bf16
+// fma keeps subnormal inputs (the +-0.5 codes above are subnormal).
+__device__ __forceinline__ uint32_t MulBf16x2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+  return d;
+}
+
+__device__ __forceinline__ uint32_t Prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+__device__ __forceinline__ void Mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ------------------------------------------------------------- the GEMV ----
+
+template <int VEC>
+struct StepBuf {
+  static constexpr int kWords = VEC / 4;
+  uint32_t r0[kWords];  // codes, row g
+  uint32_t r1[kWords];  // codes, row g + 8
+  uint32_t s0, s1;      // block scale bytes, rows g and g + 8
+};
+
+// VEC: bytes of codes per lane per row per sub-step (16 needs K % 32 == 0).
+// NT: n-tiles of 8 activation rows (M <= 8 * NT).  U: sub-steps in flight per
+// warp.  W: warps per CTA (they split K).
+//
+// Persistent CTAs: CTA b handles the 16-row tiles b, b + gridDim.x, ...  Every
+// warp walks the same number of sub-steps per tile (padded to a multiple of U;
+// padding steps load and compute nothing), so the rolling buffer index restarts
+// at 0 on every tile and the loads for the next tile are issued while the
+// current one finishes.  One __syncthreads per tile (double-buffered reduction).
+template <int VEC, int NT, int U, int W>
+__global__ void __launch_bounds__(W * 32) GemvKernel(const KParams p) {
+  constexpr int kWords = VEC / 4;  // code words per lane per row per sub-step
+  constexpr int kBpl = VEC / 8;    // 16-element blocks per lane per sub-step
+  constexpr int kSubK = 8 * VEC;   // K covered by one sub-step (4 lanes)
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int K = p.K;
+  const int N = p.N;
+  const int M = p.M;
+  const int kb = K >> 4;
+  const int tiles = (N + 15) >> 4;
+  const size_t row_bytes = static_cast<size_t>(K) >> 1;
+
+  // Activation rows of this lane's B columns (m = g and g + 8).  Rows past M read
+  // row 0: B columns are independent in the MMA and those outputs are not stored.
+  const int m0 = g < M ? g : 0;
+  const int m1 = (g + 8) < M ? g + 8 : 0;
+  const __nv_bfloat16* xrow0 = p.x + static_cast<size_t>(m0) * K;
+  const __nv_bfloat16* xrow1 = p.x + static_cast<size_t>(m1) * K;
+  const int lane_k = t * 2 * VEC;  // this lane's first K within a sub-step
+
+  const int steps_total = (K + kSubK - 1) / kSubK;
+  const int steps_warp = (steps_total + W - 1) / W;
+  const int steps_pad = (steps_warp + U - 1) / U * U;  // same for every warp
+  // Only the last sub-step of K can be partial; this lane's part of it is valid
+  // when its first block is inside the row.
+  const int s_last = steps_total - 1;
+  const bool tail_ok = (s_last * 4 + t) * kBpl < kb;
+  const uint64_t pol = EvictFirstPolicy();
+
+  StepBuf<VEC> buf[U];
+
+  // Sub-step j of this warp is s = warp + j * W of the row (none if s >= steps_total).
+  auto real = [&](int j) { return warp + j * W < steps_total; };
+  auto load = [&](StepBuf<VEC>& b, int tile, int j) {
+    const int s = warp + j * W;
+    const bool ok = tail_ok || s != s_last;
+    // Rows past N read row N-1: A rows are independent and never stored.
+    const int r0 = min(tile * 16 + g, N - 1);
+    const int r1 = min(tile * 16 + g + 8, N - 1);
+    const size_t coff = static_cast<size_t>(s * 4 + t) * VEC;
+    const int soff = (s * 4 + t) * kBpl;
+    CodeLoad<VEC>::Load(b.r0, p.codes + r0 * row_bytes + coff, ok, pol);
+    CodeLoad<VEC>::Load(b.r1, p.codes + r1 * row_bytes + coff, ok, pol);
+    b.s0 = LoadScales<kBpl>(p.scales + static_cast<size_t>(r0) * kb + soff, ok, pol);
+    b.s1 = LoadScales<kBpl>(p.scales + static_cast<size_t>(r1) * kb + soff, ok, pol);
+  };
+
+  // Two accumulator sets (h = 0, 1) halve the MMA dependency chain.
+  float acc[2][NT][4];
+  auto zero_acc = [&]() {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[h][n][r] = 0.f;
+  };
+  zero_acc();
+
+  auto compute = [&](const StepBuf<VEC>& b, int j) {
+    const int s = warp + j * W;
+    // A lane outside K (tail sub-step) has zero codes and scales, so A = 0; its B
+    // only has to be finite, so it reads the start of its activation row.
+    const bool ok = tail_ok || s != s_last;
+    const int xoff = ok ? s * kSubK + lane_k : 0;
+    uint4 xa[kWords], xb[kWords];
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) {
+      xa[w] = LoadX(xrow0 + xoff + 8 * w);
+      if constexpr (NT == 2) xb[w] = LoadX(xrow1 + xoff + 8 * w);
+    }
+    // Word w of this lane's codes lies in the lane's block w / 2.
+    uint32_t sp0[2], sp1[2];
+    ScalePairs(b.s0, sp0[0], sp0[1]);
+    ScalePairs(b.s1, sp1[0], sp1[1]);
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) {
+      uint32_t d0[4], d1[4];
+      DecodeE2M1x8(b.r0[w], d0);
+      DecodeE2M1x8(b.r1[w], d1);
+      const uint32_t sa = sp0[w >> 1];
+      const uint32_t sb = sp1[w >> 1];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        // A: rows g / g+8; slots (2t,2t+1) <- (e_{2h}, e_{2h+4}), (2t+8,2t+9) <- (e_{2h+1}, e_{2h+5}).
+        const uint32_t a[4] = {MulBf16x2(d0[2 * h], sa), MulBf16x2(d1[2 * h], sb),
+                               MulBf16x2(d0[2 * h + 1], sa), MulBf16x2(d1[2 * h + 1], sb)};
+        // B: the same permutation of the activations x[8w .. 8w+8) of this lane.
+        const uint32_t lo = h == 0 ? xa[w].x : xa[w].y;
+        const uint32_t hi = h == 0 ? xa[w].z : xa[w].w;
+        Mma16816(acc[h][0], a, Prmt(lo, hi, 0x5410), Prmt(lo, hi, 0x7632));
+        if constexpr (NT == 2) {
+          const uint32_t lo1 = h == 0 ? xb[w].x : xb[w].y;
+          const uint32_t hi1 = h == 0 ? xb[w].z : xb[w].w;
+          Mma16816(acc[h][1], a, Prmt(lo1, hi1, 0x5410), Prmt(lo1, hi1, 0x7632));
+        }
+      }
+    }
+  };
+
+  __shared__ float red[2][W][NT * 4][32];
+  const float wscale = __ldg(p.wscale) * 256.f;  // 2^8 undoes the 2^-8 folded into A
+
+  // Rolling register pipeline: U sub-steps in flight; buffer u is refilled with
+  // the item U steps ahead (possibly in the next tile) once it has been consumed.
+  if (blockIdx.x < tiles) {
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (real(u)) load(buf[u], blockIdx.x, u);
+  }
+  int parity = 0;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    for (int j0 = 0; j0 < steps_pad; j0 += U) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int j = j0 + u;
+        if (real(j)) compute(buf[u], j);
+        int jn = j + U;
+        int tn = tile;
+        if (jn >= steps_pad) {
+          jn -= steps_pad;
+          tn += gridDim.x;
+        }
+        if (tn < tiles && real(jn)) load(buf[u], tn, jn);
+      }
+    }
+
+    // Split-K reduction across the W warps, then scale and store.
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) red[parity][warp][n * 4 + r][lane] = acc[0][n][r] + acc[1][n][r];
+    zero_acc();
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < NT * 4 * 32; idx += W * 32) {
+      const int r = idx >> 5;
+      const int ln = idx & 31;
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < W; ++w) sum += red[parity][w][r][ln];
+      const int row = tile * 16 + (ln >> 2) + ((r & 2) << 2);
+      const int m = (r >> 2) * 8 + (ln & 3) * 2 + (r & 1);
+      if (row < N && m < M) {
+        float scale = wscale;
+        if (p.xscale != nullptr) scale *= __ldg(p.xscale + m * p.xscale_stride);
+        p.y[static_cast<size_t>(m) * N + row] = __float2bfloat16_rn(sum * scale);
+      }
+    }
+    parity ^= 1;
+  }
+}
+
+// Grid size for a persistent launch: enough CTAs to fill the GPU once, spread so
+// that every CTA gets the same number of tiles (to within one).
+template <typename Kernel>
+int PersistentGrid(Kernel kernel, int threads, int tiles) {
+  struct Entry {
+    const void* fn;
+    int device;
+    int slots;
+  };
+  static thread_local Entry cache[32] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return tiles;
+  int slots = 0;
+  for (const Entry& e : cache) {
+    if (e.fn == reinterpret_cast<const void*>(kernel) && e.device == device) slots = e.slots;
+  }
+  if (slots == 0) {
+    int per_sm = 0, sms = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        per_sm < 1) {
+      return tiles;
+    }
+    slots = per_sm * sms;
+    for (Entry& e : cache) {
+      if (e.fn == nullptr) {
+        e = {reinterpret_cast<const void*>(kernel), device, slots};
+        break;
+      }
+    }
+  }
+  if (tiles <= slots) return tiles;
+  const int rounds = (tiles + slots - 1) / slots;
+  return (tiles + rounds - 1) / rounds;
+}
+
+// Host-side launch of one configuration (U sub-steps in flight, W warps per CTA).
+// persistent = false launches one CTA per tile.
+template <int VEC, int NT, int U, int W>
+cudaError_t LaunchOne(const KParams& kp, bool persistent, cudaStream_t stream) {
+  const int tiles = (kp.N + 15) / 16;
+  auto kernel = GemvKernel<VEC, NT, U, W>;
+  const int grid = persistent ? PersistentGrid(kernel, W * 32, tiles) : tiles;
+  kernel<<<grid, W * 32, 0, stream>>>(kp);
+  return cudaGetLastError();
+}
+
+template <int U, int W>
+cudaError_t LaunchGemvConfig(const KParams& kp, bool vec16, cudaStream_t stream,
+                             bool persistent = true) {
+  if (vec16) {
+    return kp.M > 8 ? LaunchOne<16, 2, U, W>(kp, persistent, stream)
+                    : LaunchOne<16, 1, U, W>(kp, persistent, stream);
+  }
+  return kp.M > 8 ? LaunchOne<8, 2, U, W>(kp, persistent, stream)
+                  : LaunchOne<8, 1, U, W>(kp, persistent, stream);
+}
+
+// ------------------------------------------------ activation quantizer ----
+
+// Round to the nearest E2M1 value, ties to even, saturating at +-6.
+__device__ __forceinline__ float RoundE2M1(float v) {
+  const float a = fabsf(v);
+  const float r = a > 5.f     ? 6.f
+                  : a >= 3.5f ? 4.f
+                  : a > 2.5f  ? 3.f
+                  : a >= 1.75f ? 2.f
+                  : a > 1.25f ? 1.5f
+                  : a >= 0.75f ? 1.f
+                  : a > 0.25f ? 0.5f
+                              : 0.f;
+  return copysignf(r, v);
+}
+
+// max that keeps a NaN once seen (fmaxf would drop it): a non-finite block must
+// poison its scale, as in the format's quantizer.
+__device__ __forceinline__ float MaxNaN(float amax, float a) {
+  return (a > amax || a != a) ? a : amax;
+}
+
+__device__ __forceinline__ float Bf16Lo(uint32_t v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float Bf16Hi(uint32_t v) { return __uint_as_float(v & 0xFFFF0000u); }
+
+// One CTA per activation row.  PER_ROW: the global scale is max|x_row| / 2688.
+template <bool PER_ROW>
+__global__ void __launch_bounds__(256) QuantizeActivationsKernel(
+    const __nv_bfloat16* __restrict__ x, const float* __restrict__ input_scale,
+    __nv_bfloat16* __restrict__ xhat, float* __restrict__ gx, int K) {
+  const int m = blockIdx.x;
+  const uint4* xr = reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K);
+  uint4* outr = reinterpret_cast<uint4*>(xhat + static_cast<size_t>(m) * K);
+  const int kb = K >> 4;
+  float g;
+  if constexpr (PER_ROW) {
+    __shared__ float red[8];
+    float amax = 0.f;
+    for (int i = threadIdx.x; i < (K >> 3); i += blockDim.x) {
+      const uint4 v = xr[i];
+      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        amax = MaxNaN(amax, fabsf(Bf16Lo(w[j])));
+        amax = MaxNaN(amax, fabsf(Bf16Hi(w[j])));
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = MaxNaN(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = amax;
+    __syncthreads();
+    amax = red[0];
+    for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w) amax = MaxNaN(amax, red[w]);
+    // amax / (6 * 448), 1 for an all-zero row; a non-finite amax stays visible.
+    g = !isfinite(amax) ? amax : amax > 0.f ? __fdiv_rn(amax, 2688.f) : 1.f;
+  } else {
+    g = __ldg(input_scale);
+  }
+  if (threadIdx.x == 0) gx[m] = g;
+  const float six_g = __fmul_rn(6.f, g);
+  for (int b = threadIdx.x; b < kb; b += blockDim.x) {
+    const uint4 v0 = xr[2 * b];
+    const uint4 v1 = xr[2 * b + 1];
+    const uint32_t w[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+    float f[16];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      f[2 * j] = Bf16Lo(w[j]);
+      f[2 * j + 1] = Bf16Hi(w[j]);
+    }
+    float amax = 0.f;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) amax = MaxNaN(amax, fabsf(f[j]));
+    float s = __fdiv_rn(amax, six_g);
+    s = fminf(fmaxf(s, 0.f), 448.f);
+    const __nv_fp8_storage_t s8 = __nv_cvt_float_to_fp8(s, __NV_SATFINITE, __NV_E4M3);
+    __half_raw hr = __nv_cvt_fp8_to_halfraw(s8, __NV_E4M3);
+    float sf = __half2float(__half(hr));
+    if (sf == 0.f) sf = 1.f;
+    if (!isfinite(amax) || !isfinite(six_g)) sf = __int_as_float(0x7fffffff);  // NaN block
+    const float denom = __fmul_rn(sf, g);
+    uint32_t o[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float lo = RoundE2M1(__fdiv_rn(f[2 * j], denom)) * sf;  // exact in bf16
+      const float hi = RoundE2M1(__fdiv_rn(f[2 * j + 1], denom)) * sf;
+      o[j] = PackBf16x2(lo, hi);
+    }
+    outr[2 * b] = make_uint4(o[0], o[1], o[2], o[3]);
+    outr[2 * b + 1] = make_uint4(o[4], o[5], o[6], o[7]);
+  }
+}
+
+}  // namespace nvfp4
+
+#endif  // RESET_JAX_FFI_NVFP4_KERNELS_CUH_

@@ -1,0 +1,54 @@
+// Host API of the small-M NVFP4 kernels (no XLA dependency: the FFI handlers in
+// nvfp4_ffi.cc and the standalone checker in ffi/tests/ both call these).
+#ifndef RESET_JAX_FFI_NVFP4_KERNELS_H_
+#define RESET_JAX_FFI_NVFP4_KERNELS_H_
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace nvfp4 {
+
+// y[M, N] (bf16) = x[M, K] (bf16) . dequant(W)[N, K]^T, float32 accumulation.
+//   codes  [N, K/2] uint8: element 2i in the low nibble, 2i+1 in the high one.
+//   scales [N, K/16] float8_e4m3fn block scales.
+//   wscale float32 scalar (device pointer): the weight's global scale.
+//   xscale optional float32 (device pointer): activation global scale applied
+//          to the float32 sum, one per row (xscale_per_row) or one for all.
+struct GemvArgs {
+  const void* x = nullptr;  // bf16 [M, K]
+  const uint8_t* codes = nullptr;
+  const uint8_t* scales = nullptr;
+  const float* wscale = nullptr;
+  const float* xscale = nullptr;
+  bool xscale_per_row = false;
+  void* y = nullptr;  // bf16 [M, N]
+  int64_t M = 0, N = 0, K = 0;
+};
+
+// Largest M one launch serves (two m16n8k16 column tiles).
+constexpr int64_t kMaxM = 16;
+
+// Returns nullptr when the kernel can serve these arguments, else a static
+// message saying why (shape limits, pointer alignment).
+const char* GemvUnsupportedReason(const GemvArgs& a);
+
+// Launches the GEMV on `stream`; returns cudaGetLastError() after the launch.
+cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream, int variant = 0);
+
+// Whether LaunchGemv takes the 16-byte-load path for these arguments.
+bool UseVec16(const GemvArgs& a);
+
+// W4A4 activation quantizer (the format's quantize_activations, bit for bit):
+// per 16-element block along K, s = e4m3_rne(clip(amax / (6 g), 0, 448)) (0 -> 1),
+// code = e2m1_rne(x / (s g)).  Writes xhat = e2m1(code) * s as bf16 (exact) and
+// gx[m] = g, so that x_quantized = xhat * gx[m].
+//   g = input_scale[0] when per_row is false, else per row
+//   g = max|x_row| / (6 * 448) (1 for an all-zero row).
+cudaError_t LaunchQuantizeActivations(const void* x, const float* input_scale, bool per_row,
+                                      void* xhat, float* gx, int64_t M, int64_t K,
+                                      cudaStream_t stream);
+
+}  // namespace nvfp4
+
+#endif  // RESET_JAX_FFI_NVFP4_KERNELS_H_

@@ -1,0 +1,531 @@
+// Standalone checker and micro-benchmark for the NVFP4 kernels (no JAX, no XLA):
+// the target for compute-sanitizer and for timing kernel variants.
+//
+//   nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/nvfp4_check.cu ffi/nvfp4_kernels.cu -o nvfp4_check
+//   ./nvfp4_check check            # correctness against a float64 CPU reference
+//   ./nvfp4_check bench [reps]     # graph-timed variants, weights rotated past L2
+//   ./nvfp4_check profile M N K    # plain launches of the library kernel (for ncu)
+//
+// Exit code 0 only if every check passed.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "nvfp4_kernels.cuh"
+#include "nvfp4_kernels.h"
+
+#define CK(call)                                                                      \
+  do {                                                                                \
+    cudaError_t e_ = (call);                                                          \
+    if (e_ != cudaSuccess) {                                                          \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call,               \
+                   cudaGetErrorString(e_));                                           \
+      std::exit(2);                                                                   \
+    }                                                                                 \
+  } while (0)
+
+namespace {
+
+// ------------------------------------------------------------ host formats --
+
+const float kE2M1[8] = {0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
+
+double E2M1Value(uint8_t code) {
+  const double v = kE2M1[code & 7];
+  return (code & 8) ? -v : v;
+}
+
+double E4M3ValueSlow(uint8_t b) {
+  const int s = b >> 7, e = (b >> 3) & 15, m = b & 7;
+  if (e == 15 && m == 7) return NAN;
+  const double v = e == 0 ? std::ldexp(m / 8.0, -6) : std::ldexp(1.0 + m / 8.0, e - 7);
+  return s ? -v : v;
+}
+
+double E4M3Value(uint8_t b) {
+  static const std::vector<double> table = [] {
+    std::vector<double> t(256);
+    for (int i = 0; i < 256; ++i) t[i] = E4M3ValueSlow(static_cast<uint8_t>(i));
+    return t;
+  }();
+  return table[b];
+}
+
+// float -> e4m3 with round-to-nearest-even, saturating to 448 (input in [0, 448]).
+uint8_t E4M3FromFloat(float v) {
+  uint8_t best = 0;
+  double bestd = INFINITY;
+  for (int b = 0; b <= 0x7E; ++b) {
+    const double d = std::fabs(E4M3Value(static_cast<uint8_t>(b)) - static_cast<double>(v));
+    if (d < bestd || (d == bestd && (b & 1) == 0 && (best & 1) == 1)) {
+      bestd = d;
+      best = static_cast<uint8_t>(b);
+    }
+  }
+  return best;
+}
+
+float RoundE2M1Host(float v) {
+  const float a = std::fabs(v);
+  const float r = a > 5.f     ? 6.f
+                  : a >= 3.5f ? 4.f
+                  : a > 2.5f  ? 3.f
+                  : a >= 1.75f ? 2.f
+                  : a > 1.25f ? 1.5f
+                  : a >= 0.75f ? 1.f
+                  : a > 0.25f ? 0.5f
+                              : 0.f;
+  return std::copysign(r, v);
+}
+
+uint16_t Bf16FromFloat(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  u += 0x7FFFu + ((u >> 16) & 1);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+float FloatFromBf16(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// The W4A4 activation quantizer, float32 operation for operation.
+void QuantizeHost(const std::vector<uint16_t>& x, int M, int K, bool per_row, float input_scale,
+                  std::vector<uint16_t>& xhat, std::vector<float>& gx) {
+  xhat.assign(static_cast<size_t>(M) * K, 0);
+  gx.assign(M, 0.f);
+  for (int m = 0; m < M; ++m) {
+    float g = input_scale;
+    if (per_row) {
+      float amax = 0.f;
+      for (int k = 0; k < K; ++k) amax = std::max(amax, std::fabs(FloatFromBf16(x[m * K + k])));
+      g = amax > 0.f ? amax / 2688.f : 1.f;
+    }
+    gx[m] = g;
+    const float six_g = 6.f * g;
+    for (int b = 0; b < K / 16; ++b) {
+      float amax = 0.f;
+      for (int i = 0; i < 16; ++i)
+        amax = std::max(amax, std::fabs(FloatFromBf16(x[m * K + b * 16 + i])));
+      float s = amax / six_g;
+      s = std::min(std::max(s, 0.f), 448.f);
+      float sf = static_cast<float>(E4M3Value(E4M3FromFloat(s)));
+      if (sf == 0.f) sf = 1.f;
+      const float denom = sf * g;
+      for (int i = 0; i < 16; ++i) {
+        const float v = FloatFromBf16(x[m * K + b * 16 + i]);
+        xhat[m * K + b * 16 + i] = Bf16FromFloat(RoundE2M1Host(v / denom) * sf);
+      }
+    }
+  }
+}
+
+template <int U, int W, bool P = true>
+cudaError_t LaunchVariant(const nvfp4::GemvArgs& a, cudaStream_t s) {
+  nvfp4::KParams kp;
+  kp.x = static_cast<const __nv_bfloat16*>(a.x);
+  kp.codes = a.codes;
+  kp.scales = a.scales;
+  kp.wscale = a.wscale;
+  kp.xscale = a.xscale;
+  kp.xscale_stride = a.xscale_per_row ? 1 : 0;
+  kp.y = static_cast<__nv_bfloat16*>(a.y);
+  kp.M = static_cast<int>(a.M);
+  kp.N = static_cast<int>(a.N);
+  kp.K = static_cast<int>(a.K);
+  return nvfp4::LaunchGemvConfig<U, W>(kp, nvfp4::UseVec16(a), s, P);
+}
+
+struct Variant {
+  const char* name;
+  cudaError_t (*fn)(const nvfp4::GemvArgs&, cudaStream_t);
+};
+
+const Variant kVariants[] = {
+    {"lib", [](const nvfp4::GemvArgs& a, cudaStream_t s) { return nvfp4::LaunchGemv(a, s); }},
+    {"U2W8np", LaunchVariant<2, 8, false>},
+    {"U3W8", LaunchVariant<3, 8>},
+    {"U4W8", LaunchVariant<4, 8>},
+    {"U4W4", LaunchVariant<4, 4>},
+    {"U2W16", LaunchVariant<2, 16>},
+};
+
+// ------------------------------------------------------------- correctness --
+
+struct Case {
+  int M, N, K;
+  bool w4a4;
+  bool per_row;
+  int code_misalign;  // byte offset of the codes pointer (forces the 8-byte path)
+};
+
+struct Lcg {
+  std::mt19937_64 r;
+  explicit Lcg(uint64_t s) : r(s) {}
+  uint32_t U32() { return static_cast<uint32_t>(r()); }
+  double Normal() { return std::normal_distribution<double>(0.0, 1.0)(r); }
+};
+
+bool RunCase(const Case& c, uint64_t seed, double* err_out,
+             cudaError_t (*launch)(const nvfp4::GemvArgs&, cudaStream_t) = nullptr) {
+  Lcg rng(seed);
+  const int M = c.M, N = c.N, K = c.K;
+  std::vector<uint8_t> codes(static_cast<size_t>(N) * K / 2), scales(static_cast<size_t>(N) * K / 16);
+  for (auto& b : codes) b = static_cast<uint8_t>(rng.U32());
+  for (auto& b : scales) {
+    const uint32_t r = rng.U32() % 100;
+    // mostly normal scales, some subnormal and some zero blocks
+    b = r < 3 ? 0 : r < 8 ? static_cast<uint8_t>(1 + rng.U32() % 7)
+                          : static_cast<uint8_t>(0x20 + rng.U32() % (0x7E - 0x20 + 1));
+  }
+  const float wscale = 0.0137f;
+  std::vector<uint16_t> x(static_cast<size_t>(M) * K);
+  for (auto& v : x) v = Bf16FromFloat(static_cast<float>(rng.Normal() * 1.7));
+  if (M > 1) {  // one all-zero row and one tiny row exercise the per-row scale
+    for (int k = 0; k < K; ++k) x[static_cast<size_t>(M - 1) * K + k] = 0;
+  }
+  const float input_scale = 0.0021f;
+
+  // Device buffers.
+  uint8_t *d_codes_raw, *d_scales;
+  uint16_t *d_x, *d_y, *d_xhat;
+  float *d_ws, *d_is, *d_gx;
+  CK(cudaMalloc(&d_codes_raw, codes.size() + 64));
+  CK(cudaMalloc(&d_scales, scales.size() + 16));
+  CK(cudaMalloc(&d_x, x.size() * 2));
+  CK(cudaMalloc(&d_xhat, x.size() * 2));
+  CK(cudaMalloc(&d_y, static_cast<size_t>(M) * N * 2));
+  CK(cudaMalloc(&d_ws, 4));
+  CK(cudaMalloc(&d_is, 4));
+  CK(cudaMalloc(&d_gx, M * 4));
+  uint8_t* d_codes = d_codes_raw + c.code_misalign;
+  CK(cudaMemcpy(d_codes, codes.data(), codes.size(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(d_scales, scales.data(), scales.size(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(d_x, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(d_ws, &wscale, 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(d_is, &input_scale, 4, cudaMemcpyHostToDevice));
+  CK(cudaMemset(d_y, 0xFF, static_cast<size_t>(M) * N * 2));  // poison: bf16 NaN
+
+  nvfp4::GemvArgs a;
+  a.x = d_x;
+  a.codes = d_codes;
+  a.scales = d_scales;
+  a.wscale = d_ws;
+  a.y = d_y;
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  bool ok = true;
+  std::vector<uint16_t> xref = x;
+  std::vector<float> gx_ref(M, 1.f);
+  if (c.w4a4) {
+    CK(nvfp4::LaunchQuantizeActivations(d_x, d_is, c.per_row, d_xhat, d_gx, M, K, 0));
+    std::vector<uint16_t> xhat_ref, xhat(x.size());
+    QuantizeHost(x, M, K, c.per_row, input_scale, xhat_ref, gx_ref);
+    std::vector<float> gx(M);
+    CK(cudaMemcpy(xhat.data(), d_xhat, xhat.size() * 2, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(gx.data(), d_gx, M * 4, cudaMemcpyDeviceToHost));
+    size_t bad = 0;
+    for (size_t i = 0; i < xhat.size(); ++i) bad += xhat[i] != xhat_ref[i];
+    for (int m = 0; m < M; ++m) bad += std::memcmp(&gx[m], &gx_ref[m], 4) != 0;
+    if (bad) {
+      std::printf("  quantizer mismatch: %zu values differ from the host quantizer\n", bad);
+      ok = false;
+    }
+    xref = xhat_ref;
+    a.x = d_xhat;
+    a.xscale = d_gx;
+    a.xscale_per_row = true;
+  }
+  const char* why = nvfp4::GemvUnsupportedReason(a);
+  if (why) {
+    std::printf("  unsupported: %s\n", why);
+    return false;
+  }
+  CK(launch ? launch(a, 0) : nvfp4::LaunchGemv(a, 0));
+  CK(cudaDeviceSynchronize());
+  std::vector<uint16_t> y(static_cast<size_t>(M) * N);
+  CK(cudaMemcpy(y.data(), d_y, y.size() * 2, cudaMemcpyDeviceToHost));
+
+  // float64 reference of the dequantized operands.
+  std::vector<double> w(static_cast<size_t>(K));
+  double num = 0, den = 0;
+  size_t unwritten = 0;
+  for (int n = 0; n < N; ++n) {
+    for (int k = 0; k < K; ++k) {
+      const uint8_t byte = codes[static_cast<size_t>(n) * K / 2 + k / 2];
+      const uint8_t code = (k & 1) ? byte >> 4 : byte & 15;
+      w[k] = E2M1Value(code) * E4M3Value(scales[static_cast<size_t>(n) * K / 16 + k / 16]) * wscale;
+    }
+    for (int m = 0; m < M; ++m) {
+      double ref = 0;
+      for (int k = 0; k < K; ++k) ref += static_cast<double>(FloatFromBf16(xref[static_cast<size_t>(m) * K + k])) * w[k];
+      ref *= gx_ref[m];
+      const float got = FloatFromBf16(y[static_cast<size_t>(m) * N + n]);
+      if (std::isnan(got)) ++unwritten;
+      num += (got - ref) * (got - ref);
+      den += ref * ref;
+    }
+  }
+  const double err = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  *err_out = err;
+  if (unwritten) {
+    std::printf("  %zu outputs not written (NaN poison left)\n", unwritten);
+    ok = false;
+  }
+  if (!(err <= 5e-3)) ok = false;
+  CK(cudaFree(d_codes_raw));
+  CK(cudaFree(d_scales));
+  CK(cudaFree(d_x));
+  CK(cudaFree(d_xhat));
+  CK(cudaFree(d_y));
+  CK(cudaFree(d_ws));
+  CK(cudaFree(d_is));
+  CK(cudaFree(d_gx));
+  return ok;
+}
+
+int Check(bool quick) {
+  std::vector<Case> cases;
+  const int ms[] = {1, 2, 3, 5, 8, 9, 12, 16};
+  const int ns[] = {1, 7, 16, 17, 33, 100};
+  const int ks[] = {16, 32, 48, 144, 576, 1056, 4096};
+  int i = 0;
+  for (int m : ms)
+    for (int n : ns)
+      for (int k : ks) {
+        ++i;
+        if (i % 3 != 0 && !(n == 17 && (k == 576 || k == 144))) continue;
+        cases.push_back({m, n, k, (i / 3) % 2 == 1, (i / 6) % 2 == 1, 0});
+      }
+  if (!quick) {
+    cases.push_back({8, 4096, 4096, false, false, 0});
+    cases.push_back({16, 1000, 4096, true, true, 0});
+    cases.push_back({1, 257, 12288, false, false, 0});
+  }
+  cases.push_back({4, 300, 1024, false, false, 8});  // 8-byte aligned codes: 8-byte path
+  cases.push_back({11, 45, 576, true, false, 8});
+  int failed = 0;
+  double worst = 0;
+  for (size_t j = 0; j < cases.size(); ++j) {
+    const Case& c = cases[j];
+    double err = 0;
+    const bool ok = RunCase(c, 1234 + j, &err);
+    worst = std::max(worst, err);
+    if (!ok || j % 16 == 0)
+      std::printf("%s M=%d N=%d K=%d %s%s%s rel_err=%.2e\n", ok ? "ok  " : "FAIL", c.M, c.N, c.K,
+                  c.w4a4 ? "w4a4" : "w4a16", c.w4a4 ? (c.per_row ? "/row" : "/scalar") : "",
+                  c.code_misalign ? " misaligned" : "", err);
+    failed += !ok;
+  }
+  // Every benchmark variant on multi-tile (persistent) shapes.
+  const Case multi_full[] = {{1, 30001, 1024, false, false, 0}, {9, 12003, 576, true, true, 0},
+                             {16, 5001, 2080, false, false, 0}};
+  // More tiles than CTA slots even for the 4-warp variants, at small K.
+  const Case multi_quick[] = {{1, 20001, 64, false, false, 0}, {9, 20001, 48, true, true, 0},
+                              {16, 20001, 96, false, false, 0}};
+  for (const Variant& v : kVariants) {
+    for (const Case& c : quick ? multi_quick : multi_full) {
+      double err = 0;
+      const bool ok = RunCase(c, 99, &err, v.fn);
+      std::printf("%s variant %-7s M=%d N=%d K=%d rel_err=%.2e\n", ok ? "ok  " : "FAIL", v.name, c.M,
+                  c.N, c.K, err);
+      failed += !ok;
+      worst = std::max(worst, err);
+    }
+  }
+  std::printf("check: %zu cases + variants, %d failed, worst rel_err %.2e\n", cases.size(), failed,
+              worst);
+  return failed ? 1 : 0;
+}
+
+// ---------------------------------------------------------------- benchmark --
+
+__global__ void ReadKernel(const uint4* p, size_t n, uint32_t* out) {
+  uint32_t acc = 0;
+  for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    const uint4 v = __ldcs(p + i);
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x12345678u) *out = acc;
+}
+
+float Median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+int Bench(int reps) {
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount,
+              prop.l2CacheSize >> 20);
+  cudaStream_t st;
+  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  // Ceilings: device-to-device copy (bytes read + written) and a pure read.
+  {
+    const size_t bytes = size_t{1} << 30;
+    void *a, *b;
+    uint32_t* o;
+    CK(cudaMalloc(&a, bytes));
+    CK(cudaMalloc(&b, bytes));
+    CK(cudaMalloc(&o, 4));
+    CK(cudaMemset(a, 1, bytes));
+    std::vector<float> tc, tr;
+    for (int i = 0; i < 12; ++i) {
+      CK(cudaEventRecord(e0, st));
+      CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, st));
+      CK(cudaEventRecord(e1, st));
+      CK(cudaEventSynchronize(e1));
+      float ms;
+      CK(cudaEventElapsedTime(&ms, e0, e1));
+      if (i >= 2) tc.push_back(ms);
+      CK(cudaEventRecord(e0, st));
+      ReadKernel<<<prop.multiProcessorCount * 8, 512, 0, st>>>(static_cast<const uint4*>(a),
+                                                               bytes / 16, o);
+      CK(cudaGetLastError());
+      CK(cudaEventRecord(e1, st));
+      CK(cudaEventSynchronize(e1));
+      CK(cudaEventElapsedTime(&ms, e0, e1));
+      if (i >= 2) tr.push_back(ms);
+    }
+    std::printf("copy bandwidth (read+write): %.0f GB/s; read-only kernel: %.0f GB/s\n",
+                2.0 * bytes / (Median(tc) * 1e-3) / 1e9, bytes / (Median(tr) * 1e-3) / 1e9);
+    CK(cudaFree(a));
+    CK(cudaFree(b));
+    CK(cudaFree(o));
+  }
+  struct Shape {
+    const char* name;
+    int N, K;
+  };
+  const Shape shapes[] = {
+      {"8B.qkv", 6144, 4096},   {"8B.o", 4096, 4096},      {"8B.gate_up", 24576, 4096},
+      {"8B.down", 4096, 12288}, {"32B.qkv", 10240, 5120},  {"32B.o", 5120, 8192},
+      {"32B.gate_up", 51200, 5120}, {"32B.down", 5120, 25600},
+  };
+  const int msz[] = {1, 8};
+  std::printf("%-13s %3s %-6s %9s %8s\n", "shape", "M", "var", "us", "GB/s");
+  for (const Shape& sh : shapes) {
+    const size_t wbytes = static_cast<size_t>(sh.N) * sh.K / 2 + static_cast<size_t>(sh.N) * sh.K / 16;
+    const int L = static_cast<int>(std::min<size_t>(64, std::max<size_t>(4, (size_t{400} << 20) / wbytes)));
+    std::vector<uint8_t*> cw(L), sw(L);
+    for (int l = 0; l < L; ++l) {
+      CK(cudaMalloc(&cw[l], static_cast<size_t>(sh.N) * sh.K / 2));
+      CK(cudaMalloc(&sw[l], static_cast<size_t>(sh.N) * sh.K / 16));
+      CK(cudaMemset(cw[l], 0x5A + l, static_cast<size_t>(sh.N) * sh.K / 2));
+      CK(cudaMemset(sw[l], 0x38, static_cast<size_t>(sh.N) * sh.K / 16));
+    }
+    void *x, *y;
+    float* ws;
+    CK(cudaMalloc(&x, 16 * static_cast<size_t>(sh.K) * 2));
+    CK(cudaMalloc(&y, 16 * static_cast<size_t>(sh.N) * 2));
+    CK(cudaMalloc(&ws, 4));
+    CK(cudaMemset(x, 0x3C, 16 * static_cast<size_t>(sh.K) * 2));
+    const float one = 1.f;
+    CK(cudaMemcpy(ws, &one, 4, cudaMemcpyHostToDevice));
+    for (int M : msz) {
+      for (const Variant& v : kVariants) {
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+        CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+        for (int l = 0; l < L; ++l) {
+          nvfp4::GemvArgs a;
+          a.x = x;
+          a.codes = cw[l];
+          a.scales = sw[l];
+          a.wscale = ws;
+          a.y = y;
+          a.M = M;
+          a.N = sh.N;
+          a.K = sh.K;
+          CK(v.fn(a, st));
+        }
+        CK(cudaStreamEndCapture(st, &graph));
+        CK(cudaGraphInstantiate(&exec, graph, 0));
+        std::vector<float> ts;
+        for (int r = 0; r < reps + 2; ++r) {
+          CK(cudaEventRecord(e0, st));
+          CK(cudaGraphLaunch(exec, st));
+          CK(cudaEventRecord(e1, st));
+          CK(cudaEventSynchronize(e1));
+          float ms;
+          CK(cudaEventElapsedTime(&ms, e0, e1));
+          if (r >= 2) ts.push_back(ms);
+        }
+        const double us = Median(ts) * 1e3 / L;
+        const double bytes = wbytes + 2.0 * M * (sh.K + sh.N);
+        std::printf("%-13s %3d %-6s %9.2f %8.0f\n", sh.name, M, v.name, us, bytes / us / 1e3);
+        CK(cudaGraphExecDestroy(exec));
+        CK(cudaGraphDestroy(graph));
+      }
+    }
+    for (int l = 0; l < L; ++l) {
+      CK(cudaFree(cw[l]));
+      CK(cudaFree(sw[l]));
+    }
+    CK(cudaFree(x));
+    CK(cudaFree(y));
+    CK(cudaFree(ws));
+  }
+  return 0;
+}
+
+}  // namespace
+
+// A few plain launches of the library kernel on one shape, for ncu.
+int Profile(int M, int N, int K) {
+  const size_t cb = static_cast<size_t>(N) * K / 2, sb = static_cast<size_t>(N) * K / 16;
+  const int L = 4;
+  std::vector<uint8_t*> cw(L), sw(L);
+  for (int l = 0; l < L; ++l) {
+    CK(cudaMalloc(&cw[l], cb));
+    CK(cudaMalloc(&sw[l], sb));
+    CK(cudaMemset(cw[l], 0x5A + l, cb));
+    CK(cudaMemset(sw[l], 0x38, sb));
+  }
+  void *x, *y;
+  float* ws;
+  CK(cudaMalloc(&x, static_cast<size_t>(M) * K * 2));
+  CK(cudaMalloc(&y, static_cast<size_t>(M) * N * 2));
+  CK(cudaMalloc(&ws, 4));
+  CK(cudaMemset(x, 0x3C, static_cast<size_t>(M) * K * 2));
+  const float one = 1.f;
+  CK(cudaMemcpy(ws, &one, 4, cudaMemcpyHostToDevice));
+  for (int i = 0; i < 3 * L; ++i) {
+    nvfp4::GemvArgs a;
+    a.x = x;
+    a.codes = cw[i % L];
+    a.scales = sw[i % L];
+    a.wscale = ws;
+    a.y = y;
+    a.M = M;
+    a.N = N;
+    a.K = K;
+    CK(nvfp4::LaunchGemv(a, 0));
+  }
+  CK(cudaDeviceSynchronize());
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  const std::string mode = argc > 1 ? argv[1] : "check";
+  if (mode == "check") return Check(argc > 2 && std::string(argv[2]) == "quick");
+  if (mode == "bench") return Bench(argc > 2 ? std::atoi(argv[2]) : 20);
+  if (mode == "profile" && argc > 4) return Profile(std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]));
+  std::fprintf(stderr, "usage: %s check | bench [reps] | profile M N K\n", argv[0]);
+  return 2;
+}

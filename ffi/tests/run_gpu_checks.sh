@@ -1,0 +1,35 @@
+#!/bin/bash
+# Everything the CUDA kernel needs checked on a GPU machine, in one go:
+#   build (CMake through pip, and the standalone checker with nvcc), the checker
+#   against a float64 reference, compute-sanitizer memcheck + racecheck, the
+#   kernel-variant micro-benchmark, the GPU tests, and benchmarks/kernels.py.
+# Usage (repository root, on the GPU machine):  bash ffi/tests/run_gpu_checks.sh [outdir]
+# Logs go to outdir (default $OUT or /tmp/nvfp4_gpu_checks); a short summary is printed.
+set -u
+export PYTHONUNBUFFERED=1 PATH=/usr/local/cuda/bin:$PATH
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+LOG=${1:-${OUT:-/tmp/nvfp4_gpu_checks}}
+mkdir -p "$LOG"
+cd "$ROOT"
+PY=${PYTHON:-python3}
+
+echo "== build"
+$PY -m pip wheel --no-deps --no-build-isolation -w /tmp/nvfp4_whl . > "$LOG/build.log" 2>&1 || { echo "build failed"; tail "$LOG/build.log"; exit 1; }
+mkdir -p reset_jax/_lib
+$PY -c "
+import glob, zipfile
+w = sorted(glob.glob('/tmp/nvfp4_whl/reset_jax-*.whl'))[-1]
+z = zipfile.ZipFile(w)
+so = [n for n in z.namelist() if n.endswith('libreset_jax_nvfp4.so')][0]
+open('reset_jax/_lib/libreset_jax_nvfp4.so', 'wb').write(z.read(so))
+print('library from', w)"
+nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I ffi ffi/tests/nvfp4_check.cu ffi/nvfp4_kernels.cu \
+  -o /tmp/nvfp4_check > "$LOG/build_check.log" 2>&1 || { echo "checker build failed"; exit 1; }
+
+echo "== checker";    /tmp/nvfp4_check check > "$LOG/check.log" 2>&1; echo "rc=$?"; grep -E "FAIL|check:" "$LOG/check.log" | tail -5
+echo "== memcheck";   compute-sanitizer --tool memcheck /tmp/nvfp4_check check quick > "$LOG/memcheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/memcheck.log"
+echo "== racecheck";  compute-sanitizer --tool racecheck /tmp/nvfp4_check check quick > "$LOG/racecheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/racecheck.log"
+echo "== variants";   /tmp/nvfp4_check bench 12 > "$LOG/harness_bench.log" 2>&1; echo "rc=$?"
+echo "== pytest";     PYTHONPATH=$ROOT $PY -m pytest -q -p no:cacheprovider tests/test_cuda_ffi.py tests/test_nvfp4_matmul.py > "$LOG/pytest.log" 2>&1; echo "rc=$?"; tail -3 "$LOG/pytest.log"
+echo "== benchmark";  PYTHONPATH=$ROOT $PY benchmarks/kernels.py --m 1,2,4,8,16 --m-other 1,8 --out "$LOG/kernels.json" > "$LOG/kernels.log" 2>&1; echo "rc=$?"
+grep -A400 "^shape" "$LOG/kernels.log"
