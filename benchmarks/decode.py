@@ -229,6 +229,11 @@ def main(argv=None):
     p.add_argument("--variants", default="bf16,cuda-w4a16,cuda-w4a4")
     p.add_argument("--batch", default="1,8")
     p.add_argument("--samplers", default="reset", help="reset, fixed or both (reset,fixed)")
+    p.add_argument(
+        "--also-fixed",
+        default="",
+        help="variants that also run a fixed temperature (the ReSET overhead), e.g. cuda-w4a16",
+    )
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
@@ -247,8 +252,11 @@ def main(argv=None):
         for variant in a.variants.split(","):
             if variant not in VARIANTS:
                 raise SystemExit(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+            samplers_v = a.samplers
+            if variant in a.also_fixed.split(",") and "fixed" not in samplers_v.split(","):
+                samplers_v += ",fixed"
             cmd = [sys.executable, __file__, "--one", f"{model}:{variant}", "--batch", a.batch,
-                   "--samplers", a.samplers, "--prompt-len", str(a.prompt_len),
+                   "--samplers", samplers_v, "--prompt-len", str(a.prompt_len),
                    "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats)]  # fmt: skip
             print(f"== {model} {variant}", file=sys.stderr, flush=True)
             out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)

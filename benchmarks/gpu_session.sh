@@ -15,7 +15,7 @@ stamp "install"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 || { tail -30 "$OUT/install.log"; exit 1; }
+python3 -m pip install -q --no-build-isolation --no-deps -e . ${PIP_EXTRA:-} > "$OUT/install.log" 2>&1 || { tail -30 "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 
@@ -25,7 +25,7 @@ timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider ${TESTS:-t
 
 if [ -n "${KERNELS_ARGS+x}" ]; then
   stamp "kernel benchmark"
-  timeout ${KERNELS_TIMEOUT:-120} python3 benchmarks/kernels.py $KERNELS_ARGS --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
+  timeout ${KERNELS_TIMEOUT:-120} python3 benchmarks/kernels.py $KERNELS_ARGS --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
   echo "kernels rc=$?"
 fi
 
