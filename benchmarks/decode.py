@@ -29,10 +29,10 @@ import numpy as np
 VARIANTS = {
     # name: (quantize, activations, implementation)
     "bf16": (None, "bf16", None),
-    "cuda-w4a16": ("nvfp4", "bf16", "cuda"),
-    "cuda-w4a4": ("nvfp4", "nvfp4", "cuda"),
-    "pallas-w4a16": ("nvfp4", "bf16", "pallas"),
-    "pallas-w4a4": ("nvfp4", "nvfp4", "pallas"),
+    "cuda-w4a16": ("nvfp4", "bf16", ("cuda", "xla")),  # prefill (M > 16) goes to XLA
+    "cuda-w4a4": ("nvfp4", "nvfp4", ("cuda", "xla")),
+    "pallas-w4a16": ("nvfp4", "bf16", ("pallas", "xla")),
+    "pallas-w4a4": ("nvfp4", "nvfp4", ("pallas", "xla")),
     "xla-w4a16": ("nvfp4", "bf16", "xla"),
     "xla-w4a4": ("nvfp4", "nvfp4", "xla"),
 }
