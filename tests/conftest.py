@@ -8,7 +8,7 @@ import pytest
 # PyTorch references under tests/reference are imported as `reference.*`.
 sys.path.insert(0, os.path.dirname(__file__))
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_enable_x64", False)
 

@@ -53,11 +53,12 @@ def test_installed_wheel_imports_models_only_under_reset_jax(wheel, tmp_path):
     # puts the repository root on sys.path); site-packages is added back as a plain path
     # so the dependencies import.
     code = (
-        "import importlib.util, site, sys; sys.path.insert(0, %r);"
+        f"import importlib.util, site, sys; sys.path.insert(0, {str(target)!r});"
         "sys.path.extend(site.getsitepackages());"
         "assert importlib.util.find_spec('models') is None, 'bare models package is importable';"
-        "import reset_jax.models as m; assert m.__file__.startswith(%r), m.__file__; print('ok')"
-    ) % (str(target), str(target))
+        f"import reset_jax.models as m; assert m.__file__.startswith({str(target)!r}), m.__file__;"
+        "print('ok')"
+    )
     out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"

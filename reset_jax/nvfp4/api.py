@@ -27,7 +27,9 @@ class BackendUnavailableError(NotImplementedError):
 
 def _backend(name: str):
     if name not in BACKENDS:
-        raise ValueError(f"unknown NVFP4 matmul implementation {name!r}; expected one of {BACKENDS}")
+        raise ValueError(
+            f"unknown NVFP4 matmul implementation {name!r}; expected one of {BACKENDS}"
+        )
     return importlib.import_module(f"reset_jax.nvfp4.{name}")
 
 
