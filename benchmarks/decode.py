@@ -37,11 +37,33 @@ VARIANTS = {
     "xla-w4a4": ("nvfp4", "nvfp4", "xla"),
 }
 
-# Hugging Face config.json fields of the published models (shapes only matter here).
-HF_CONFIGS = {
-    # A toy shape for a CPU smoke test of this script.
-    "tiny": dict(
+
+def _qwen3(**shape) -> dict:
+    """A Qwen3 ``config.json`` with the published models' shared fields."""
+    base = dict(
         architectures=["Qwen3ForCausalLM"],
+        vocab_size=151936,
+        num_key_value_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=40960,
+        tie_word_embeddings=False,
+        eos_token_id=151645,
+    )
+    return base | shape
+
+
+# config.json fields of the published models (shapes are what matter here).
+HF_CONFIGS = {
+    "qwen3-8b": _qwen3(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32
+    ),
+    "qwen3-32b": _qwen3(
+        hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64
+    ),
+    # A toy shape for a CPU smoke test of this script.
+    "tiny": _qwen3(
         vocab_size=512,
         hidden_size=64,
         intermediate_size=128,
@@ -49,41 +71,7 @@ HF_CONFIGS = {
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
         max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        eos_token_id=1,
-    ),
-    "qwen3-8b": dict(
-        architectures=["Qwen3ForCausalLM"],
-        vocab_size=151936,
-        hidden_size=4096,
-        intermediate_size=12288,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        max_position_embeddings=40960,
-        tie_word_embeddings=False,
-        eos_token_id=151645,
-    ),
-    "qwen3-32b": dict(
-        architectures=["Qwen3ForCausalLM"],
-        vocab_size=151936,
-        hidden_size=5120,
-        intermediate_size=25600,
-        num_hidden_layers=64,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        head_dim=128,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        max_position_embeddings=40960,
-        tie_word_embeddings=False,
-        eos_token_id=151645,
     ),
 }
 
