@@ -38,6 +38,7 @@ import numpy as np
 from jax import lax
 
 from reset_jax.nvfp4.format import ACTIVATION_MODES, BLOCK_SIZE, NVFP4Tensor
+from reset_jax.nvfp4.format import array_platform as _platform
 
 MAX_M = 16
 LIBRARY_NAME = "libreset_jax_nvfp4.so"
@@ -138,16 +139,6 @@ def _register() -> None:
 # --------------------------------------------------------------------------
 # Capability checks
 # --------------------------------------------------------------------------
-
-
-def _platform(x) -> str:
-    """The platform ``x`` lives on; tracers carry no device, so use the default backend."""
-    if isinstance(x, jax.Array):
-        try:
-            return next(iter(x.devices())).platform
-        except Exception:  # tracers and deleted arrays have no device
-            pass
-    return jax.default_backend()
 
 
 def _compute_capability() -> float | None:

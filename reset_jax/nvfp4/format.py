@@ -632,6 +632,19 @@ def fake_quantize_activations(
     return dequantize(quantize_activations(x, input_scale), jnp.float32)
 
 
+def array_platform(x) -> str:
+    """The platform (``"cpu"``, ``"gpu"``, ...) ``x`` lives on, for backend capability checks.
+
+    Tracers carry no device, so under ``jit`` this is the default backend's platform.
+    """
+    if isinstance(x, jax.Array):
+        try:
+            return next(iter(x.devices())).platform
+        except Exception:  # tracers and deleted arrays have no device
+            pass
+    return jax.default_backend()
+
+
 def check_matmul_args(
     x: jax.Array,
     q: NVFP4Tensor,

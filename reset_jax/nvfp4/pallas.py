@@ -46,6 +46,7 @@ except ImportError:  # pragma: no cover - depends on the installed jaxlib
     _plt = None
 
 from reset_jax.nvfp4 import format as _format
+from reset_jax.nvfp4.format import array_platform as _platform
 
 if TYPE_CHECKING:
     from reset_jax.nvfp4.format import NVFP4Tensor
@@ -89,16 +90,6 @@ class TileConfig(NamedTuple):
 # --------------------------------------------------------------------------
 # Capability checks
 # --------------------------------------------------------------------------
-
-
-def _platform(x) -> str:
-    """The platform ``x`` lives on; tracers carry no device, so use the default backend."""
-    if isinstance(x, jax.Array):
-        try:
-            return next(iter(x.devices())).platform
-        except Exception:  # tracers and deleted arrays have no device
-            pass
-    return jax.default_backend()
 
 
 def _gpu_device():
