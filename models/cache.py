@@ -32,6 +32,7 @@ class KVCache:
 
     @property
     def batch_size(self) -> int:
+        """B, the number of rows."""
         return self.k.shape[1]
 
     @classmethod

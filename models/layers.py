@@ -189,6 +189,7 @@ class RMSNorm(nnx.Module):
         self.eps = float(eps)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """``[..., D] -> [..., D]`` in ``x.dtype``, normalized in float32."""
         x32 = x.astype(jnp.float32)
         var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         normed = (x32 * lax.rsqrt(var + self.eps)).astype(x.dtype)
@@ -350,6 +351,7 @@ class MLP(nnx.Module):
         self.gate_up, self.down_proj = gate_up, down_proj
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """SwiGLU ``down(silu(gate(x)) * up(x))``: ``[B, S, D] -> [B, S, D]``."""
         gate, up = self.gate_up(x)  # [B, S, F] each
         h = jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
         return self.down_proj(h.astype(x.dtype))
@@ -371,6 +373,11 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = post_attention_layernorm
 
     def __call__(self, x, positions, cos, sin, cache=None, layer=0):
+        """One pre-norm block: ``x [B, S, D]``, ``positions [B, S]``, RoPE ``cos``/``sin``
+        ``[B, S, Dh/2]``, optional ``KVCache`` (layer ``layer`` is read and written).
+
+        Returns ``(x [B, S, D], cache)``.
+        """
         h, cache = self.self_attn(self.input_layernorm(x), positions, cos, sin, cache, layer)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))

@@ -15,8 +15,7 @@ Three jitted entry points share one step function:
   (stop id, new-token limit, full cache, or bad logits) or the buffer is full.
 * `decode`: both in one program, the path with no host round trip at all.
 
-Benchmarks time `prefill` and `decode_loop` separately, or call the jitted
-`decode_step_jit` for one step.
+Benchmarks time `prefill` and `decode_loop` separately.
 
 Shapes: B batch, P prompt bucket, T cache slots, N output buffer, V vocabulary.
 """
@@ -43,7 +42,6 @@ __all__ = [
     "decode",
     "decode_loop",
     "decode_step",
-    "decode_step_jit",
     "make_knobs",
     "prefill",
     "trace_counts",
@@ -153,7 +151,10 @@ def make_knobs(
     Returns:
       The knobs as device arrays.
     """
-    stops = sorted({int(s) for s in np.asarray(stop_ids, dtype=np.int64).reshape(-1)})
+    raw = np.asarray(stop_ids).reshape(-1)
+    if raw.size and (not np.issubdtype(raw.dtype, np.integer) or (raw < 0).any()):
+        raise ValueError(f"stop_ids must be non-negative integer token ids, got {raw.tolist()}")
+    stops = sorted({int(s) for s in raw})
     width = max(_STOP_IDS_BUCKET, -(-len(stops) // _STOP_IDS_BUCKET) * _STOP_IDS_BUCKET)
     stop_arr = np.full((width,), -1, np.int32)
     stop_arr[: len(stops)] = stops
@@ -166,9 +167,14 @@ def make_knobs(
             raise ValueError(f"expected a scalar or {batch} values, got shape {x.shape}")
         return x
 
+    top_p_rows, top_k_rows = rows(top_p, np.float32), rows(top_k, np.int32)
+    if not (np.isfinite(top_p_rows).all() and (top_p_rows >= 0).all() and (top_p_rows <= 1).all()):
+        raise ValueError(f"top_p must be in [0, 1], got {top_p_rows.tolist()}")
+    if (top_k_rows < 0).any():
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k_rows.tolist()}")
     return SamplingKnobs(
-        top_p=jnp.asarray(rows(top_p, np.float32)),
-        top_k=jnp.asarray(rows(top_k, np.int32)),
+        top_p=jnp.asarray(top_p_rows),
+        top_k=jnp.asarray(top_k_rows),
         seed=jnp.asarray(int(seed) % (1 << 32), jnp.uint32),
         stop_ids=jnp.asarray(stop_arr),
         max_new_tokens=jnp.asarray(max_new_tokens, jnp.int32),
@@ -193,7 +199,7 @@ class DecodeState:
       entropies: ``[B, N]`` float32 entropy (nats) of the raw logits of each token.
       temperatures: ``[B, N]`` float32 temperature each token was sampled at.
       lengths: ``[B]`` int32 tokens generated per row (stop ids included).
-      error_step: ``[B]`` int32, the step whose logits were NaN or all -inf
+      error_step: ``[B]`` int32, the step whose logits were NaN, +inf or all -inf
         (the row stopped there), or -1.
     """
 
@@ -244,7 +250,7 @@ def _advance(
     lengths = state.lengths + ok.astype(jnp.int32)
     # -1 pads the stop ids (and marks a bad token): never a match.
     is_stop = jnp.any((token[:, None] == knobs.stop_ids[None, :]) & (knobs.stop_ids >= 0), axis=-1)
-    cache_len = state.cache.k.shape[2]
+    cache_len = state.cache.max_len
     finished = (
         bad
         | is_stop
@@ -308,7 +314,7 @@ def decode_step(graphdef, params, state: DecodeState, sampler, knobs: SamplingKn
       The next state.
     """
     model = nnx.merge(graphdef, params)
-    cache_len = state.cache.k.shape[2]
+    cache_len = state.cache.max_len
     # A finished row may point past the cache; its write lands on its own
     # (unused) last slot instead.
     pos = jnp.minimum(state.positions, cache_len - 1)[:, None]  # [B, 1]
@@ -366,13 +372,6 @@ def decode_loop(graphdef, params, state, sampler, knobs):
     """
     trace_counts["decode_loop"] += 1
     return _loop(graphdef, params, state, sampler, knobs)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
-def decode_step_jit(graphdef, params, state, sampler, knobs):
-    """`decode_step` under ``jit``, for benchmarks that time single steps."""
-    trace_counts["decode_step"] += 1
-    return decode_step(graphdef, params, state, sampler, knobs)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new"), donate_argnames=("cache",))

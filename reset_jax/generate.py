@@ -21,7 +21,14 @@ from flax import nnx
 from reset_jax import decode as dec
 from reset_jax import sampling
 
-__all__ = ["DEFAULT_TEMPERATURE", "GenerationResult", "Timing", "generate", "reset_config_for"]
+__all__ = [
+    "DEFAULT_TEMPERATURE",
+    "BadLogitsError",
+    "GenerationResult",
+    "Timing",
+    "generate",
+    "reset_config_for",
+]
 
 DEFAULT_TEMPERATURE = 0.6
 

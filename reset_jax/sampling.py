@@ -30,8 +30,9 @@ token: ``step`` returns NaN entropy and NaN temperature for that row, leaves the
 row's statistics untouched and sets the sticky ``state.bad[row]``; ``sample``
 returns ``INVALID_TOKEN`` (-1) for that row. The decode loop should mark such a
 row finished (``token < 0`` or ``state.bad``), feed the model a pad token instead
-of -1, keep -1 in the recorded tokens, and have the host raise after the loop
-(``check_tokens`` does it).
+of -1, keep -1 in the recorded tokens, and have the host raise after the loop:
+``reset_jax.generate`` raises ``BadLogitsError`` from ``DecodeState.error_step``;
+``check_tokens`` does the same for tokens recorded by other loops.
 """
 
 from __future__ import annotations

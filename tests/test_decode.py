@@ -222,3 +222,19 @@ def test_buckets():
     assert dec.buckets(40, 8, max_cache_len=50) == dec.Buckets(50, 16, 50)
     with pytest.raises(ValueError, match="40 tokens"):
         dec.buckets(40, 8, max_cache_len=40)
+
+
+def test_make_knobs_rejects_bad_settings():
+    # Each of these would otherwise sample silently with the setting ignored.
+    with pytest.raises(ValueError, match="stop_ids"):
+        dec.make_knobs(2, stop_ids=[-1], max_new_tokens=4)
+    with pytest.raises(ValueError, match="stop_ids"):
+        dec.make_knobs(2, stop_ids=[1.5], max_new_tokens=4)
+    with pytest.raises(ValueError, match="top_p"):
+        dec.make_knobs(2, top_p=float("nan"), max_new_tokens=4)
+    with pytest.raises(ValueError, match="top_p"):
+        dec.make_knobs(2, top_p=[0.9, 1.5], max_new_tokens=4)
+    with pytest.raises(ValueError, match="top_k"):
+        dec.make_knobs(2, top_k=-3, max_new_tokens=4)
+    k = dec.make_knobs(2, top_p=[0.0, 1.0], top_k=[0, 5], stop_ids=[7, 2], max_new_tokens=4)
+    assert k.top_k.tolist() == [0, 5] and k.stop_ids.tolist()[:2] == [2, 7]
