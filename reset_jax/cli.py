@@ -263,8 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# XLA (jax 0.11) leaves FFI custom calls out of command buffers (CUDA graphs) by default,
+# which costs ~8 us of host time per NVFP4 matmul on a GPU (benchmarks/RESULTS.md); the
+# flags are GPU-only and ignored elsewhere. A user's own XLA_FLAGS setting wins.
+GPU_XLA_FLAGS = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL"
+
+
+def _default_xla_flags() -> None:
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_enable_command_buffer" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {GPU_XLA_FLAGS}".strip()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
+    _default_xla_flags()  # before any JAX backend starts
     args = build_parser().parse_args(argv)
     from reset_jax.hub import HubError
 

@@ -107,3 +107,14 @@ def test_quantize_writes_a_loadable_nvfp4_checkpoint(tiny_dir, tmp_path, capsys)
 
     model = from_pretrained(out)
     assert nnx.state(model, NVFP4Param)  # the linear layers came back quantized
+
+
+def test_cli_adds_command_buffer_flags_unless_the_user_set_them(monkeypatch):
+    from reset_jax import cli
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    cli._default_xla_flags()
+    assert os.environ["XLA_FLAGS"] == f"--xla_dump_to=/tmp/x {cli.GPU_XLA_FLAGS}"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=FUSION")
+    cli._default_xla_flags()
+    assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_command_buffer=FUSION"
