@@ -11,6 +11,8 @@ namespace {
 // Library defaults (benchmarks/KERNEL_NOTES.md says how they were chosen).
 constexpr int kPipeline = 2;  // sub-steps in flight per warp
 constexpr int kWarps = 8;     // warps per CTA (split K)
+constexpr int kWidePipeline = 2;  // the same for the wide path (K % 256 == 0)
+constexpr int kWideWarps = 8;
 
 bool Aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) % a) == 0; }
 
@@ -51,9 +53,30 @@ bool UseVec16(const GemvArgs& a) {
   return a.K % 32 == 0 && Aligned(a.codes, 16) && Aligned(a.scales, 2);
 }
 
-cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream, int /*variant*/) {
+// The wide path stages the activations (M * K * 2 bytes) once per CTA, so it pays
+// off when a CTA streams much more weight than that: measured on an H100
+// (benchmarks/KERNEL_NOTES.md, v4) it wins at M <= 2 on every Qwen3 shape and at
+// M = 4 / 8 once each CTA gets >= 4M/9 tiles (gate+up, 32B qkv at M = 4), and
+// loses to the general kernel on the 1-wave layers at M >= 4 (8B qkv / o, 32B o)
+// and whenever the activations do not fit in shared memory.
+bool UseWide(const GemvArgs& a) {
+  const KParams kp = ToKParams(a);
+  if (!WideOk(kp) || !WideXs(kp)) return false;
+  if (kp.M <= 2) return true;
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    return false;
+  const int64_t tiles = (kp.N + 15) / 16;
+  const int64_t slots = 2 * static_cast<int64_t>(sms);  // resident wide CTAs (registers)
+  return 4 * static_cast<int64_t>(kp.M) * slots <= 9 * tiles;
+}
+
+cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream, int variant) {
   if (GemvUnsupportedReason(a) != nullptr) return cudaErrorInvalidValue;
-  return LaunchGemvConfig<kPipeline, kWarps>(ToKParams(a), UseVec16(a), stream);
+  const KParams kp = ToKParams(a);
+  if (variant == 0 && UseWide(a)) return LaunchWideConfig<kWidePipeline, kWideWarps>(kp, stream);
+  return LaunchGemvConfig<kPipeline, kWarps>(kp, UseVec16(a), stream);
 }
 
 cudaError_t LaunchQuantizeActivations(const void* x, const float* input_scale, bool per_row,

@@ -399,6 +399,341 @@ cudaError_t LaunchGemvConfig(const KParams& kp, bool vec16, cudaStream_t stream,
                   : LaunchOne<8, 1, U, W>(kp, persistent, stream);
 }
 
+// ------------------------------------------------------- the wide path ----
+//
+// The fast path for K % 256 == 0 (every Qwen/Llama projection), v4 in
+// benchmarks/KERNEL_NOTES.md.  Same mapping onto mma.sync as GemvKernel, but
+// written for fewer instructions per weight:
+//  * one work item = 32 code bytes per lane per row (two 16-byte loads, 64 K),
+//    4 lanes x 64 = 256 K per item, and the four block scales of those 64 K in
+//    one 32-bit load: half the per-item overhead of the 16-byte path;
+//  * per-tile pointers advanced by a constant per item (no per-item 64-bit
+//    address arithmetic, no tail predicates: K % 256 == 0);
+//  * block scales by integer moves instead of conversions: (byte & 0x7F) << 4 is
+//    the bf16 bit pattern of s * 2^-120 (E4M3 and bf16 line up, subnormals
+//    included), and two exact multiplications by 2^127 and 2^111 give s * 2^118.
+//    NaN (0x7F) and negative scales, which never come out of the quantizer except
+//    as poison, take a rare exact branch through cvt.rn.f16x2.e4m3x2;
+//  * XS: the activations are staged once per CTA in shared memory, already in the
+//    B-fragment order (one LDS.128 feeds two MMAs; no permutes in the loop) when
+//    2.25 * M * K bytes fit (kWideXsMaxBytes); otherwise B is loaded from global
+//    memory and permuted as in GemvKernel;
+//  * one flat loop over (tile, item) per warp with a U-deep rolling register
+//    pipeline that runs across tiles; every warp has the same number of items
+//    per tile (padded when K / 256 is not a multiple of W), so the per-tile
+//    __syncthreads is reached by all warps at the same iteration.
+constexpr int kWideSubK = 256;
+constexpr int kWideXsMaxBytes = 96 * 1024;
+#ifndef RESET_JAX_WIDE_THREADS_PER_SM
+#define RESET_JAX_WIDE_THREADS_PER_SM 512
+#endif
+// Register budget: launch bounds ask for this many resident threads per SM.
+constexpr int kWideThreadsPerSm = RESET_JAX_WIDE_THREADS_PER_SM;
+
+struct WideBuf {
+  uint32_t r0[8];  // 32 code bytes of row g
+  uint32_t r1[8];  // 32 code bytes of row g + 8
+  uint32_t s0, s1;  // 4 block scales of rows g and g + 8
+};
+
+__device__ __forceinline__ void Ld128Stream(uint32_t* r, const uint8_t* p, uint64_t pol) {
+  asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "l"(p), "l"(pol));
+}
+
+__device__ __forceinline__ uint32_t Ld32Scales(const uint8_t* p, uint64_t pol) {
+  uint32_t v;
+  asm volatile("ld.global.nc.L2::cache_hint.u32 %0, [%1], %2;" : "=r"(v) : "l"(p), "l"(pol));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t SplatLo(uint32_t v) { return Prmt(v, v, 0x1010u); }
+__device__ __forceinline__ uint32_t SplatHi(uint32_t v) { return Prmt(v, v, 0x3232u); }
+
+// Four E4M3 block scales (bytes of v) -> bf16x2 pairs (s0, s1) * 2^118 and
+// (s2, s3) * 2^118, exactly (see ScalePairs for the range argument).
+__device__ __forceinline__ void WideScales(uint32_t v, uint32_t& p01, uint32_t& p23) {
+  const uint32_t m = v & 0x7F7F7F7Fu;
+  // A byte equal to 0x7F (NaN) or with its sign bit set makes `odd` non-zero.
+  const uint32_t odd = ((m + 0x01010101u) | v) & 0x80808080u;
+  if (odd == 0u) {
+    const uint32_t a = Prmt(m, 0u, 0x4140u) << 4;  // bf16x2 (s0, s1) * 2^-120
+    const uint32_t b = Prmt(m, 0u, 0x4342u) << 4;  // bf16x2 (s2, s3) * 2^-120
+    p01 = MulBf16x2(MulBf16x2(a, 0x7F007F00u), 0x77007700u);  // * 2^127 * 2^111
+    p23 = MulBf16x2(MulBf16x2(b, 0x7F007F00u), 0x77007700u);
+  } else {
+    uint32_t q0, q1, q2, q3;
+    ScalePairs(v & 0xFFFFu, q0, q1);
+    ScalePairs(v >> 16, q2, q3);
+    p01 = Prmt(q0, q1, 0x5410u);
+    p23 = Prmt(q2, q3, 0x5410u);
+  }
+}
+
+// B fragments of one 8-element chunk of activations (x0..x7 in .x .. .w): for
+// h = 0 the pairs (x0, x4), (x1, x5); for h = 1 (x2, x6), (x3, x7) -- the order
+// DecodeE2M1x8 gives the weights.
+__device__ __forceinline__ uint4 PermuteChunk(uint4 c) {
+  return make_uint4(Prmt(c.x, c.z, 0x5410u), Prmt(c.x, c.z, 0x7632u), Prmt(c.y, c.w, 0x5410u),
+                    Prmt(c.y, c.w, 0x7632u));
+}
+
+// Shared-memory bytes of the staged activations (XS): 9 16-byte units per
+// (item, row, lane) of which 8 are used; the ninth spreads the lanes over banks.
+__host__ __device__ constexpr int64_t WideXsBytes(int64_t M, int64_t K) {
+  return (K / kWideSubK) * M * 4 * 9 * 16;
+}
+
+template <int NT, int U, int W, bool XS>
+__global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemvKernel(const KParams p) {
+  constexpr int kAcc = NT == 1 ? 4 : 2;  // independent accumulator chains per n-tile
+  extern __shared__ uint4 xs[];          // XS only
+  __shared__ float red[2][W][8 * NT][16];
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int K = p.K;
+  const int N = p.N;
+  const int M = p.M;
+  const int steps = K / kWideSubK;              // items per row
+  const int nw = (steps + W - 1) / W;           // items per warp per tile (all warps)
+  const int nreal = (steps - warp + W - 1) / W;  // of which real for this warp
+  const int tiles = (N + 15) >> 4;
+  const int my_tiles = blockIdx.x < tiles ? (tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+  const int total = my_tiles * nw;
+  const uint32_t row_bytes = static_cast<uint32_t>(K) >> 1;
+  const uint32_t row_scales = static_cast<uint32_t>(K) >> 4;
+  const uint64_t pol = EvictFirstPolicy();
+
+  // ---- loader state: item (ltile, lj), pointers at that item.
+  int ltile = blockIdx.x;
+  int lj = 0;
+  const uint8_t *c0, *c1, *s0, *s1;
+  auto point = [&](int tile) {
+    const uint32_t r0 = static_cast<uint32_t>(min(tile * 16 + g, N - 1));
+    const uint32_t r1 = static_cast<uint32_t>(min(tile * 16 + g + 8, N - 1));
+    const uint32_t cofs = static_cast<uint32_t>(warp) * 128u + static_cast<uint32_t>(t) * 32u;
+    const uint32_t sofs = static_cast<uint32_t>(warp) * 16u + static_cast<uint32_t>(t) * 4u;
+    c0 = p.codes + (r0 * row_bytes + cofs);
+    c1 = p.codes + (r1 * row_bytes + cofs);
+    s0 = p.scales + (r0 * row_scales + sofs);
+    s1 = p.scales + (r1 * row_scales + sofs);
+  };
+  auto load_next = [&](WideBuf& b) {
+    if (lj < nreal) {
+      Ld128Stream(b.r0, c0, pol);
+      Ld128Stream(b.r0 + 4, c0 + 16, pol);
+      Ld128Stream(b.r1, c1, pol);
+      Ld128Stream(b.r1 + 4, c1 + 16, pol);
+      b.s0 = Ld32Scales(s0, pol);
+      b.s1 = Ld32Scales(s1, pol);
+    }
+    c0 += W * 128;
+    c1 += W * 128;
+    s0 += W * 16;
+    s1 += W * 16;
+    if (++lj == nw) {
+      lj = 0;
+      ltile += gridDim.x;
+      if (ltile < tiles) point(ltile);
+    }
+  };
+
+  WideBuf buf[U];
+  if (total > 0) point(ltile);
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+    if (u < total) load_next(buf[u]);
+
+  // ---- activations: staged once (XS) or read per item from global memory.
+  const int mb0 = g < M ? g : 0;
+  const int mb1 = g + 8 < M ? g + 8 : 0;
+  if constexpr (XS) {
+    // Eight loads in flight per thread before their stores: the staging runs once
+    // per CTA, while the first weight loads above are already on their way.
+    const int k8 = K >> 3;  // 16-byte units per row
+    const int units = M * k8;
+    for (int base = threadIdx.x; base < units; base += 8 * W * 32) {
+      uint4 v[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int i = base + e * W * 32;
+        if (i < units) v[e] = __ldg(reinterpret_cast<const uint4*>(p.x) + i);
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int i = base + e * W * 32;
+        if (i < units) {
+          const int m = i / k8, u = i - m * k8;
+          const int s = u >> 5, tt = (u >> 3) & 3, w = u & 7;
+          xs[((s * M + m) * 4 + tt) * 9 + w] = PermuteChunk(v[e]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  float acc[kAcc][NT][4];
+#pragma unroll
+  for (int a = 0; a < kAcc; ++a)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[a][n][r] = 0.f;
+
+  auto compute = [&](const WideBuf& b, int j) {
+    const int s = warp + j * W;  // item index within the row
+    // B chunk w of n-tile n: staged (XS) or loaded and permuted here.
+    const uint4* xp[NT];
+    if constexpr (XS) {
+      xp[0] = xs + ((s * M + mb0) * 4 + t) * 9;
+      if constexpr (NT == 2) xp[NT - 1] = xs + ((s * M + mb1) * 4 + t) * 9;
+    } else {
+      const int k0 = s * kWideSubK + t * 64;
+      xp[0] = reinterpret_cast<const uint4*>(p.x + static_cast<size_t>(mb0) * K + k0);
+      if constexpr (NT == 2)
+        xp[NT - 1] = reinterpret_cast<const uint4*>(p.x + static_cast<size_t>(mb1) * K + k0);
+    }
+    auto xchunk = [&](int n, int w) -> uint4 {
+      if constexpr (XS) {
+        return xp[n][w];
+      } else {
+        return PermuteChunk(__ldg(xp[n] + w));
+      }
+    };
+    uint32_t sa[4], sb[4];  // per block: bf16x2 pairs of blocks (0,1) and (2,3)
+    WideScales(b.s0, sa[0], sa[2]);
+    WideScales(b.s1, sb[0], sb[2]);
+#pragma unroll
+    for (int w = 0; w < 8; ++w) {
+      const int blk = w >> 1;
+      const uint32_t pa = sa[blk & 2], pb = sb[blk & 2];
+      const uint32_t ka = (blk & 1) ? SplatHi(pa) : SplatLo(pa);
+      const uint32_t kb = (blk & 1) ? SplatHi(pb) : SplatLo(pb);
+      uint32_t d0[4], d1[4];
+      DecodeE2M1x8(b.r0[w], d0);
+      DecodeE2M1x8(b.r1[w], d1);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t a[4] = {MulBf16x2(d0[2 * h], ka), MulBf16x2(d1[2 * h], kb),
+                               MulBf16x2(d0[2 * h + 1], ka), MulBf16x2(d1[2 * h + 1], kb)};
+        const int c = (w * 2 + h) % kAcc;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          const uint4 x = xchunk(n, w);
+          Mma16816(acc[c][n], a, h == 0 ? x.x : x.z, h == 0 ? x.y : x.w);
+        }
+      }
+    }
+  };
+
+  const float wscale = __ldg(p.wscale) * 256.f;
+  int ctile = blockIdx.x;
+  int cj = 0;
+  int parity = 0;
+  auto finish_tile = [&]() {
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        float v = 0.f;
+#pragma unroll
+        for (int a = 0; a < kAcc; ++a) {
+          v += acc[a][n][r];
+          acc[a][n][r] = 0.f;
+        }
+        const int m = n * 8 + 2 * t + (r & 1);
+        if (m < M) red[parity][warp][m][g + ((r & 2) << 2)] = v;
+      }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < 16 * M; idx += W * 32) {
+      const int row = idx & 15;
+      const int m = idx >> 4;
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < W; ++w) sum += red[parity][w][m][row];
+      const int n_out = ctile * 16 + row;
+      if (n_out < N) {
+        float scale = wscale;
+        if (p.xscale != nullptr) scale *= __ldg(p.xscale + m * p.xscale_stride);
+        p.y[static_cast<size_t>(m) * N + n_out] = __float2bfloat16_rn(sum * scale);
+      }
+    }
+    parity ^= 1;
+  };
+
+  for (int i0 = 0; i0 < total; i0 += U) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = i0 + u;
+      if (i >= total) break;  // the same for every warp of the CTA
+      if (cj < nreal) compute(buf[u], cj);
+      if (i + U < total) load_next(buf[u]);
+      if (++cj == nw) {
+        finish_tile();
+        cj = 0;
+        ctile += gridDim.x;
+      }
+    }
+  }
+}
+
+// Whether the wide path serves these arguments, and with staged activations.
+inline bool WideOk(const KParams& kp) {
+  return kp.K % kWideSubK == 0 && reinterpret_cast<uintptr_t>(kp.codes) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(kp.scales) % 4 == 0 &&
+         static_cast<int64_t>(kp.N) * (kp.K / 2) < (int64_t{1} << 31);
+}
+inline bool WideXs(const KParams& kp) { return WideXsBytes(kp.M, kp.K) <= kWideXsMaxBytes; }
+
+template <int NT, int U, int W, bool XS>
+cudaError_t LaunchWideOne(const KParams& kp, cudaStream_t stream) {
+  auto kernel = WideGemvKernel<NT, U, W, XS>;
+  const int smem = XS ? static_cast<int>(WideXsBytes(kp.M, kp.K)) : 0;
+  if constexpr (XS) {
+    // Opting in to more than 48 KB of dynamic shared memory is per device.
+    static unsigned long long attr_set = 0;  // bit d: done on device d (idempotent if raced)
+    int dev = 0;
+    if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
+    const unsigned long long bit = 1ull << (dev & 63);
+    if (!(attr_set & bit)) {
+      const cudaError_t e =
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWideXsMaxBytes);
+      if (e != cudaSuccess) return e;
+      attr_set |= bit;
+    }
+  }
+  const int tiles = (kp.N + 15) / 16;
+  int grid = tiles;
+  int per_sm = 0, sms = 0, device = 0;
+  // Occupancy depends on the dynamic shared memory, so it is asked per call
+  // (host-side only; the kernel launch itself is what a graph records).
+  if (cudaGetDevice(&device) == cudaSuccess &&
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, W * 32, smem) == cudaSuccess &&
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
+      per_sm > 0) {
+    const int slots = per_sm * sms;
+    if (tiles > slots) {
+      const int rounds = (tiles + slots - 1) / slots;
+      grid = (tiles + rounds - 1) / rounds;
+    }
+  }
+  kernel<<<grid, W * 32, smem, stream>>>(kp);
+  return cudaGetLastError();
+}
+
+template <int U, int W>
+cudaError_t LaunchWideConfig(const KParams& kp, cudaStream_t stream, int xs_mode = -1) {
+  const bool xs = xs_mode < 0 ? WideXs(kp) : (xs_mode == 1 && WideXs(kp));
+  if (kp.M > 8) {
+    return xs ? LaunchWideOne<2, U, W, true>(kp, stream) : LaunchWideOne<2, U, W, false>(kp, stream);
+  }
+  return xs ? LaunchWideOne<1, U, W, true>(kp, stream) : LaunchWideOne<1, U, W, false>(kp, stream);
+}
+
 // ------------------------------------------------ activation quantizer ----
 
 // Round to the nearest E2M1 value, ties to even, saturating at +-6.

@@ -34,10 +34,18 @@ constexpr int64_t kMaxM = 16;
 const char* GemvUnsupportedReason(const GemvArgs& a);
 
 // Launches the GEMV on `stream`; returns cudaGetLastError() after the launch.
+// variant 0 (the default) takes the wide path when UseWide(a), else the general
+// kernel; variant 1 always takes the general kernel (for A/B benchmarks).
 cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream, int variant = 0);
 
-// Whether LaunchGemv takes the 16-byte-load path for these arguments.
+// Whether the general kernel takes its 16-byte-load path for these arguments.
 bool UseVec16(const GemvArgs& a);
+
+// Whether LaunchGemv (variant 0) takes the wide path: K % 256 == 0, 16-byte
+// aligned codes, 4-byte aligned scales, N * K / 2 < 2^31, the activations fit
+// the wide kernel's shared memory, and M is small for the number of 16-row
+// tiles (see nvfp4_kernels.cu).
+bool UseWide(const GemvArgs& a);
 
 // W4A4 activation quantizer (the format's quantize_activations, bit for bit):
 // per 16-element block along K, s = e4m3_rne(clip(amax / (6 g), 0, 448)) (0 -> 1),

@@ -117,6 +117,11 @@ SHAPES = [
     (14, 16, 32),
     (15, 99, 2064),
     (16, 513, 1536),
+    # K % 256 == 0 with M <= 2, or M = 8 over enough 16-row tiles (>= 4M/9 per
+    # resident CTA on a 132-SM H100): the wide kernel (ffi/nvfp4_kernels.cuh).
+    (1, 33, 512),
+    (2, 100, 2560),
+    (8, 15040, 256),
 ]
 
 

@@ -146,6 +146,25 @@ cudaError_t LaunchVariant(const nvfp4::GemvArgs& a, cudaStream_t s) {
   return nvfp4::LaunchGemvConfig<U, W>(kp, nvfp4::UseVec16(a), s, P);
 }
 
+// The wide path (K % 256 == 0) with U items in flight, W warps; XS: 1 staged
+// activations where they fit, 0 activations from global memory.
+template <int U, int W, int XS>
+cudaError_t LaunchWide(const nvfp4::GemvArgs& a, cudaStream_t s) {
+  nvfp4::KParams kp;
+  kp.x = static_cast<const __nv_bfloat16*>(a.x);
+  kp.codes = a.codes;
+  kp.scales = a.scales;
+  kp.wscale = a.wscale;
+  kp.xscale = a.xscale;
+  kp.xscale_stride = a.xscale_per_row ? 1 : 0;
+  kp.y = static_cast<__nv_bfloat16*>(a.y);
+  kp.M = static_cast<int>(a.M);
+  kp.N = static_cast<int>(a.N);
+  kp.K = static_cast<int>(a.K);
+  if (!nvfp4::WideOk(kp)) return nvfp4::LaunchGemvConfig<2, 8>(kp, nvfp4::UseVec16(a), s);
+  return nvfp4::LaunchWideConfig<U, W>(kp, s, XS);
+}
+
 struct Variant {
   const char* name;
   cudaError_t (*fn)(const nvfp4::GemvArgs&, cudaStream_t);
@@ -153,11 +172,11 @@ struct Variant {
 
 const Variant kVariants[] = {
     {"lib", [](const nvfp4::GemvArgs& a, cudaStream_t s) { return nvfp4::LaunchGemv(a, s); }},
-    {"U2W8np", LaunchVariant<2, 8, false>},
-    {"U3W8", LaunchVariant<3, 8>},
-    {"U4W8", LaunchVariant<4, 8>},
-    {"U4W4", LaunchVariant<4, 4>},
-    {"U2W16", LaunchVariant<2, 16>},
+    {"v2", [](const nvfp4::GemvArgs& a, cudaStream_t s) { return nvfp4::LaunchGemv(a, s, 1); }},
+    {"wU2W8g", LaunchWide<2, 8, 0>},
+    {"wU3W8", LaunchWide<3, 8, 1>},
+    {"wU2W4", LaunchWide<2, 4, 1>},
+    {"wU4W4", LaunchWide<4, 4, 1>},
 };
 
 // ------------------------------------------------------------- correctness --
@@ -167,6 +186,7 @@ struct Case {
   bool w4a4;
   bool per_row;
   int code_misalign;  // byte offset of the codes pointer (forces the 8-byte path)
+  bool odd_scales = false;  // negative scales everywhere, one NaN scale in row 0
 };
 
 struct Lcg {
@@ -187,7 +207,9 @@ bool RunCase(const Case& c, uint64_t seed, double* err_out,
     // mostly normal scales, some subnormal and some zero blocks
     b = r < 3 ? 0 : r < 8 ? static_cast<uint8_t>(1 + rng.U32() % 7)
                           : static_cast<uint8_t>(0x20 + rng.U32() % (0x7E - 0x20 + 1));
+    if (c.odd_scales && rng.U32() % 4 == 0) b |= 0x80;  // negative (or -0)
   }
+  if (c.odd_scales) scales[(K / 16) / 2] = 0x7F;  // NaN block in row 0: y[:, 0] is NaN
   const float wscale = 0.0137f;
   std::vector<uint16_t> x(static_cast<size_t>(M) * K);
   for (auto& v : x) v = Bf16FromFloat(static_cast<float>(rng.Normal() * 1.7));
@@ -260,7 +282,7 @@ bool RunCase(const Case& c, uint64_t seed, double* err_out,
   // float64 reference of the dequantized operands.
   std::vector<double> w(static_cast<size_t>(K));
   double num = 0, den = 0;
-  size_t unwritten = 0;
+  size_t unwritten = 0, nan_mismatch = 0;
   for (int n = 0; n < N; ++n) {
     for (int k = 0; k < K; ++k) {
       const uint8_t byte = codes[static_cast<size_t>(n) * K / 2 + k / 2];
@@ -272,6 +294,10 @@ bool RunCase(const Case& c, uint64_t seed, double* err_out,
       for (int k = 0; k < K; ++k) ref += static_cast<double>(FloatFromBf16(xref[static_cast<size_t>(m) * K + k])) * w[k];
       ref *= gx_ref[m];
       const float got = FloatFromBf16(y[static_cast<size_t>(m) * N + n]);
+      if (std::isnan(ref)) {  // a NaN scale must reach the output
+        nan_mismatch += !std::isnan(got);
+        continue;
+      }
       if (std::isnan(got)) ++unwritten;
       num += (got - ref) * (got - ref);
       den += ref * ref;
@@ -281,6 +307,10 @@ bool RunCase(const Case& c, uint64_t seed, double* err_out,
   *err_out = err;
   if (unwritten) {
     std::printf("  %zu outputs not written (NaN poison left)\n", unwritten);
+    ok = false;
+  }
+  if (nan_mismatch) {
+    std::printf("  %zu outputs finite where a NaN scale should poison them\n", nan_mismatch);
     ok = false;
   }
   if (!(err <= 5e-3)) ok = false;
@@ -299,7 +329,7 @@ int Check(bool quick) {
   std::vector<Case> cases;
   const int ms[] = {1, 2, 3, 5, 8, 9, 12, 16};
   const int ns[] = {1, 7, 16, 17, 33, 100};
-  const int ks[] = {16, 32, 48, 144, 576, 1056, 4096};
+  const int ks[] = {16, 32, 48, 144, 256, 576, 768, 1056, 2560, 4096, 4352};
   int i = 0;
   for (int m : ms)
     for (int n : ns)
@@ -313,6 +343,10 @@ int Check(bool quick) {
     cases.push_back({16, 1000, 4096, true, true, 0});
     cases.push_back({1, 257, 12288, false, false, 0});
   }
+  // Negative and NaN scales, on the wide path (K % 256 == 0) and the general one.
+  cases.push_back({1, 37, 2560, false, false, 0, true});
+  cases.push_back({9, 37, 4096, true, false, 0, true});
+  cases.push_back({3, 21, 1056, false, false, 0, true});
   cases.push_back({4, 300, 1024, false, false, 8});  // 8-byte aligned codes: 8-byte path
   cases.push_back({11, 45, 576, true, false, 8});
   int failed = 0;
@@ -323,17 +357,20 @@ int Check(bool quick) {
     const bool ok = RunCase(c, 1234 + j, &err);
     worst = std::max(worst, err);
     if (!ok || j % 16 == 0)
-      std::printf("%s M=%d N=%d K=%d %s%s%s rel_err=%.2e\n", ok ? "ok  " : "FAIL", c.M, c.N, c.K,
-                  c.w4a4 ? "w4a4" : "w4a16", c.w4a4 ? (c.per_row ? "/row" : "/scalar") : "",
-                  c.code_misalign ? " misaligned" : "", err);
+      std::printf("%s M=%d N=%d K=%d %s%s%s%s rel_err=%.2e\n", ok ? "ok  " : "FAIL", c.M, c.N,
+                  c.K, c.w4a4 ? "w4a4" : "w4a16", c.w4a4 ? (c.per_row ? "/row" : "/scalar") : "",
+                  c.code_misalign ? " misaligned" : "", c.odd_scales ? " odd-scales" : "", err);
     failed += !ok;
   }
   // Every benchmark variant on multi-tile (persistent) shapes.
-  const Case multi_full[] = {{1, 30001, 1024, false, false, 0}, {9, 12003, 576, true, true, 0},
-                             {16, 5001, 2080, false, false, 0}};
+  const std::vector<Case> multi_full = {{1, 30001, 1024, false, false, 0}, {9, 12003, 576, true, true, 0},
+                             {16, 5001, 2080, false, false, 0},  {1, 30001, 2560, false, false, 0},
+                             {8, 12003, 4096, true, true, 0},    {16, 3001, 5120, false, false, 0},
+                             {4, 2003, 25600, false, false, 0}};
   // More tiles than CTA slots even for the 4-warp variants, at small K.
-  const Case multi_quick[] = {{1, 20001, 64, false, false, 0}, {9, 20001, 48, true, true, 0},
-                              {16, 20001, 96, false, false, 0}};
+  const std::vector<Case> multi_quick = {{1, 20001, 64, false, false, 0}, {9, 20001, 48, true, true, 0},
+                              {16, 20001, 96, false, false, 0}, {1, 20001, 256, false, false, 0},
+                              {8, 20001, 768, true, true, 0},   {16, 9001, 512, false, false, 0}};
   for (const Variant& v : kVariants) {
     for (const Case& c : quick ? multi_quick : multi_full) {
       double err = 0;
@@ -417,7 +454,7 @@ int Bench(int reps) {
       {"8B.down", 4096, 12288}, {"32B.qkv", 10240, 5120},  {"32B.o", 5120, 8192},
       {"32B.gate_up", 51200, 5120}, {"32B.down", 5120, 25600},
   };
-  const int msz[] = {1, 8};
+  const int msz[] = {1, 4, 8};
   std::printf("%-13s %3s %-6s %9s %8s\n", "shape", "M", "var", "us", "GB/s");
   for (const Shape& sh : shapes) {
     const size_t wbytes = static_cast<size_t>(sh.N) * sh.K / 2 + static_cast<size_t>(sh.N) * sh.K / 16;
