@@ -42,7 +42,8 @@ def _enable_compile_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def _dtype(name: str) -> Any:
+def resolve_dtype(name: str) -> Any:
+    """The dtype a ``--dtype`` value names (``auto``: bfloat16 on GPU, float32 elsewhere)."""
     import jax
     import jax.numpy as jnp
 
@@ -55,7 +56,7 @@ def _dtype(name: str) -> Any:
 def _load_model(args: argparse.Namespace, *, quantize: str | None) -> Any:
     from reset_jax.models import from_pretrained
 
-    dtype = _dtype(args.dtype)
+    dtype = resolve_dtype(args.dtype)
     import numpy as np
 
     what = (
@@ -179,19 +180,40 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
+def add_model_flags(
+    p: argparse.ArgumentParser, *, model: bool = True, activations: bool = True
+) -> None:
+    """The flags that choose and load a model, shared by every subcommand that loads one.
+
+    Args:
+      p: the subcommand's parser.
+      model: add ``--model`` (``quantize`` takes its checkpoint as a positional).
+      activations: add ``--activations`` (``eval`` takes the activation format
+        from each configuration name instead).
+    """
+    from reset_jax.hub import DEFAULT_MODEL, KNOWN_MODELS
+
+    if model:
+        p.add_argument(
+            "--model",
+            default=DEFAULT_MODEL,
+            help=f"checkpoint path (HF directory, NVFP4 export, .gguf) or a name: "
+            f"{', '.join(sorted(KNOWN_MODELS))} (default: {DEFAULT_MODEL})",
+        )
     p.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "bfloat16", "float16", "float32"],
-        help="dense weights, activations and cache (default: bfloat16 on GPU, float32 on CPU)",
+        help="dense weights, activations and cache (default: auto = bfloat16 on GPU, "
+        "float32 on CPU)",
     )
-    p.add_argument(
-        "--activations",
-        choices=["bf16", "nvfp4"],
-        default="bf16",
-        help="with NVFP4 weights: bf16 = W4A16 (default), nvfp4 = W4A4",
-    )
+    if activations:
+        p.add_argument(
+            "--activations",
+            choices=["bf16", "nvfp4"],
+            default="bf16",
+            help="with NVFP4 weights: bf16 = W4A16 (default), nvfp4 = W4A4",
+        )
     p.add_argument(
         "--implementation",
         choices=["cuda", "pallas", "xla"],
@@ -202,8 +224,6 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``reset-jax`` argument parser, with every subcommand registered."""
-    from reset_jax.hub import DEFAULT_MODEL, KNOWN_MODELS
-
     parser = argparse.ArgumentParser(
         prog="reset-jax",
         description="NVFP4 reasoning-model decoding in JAX with ReSET step-aware temperatures.",
@@ -217,17 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate continuations with the jitted decode loop and report the "
         "temperatures ReSET chose.",
     )
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"checkpoint path (HF directory, NVFP4 export, .gguf) or a name: "
-        f"{', '.join(sorted(KNOWN_MODELS))} (default: {DEFAULT_MODEL})",
-    )
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-cache-len", type=int, default=None, help="default: prompt + new tokens")
     p.add_argument("--quantize", choices=["nvfp4"], default=None, help="quantize weights to NVFP4")
-    _add_model_flags(p)
+    add_model_flags(p)
     p.add_argument("--sampler", choices=["reset", "fixed", "greedy"], default="reset")
     p.add_argument("--t-high", type=float, default=1.0, help="ReSET T_high (default: 1.0)")
     p.add_argument("--t-low", type=float, default=None, help="ReSET T_low (default: per model)")
@@ -250,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", help="checkpoint path or model name")
     p.add_argument("dst", help="output directory")
-    _add_model_flags(p)
+    add_model_flags(p, model=False)
     p.set_defaults(func=_cmd_quantize)
 
     try:

@@ -15,6 +15,10 @@ Three jitted entry points share one step function:
   (stop id, new-token limit, full cache, or bad logits) or the buffer is full.
 * `decode`: both in one program, the path with no host round trip at all.
 
+`prefill` and `decode`, called with concrete prompt lengths, first run
+`check_prompt_lengths` (as `buckets` does): the one check that every prompt
+fits the cache, with the error that names the row.
+
 Benchmarks time `prefill` and `decode_loop` separately.
 
 Shapes: B batch, P prompt bucket, T cache slots, N output buffer, V vocabulary.
@@ -25,6 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -39,6 +44,7 @@ __all__ = [
     "DecodeState",
     "SamplingKnobs",
     "buckets",
+    "check_prompt_lengths",
     "decode",
     "decode_loop",
     "decode_step",
@@ -75,15 +81,56 @@ class Buckets:
     cache_len: int
 
 
-def buckets(max_prompt_len: int, max_new_tokens: int, max_cache_len: int | None = None) -> Buckets:
+def check_prompt_lengths(
+    prompt_lengths: Sequence[int] | np.ndarray, max_new_tokens: Any, cache_len: int
+) -> None:
+    """The one check that every prompt fits the cache (`buckets`, `prefill` and `decode` run it).
+
+    A row needs at least one prompt token and, after its prompt, a cache slot
+    for a new token: ``1 <= prompt_len < cache_len``. (A cache of T slots holds
+    prompt + new tokens <= T; a row whose sequence fills the cache finishes
+    with reason ``"cache"``.)
+
+    Args:
+      prompt_lengths: tokens per row.
+      max_new_tokens: the requested new tokens (an int or a 0-d array; read
+        only for the error message).
+      cache_len: T, the cache length.
+
+    Raises:
+      ValueError: naming the first row that does not fit, its prompt length,
+        max_new_tokens and the cache length.
+    """
+    lengths = np.asarray(prompt_lengths).reshape(-1)
+    empty = np.flatnonzero(lengths < 1)
+    if empty.size:
+        raise ValueError(f"prompt {int(empty[0])} is empty: every prompt needs at least one token")
+    too_long = np.flatnonzero(lengths >= cache_len)
+    if too_long.size:
+        row, m = int(too_long[0]), int(np.asarray(max_new_tokens))
+        raise ValueError(
+            f"prompt {row} has {int(lengths[row])} tokens, which leaves no room for a new token "
+            f"in a cache of max_cache_len={cache_len} positions (max_new_tokens={m}); raise "
+            f"max_cache_len to at least {int(lengths.max()) + m} (the longest prompt plus "
+            "max_new_tokens) or shorten the prompt"
+        )
+
+
+def buckets(
+    prompt_lengths: int | Sequence[int],
+    max_new_tokens: int,
+    max_cache_len: int | None = None,
+) -> Buckets:
     """Static sizes for a request, rounded up so similar requests share a compile.
 
     P and N are powers of two (at least 16). The cache holds every prompt
     token and every new token, T = P + N, unless `max_cache_len` fixes it
-    (then P is capped at T, since prefill writes all P slots).
+    (then P is capped at T, since prefill writes all P slots). A row may fill
+    every slot: prompt + new tokens == `max_cache_len` decodes all of them.
 
     Args:
-      max_prompt_len: the longest prompt in the batch, in tokens.
+      prompt_lengths: tokens per row of the batch (an int: one row, or the
+        longest prompt).
       max_new_tokens: the requested number of new tokens.
       max_cache_len: an explicit cache length, or None.
 
@@ -91,23 +138,20 @@ def buckets(max_prompt_len: int, max_new_tokens: int, max_cache_len: int | None 
       The `Buckets`.
 
     Raises:
-      ValueError: a prompt that leaves no room for a new token in the cache.
+      ValueError: a bad `max_new_tokens`, or a prompt that is empty or leaves
+        no room for a new token (see `check_prompt_lengths`).
     """
-    if max_prompt_len < 1:
-        raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    lengths = np.asarray(prompt_lengths, np.int64).reshape(-1)
+    if lengths.size == 0:
+        raise ValueError("no prompts given")
+    max_prompt_len = int(lengths.max())
     p = _pow2_at_least(max_prompt_len, MIN_PROMPT_BUCKET)
     n = _pow2_at_least(max_new_tokens, MIN_NEW_BUCKET)
-    if max_cache_len is None:
-        return Buckets(p, n, p + n)
-    if max_prompt_len >= max_cache_len:
-        raise ValueError(
-            f"a prompt of {max_prompt_len} tokens does not fit a cache of {max_cache_len} "
-            f"positions with room for a new token; raise max_cache_len above {max_prompt_len} "
-            "or shorten the prompt"
-        )
-    return Buckets(min(p, max_cache_len), n, int(max_cache_len))
+    t = p + n if max_cache_len is None else int(max_cache_len)
+    check_prompt_lengths(lengths, max_new_tokens, t)
+    return Buckets(min(p, t), n, t)
 
 
 @struct.dataclass
@@ -335,6 +379,32 @@ def _loop(graphdef, params, state, sampler, knobs):
     return jax.lax.while_loop(cond, body, state)
 
 
+def _checks_prompts(jitted):
+    """`jitted` (`prefill` or `decode`), first running `check_prompt_lengths` on
+    concrete prompt lengths; ``.lower`` and the rest of the jit API pass through.
+
+    Under an outer trace the lengths are not known, and the check is the caller's.
+    """
+
+    @functools.wraps(jitted, updated=())
+    def entry(graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs, *, max_new):
+        try:
+            lens = np.asarray(prompt_lens)
+        except jax.errors.TracerArrayConversionError:  # under an outer jit: the caller checks
+            lens = None
+        if lens is not None:
+            check_prompt_lengths(lens, knobs.max_new_tokens, cache.max_len)
+        return jitted(
+            graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs, max_new=max_new
+        )
+
+    for name in ("lower", "trace", "eval_shape", "clear_cache"):
+        if hasattr(jitted, name):
+            setattr(entry, name, getattr(jitted, name))
+    return entry
+
+
+@_checks_prompts
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new"), donate_argnames=("cache",))
 def prefill(graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs, *, max_new):
     """Prefill the cache and sample each row's first token.
@@ -343,7 +413,7 @@ def prefill(graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs, *,
       graphdef: the model's ``nnx`` graph definition (static).
       params: the model's ``nnx`` state (traced).
       prompt_ids: ``[B, P]`` int32, right-padded.
-      prompt_lens: ``[B]`` int32, each in ``1..P``.
+      prompt_lens: ``[B]`` int32, each in ``1..P`` and below T.
       cache: an empty ``KVCache`` with ``T >= P`` (donated).
       sampler: `ReSETConfig` or `FixedTemperature` (traced).
       knobs: `SamplingKnobs` (traced).
@@ -351,6 +421,11 @@ def prefill(graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs, *,
 
     Returns:
       The `DecodeState` after one token per row.
+
+    Raises:
+      ValueError: a prompt that is empty or does not fit the cache
+        (`check_prompt_lengths`; only when called with concrete prompt lengths,
+        not under an outer ``jit``; ``prefill.lower`` checks nothing).
     """
     trace_counts["prefill"] += 1
     return _prefill(graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs, max_new)
@@ -374,11 +449,13 @@ def decode_loop(graphdef, params, state, sampler, knobs):
     return _loop(graphdef, params, state, sampler, knobs)
 
 
+@_checks_prompts
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new"), donate_argnames=("cache",))
 def decode(graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs, *, max_new):
     """Prefill and decode in one program: no host round trip until it returns.
 
-    Takes the arguments of `prefill`; returns the final `DecodeState`.
+    Takes the arguments of `prefill` (and raises its `ValueError`); returns
+    the final `DecodeState`.
     """
     trace_counts["decode"] += 1
     state = _prefill(graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs, max_new)

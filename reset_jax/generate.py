@@ -196,7 +196,9 @@ def generate(
       chat: wrap each string prompt as a user turn with the tokenizer's chat
         template (and the assistant prefix).
       max_cache_len: KV cache positions (prompt + new tokens); default: enough
-        for the longest prompt and `max_new_tokens`, rounded up to a bucket.
+        for the longest prompt and `max_new_tokens`, rounded up to a bucket. A
+        row stops (reason ``"cache"``) when its prompt and new tokens fill it;
+        prompt + `max_new_tokens` == `max_cache_len` decodes every new token.
       stop_ids: ids that end a row; default: the model's EOS ids and the
         tokenizer's EOS id.
 
@@ -204,8 +206,10 @@ def generate(
       A `GenerationResult`.
 
     Raises:
-      ValueError: an empty prompt, or a prompt that does not fit the cache
-        (the message names the row and both lengths).
+      ValueError: an empty prompt, or a prompt that leaves no room in the
+        cache for a new token (the message names the row, its length after
+        tokenization and the chat template, max_new_tokens and the cache
+        length; `decode.check_prompt_lengths`).
       BadLogitsError: the model produced unusable logits; the message names
         the row and the step.
     """
@@ -214,17 +218,10 @@ def generate(
     if len(prompts) == 0:
         raise ValueError("no prompts given")
     encoded = [_encode(tokenizer, p, chat) for p in prompts]
-    lengths = [len(e) for e in encoded]
-    for row, n in enumerate(lengths):
-        if n == 0:
-            raise ValueError(f"prompt {row} is empty after tokenization")
-        if max_cache_len is not None and n >= max_cache_len:
-            raise ValueError(
-                f"prompt {row} has {n} tokens (after the chat template), which does not fit "
-                f"max_cache_len={max_cache_len} with room for a new token"
-            )
+    lengths = [len(e) for e in encoded]  # after tokenization and the chat template
+    # Checks every row (empty, or no room in the cache) before anything compiles.
+    sizes = dec.buckets(lengths, max_new_tokens, max_cache_len)
     batch = len(encoded)
-    sizes = dec.buckets(max(lengths), max_new_tokens, max_cache_len)
     ids = np.zeros((batch, sizes.prompt_len), np.int32)
     for row, e in enumerate(encoded):
         ids[row, : len(e)] = e

@@ -25,6 +25,15 @@ rule (``H_step == H_bar`` while the window holds every entropy so far, or while
 the step spans the whole sequence) is kept bitwise by construction, see
 ``ReSETConfig._decide``.
 
+Cost. Both rules measure the entropy (the decode loop records it), so every
+pass over the ``[B, V]`` logits is shared with the fixed temperature. What ReSET
+adds is per-row arithmetic on a few ``[B]`` numbers, written to compile into
+a handful of small fused kernels: the state is packed into one float32 and one
+int32 array (``ReSETState``), and the boundary membership tests and the window
+sum are unrolled into elementwise code (for id arrays and windows up to 64;
+longer ones use one reduction). ``tests/test_sampler_cost.py`` pins this in the
+compiled HLO: no extra op on a ``V``-sized array, no extra reduction or sort.
+
 Bad logits (a row with a NaN, a ``+inf``, or no finite value) never yield a
 token: ``step`` returns NaN entropy and NaN temperature for that row, leaves the
 row's statistics untouched and sets the sticky ``state.bad[row]``; ``sample``
@@ -60,6 +69,13 @@ ENTROPY_FLOOR = 1e-10
 _ID_BUCKET = 8
 _PAD_ID = -1
 _FSUM_CHUNK = 128
+# The per-row ReSET bookkeeping is written as elementwise [B] arithmetic, so
+# that XLA fuses it into a couple of loop kernels instead of one small
+# reduction kernel per membership test or window sum (each costs a launch,
+# 2-4 us on a GPU even inside a CUDA graph). Id arrays up to this length and
+# windows up to this length are unrolled; longer ones fall back to one reduction.
+_UNROLL_IDS = 64
+_UNROLL_WINDOW = 64
 
 
 # ----------------------------------------------------------------------------
@@ -167,11 +183,75 @@ def _rows(x: Any, batch: int, dtype: Any) -> jax.Array:
 
 
 def _member(tokens: jax.Array, ids: jax.Array) -> jax.Array:
-    """``tokens[b] in ids`` for ``[B]`` tokens and a padded 1-D id array."""
-    if ids.shape[0] == 0:
+    """``tokens[b] in ids`` for ``[B]`` tokens and a padded 1-D id array.
+
+    Negative ids (the -1 padding) never match, and neither do negative tokens
+    (``last_token`` is -1 before any token), so ``tokens >= 0`` is the only guard
+    needed. Short id arrays are compared one id at a time (elementwise, fuses with
+    the rest of the rule); long ones use one ``any`` reduction.
+    """
+    k = ids.shape[0]
+    if k == 0:
         return jnp.zeros(tokens.shape, bool)
-    hit = (tokens[:, None] == ids[None, :]) & (ids[None, :] >= 0)
-    return jnp.any(hit, axis=-1)
+    if k <= _UNROLL_IDS:
+        hit = tokens == ids[0]
+        for j in range(1, k):
+            hit = hit | (tokens == ids[j])
+    else:
+        hit = jnp.any(tokens[:, None] == ids[None, :], axis=-1)
+    return hit & (tokens >= 0)
+
+
+def _boundary(
+    n: jax.Array, last: jax.Array, prev: jax.Array, nl_ids: jax.Array, dnl_ids: jax.Array
+) -> jax.Array:
+    """Item 1 of the rule: the generated tokens so far end in a dnl id or in two nl ids.
+
+    Args:
+      n: ``[B]`` int32 tokens generated so far (prompt excluded).
+      last: ``[B]`` int32 the last one (-1 before any).
+      prev: ``[B]`` int32 the one before it (-1 before any).
+      nl_ids: ``[K1]`` padded ids of ``"\\n"``.
+      dnl_ids: ``[K2]`` padded ids containing ``"\\n\\n"``.
+
+    Returns:
+      ``[B]`` bool.
+    """
+    if max(nl_ids.shape[0], dnl_ids.shape[0]) > _UNROLL_IDS:
+        # Long id lists: the three membership tests as one reduction over [B, 3, K].
+        k = max(nl_ids.shape[0], dnl_ids.shape[0])
+
+        def pad(ids):
+            return jnp.pad(ids, (0, k - ids.shape[0]), constant_values=_PAD_ID)
+
+        ids = jnp.stack([pad(nl_ids), pad(nl_ids), pad(dnl_ids)])  # [3, K]
+        toks = jnp.stack([last, prev, last], axis=-1)  # [B, 3]
+        hit = jnp.any(toks[:, :, None] == ids[None], axis=-1) & (toks >= 0)
+        last_nl, prev_nl, last_dnl = hit[:, 0], hit[:, 1], hit[:, 2]
+    else:
+        last_nl = _member(last, nl_ids)
+        prev_nl = _member(prev, nl_ids)
+        last_dnl = _member(last, dnl_ids)
+    return ((n >= 1) & last_dnl) | ((n >= 2) & last_nl & prev_nl)
+
+
+def _ring_sum(ring: jax.Array) -> jax.Array:
+    """``_fsum(ring, axis=-1)`` for the ``[B, W]`` window, as elementwise arithmetic.
+
+    The same float-float sum in index order (TwoSum of the running high part,
+    the rounding errors added up in the low part, one final rounding), written
+    out column by column so that it fuses with the rule's other ``[B]`` work
+    instead of being a reduction kernel of its own. It equals ``_fsum``'s
+    sequential reduction bit for bit (``tests/test_sampling.py`` checks it).
+    """
+    w = ring.shape[-1]
+    if w > _UNROLL_WINDOW:
+        return _fsum(ring)
+    hi, lo = ring[:, 0], jnp.zeros_like(ring[:, 0])
+    for j in range(1, w):
+        hi, e = _two_sum(hi, ring[:, j])
+        lo = lo + e
+    return hi + lo
 
 
 def _select_rows(keep_new: jax.Array, new: Any, old: Any) -> Any:
@@ -218,35 +298,83 @@ def _knob(x: Any, name: str) -> jax.Array:
 # ----------------------------------------------------------------------------
 
 
+# Column layout of the packed ReSET state (see ``ReSETState``).
+_SUM_COLS = 4  # stats[:, :4] = total_hi, total_lo, step_hi, step_lo; stats[:, 4:] = ring
+_COUNT, _STEP_COUNT, _LAST, _PREV, _NUM_GENERATED = range(5)
+
+
 @struct.dataclass
 class ReSETState:
     """Per-row ReSET state; every leaf leads with the batch axis ``B``.
 
+    The per-row numbers are packed into one float32 and one int32 array, so that
+    inside the decode loop a step updates two small arrays (two fused kernels,
+    and at most two loop-carry copies) instead of ten. Read them through the
+    named properties below.
+
     Attributes:
+      stats: ``[B, 4 + W]`` float32: ``total_hi``, ``total_lo``, ``step_hi``,
+        ``step_lo``, then the ``W`` ring slots.
+      counts: ``[B, 5]`` int32: ``count``, ``step_count``, ``last_token``,
+        ``prev_token``, ``num_generated``.
+      bad: ``[B]`` bool, sticky: the row has seen unusable logits.
+
+    Properties (views of ``stats`` / ``counts``):
       ring: ``[B, W]`` float32, entropy number ``i`` of the row lives in slot ``i % W``.
-      count: ``[B]`` int32, entropies recorded (positions decided) so far.
       total_hi: ``[B]`` float32, float-float sum of every recorded entropy (high part).
       total_lo: ``[B]`` float32, its low part.
       step_hi: ``[B]`` float32, float-float sum of the current step's entropies.
       step_lo: ``[B]`` float32, its low part.
+      count: ``[B]`` int32, entropies recorded (positions decided) so far.
       step_count: ``[B]`` int32, entropies in the current step.
       last_token: ``[B]`` int32, the last generated token (-1 before any).
       prev_token: ``[B]`` int32, the one before it (-1 before any).
       num_generated: ``[B]`` int32, tokens observed so far (prompt excluded).
-      bad: ``[B]`` bool, sticky: the row has seen unusable logits.
     """
 
-    ring: jax.Array
-    count: jax.Array
-    total_hi: jax.Array
-    total_lo: jax.Array
-    step_hi: jax.Array
-    step_lo: jax.Array
-    step_count: jax.Array
-    last_token: jax.Array
-    prev_token: jax.Array
-    num_generated: jax.Array
+    stats: jax.Array
+    counts: jax.Array
     bad: jax.Array
+
+    @property
+    def ring(self) -> jax.Array:
+        return self.stats[..., _SUM_COLS:]
+
+    @property
+    def total_hi(self) -> jax.Array:
+        return self.stats[..., 0]
+
+    @property
+    def total_lo(self) -> jax.Array:
+        return self.stats[..., 1]
+
+    @property
+    def step_hi(self) -> jax.Array:
+        return self.stats[..., 2]
+
+    @property
+    def step_lo(self) -> jax.Array:
+        return self.stats[..., 3]
+
+    @property
+    def count(self) -> jax.Array:
+        return self.counts[..., _COUNT]
+
+    @property
+    def step_count(self) -> jax.Array:
+        return self.counts[..., _STEP_COUNT]
+
+    @property
+    def last_token(self) -> jax.Array:
+        return self.counts[..., _LAST]
+
+    @property
+    def prev_token(self) -> jax.Array:
+        return self.counts[..., _PREV]
+
+    @property
+    def num_generated(self) -> jax.Array:
+        return self.counts[..., _NUM_GENERATED]
 
 
 @struct.dataclass
@@ -339,20 +467,11 @@ class ReSETConfig:
     def init_state(self, batch_size: int) -> ReSETState:
         """Fresh state for ``batch_size`` rows (see ``init_state``)."""
         b, w = batch_size, self.window
-        zf = jnp.zeros((b,), jnp.float32)
-        zi = jnp.zeros((b,), jnp.int32)
-        none = jnp.full((b,), -1, jnp.int32)
+        # count, step_count and num_generated 0; last_token and prev_token -1.
+        counts = jnp.broadcast_to(jnp.array([0, 0, -1, -1, 0], jnp.int32), (b, 5))
         return ReSETState(
-            ring=jnp.zeros((b, w), jnp.float32),
-            count=zi,
-            total_hi=zf,
-            total_lo=zf,
-            step_hi=zf,
-            step_lo=zf,
-            step_count=zi,
-            last_token=none,
-            prev_token=none,
-            num_generated=zi,
+            stats=jnp.zeros((b, _SUM_COLS + w), jnp.float32),
+            counts=counts,
             bad=jnp.zeros((b,), bool),
         )
 
@@ -384,11 +503,9 @@ class ReSETConfig:
         tau0 = _rows(self.tau0, b, jnp.float32)
 
         # 1. Boundary from the generated tokens only (num_generated excludes the prompt).
-        n = state.num_generated
-        last_nl = _member(state.last_token, self.nl_ids)
-        prev_nl = _member(state.prev_token, self.nl_ids)
-        last_dnl = _member(state.last_token, self.dnl_ids)
-        boundary = ((n >= 1) & last_dnl) | ((n >= 2) & last_nl & prev_nl)
+        boundary = _boundary(
+            state.num_generated, state.last_token, state.prev_token, self.nl_ids, self.dnl_ids
+        )
         step_hi = jnp.where(boundary, 0.0, state.step_hi)
         step_lo = jnp.where(boundary, 0.0, state.step_lo)
         step_count = jnp.where(boundary, 0, state.step_count)
@@ -405,7 +522,7 @@ class ReSETConfig:
         # It is <= and not <: at count == w the window is still every entropy.
         # Once the ring has wrapped, its float-float sum is rounded once, which
         # matches the reference's double mean to one float32 rounding.
-        window_mean = jnp.where(count <= w, mean_all, _fsum(state.ring) / jnp.float32(w))
+        window_mean = jnp.where(count <= w, mean_all, _ring_sum(state.ring) / jnp.float32(w))
         # When the step spans the whole sequence (no boundary yet) its sum went
         # through exactly the same float-float updates as the total, so
         # mean(step) and H_bar tie bitwise there too, as they do in the reference.
@@ -424,25 +541,25 @@ class ReSETConfig:
         slot = (count % w)[:, None] == jnp.arange(w)[None, :]
         total_hi, total_lo = _acc_add(state.total_hi, state.total_lo, h)
         step_hi, step_lo = _acc_add(step_hi, step_lo, h)
+        sums = jnp.stack([total_hi, total_lo, step_hi, step_lo], axis=-1)
+        ring = jnp.where(slot, h[:, None], state.ring)
+        counts = state.counts
         new_state = state.replace(
-            ring=jnp.where(slot, h[:, None], state.ring),
-            count=count + 1,
-            total_hi=total_hi,
-            total_lo=total_lo,
-            step_hi=step_hi,
-            step_lo=step_lo,
-            step_count=step_count + 1,
+            stats=jnp.concatenate([sums, ring], axis=-1),
+            counts=jnp.concatenate(
+                [jnp.stack([count + 1, step_count + 1], axis=-1), counts[:, _LAST:]], axis=-1
+            ),
         )
         return new_state, temperature, StepInfo(boundary, h_step, h_bar, uncertain)
 
     def observe(self, state: ReSETState, token: jax.Array) -> ReSETState:
         """See the module-level ``observe``."""
         token = jnp.asarray(token, jnp.int32)
-        return state.replace(
-            prev_token=state.last_token,
-            last_token=token,
-            num_generated=state.num_generated + 1,
+        c = state.counts
+        counts = jnp.stack(
+            [c[:, _COUNT], c[:, _STEP_COUNT], token, c[:, _LAST], c[:, _NUM_GENERATED] + 1], axis=-1
         )
+        return state.replace(counts=counts)
 
 
 @struct.dataclass

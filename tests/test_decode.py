@@ -83,7 +83,7 @@ def run(
     model, prompts, *, sampler, max_new, max_cache_len=None, stop_ids=(), top_p=1.0, top_k=0, seed=0
 ):
     """The combined `decode` entry point, returning the final state on the host."""
-    sizes = dec.buckets(max(map(len, prompts)), max_new, max_cache_len)
+    sizes = dec.buckets([len(p) for p in prompts], max_new, max_cache_len)
     ids = np.zeros((len(prompts), sizes.prompt_len), np.int32)
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = p
@@ -198,11 +198,60 @@ def test_no_retrace_when_only_request_values_change(model):
     assert dict(dec.trace_counts) == before
 
 
+def test_a_row_can_fill_every_cache_slot(model, reference):
+    # Review finding: "with an explicit max_cache_len a row stops one token early".
+    # Not so: prompt + max_new_tokens == max_cache_len decodes every new token
+    # (new == 1: the cache holds the prompt and one free slot, prefill's token alone).
+    tok = ToyTokenizer()
+    for b, new in ((0, 1), (1, 11), (2, 4)):
+        t = len(PROMPTS[b]) + new
+        # Asking for one more token than fits: the cache, not the limit, ends the row.
+        for limit, reason in ((new, "length"), (new + 1, "cache")):
+            res = generate(
+                model,
+                tok,
+                [PROMPTS[b]],
+                chat=False,
+                sampler=GREEDY,
+                max_new_tokens=limit,
+                max_cache_len=t,
+            )
+            assert res.token_ids == [reference[b][:new]], (b, limit)
+            assert res.finish_reasons == [reason], (b, limit)
+    # The combined entry point, a batch with rows of three lengths, same cache.
+    state = run(model, PROMPTS, sampler=GREEDY, max_new=4, max_cache_len=len(PROMPTS[2]) + 4)
+    assert rows(state) == [r[:4] for r in reference]
+
+
 def test_prompt_longer_than_cache_is_an_error(model):
-    with pytest.raises(ValueError, match=r"prompt 2 has 14 tokens.*max_cache_len=10"):
+    message = r"prompt 2 has 14 tokens, .*max_cache_len=10 .*max_new_tokens=256.*at least 270"
+    with pytest.raises(ValueError, match=message):
         generate(model, ToyTokenizer(), PROMPTS, chat=False, max_cache_len=10)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match=r"prompt 1 has 14 tokens, .*max_cache_len=14 "):
+        generate(model, ToyTokenizer(), [[1], [2] * 14], chat=False, max_cache_len=14)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate(model, ToyTokenizer(), [[1], []], chat=False)
+
+
+def test_decode_entry_points_check_the_prompts_too(model):
+    # A cache built by hand, bypassing `buckets`: the same error, before anything runs.
+    graphdef, params = nnx.split(model)
+    ids = jnp.zeros((2, 16), jnp.int32)
+    knobs = dec.make_knobs(2, max_new_tokens=5)
+
+    def args(lens):
+        lens = jnp.asarray(lens, jnp.int32)
+        return graphdef, params, ids, lens, model.init_cache(2, 9), GREEDY, knobs
+
+    for entry in (dec.prefill, dec.decode):
+        for lens, match in (
+            ([3, 9], r"prompt 1 has 9 tokens, .*max_cache_len=9 .*max_new_tokens=5\)"),
+            ([3, 0], "empty"),
+        ):
+            with pytest.raises(ValueError, match=match):
+                entry(*args(lens), max_new=16)
+    # Ahead-of-time lowering still works (shapes only, nothing to check).
+    assert dec.prefill.lower(*args([3, 8]), max_new=16).compile()
 
 
 def test_bad_logits_name_the_row(model):
@@ -218,10 +267,15 @@ def test_bad_logits_name_the_row(model):
 
 def test_buckets():
     assert dec.buckets(3, 12) == dec.Buckets(16, 16, 32)
-    assert dec.buckets(17, 100) == dec.Buckets(32, 128, 160)
+    assert dec.buckets([3, 17, 5], 100) == dec.Buckets(32, 128, 160)
     assert dec.buckets(40, 8, max_cache_len=50) == dec.Buckets(50, 16, 50)
-    with pytest.raises(ValueError, match="40 tokens"):
+    assert dec.buckets([7, 14], 4, max_cache_len=18) == dec.Buckets(16, 16, 18)  # 14 + 4 == 18
+    with pytest.raises(ValueError, match=r"prompt 0 has 40 tokens.*max_cache_len=40"):
         dec.buckets(40, 8, max_cache_len=40)
+    with pytest.raises(ValueError, match=r"prompt 1 has 9 tokens.*max_new_tokens=8.*at least 20"):
+        dec.buckets([3, 9, 12], 8, max_cache_len=9)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        dec.buckets(3, 0)
 
 
 def test_make_knobs_rejects_bad_settings():

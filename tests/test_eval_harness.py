@@ -3,11 +3,13 @@
 import json
 import math
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from reset_jax import cli
 from reset_jax.eval import cli as eval_cli
 from reset_jax.eval.calibrate import calibrate, read_entropy_jsonl, write_entropy_jsonl
 from reset_jax.eval.datasets import Example, load_jsonl
@@ -20,6 +22,7 @@ from reset_jax.eval.harness import (
     run_eval,
     summarize,
 )
+from reset_jax.hub import DEFAULT_MODEL
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k-dev-50.jsonl"
 
@@ -406,6 +409,8 @@ def test_cli_eval_and_calibrate(tmp_path, monkeypatch, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["n_examples"] == 5 and summary["settings"]["seeds"] == [0, 1]
     assert summary["settings"]["command"].startswith("reset-jax eval --data")
+    # --dtype auto is recorded as what it meant here, so a resume elsewhere cannot mix dtypes.
+    assert summary["settings"]["dtype"] == np.dtype(cli.resolve_dtype("auto")).name
     reset = summary["configs"][1]["spec"]
     assert (reset["t_low"], reset["tau0"], reset["sampler"]) == (0.3, 0.45, "reset")
     ids = {json.loads(x)["id"] for x in (out / "samples.jsonl").read_text().splitlines()}
@@ -455,6 +460,52 @@ def test_register_adds_subcommands():
     assert (args.n, args.quantize, args.percentile) == (5, "nvfp4", 80.0)
     args = parser.parse_args(["entropy-plot", "--bf16", "a", "--nvfp4", "b", "-o", "f.png"])
     assert args.output == "f.png"
+
+
+def _model_flags(parser, command):
+    """``{option: (default, choices, help)}`` of a subcommand's model flags."""
+    sub = parser._subparsers._group_actions[0].choices[command]  # argparse keeps them here
+    names = ("--model", "--dtype", "--activations", "--implementation")
+    return {
+        a.option_strings[0]: (a.default, a.choices, a.help)
+        for a in sub._actions
+        if a.option_strings and a.option_strings[0] in names
+    }
+
+
+def test_eval_commands_take_generate_model_flags():
+
+    parser = cli.build_parser()
+    gen = _model_flags(parser, "generate")
+    assert set(gen) == {"--model", "--dtype", "--activations", "--implementation"}
+    assert gen["--dtype"][0] == "auto" and gen["--model"][0] == DEFAULT_MODEL
+    # The same flags, defaults, choices and help (eval's configurations name
+    # their own activation format, so eval has no --activations).
+    assert _model_flags(parser, "calibrate") == gen
+    assert _model_flags(parser, "eval") == {k: v for k, v in gen.items() if k != "--activations"}
+    args = parser.parse_args(["eval", "--data", "x.jsonl", "--out", "o"])
+    assert (args.dtype, args.implementation) == ("auto", None)
+    # "auto" reaches the model stack as a concrete dtype (float32 on CPU, bfloat16 on GPU).
+    auto = np.dtype(cli.resolve_dtype("auto")).name
+    assert eval_cli.make_backend(args).dtype == auto
+    args = parser.parse_args(["calibrate", "--data", "x.jsonl", "--dtype", "float16"])
+    assert eval_cli.make_backend(args).dtype == "float16" and args.activations == "bf16"
+
+
+def test_results_md_accuracy_commands_still_parse():
+    text = (Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md").read_text()
+    lines = text.replace("\\\n", " ").splitlines()
+    commands = [shlex.split(ln.partition("#")[0]) for ln in lines if ln.startswith("reset-jax ")]
+    commands = [c[1:] for c in commands if c[1] in ("calibrate", "entropy-plot", "eval")]
+    assert {"calibrate", "eval"} <= {c[0] for c in commands}, commands
+    parser = cli.build_parser()
+    previous = {}
+    for argv in commands:
+        if "..." in argv:  # "the command above, and ..."
+            i = argv.index("...")
+            argv = argv[:i] + previous[argv[0]][1:] + argv[i + 1 :]
+        previous[argv[0]] = argv
+        assert parser.parse_args(argv).func is not None, argv
 
 
 # --- the real default model, tiny budgets ----------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -407,6 +408,68 @@ def test_boundaries_need_generated_tokens_and_empty_ids():
     no_ids = S.ReSETConfig.create(t_low=0.1, tau0=1.0, window=4)
     _, _, info = S.replay(no_ids, z, np.array([NL, NL, DNL, DNL, 3, 3]), return_info=True)
     assert not np.asarray(info.boundary).any()
+
+
+def test_window_sum_is_the_compensated_sum():
+    """The unrolled (elementwise) window sum is ``_fsum``'s reduction, bit for bit on CPU.
+
+    Both are the float-float sum in index order with one final rounding; it is
+    also within one float32 ulp of the exact sum.
+    """
+    rng = np.random.default_rng(8)
+    cpu = jax.devices("cpu")[0]
+    for w in (1, 2, 5, 32, 64):
+        scale = rng.choice(np.float32([1e-3, 1.0, 12.0]), (4000, 1))
+        ring = (rng.random((4000, w), dtype=np.float32) ** 3 * scale).astype(np.float32)
+        with jax.default_device(cpu):
+            got = np.asarray(jax.jit(S._ring_sum)(ring))
+            want = np.asarray(jax.jit(S._fsum)(ring))
+        np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+        exact = np.array([math.fsum(row) for row in ring.astype(np.float64)])
+        assert np.all(np.abs(got - exact) <= np.spacing(np.abs(exact).astype(np.float32)))
+
+
+@pytest.mark.parametrize("window", [4, 32])
+def test_unrolled_and_reduction_paths_decide_identically(monkeypatch, window):
+    """Short id lists and windows run as elementwise code, long ones as reductions.
+
+    Forcing the reduction paths (as for > 64 ids or a window > 64) must not change
+    a single bit of any output or of the state.
+    """
+    logits, tokens = _sequence(1000, 2000, seed=1000)
+    # Extra ids that do occur among the ordinary tokens of the sequence.
+    nl, dnl = [NL, 40, 41], [DNL, 50]
+    rule = S.ReSETConfig.create(
+        t_low=T_LOW, tau0=_tau0_for(logits), window=window, nl_ids=nl, dnl_ids=dnl
+    )
+
+    def run():
+        # The rule's methods, not the jitted protocol functions, so that each call
+        # traces afresh with the current module constants.
+        def body(state, xs):
+            z, tok = xs
+            state, temperature, h, info = rule.step_with_info(state, z[None])
+            return rule.observe(state, tok[None]), (temperature, h, info)
+
+        scan = jax.jit(lambda z, t: jax.lax.scan(body, rule.init_state(1), (z, t)))
+        # On CPU: a GPU's reduction order could round the reduced window sum differently.
+        with jax.default_device(jax.devices("cpu")[0]):
+            return jax.device_get(scan(logits, tokens.astype(np.int32)))
+
+    unrolled = run()
+    monkeypatch.setattr(S, "_UNROLL_IDS", 0)
+    monkeypatch.setattr(S, "_UNROLL_WINDOW", 0)
+    reduced = run()
+    for a, b in zip(jax.tree.leaves(unrolled), jax.tree.leaves(reduced), strict=True):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+    state, (temperature, _, info) = unrolled
+    assert np.asarray(info.boundary).sum() > 20 and np.asarray(info.uncertain).any()
+    assert set(np.unique(temperature).tolist()) == {T_HIGH, T_LOW}
+    assert (np.isin(tokens, [40, 41, 50])).any()
+    # The packed state reads back through its named views.
+    assert state.count.tolist() == state.num_generated.tolist() == [len(tokens)]
+    assert state.last_token.tolist() == [tokens[-1]] and state.prev_token.tolist() == [tokens[-2]]
+    assert state.ring.shape == (1, window) and state.stats.shape == (1, 4 + window)
 
 
 def test_vmap_and_jit_agree_with_eager():

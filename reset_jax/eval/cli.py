@@ -13,7 +13,8 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from reset_jax.cli import add_model_flags, resolve_dtype
+from reset_jax.hub import DEFAULT_MODEL
 
 __all__ = ["DEFAULT_MODEL", "main", "make_backend", "register"]
 
@@ -22,7 +23,8 @@ def make_backend(args: argparse.Namespace):
     """The model stack for a command (tests replace this function).
 
     Args:
-      args: parsed arguments with ``model``, ``dtype``, ``no_chat`` and ``implementation``.
+      args: parsed arguments with ``model``, ``dtype`` (a name or ``"auto"``),
+        ``no_chat`` and ``implementation``.
 
     Returns:
       A :class:`reset_jax.eval.harness.JaxBackend`.
@@ -31,10 +33,17 @@ def make_backend(args: argparse.Namespace):
 
     return JaxBackend(
         model=args.model,
-        dtype=args.dtype,
+        dtype=_dtype_name(args.dtype),
         chat=not args.no_chat,
         implementation=args.implementation,
     )
+
+
+def _dtype_name(name: str) -> str:
+    """``--dtype`` as a concrete dtype name (``auto`` resolved for this machine)."""
+    import numpy as np
+
+    return np.dtype(resolve_dtype(name)).name
 
 
 def _positive_int(s: str) -> int:
@@ -44,23 +53,11 @@ def _positive_int(s: str) -> int:
     return v
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"model name or path (default: {DEFAULT_MODEL})"
-    )
-    p.add_argument(
-        "--dtype",
-        default="bfloat16",
-        choices=["bfloat16", "float16", "float32"],
-        help="dtype of the dense weights and activations (default: bfloat16)",
-    )
+def _add_common_args(p: argparse.ArgumentParser, *, activations: bool) -> None:
+    # The model flags (--model, --dtype, [--activations,] --implementation) are
+    # `reset-jax generate`'s: one helper, the same defaults.
+    add_model_flags(p, activations=activations)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    p.add_argument(
-        "--implementation",
-        choices=["cuda", "pallas", "xla"],
-        default=None,
-        help="NVFP4 matmul backend (default: the first of cuda, pallas, xla that serves)",
-    )
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default: 0.95)")
     p.add_argument("--top-k", type=int, default=0, help="top-k, 0 = off (default: 0)")
 
@@ -183,7 +180,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     examples = _load(args)
     settings = {
         "model": args.model,
-        "dtype": args.dtype,
+        # The dtype the run used, so a resume elsewhere cannot mix dtypes under "auto".
+        "dtype": _dtype_name(args.dtype),
         "data": args.data,
         "offset": args.offset,
         "chat": not args.no_chat,
@@ -224,7 +222,7 @@ def register(subparsers) -> None:
         description="Decode problems with the (NVFP4) model, dump per-token entropies and "
         "temperatures, and print tau0 and the other percentiles of the pooled entropies.",
     )
-    _add_model_args(p)
+    _add_common_args(p, activations=True)
     p.add_argument(
         "--data", required=True, help="JSONL file (question, answer[, id]) or HF dataset id"
     )
@@ -238,12 +236,6 @@ def register(subparsers) -> None:
         choices=["nvfp4", "none"],
         default="nvfp4",
         help="nvfp4 (default, as the paper) or none for the dense model",
-    )
-    p.add_argument(
-        "--activations",
-        choices=["bf16", "nvfp4"],
-        default="bf16",
-        help="bf16 = W4A16 (default), nvfp4 = W4A4",
     )
     p.add_argument(
         "--temperature", type=float, default=0.6, help="decoding temperature (default: 0.6)"
@@ -280,7 +272,7 @@ def register(subparsers) -> None:
         description="Run configurations side by side over seeds and write per-sample JSONL, "
         "summary.json and summary.md. Configurations: bf16, nvfp4, w4a4, each optionally +reset.",
     )
-    _add_model_args(p)
+    _add_common_args(p, activations=False)  # each configuration names its own
     p.add_argument(
         "--data", required=True, help="JSONL file or Hugging Face id NAME[:CONFIG][@SPLIT]"
     )
