@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 VARIANTS = {
-    # name: (quantize, activations, implementation)
+    # name: (quantize, activations, implementation[, layers left dense])
     "bf16": (None, "bf16", None),
     "cuda-w4a16": ("nvfp4", "bf16", ("cuda", "xla")),  # prefill (M > 16) goes to XLA
     "cuda-w4a4": ("nvfp4", "nvfp4", ("cuda", "xla")),
@@ -35,6 +35,9 @@ VARIANTS = {
     "pallas-w4a4": ("nvfp4", "nvfp4", ("pallas", "xla")),
     "xla-w4a16": ("nvfp4", "bf16", "xla"),
     "xla-w4a4": ("nvfp4", "nvfp4", "xla"),
+    # lm_head quantized too (checkpoints keep it dense; this shows what it would save)
+    "cuda-w4a16-qhead": ("nvfp4", "bf16", ("cuda", "xla"), ()),
+    "xla-w4a16-qhead": ("nvfp4", "bf16", "xla", ()),
 }
 
 
@@ -93,14 +96,18 @@ def run_one(model_name: str, variant: str, batches: list[int], prompt_len: int, 
     from reset_jax import sampling
     from reset_jax.models import ModelConfig, build_model, from_pretrained
 
-    quantize, activations, implementation = VARIANTS[variant]
+    quantize, activations, implementation, *dense = VARIANTS[variant]
+    extra = {"exclude": dense[0]} if dense else {}
     t0 = time.perf_counter()
     if model_name in HF_CONFIGS:
         config = ModelConfig.from_hf(HF_CONFIGS[model_name])
         # Random normal weights drawn and quantized on the device (seconds for 8B).
         model = build_model(config, dtype=jnp.bfloat16, quantize=quantize,
-                            activations=activations, implementation=implementation)  # fmt: skip
+                            activations=activations, implementation=implementation,
+                            **extra)  # fmt: skip
     else:
+        if dense:
+            raise SystemExit(f"{variant}: only for the random-weight shapes {sorted(HF_CONFIGS)}")
         model = from_pretrained(
             model_name,
             dtype=jnp.bfloat16,

@@ -20,8 +20,14 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | t
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 
 stamp "GPU tests"
-timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_cuda_ffi.py tests/test_nvfp4_matmul.py} \
-  > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"; tail -4 "$OUT/pytest.log"
+# The GPU suite is compile-bound (minutes sequentially): with pytest-xdist carried
+# in .whl (pytest_xdist + execnet wheels) it runs 8 processes, each allocating
+# GPU memory on demand. -rfE names every failure in the summary.
+XDIST=""
+if python3 -c "import xdist" 2>/dev/null; then XDIST="-n ${TEST_PROCS:-8}"; fi
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -rfE --tb=line \
+  -p no:cacheprovider $XDIST ${TESTS:-tests/test_cuda_ffi.py tests/test_nvfp4_matmul.py} \
+  > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | tail -12
 
 if [ -n "${KERNELS_ARGS+x}" ]; then
   stamp "kernel benchmark"

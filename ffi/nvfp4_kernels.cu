@@ -32,20 +32,6 @@ const char* GemvUnsupportedReason(const GemvArgs& a) {
   return nullptr;
 }
 
-KParams ToKParams(const GemvArgs& a) {
-  KParams kp;
-  kp.x = static_cast<const __nv_bfloat16*>(a.x);
-  kp.codes = a.codes;
-  kp.scales = a.scales;
-  kp.wscale = a.wscale;
-  kp.xscale = a.xscale;
-  kp.xscale_stride = a.xscale_per_row ? 1 : 0;
-  kp.y = static_cast<__nv_bfloat16*>(a.y);
-  kp.M = static_cast<int>(a.M);
-  kp.N = static_cast<int>(a.N);
-  kp.K = static_cast<int>(a.K);
-  return kp;
-}
 
 bool UseVec16(const GemvArgs& a) {
   // 16-byte code loads need 16-byte aligned rows (K % 32 == 0) and 2-byte aligned
@@ -63,10 +49,15 @@ bool UseWide(const GemvArgs& a) {
   const KParams kp = ToKParams(a);
   if (!WideOk(kp) || !WideXs(kp)) return false;
   if (kp.M <= 2) return true;
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    return false;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  static int sm_count[64] = {};  // per device; a race only repeats the query
+  int sms = device >= 0 && device < 64 ? sm_count[device] : 0;
+  if (sms == 0) {
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+      return false;
+    if (device >= 0 && device < 64) sm_count[device] = sms;
+  }
   const int64_t tiles = (kp.N + 15) / 16;
   const int64_t slots = 2 * static_cast<int64_t>(sms);  // resident wide CTAs (registers)
   return 4 * static_cast<int64_t>(kp.M) * slots <= 9 * tiles;

@@ -28,6 +28,8 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
+#include "nvfp4_kernels.h"
+
 namespace nvfp4 {
 
 struct KParams {
@@ -40,6 +42,22 @@ struct KParams {
   __nv_bfloat16* y;        // [M, N]
   int M, N, K;
 };
+
+// Kernel parameters from the host API's arguments.
+inline KParams ToKParams(const GemvArgs& a) {
+  KParams kp;
+  kp.x = static_cast<const __nv_bfloat16*>(a.x);
+  kp.codes = a.codes;
+  kp.scales = a.scales;
+  kp.wscale = a.wscale;
+  kp.xscale = a.xscale;
+  kp.xscale_stride = a.xscale_per_row ? 1 : 0;
+  kp.y = static_cast<__nv_bfloat16*>(a.y);
+  kp.M = static_cast<int>(a.M);
+  kp.N = static_cast<int>(a.N);
+  kp.K = static_cast<int>(a.K);
+  return kp;
+}
 
 // ---------------------------------------------------------------- loads ----
 
@@ -708,18 +726,31 @@ cudaError_t LaunchWideOne(const KParams& kp, cudaStream_t stream) {
   }
   const int tiles = (kp.N + 15) / 16;
   int grid = tiles;
-  int per_sm = 0, sms = 0, device = 0;
-  // Occupancy depends on the dynamic shared memory, so it is asked per call
-  // (host-side only; the kernel launch itself is what a graph records).
-  if (cudaGetDevice(&device) == cudaSuccess &&
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, W * 32, smem) == cudaSuccess &&
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
-      per_sm > 0) {
-    const int slots = per_sm * sms;
-    if (tiles > slots) {
-      const int rounds = (tiles + slots - 1) / slots;
-      grid = (tiles + rounds - 1) / rounds;
+  // Resident CTAs per SM depend on the dynamic shared memory: cached per
+  // (device, smem) so that a call costs no occupancy query on the host.
+  struct Entry {
+    int device, smem, slots;
+  };
+  static thread_local Entry cache[16] = {};
+  static thread_local int next = 0;
+  int device = 0;
+  int slots = 0;
+  if (cudaGetDevice(&device) == cudaSuccess) {
+    for (const Entry& e : cache)
+      if (e.slots > 0 && e.device == device && e.smem == smem) slots = e.slots;
+    int per_sm = 0, sms = 0;
+    if (slots == 0 &&
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, W * 32, smem) == cudaSuccess &&
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
+        per_sm > 0) {
+      slots = per_sm * sms;
+      cache[next] = {device, smem, slots};
+      next = (next + 1) % 16;
     }
+  }
+  if (slots > 0 && tiles > slots) {
+    const int rounds = (tiles + slots - 1) / slots;
+    grid = (tiles + rounds - 1) / rounds;
   }
   kernel<<<grid, W * 32, smem, stream>>>(kp);
   return cudaGetLastError();

@@ -34,7 +34,12 @@ def _inputs(tag: str, m: int, n: int, k: int):
     rng = np.random.default_rng(zlib.crc32(tag.encode()))
     w = rng.standard_normal((n, k)) * np.exp2(rng.integers(-3, 4, (1, k)))
     x = rng.standard_normal((m, k)) * np.exp2(rng.integers(-2, 3, (m, 1))) + 0.05
-    return jnp.asarray(x, jnp.bfloat16), fmt.quantize(jnp.asarray(w, jnp.float32))
+    # Quantized on the CPU (a fast compile per shape; tests/test_nvfp4_format.py,
+    # run on a GPU, checks the GPU quantizer bit for bit against the same
+    # references), then moved to the default device.
+    with jax.default_device(jax.devices("cpu")[0]):
+        q = fmt.quantize(jnp.asarray(w, jnp.float32))
+    return jnp.asarray(x, jnp.bfloat16), jax.device_put(q, jax.devices()[0])
 
 
 def _reference(x, q, activations, input_scale) -> np.ndarray:

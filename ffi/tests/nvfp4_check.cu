@@ -132,17 +132,7 @@ void QuantizeHost(const std::vector<uint16_t>& x, int M, int K, bool per_row, fl
 
 template <int U, int W, bool P = true>
 cudaError_t LaunchVariant(const nvfp4::GemvArgs& a, cudaStream_t s) {
-  nvfp4::KParams kp;
-  kp.x = static_cast<const __nv_bfloat16*>(a.x);
-  kp.codes = a.codes;
-  kp.scales = a.scales;
-  kp.wscale = a.wscale;
-  kp.xscale = a.xscale;
-  kp.xscale_stride = a.xscale_per_row ? 1 : 0;
-  kp.y = static_cast<__nv_bfloat16*>(a.y);
-  kp.M = static_cast<int>(a.M);
-  kp.N = static_cast<int>(a.N);
-  kp.K = static_cast<int>(a.K);
+  const nvfp4::KParams kp = nvfp4::ToKParams(a);
   return nvfp4::LaunchGemvConfig<U, W>(kp, nvfp4::UseVec16(a), s, P);
 }
 
@@ -150,17 +140,7 @@ cudaError_t LaunchVariant(const nvfp4::GemvArgs& a, cudaStream_t s) {
 // activations where they fit, 0 activations from global memory.
 template <int U, int W, int XS>
 cudaError_t LaunchWide(const nvfp4::GemvArgs& a, cudaStream_t s) {
-  nvfp4::KParams kp;
-  kp.x = static_cast<const __nv_bfloat16*>(a.x);
-  kp.codes = a.codes;
-  kp.scales = a.scales;
-  kp.wscale = a.wscale;
-  kp.xscale = a.xscale;
-  kp.xscale_stride = a.xscale_per_row ? 1 : 0;
-  kp.y = static_cast<__nv_bfloat16*>(a.y);
-  kp.M = static_cast<int>(a.M);
-  kp.N = static_cast<int>(a.N);
-  kp.K = static_cast<int>(a.K);
+  const nvfp4::KParams kp = nvfp4::ToKParams(a);
   if (!nvfp4::WideOk(kp)) return nvfp4::LaunchGemvConfig<2, 8>(kp, nvfp4::UseVec16(a), s);
   return nvfp4::LaunchWideConfig<U, W>(kp, s, XS);
 }
