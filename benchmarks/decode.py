@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 VARIANTS = {
-    # name: (quantize, activations, implementation[, layers left dense])
+    # name: (quantize, activations, implementation[, extra build_model options])
     "bf16": (None, "bf16", None),
     "cuda-w4a16": ("nvfp4", "bf16", ("cuda", "xla")),  # prefill (M > 16) goes to XLA
     "cuda-w4a4": ("nvfp4", "nvfp4", ("cuda", "xla")),
@@ -35,9 +35,16 @@ VARIANTS = {
     "pallas-w4a4": ("nvfp4", "nvfp4", ("pallas", "xla")),
     "xla-w4a16": ("nvfp4", "bf16", "xla"),
     "xla-w4a4": ("nvfp4", "nvfp4", "xla"),
-    # lm_head quantized too (checkpoints keep it dense; this shows what it would save)
-    "cuda-w4a16-qhead": ("nvfp4", "bf16", ("cuda", "xla"), ()),
-    "xla-w4a16-qhead": ("nvfp4", "bf16", "xla", ()),
+    # lm_head (and embedding) quantized too: checkpoints keep them dense; these show
+    # what an all-NVFP4 model would weigh and decode at
+    "cuda-w4a16-qhead": ("nvfp4", "bf16", ("cuda", "xla"), {"exclude": ()}),
+    "cuda-w4a16-qall": (
+        "nvfp4",
+        "bf16",
+        ("cuda", "xla"),
+        {"exclude": (), "quantize_embedding": True},
+    ),
+    "xla-w4a16-qall": ("nvfp4", "bf16", "xla", {"exclude": (), "quantize_embedding": True}),
 }
 
 
@@ -96,8 +103,8 @@ def run_one(model_name: str, variant: str, batches: list[int], prompt_len: int, 
     from reset_jax import sampling
     from reset_jax.models import ModelConfig, build_model, from_pretrained
 
-    quantize, activations, implementation, *dense = VARIANTS[variant]
-    extra = {"exclude": dense[0]} if dense else {}
+    quantize, activations, implementation, *more = VARIANTS[variant]
+    extra = more[0] if more else {}
     t0 = time.perf_counter()
     if model_name in HF_CONFIGS:
         config = ModelConfig.from_hf(HF_CONFIGS[model_name])
@@ -106,7 +113,7 @@ def run_one(model_name: str, variant: str, batches: list[int], prompt_len: int, 
                             activations=activations, implementation=implementation,
                             **extra)  # fmt: skip
     else:
-        if dense:
+        if extra:
             raise SystemExit(f"{variant}: only for the random-weight shapes {sorted(HF_CONFIGS)}")
         model = from_pretrained(
             model_name,

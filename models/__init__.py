@@ -9,7 +9,14 @@ Installed as ``reset_jax.models``::
 
 from reset_jax.models.cache import KVCache
 from reset_jax.models.config import ModelConfig
-from reset_jax.models.layers import CausalLM, Linear, LinearGroup, NVFP4Param
+from reset_jax.models.layers import (
+    CausalLM,
+    Embedding,
+    Linear,
+    LinearGroup,
+    NVFP4Param,
+    quantize_embedding,
+)
 from reset_jax.models.llama import LlamaForCausalLM
 from reset_jax.models.loading import (
     DEFAULT_EXCLUDE,
@@ -34,6 +41,7 @@ __all__ = [
     "MODEL_CLASSES",
     "CausalLM",
     "CheckpointError",
+    "Embedding",
     "KVCache",
     "Linear",
     "LinearGroup",
@@ -48,6 +56,7 @@ __all__ = [
     "from_pretrained",
     "model_tensors",
     "named_linears",
+    "quantize_embedding",
     "read_quant_meta",
     "read_safetensors",
     "save_nvfp4",

@@ -167,18 +167,87 @@ class LinearGroup(nnx.Module):
 
 
 class Embedding(nnx.Module):
-    """Token embedding ``[V, D]``; ``attend`` reuses it as a tied output layer."""
+    """Token embedding ``[V, D]``; ``attend`` reuses it as a tied output layer.
 
-    def __init__(self, weight: jax.Array):
-        self.weight = nnx.Param(weight)
+    The table is dense, or an ``NVFP4Tensor`` (``quantize_embedding``): then a
+    lookup gathers the rows' codes and block scales and dequantizes only those
+    rows (``[..., D]`` in the table's dtype), and ``attend`` is an NVFP4 matmul.
+
+    Attributes:
+      weight: ``nnx.Param`` ``[V, D]`` or ``NVFP4Param``.
+      quantized: whether the table is NVFP4; static.
+      implementation: backend name(s) for ``attend`` on an NVFP4 table; static.
+    """
+
+    def __init__(
+        self,
+        weight: jax.Array | NVFP4Tensor,
+        *,
+        implementation: str | Sequence[str] | None = None,
+    ):
+        self.quantized = isinstance(weight, NVFP4Tensor)
+        self.weight = NVFP4Param(weight) if self.quantized else nnx.Param(weight)
+        self.implementation = (
+            implementation
+            if implementation is None or isinstance(implementation, str)
+            else tuple(implementation)
+        )
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype a lookup returns (the dense table's, or the NVFP4 table's ``dtype``)."""
+        return np.dtype(self.weight.get_value().dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         """``[...]`` int -> ``[..., D]`` in the table's dtype."""
-        return jnp.take(self.weight.get_value(), ids, axis=0)
+        w = self.weight.get_value()
+        if not self.quantized:
+            return jnp.take(w, ids, axis=0)
+        rows = NVFP4Tensor(
+            jnp.take(w.packed, ids, axis=0),
+            jnp.take(w.scales, ids, axis=0),
+            w.global_scale,
+            dtype=w.dtype,
+        )
+        return nvfp4.dequantize(rows)
 
     def attend(self, h: jax.Array) -> jax.Array:
         """``[..., D] -> [..., V]`` float32 logits ``h @ E.T``."""
-        return _dense_dot(h, self.weight.get_value(), jnp.float32)
+        w = self.weight.get_value()
+        if not self.quantized:
+            return _dense_dot(h, w, jnp.float32)
+        y = nvfp4.matmul(h, w, activations="bf16", implementation=self.implementation)
+        return y.astype(jnp.float32)
+
+
+def quantize_embedding(
+    model: nnx.Module, implementation: str | Sequence[str] | None = None
+) -> nnx.Module:
+    """Replaces ``model.model.embed_tokens`` by its NVFP4 quantization, in place.
+
+    Checkpoints (Model Optimizer exports included) keep the embedding dense;
+    this trades its accuracy for memory (a ``[V, D]`` table at 0.5625 B per
+    value instead of 2), e.g. to measure a model whose every weight is NVFP4.
+
+    Args:
+      model: a ``CausalLM`` with a dense embedding table.
+      implementation: backend name(s) for the tied output layer, if tied.
+
+    Returns:
+      ``model``.
+
+    Raises:
+      ValueError: the embedding is already quantized, or D is not a multiple of 16.
+    """
+    emb = model.model.embed_tokens
+    if emb.quantized:
+        raise ValueError("the embedding is already NVFP4")
+    w = emb.weight.get_value()
+    if w.shape[-1] % 16:
+        raise ValueError(f"embedding width {w.shape[-1]} is not a multiple of 16")
+    q = nvfp4.quantize(w)
+    model.model.embed_tokens = Embedding(q, implementation=implementation)
+    return model
 
 
 class RMSNorm(nnx.Module):
@@ -473,7 +542,7 @@ class CausalLM(nnx.Module):
     @property
     def dtype(self) -> np.dtype:
         """The model (activation and cache) dtype: the embedding table's dtype."""
-        return np.dtype(self.model.embed_tokens.weight.get_value().dtype)
+        return self.model.embed_tokens.dtype
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         """Causal forward over whole sequences, no cache.

@@ -35,6 +35,7 @@ from flax import nnx
 from reset_jax import nvfp4
 from reset_jax.models.config import ModelConfig
 from reset_jax.models.layers import CausalLM, Embedding, Linear, LinearGroup, RMSNorm
+from reset_jax.models.layers import quantize_embedding as quantize_embedding_table
 from reset_jax.models.llama import LlamaForCausalLM
 from reset_jax.models.qwen2 import Qwen2ForCausalLM
 from reset_jax.models.qwen3 import Qwen3ForCausalLM
@@ -587,11 +588,20 @@ def build_model(
     activations: str = "bf16",
     implementation: str | Sequence[str] | None = None,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    quantize_embedding: bool = False,
 ) -> CausalLM:
-    """A randomly initialized model (tests, benchmarks); same options as ``build_from_state_dict``."""
+    """A randomly initialized model (tests, benchmarks); same options as ``build_from_state_dict``.
+
+    ``quantize_embedding=True`` also stores the token embedding as NVFP4
+    (``layers.quantize_embedding``; with ``exclude=()`` every weight matrix is
+    NVFP4), e.g. to measure what an all-NVFP4 model would weigh and decode at.
+    """
     _check_options(quantize, activations)
     source = _RandomSource(seed, dtype, quantize, activations, implementation, exclude)
-    return MODEL_CLASSES[config.family](config, source)
+    model = MODEL_CLASSES[config.family](config, source)
+    if quantize_embedding:
+        quantize_embedding_table(model, implementation)
+    return model
 
 
 # ---- from_pretrained ------------------------------------------------------------------------
@@ -771,6 +781,11 @@ def model_tensors(model: CausalLM) -> dict[str, np.ndarray]:
         if lin.bias is not None:
             out[f"{name}.bias"] = np.asarray(lin.bias.get_value()[sl])
     for path, node in nnx.iter_graph(model):
+        if isinstance(node, Embedding) and node.quantized:
+            raise ValueError(
+                f"{_module_name(path)}: an NVFP4 embedding has no Hugging Face / Model Optimizer "
+                "form (checkpoints keep it dense); save the model before quantize_embedding"
+            )
         if isinstance(node, Embedding | RMSNorm):
             out[f"{_module_name(path)}.weight"] = np.asarray(node.weight.get_value())
     return out
