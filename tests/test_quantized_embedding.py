@@ -15,23 +15,16 @@ from reset_jax.models import ModelConfig, build_model, model_tensors, quantize_e
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _bench():
+    """benchmarks/decode.py as a module: its model shapes are the ones measured."""
+    spec = importlib.util.spec_from_file_location("bench_decode", ROOT / "benchmarks" / "decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def _tiny(tied: bool) -> ModelConfig:
-    return ModelConfig.from_hf(
-        dict(
-            architectures=["Qwen3ForCausalLM"],
-            vocab_size=96,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            rms_norm_eps=1e-6,
-            rope_theta=10000.0,
-            max_position_embeddings=256,
-            tie_word_embeddings=tied,
-        )
-    )
+    return ModelConfig.from_hf(dict(_bench().HF_CONFIGS["tiny"], tie_word_embeddings=tied))
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -49,12 +42,12 @@ def test_lookup_and_tied_output_use_the_quantized_table(tied):
     h = jax.random.normal(jax.random.key(0), (2, 3, 64), jnp.float32)
     got = np.asarray(emb.attend(h), np.float64)
     ref = np.asarray(h, np.float64) @ want.astype(np.float64).T
-    assert got.shape == (2, 3, 96)
+    assert got.shape == (2, 3, 512)
     # The XLA reference (CPU) is exact up to float32 sums; GPU kernels round to bf16.
     tol = 1e-5 if jax.default_backend() == "cpu" else 5e-3
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < tol
     logits = model(ids)
-    assert logits.shape == (2, 4, 96) and bool(jnp.isfinite(logits).all())
+    assert logits.shape == (2, 4, 512) and bool(jnp.isfinite(logits).all())
     with pytest.raises(ValueError, match="already NVFP4"):
         quantize_embedding(model)
 
@@ -74,10 +67,7 @@ def _weight_bytes(model) -> int:
 
 def test_qwen3_8b_weight_memory():
     """Exact byte counts of the Qwen3-8B shape (abstract: nothing is allocated)."""
-    spec = importlib.util.spec_from_file_location("bench_decode", ROOT / "benchmarks" / "decode.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    cfg = ModelConfig.from_hf(bench.HF_CONFIGS["qwen3-8b"])
+    cfg = ModelConfig.from_hf(_bench().HF_CONFIGS["qwen3-8b"])
 
     def size(**kw):
         return _weight_bytes(nnx.eval_shape(lambda: build_model(cfg, dtype=jnp.bfloat16, **kw)))
