@@ -92,9 +92,41 @@ def _tree_bytes(tree) -> int:
     return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "nbytes")))
 
 
+def set_logit_std(model, target: float, seed: int = 0) -> float:
+    """Sets the final RMSNorm weight to the constant that gives logits of std ``target``.
+
+    Random normal weights give nearly uniform logits: std ~1.3 at the Qwen3-8B
+    shape, 11 nats of entropy over 151,936 tokens and a top-p 0.95 nucleus of
+    ~10^5 tokens, so every sampled token takes the sampler's full-vocabulary
+    sort (``sampling.sample``'s fallback), which real models, at about 1-2 nats,
+    rarely need. Gaussian logits of std 7 have ~1.7 nats and a nucleus inside the
+    sampler's 256 candidates. Measured on random unit-RMS hidden states through
+    the model's own output layer (dense or NVFP4), so the scale is the same for
+    every variant of a shape up to quantization error.
+
+    Returns:
+      the weight value set.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    norm = model.model.norm
+    d = model.config.hidden_size
+    norm.weight.set_value(jnp.ones((d,), model.dtype))
+    h = jax.random.normal(jax.random.key(seed), (8, d), jnp.float32).astype(model.dtype)
+    std = float(jnp.std(model.logits(norm(h))))
+    c = target / std
+    norm.weight.set_value(jnp.full((d,), c, model.dtype))
+    return c
+
+
 def run_one(model_name: str, variant: str, batches: list[int], prompt_len: int, new_tokens: int,
-            repeats: int, samplers: list[str]) -> dict:  # fmt: skip
-    """Builds one model variant and times it; returns a JSON-able record."""
+            repeats: int, samplers: list[str], logit_std: float = 0.0) -> dict:  # fmt: skip
+    """Builds one model variant and times it; returns a JSON-able record.
+
+    logit_std > 0: random-weight shapes get their final norm scaled so that the
+    logits have that std (``set_logit_std``); 0 keeps the raw random model.
+    """
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -123,12 +155,16 @@ def run_one(model_name: str, variant: str, batches: list[int], prompt_len: int, 
             implementation=implementation,
         )
         config = model.config
+    norm_scale = None
+    if logit_std > 0 and model_name in HF_CONFIGS:
+        norm_scale = set_logit_std(model, logit_std)
     graphdef, params = nnx.split(model)
     jax.block_until_ready(params)
     build_s = time.perf_counter() - t0
     weight_bytes = _tree_bytes(params)
     rec = dict(model=model_name, variant=variant, weight_bytes=weight_bytes, build_s=build_s,
-               device=str(jax.devices()[0].device_kind), results=[])  # fmt: skip
+               device=str(jax.devices()[0].device_kind), logit_std=logit_std,
+               norm_scale=norm_scale, results=[])  # fmt: skip
     v = config.vocab_size
     for b in batches:
         for sampler_name in samplers:
@@ -211,6 +247,12 @@ def _table(records: list[dict]) -> str:
                 f"{x['prefill_ms']:.1f} | {x['decode_ms_per_token']:.3f} | {x['tokens_per_s']:.1f} | "
                 f"{sp} | {r['weight_bytes'] / 1e9:.2f} | {wr} | {x['peak_bytes'] / 1e9:.1f} |"
             )
+    stds = {r.get("logit_std") for r in records}
+    lines.append(
+        f"\nRandom-weight logits scaled to std {stds.pop()} (final norm; 0 = raw)"
+        if len(stds) == 1
+        else f"\nlogit std per record: {[(r['variant'], r.get('logit_std')) for r in records]}"
+    )
     # The sampler's cost: ReSET against a fixed temperature, same model/variant/batch.
     for r in records:
         by = {(x["batch"], x["sampler"]): x for x in r["results"]}
@@ -239,6 +281,14 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--logit-std",
+        type=float,
+        default=7.0,
+        help="random-weight shapes: scale the final norm so logits have this std (about 1.7 "
+        "nats of entropy, like a real model); 0 keeps the raw random model (~11 nats, a "
+        "full-vocabulary sort in the sampler every token)",
+    )
     p.add_argument("--json", default="decode.json")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: MODEL:VARIANT in this process
     a = p.parse_args(argv)
@@ -246,7 +296,8 @@ def main(argv=None):
     samplers = a.samplers.split(",")
     if a.one:
         model, variant = a.one.split(":")
-        rec = run_one(model, variant, batches, a.prompt_len, a.new_tokens, a.repeats, samplers)
+        rec = run_one(model, variant, batches, a.prompt_len, a.new_tokens, a.repeats, samplers,
+                      a.logit_std)  # fmt: skip
         print("RECORD " + json.dumps(rec), flush=True)
         return
     records = []
@@ -259,7 +310,8 @@ def main(argv=None):
                 samplers_v += ",fixed"
             cmd = [sys.executable, __file__, "--one", f"{model}:{variant}", "--batch", a.batch,
                    "--samplers", samplers_v, "--prompt-len", str(a.prompt_len),
-                   "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats)]  # fmt: skip
+                   "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats),
+                   "--logit-std", str(a.logit_std)]  # fmt: skip
             print(f"== {model} {variant}", file=sys.stderr, flush=True)
             out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
             rec_lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RECORD ")]

@@ -35,3 +35,30 @@ def test_decode_benchmark_tiny(tmp_path):
     assert wb["xla-w4a16-qall"] < wb["xla-w4a16"] < wb["bf16"]
     assert "| tiny | xla-w4a16 | 1 | reset |" in res.stdout
     assert "ReSET overhead tiny/xla-w4a16/B=1" in res.stdout
+    # The random model's logits were scaled to the default std (7).
+    assert all(r["logit_std"] == 7.0 and r["norm_scale"] > 0 for r in records.values())
+
+
+def test_set_logit_std_sets_the_logit_scale():
+    import importlib.util
+
+    import jax
+    import jax.numpy as jnp
+
+    from reset_jax.models import ModelConfig, build_model
+
+    spec = importlib.util.spec_from_file_location("bench_decode", ROOT / "benchmarks" / "decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for quantize in (None, "nvfp4"):
+        model = build_model(
+            ModelConfig.from_hf(bench.HF_CONFIGS["tiny"]), dtype=jnp.float32, quantize=quantize
+        )
+        c = bench.set_logit_std(model, 7.0)
+        assert c > 0 and bool((model.model.norm.weight.get_value() == c).all())
+        # Fresh hidden states (not the ones it measured on) and real forward logits.
+        h = jax.random.normal(jax.random.key(9), (64, 64), jnp.float32) * 3.0
+        std = float(jnp.std(model.logits(model.model.norm(h))))
+        assert 6.0 < std < 8.0, std
+        ids = jnp.arange(16, dtype=jnp.int32)[None]
+        assert 5.0 < float(jnp.std(model(ids))) < 9.0
