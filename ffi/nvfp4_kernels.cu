@@ -32,7 +32,6 @@ const char* GemvUnsupportedReason(const GemvArgs& a) {
   return nullptr;
 }
 
-
 bool UseVec16(const GemvArgs& a) {
   // 16-byte code loads need 16-byte aligned rows (K % 32 == 0) and 2-byte aligned
   // scale pairs; otherwise 8-byte loads and one scale byte per lane.
@@ -45,8 +44,9 @@ bool UseVec16(const GemvArgs& a) {
 // M = 4 / 8 once each CTA gets >= 4M/9 tiles (gate+up, 32B qkv at M = 4), and
 // loses to the general kernel on the 1-wave layers at M >= 4 (8B qkv / o, 32B o)
 // and whenever the activations do not fit in shared memory.
-bool UseWide(const GemvArgs& a) {
-  const KParams kp = ToKParams(a);
+namespace {
+
+bool UseWideFor(const KParams& kp) {
   if (!WideOk(kp) || !WideXs(kp)) return false;
   if (kp.M <= 2) return true;
   int device = 0;
@@ -63,10 +63,14 @@ bool UseWide(const GemvArgs& a) {
   return 4 * static_cast<int64_t>(kp.M) * slots <= 9 * tiles;
 }
 
+}  // namespace
+
+bool UseWide(const GemvArgs& a) { return UseWideFor(ToKParams(a)); }
+
 cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream, int variant) {
   if (GemvUnsupportedReason(a) != nullptr) return cudaErrorInvalidValue;
   const KParams kp = ToKParams(a);
-  if (variant == 0 && UseWide(a)) return LaunchWideConfig<kWidePipeline, kWideWarps>(kp, stream);
+  if (variant == 0 && UseWideFor(kp)) return LaunchWideConfig<kWidePipeline, kWideWarps>(kp, stream);
   return LaunchGemvConfig<kPipeline, kWarps>(kp, UseVec16(a), stream);
 }
 

@@ -39,6 +39,15 @@ class NVFP4Param(nnx.Param):
     """
 
 
+def _static_implementation(
+    implementation: str | Sequence[str] | None,
+) -> str | tuple[str, ...] | None:
+    """A backend choice for ``nvfp4.matmul`` as a hashable static attribute (lists become tuples)."""
+    if implementation is None or isinstance(implementation, str):
+        return implementation
+    return tuple(implementation)
+
+
 def _dense_dot(x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
     """``x @ w.T``: ``[..., K] x [N, K] -> [..., N]`` in ``out_dtype``, accumulated in float32.
 
@@ -94,11 +103,7 @@ class Linear(nnx.Module):
             None if input_scale is None else nnx.Param(jnp.asarray(input_scale, jnp.float32))
         )
         self.activations = activations
-        self.implementation = (
-            implementation
-            if implementation is None or isinstance(implementation, str)
-            else tuple(implementation)
-        )
+        self.implementation = _static_implementation(implementation)
 
     def __call__(self, x: jax.Array, *, out_dtype=None) -> jax.Array:
         """Applies the layer.
@@ -187,11 +192,7 @@ class Embedding(nnx.Module):
     ):
         self.quantized = isinstance(weight, NVFP4Tensor)
         self.weight = NVFP4Param(weight) if self.quantized else nnx.Param(weight)
-        self.implementation = (
-            implementation
-            if implementation is None or isinstance(implementation, str)
-            else tuple(implementation)
-        )
+        self.implementation = _static_implementation(implementation)
 
     @property
     def dtype(self) -> np.dtype:

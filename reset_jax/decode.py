@@ -384,6 +384,9 @@ def _checks_prompts(jitted):
     concrete prompt lengths; ``.lower`` and the rest of the jit API pass through.
 
     Under an outer trace the lengths are not known, and the check is the caller's.
+    ``entry.unchecked`` is ``jitted`` itself, for a caller that has already run
+    the check on the same lengths and cache (``generate``, through ``buckets``):
+    it skips reading device-resident lengths back to the host.
     """
 
     @functools.wraps(jitted, updated=())
@@ -401,6 +404,7 @@ def _checks_prompts(jitted):
     for name in ("lower", "trace", "eval_shape", "clear_cache"):
         if hasattr(jitted, name):
             setattr(entry, name, getattr(jitted, name))
+    entry.unchecked = jitted
     return entry
 
 
