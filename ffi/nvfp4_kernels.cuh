@@ -41,10 +41,6 @@ struct KParams {
   int xscale_stride;       // 0: scalar, 1: per row
   __nv_bfloat16* y;        // [M, N]
   int M, N, K;
-  // Optional L2 prefetch of another operand (the next layer's weights): two
-  // 16-byte aligned byte ranges, sizes multiples of 16 (0: none).
-  const uint8_t* pf[2] = {nullptr, nullptr};
-  uint32_t pf_bytes[2] = {0, 0};
 };
 
 // Kernel parameters from the host API's arguments.
@@ -60,38 +56,7 @@ inline KParams ToKParams(const GemvArgs& a) {
   kp.M = static_cast<int>(a.M);
   kp.N = static_cast<int>(a.N);
   kp.K = static_cast<int>(a.K);
-  for (int r = 0; r < 2; ++r) {
-    // A hint: ranges that are not 16-byte aligned are dropped, sizes rounded
-    // down to 16 bytes and capped below 4 GB.
-    const bool ok = a.prefetch[r] != nullptr && a.prefetch_bytes[r] >= 16 &&
-                    reinterpret_cast<uintptr_t>(a.prefetch[r]) % 16 == 0;
-    kp.pf[r] = ok ? static_cast<const uint8_t*>(a.prefetch[r]) : nullptr;
-    const int64_t b = ok ? a.prefetch_bytes[r] : 0;
-    kp.pf_bytes[r] = static_cast<uint32_t>(b < (int64_t{1} << 32) ? b : (int64_t{1} << 32) - 16) & ~15u;
-  }
   return kp;
-}
-
-// Issues bulk L2 prefetches (sm_90+: cp.async.bulk.prefetch.L2, handled by the
-// copy engine of the SM, no registers, nothing waits for them) for this CTA's
-// share of the ranges in p.pf: CTA b of G takes bytes [b, b + 1) * ceil(size / G),
-// lanes of warp 0 issue 8 KB each.  Earlier GPUs: no-op.
-__device__ __forceinline__ void PrefetchL2Share(const KParams& p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (threadIdx.x >= 32) return;
-  for (int r = 0; r < 2; ++r) {
-    const uint32_t size = p.pf_bytes[r];
-    if (size == 0) continue;
-    const uint32_t share = ((size + gridDim.x - 1) / gridDim.x + 15u) & ~15u;
-    const uint64_t begin = static_cast<uint64_t>(blockIdx.x) * share;
-    const uint64_t end = begin + share < size ? begin + share : size;
-    constexpr uint32_t kChunk = 8192;
-    for (uint64_t o = begin + static_cast<uint64_t>(threadIdx.x) * kChunk; o < end; o += 32 * kChunk) {
-      const uint32_t n = static_cast<uint32_t>(end - o < kChunk ? end - o : kChunk);
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p.pf[r] + o), "r"(n) : "memory");
-    }
-  }
-#endif
 }
 
 // ---------------------------------------------------------------- loads ----
@@ -242,7 +207,6 @@ __global__ void __launch_bounds__(W * 32) GemvKernel(const KParams p) {
   constexpr int kWords = VEC / 4;  // code words per lane per row per sub-step
   constexpr int kBpl = VEC / 8;    // 16-element blocks per lane per sub-step
   constexpr int kSubK = 8 * VEC;   // K covered by one sub-step (4 lanes)
-  PrefetchL2Share(p);
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -542,7 +506,6 @@ __host__ __device__ constexpr int64_t WideXsBytes(int64_t M, int64_t K) {
 template <int NT, int U, int W, bool XS>
 __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemvKernel(const KParams p) {
   constexpr int kAcc = NT == 1 ? 4 : 2;  // independent accumulator chains per n-tile
-  PrefetchL2Share(p);
   extern __shared__ uint4 xs[];          // XS only
   __shared__ float red[2][W][8 * NT][16];
 

@@ -24,12 +24,6 @@ struct GemvArgs {
   bool xscale_per_row = false;
   void* y = nullptr;  // bf16 [M, N]
   int64_t M = 0, N = 0, K = 0;
-  // Optional hint: byte ranges (e.g. the next layer's codes and scales) that the
-  // kernel asks L2 to fetch while it streams its own weights (sm_90+; ignored
-  // elsewhere, and for ranges that are not 16-byte aligned).  Results never
-  // depend on it.
-  const void* prefetch[2] = {nullptr, nullptr};
-  int64_t prefetch_bytes[2] = {0, 0};
 };
 
 // Largest M one launch serves (two m16n8k16 column tiles).

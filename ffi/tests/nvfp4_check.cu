@@ -4,7 +4,6 @@
 //   nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/nvfp4_check.cu ffi/nvfp4_kernels.cu -o nvfp4_check
 //   ./nvfp4_check check            # correctness against a float64 CPU reference
 //   ./nvfp4_check bench [reps]     # graph-timed variants, weights rotated past L2
-//   ./nvfp4_check chain [reps]     # Qwen3-8B GEMV sequence, with / without L2 prefetch
 //   ./nvfp4_check profile M N K    # plain launches of the library kernel (for ncu)
 //
 // Exit code 0 only if every check passed.
@@ -158,15 +157,6 @@ const Variant kVariants[] = {
     {"wU3W8", LaunchWide<3, 8, 1>},
     {"wU2W4", LaunchWide<2, 4, 1>},
     {"wU4W4", LaunchWide<4, 4, 1>},
-    // The library path asked to prefetch its own weights into L2 (results must not change).
-    {"pf", [](const nvfp4::GemvArgs& a, cudaStream_t s) {
-       nvfp4::GemvArgs b = a;
-       b.prefetch[0] = a.codes;
-       b.prefetch_bytes[0] = a.N * a.K / 2;
-       b.prefetch[1] = a.scales;
-       b.prefetch_bytes[1] = a.N * a.K / 16;
-       return nvfp4::LaunchGemv(b, s);
-     }},
 };
 
 // ------------------------------------------------------------- correctness --
@@ -511,122 +501,6 @@ int Bench(int reps) {
   return 0;
 }
 
-// Busy-waits `ns` nanoseconds on one warp: stands in for the attention / norm
-// kernels between two GEMVs of a decode step (DRAM idle meanwhile).
-__global__ void SpinKernel(long long ns) {
-  long long t0, t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-  do {
-    __nanosleep(200);
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  } while (t - t0 < ns);
-}
-
-// A Qwen3-8B decode step's GEMV sequence (qkv, o, gate+up, down) at M = 1 over 36
-// layers of distinct weights, captured in one graph: optionally with spin kernels
-// between the GEMVs (the step's other kernels), and with each GEMV of the chosen
-// kinds asking L2 to prefetch the next GEMV's weights (capped at `cap` MB).
-int Chain(int reps) {
-  constexpr int kLayers = 36;
-  struct G {
-    const char* name;
-    int N, K;
-    long long gap_ns;  // spin after this GEMV (profile of the JAX decode step)
-  };
-  const G gs[4] = {{"qkv", 6144, 4096, 10000}, {"o", 4096, 4096, 3000},
-                   {"gate_up", 24576, 4096, 2000}, {"down", 4096, 12288, 5000}};
-  std::vector<uint8_t*> cw(4 * kLayers), sw(4 * kLayers);
-  for (int l = 0; l < kLayers; ++l) {
-    for (int i = 0; i < 4; ++i) {
-      const size_t cb = size_t(gs[i].N) * gs[i].K / 2, sb = size_t(gs[i].N) * gs[i].K / 16;
-      CK(cudaMalloc(&cw[4 * l + i], cb));
-      CK(cudaMalloc(&sw[4 * l + i], sb));
-      CK(cudaMemset(cw[4 * l + i], 0x5A + l, cb));
-      CK(cudaMemset(sw[4 * l + i], 0x38, sb));
-    }
-  }
-  void *x, *y;
-  float* ws;
-  CK(cudaMalloc(&x, 16 * 12288 * 2));
-  CK(cudaMalloc(&y, 16 * 24576 * 2));
-  CK(cudaMalloc(&ws, 4));
-  CK(cudaMemset(x, 0x3C, 16 * 12288 * 2));
-  const float one = 1.f;
-  CK(cudaMemcpy(ws, &one, 4, cudaMemcpyHostToDevice));
-  cudaStream_t st;
-  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  struct Mode {
-    const char* name;
-    unsigned mask;  // bit i: GEMV kind i prefetches the next GEMV's weights
-    int cap_mb;
-  };
-  const Mode modes[] = {{"none", 0, 0},          {"qkv>o", 1, 64},       {"down>qkv", 8, 64},
-                        {"qkv>o,down>qkv", 9, 64}, {"+gu>down", 13, 64}, {"all,o>gu24", 15, 24}};
-  std::printf("%-16s %-4s %12s %10s\n", "prefetch", "gaps", "us/layer", "GEMV us");
-  for (int gaps = 0; gaps < 2; ++gaps) {
-    for (const Mode& md : modes) {
-      cudaGraph_t graph;
-      cudaGraphExec_t exec;
-      CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-      for (int l = 0; l < kLayers; ++l) {
-        for (int i = 0; i < 4; ++i) {
-          const int j = 4 * l + i, nx = (j + 1) % (4 * kLayers), ni = (i + 1) % 4;
-          nvfp4::GemvArgs a;
-          a.x = x;
-          a.codes = cw[j];
-          a.scales = sw[j];
-          a.wscale = ws;
-          a.y = y;
-          a.M = 1;
-          a.N = gs[i].N;
-          a.K = gs[i].K;
-          if (md.mask >> i & 1) {
-            const int64_t cap = int64_t(md.cap_mb) << 20;
-            const int64_t cb = int64_t(gs[ni].N) * gs[ni].K / 2, sb = cb / 8;
-            a.prefetch[0] = cw[nx];
-            a.prefetch_bytes[0] = std::min(cb, cap);
-            a.prefetch[1] = sw[nx];
-            a.prefetch_bytes[1] = std::min(sb, cap / 8);
-          }
-          CK(nvfp4::LaunchGemv(a, st));
-          if (gaps) {
-            SpinKernel<<<1, 32, 0, st>>>(gs[i].gap_ns);
-            CK(cudaGetLastError());
-          }
-        }
-      }
-      CK(cudaStreamEndCapture(st, &graph));
-      CK(cudaGraphInstantiate(&exec, graph, 0));
-      std::vector<float> ts;
-      for (int r = 0; r < reps + 2; ++r) {
-        CK(cudaEventRecord(e0, st));
-        CK(cudaGraphLaunch(exec, st));
-        CK(cudaEventRecord(e1, st));
-        CK(cudaEventSynchronize(e1));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        if (r >= 2) ts.push_back(ms);
-      }
-      const double us = Median(ts) * 1e3 / kLayers;
-      const double gap = gaps ? (gs[0].gap_ns + gs[1].gap_ns + gs[2].gap_ns + gs[3].gap_ns) / 1e3 : 0;
-      std::printf("%-16s %-4s %12.2f %10.2f\n", md.name, gaps ? "yes" : "no", us, us - gap);
-      CK(cudaGraphExecDestroy(exec));
-      CK(cudaGraphDestroy(graph));
-    }
-  }
-  for (size_t j = 0; j < cw.size(); ++j) {
-    CK(cudaFree(cw[j]));
-    CK(cudaFree(sw[j]));
-  }
-  CK(cudaFree(x));
-  CK(cudaFree(y));
-  CK(cudaFree(ws));
-  return 0;
-}
-
 }  // namespace
 
 // A few plain launches of the library kernel on one shape, for ncu.
@@ -668,8 +542,7 @@ int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "check";
   if (mode == "check") return Check(argc > 2 && std::string(argv[2]) == "quick");
   if (mode == "bench") return Bench(argc > 2 ? std::atoi(argv[2]) : 20);
-  if (mode == "chain") return Chain(argc > 2 ? std::atoi(argv[2]) : 10);
   if (mode == "profile" && argc > 4) return Profile(std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]));
-  std::fprintf(stderr, "usage: %s check | bench [reps] | chain [reps] | profile M N K\n", argv[0]);
+  std::fprintf(stderr, "usage: %s check | bench [reps] | profile M N K\n", argv[0]);
   return 2;
 }
