@@ -120,19 +120,17 @@ def set_logit_std(model, target: float, seed: int = 0) -> float:
     return c
 
 
-def run_one(model_name: str, variant: str, batches: list[int], prompt_len: int, new_tokens: int,
-            repeats: int, samplers: list[str], logit_std: float = 0.0) -> dict:  # fmt: skip
-    """Builds one model variant and times it; returns a JSON-able record.
+def build(model_name: str, variant: str, logit_std: float = 0.0):
+    """Builds one model variant (random weights on the device for the named shapes).
 
-    logit_std > 0: random-weight shapes get their final norm scaled so that the
-    logits have that std (``set_logit_std``); 0 keeps the raw random model.
+    Returns:
+      ``(model, graphdef, params, record)``: the nnx model, its split and a JSON-able
+      record (weight bytes, build seconds, device, logit std, norm scale).
     """
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from reset_jax import decode as dec
-    from reset_jax import sampling
     from reset_jax.models import ModelConfig, build_model, from_pretrained
 
     quantize, activations, implementation, *more = VARIANTS[variant]
@@ -165,16 +163,39 @@ def run_one(model_name: str, variant: str, batches: list[int], prompt_len: int, 
     rec = dict(model=model_name, variant=variant, weight_bytes=weight_bytes, build_s=build_s,
                device=str(jax.devices()[0].device_kind), logit_std=logit_std,
                norm_scale=norm_scale, results=[])  # fmt: skip
+    return model, graphdef, params, rec
+
+
+def make_sampler(name: str):
+    """The benchmark's ReSET (Qwen boundary ids) or fixed-temperature sampler."""
+    from reset_jax import sampling
+
+    if name == "reset":
+        # Boundary ids of Qwen's tokenizer ("\n" = 198, "\n\n" = 271) stand in here.
+        return sampling.ReSETConfig.create(
+            t_high=1.0, t_low=0.1, tau0=0.55, nl_ids=[198], dnl_ids=[271, 382]
+        )
+    return sampling.FixedTemperature.create(0.6)
+
+
+def run_one(model_name: str, variant: str, batches: list[int], prompt_len: int, new_tokens: int,
+            repeats: int, samplers: list[str], logit_std: float = 0.0) -> dict:  # fmt: skip
+    """Builds one model variant and times it; returns a JSON-able record.
+
+    logit_std > 0: random-weight shapes get their final norm scaled so that the
+    logits have that std (``set_logit_std``); 0 keeps the raw random model.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from reset_jax import decode as dec
+
+    model, graphdef, params, rec = build(model_name, variant, logit_std)
+    config = model.config
     v = config.vocab_size
     for b in batches:
         for sampler_name in samplers:
-            if sampler_name == "reset":
-                # Boundary ids of Qwen's tokenizer ("\n" = 198, "\n\n" = 271) stand in here.
-                sampler = sampling.ReSETConfig.create(
-                    t_high=1.0, t_low=0.1, tau0=0.55, nl_ids=[198], dnl_ids=[271, 382]
-                )
-            else:
-                sampler = sampling.FixedTemperature.create(0.6)
+            sampler = make_sampler(sampler_name)
             knobs = dec.make_knobs(b, top_p=0.95, seed=1, stop_ids=(), max_new_tokens=new_tokens)
             rng = np.random.default_rng(b)
             ids = jnp.asarray(rng.integers(0, v, (b, prompt_len)), jnp.int32)
@@ -290,6 +311,7 @@ def main(argv=None):
         "full-vocabulary sort in the sampler every token)",
     )
     p.add_argument("--json", default="decode.json")
+    p.add_argument("--logs", default="", help="folder for each variant process's stderr (XLA logs)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: MODEL:VARIANT in this process
     a = p.parse_args(argv)
     batches = [int(x) for x in a.batch.split(",")]
@@ -314,6 +336,9 @@ def main(argv=None):
                    "--logit-std", str(a.logit_std)]  # fmt: skip
             print(f"== {model} {variant}", file=sys.stderr, flush=True)
             out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            if a.logs:
+                Path(a.logs).mkdir(parents=True, exist_ok=True)
+                Path(a.logs, f"{model}_{variant}.log").write_text(out.stderr)
             rec_lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RECORD ")]
             if out.returncode or not rec_lines:
                 print(out.stderr[-3000:], file=sys.stderr)

@@ -62,3 +62,61 @@ def test_set_logit_std_sets_the_logit_scale():
         assert 6.0 < std < 8.0, std
         ids = jnp.arange(16, dtype=jnp.int32)[None]
         assert 5.0 < float(jnp.std(model(ids))) < 9.0
+
+
+def _profile_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import profile_decode
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return profile_decode
+
+
+def test_profile_account_of_synthetic_kernels():
+    """The decode profiler's per-token account: busy time merges overlapping kernels,
+    idle time is what lies between them, and kernels group by kind."""
+    prof = _profile_module()
+    gemv = "void nvfp4::WideGemvKernel<1, 2, 8, true>(nvfp4::KParams)"
+    events = [  # (name, start ns, duration ns) over 2 decode steps
+        (gemv, 0, 10_000),
+        ("loop_add_fusion_3", 10_000, 1_000),
+        ("loop_add_fusion_17", 12_000, 1_000),  # 1 µs idle before it
+        ("nvjet_tst_64x8_64x16_4x1_v_bz_TNT", 12_500, 2_000),  # overlaps the add
+        ("Memcpy DtoD", 20_000, 500),
+        (gemv, 30_000, 10_000),
+    ]
+    acc = prof.account(events, steps=2, wall_s=50e-6)
+    assert acc["wall_ms_per_token"] == pytest.approx(0.025)
+    assert acc["gpu_span_ms_per_token"] == pytest.approx(0.020)  # 0 .. 40 µs
+    # busy: [0, 11) + [12, 14.5) + [20, 20.5) + [30, 40) = 24 µs over 2 steps
+    assert acc["kernel_busy_ms_per_token"] == pytest.approx(0.012)
+    assert acc["kernels_per_token"] == 3
+    rows = {r["kind"]: r for r in acc["rows"]}
+    assert set(rows) == {"nvfp4 (ours): wide", "xla: loop_add_fusion", "cuBLAS GEMM/GEMV",
+                         "copy/memset"}  # fmt: skip
+    assert rows["nvfp4 (ours): wide"]["us_per_token"] == pytest.approx(10.0)
+    assert rows["nvfp4 (ours): wide"]["calls_per_token"] == 1
+    assert rows["xla: loop_add_fusion"]["us_per_call"] == pytest.approx(1.0)
+    assert acc["rows"][0]["kind"] == "nvfp4 (ours): wide"  # sorted by time
+    assert prof.kernel_kind("void nvfp4::GemvKernel<16, 1, 2, 8>(nvfp4::KParams)").startswith(
+        "nvfp4 (ours)"
+    )
+
+
+def test_profile_reads_a_trace(tmp_path):
+    """gpu_events finds the trace file and names the lines it saw when none is a GPU stream
+    (the CPU case): a clear error, not an empty table."""
+    import jax
+    import jax.numpy as jnp
+
+    prof = _profile_module()
+    f = jax.jit(lambda x: jnp.sin(x) @ x)
+    x = jnp.ones((64, 64))
+    f(x).block_until_ready()
+    with jax.profiler.trace(str(tmp_path)):
+        f(x).block_until_ready()
+    with pytest.raises(SystemExit, match=r"no GPU stream events.*lines: \["):
+        prof.gpu_events(str(tmp_path))
+    with pytest.raises(SystemExit, match=r"no \.xplane\.pb"):
+        prof.gpu_events(str(tmp_path / "empty"))

@@ -34,12 +34,9 @@ def _inputs(tag: str, m: int, n: int, k: int):
     rng = np.random.default_rng(zlib.crc32(tag.encode()))
     w = rng.standard_normal((n, k)) * np.exp2(rng.integers(-3, 4, (1, k)))
     x = rng.standard_normal((m, k)) * np.exp2(rng.integers(-2, 3, (m, 1))) + 0.05
-    # Quantized on the CPU (a fast compile per shape; tests/test_nvfp4_format.py,
-    # run on a GPU, checks the GPU quantizer bit for bit against the same
-    # references), then moved to the default device.
-    with jax.default_device(jax.devices("cpu")[0]):
-        q = fmt.quantize(jnp.asarray(w, jnp.float32))
-    return jnp.asarray(x, jnp.bfloat16), jax.device_put(q, jax.devices()[0])
+    # Quantized on the default device: quantizing on the CPU inside a GPU process
+    # made each test take over a minute on the device machine (2026-11-27).
+    return jnp.asarray(x, jnp.bfloat16), fmt.quantize(jnp.asarray(w, jnp.float32))
 
 
 def _reference(x, q, activations, input_scale) -> np.ndarray:
@@ -245,11 +242,12 @@ def test_scan_and_while_loop():
 
     def step(x, _):
         y = _cuda(x, q)  # [M, N]
-        # Elementwise only, so every compilation rounds the carry identically.
-        nxt = jnp.tanh(jnp.tile(y.astype(jnp.float32), (1, 3))[:, :k] * 0.01) + 0.5 * x.astype(
-            jnp.float32
-        )
-        return nxt.astype(jnp.bfloat16), y
+        # The next input is exact in any compilation (a power-of-two scale of bf16
+        # values): an elementwise tail with tanh or a multiply-add may round
+        # differently in the unrolled and the looped program (seen on an H100),
+        # which would test XLA's fusion choices rather than the custom call.
+        nxt = jnp.tile(y, (1, 3))[:, :k] * jnp.bfloat16(2.0**-5)
+        return nxt, y
 
     def unrolled(x):
         ys = []
@@ -276,58 +274,79 @@ def test_scan_and_while_loop():
 
 _GRAPH_SCRIPT = textwrap.dedent(
     """
+    import hashlib
     import jax, jax.numpy as jnp, numpy as np
     from reset_jax.nvfp4 import api, format as fmt
     rng = np.random.default_rng(0)
     qs = [fmt.quantize(jnp.asarray(rng.standard_normal((512, 512)), jnp.float32)) for _ in range(3)]
     x = jnp.asarray(rng.standard_normal((2, 512)), jnp.bfloat16)
 
-    def step(x, act):
+    def chain(x, act, impl, layers=12):
         # A chain of layers, as in a decode step; every call is captured in the graph.
-        for i in range(12):
-            y = api.matmul(x, qs[i % 3], activations=act, implementation="cuda")
+        for i in range(layers):
+            y = api.matmul(x, qs[i % 3], activations=act, implementation=impl)
             x = (y.astype(jnp.float32) * 0.05).astype(jnp.bfloat16)
         return x
 
-    def ref(x, act):
-        for i in range(12):
-            y = api.matmul(x, qs[i % 3], activations=act, implementation="xla")
-            x = (y.astype(jnp.float32) * 0.05).astype(jnp.bfloat16)
-        return x
+    def err(a, b):
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
     for act in ("bf16", "nvfp4"):
-        f = jax.jit(lambda x: step(x, act))
+        f = jax.jit(lambda x: chain(x, act, "cuda"))
         a = np.asarray(f(x), np.float32)
         b = np.asarray(f(x), np.float32)  # replayed graph
-        c = np.asarray(jax.jit(lambda x: ref(x, act))(x), np.float32)
+        c = np.asarray(jax.jit(lambda x: chain(x, act, "xla"))(x), np.float32)
+        a1 = np.asarray(jax.jit(lambda x: chain(x, act, "cuda", 1))(x), np.float32)
+        c1 = np.asarray(jax.jit(lambda x: chain(x, act, "xla", 1))(x), np.float32)
         print("SAME", act, bool(np.array_equal(a, b)))
-        print("ERR", act, float(np.linalg.norm(a - c) / np.linalg.norm(c)))
+        print("HASH", act, hashlib.sha1(a.tobytes()).hexdigest())
+        print("ERR", act, err(a, c))
+        print("ERR1", act, err(a1, c1))
     """
 )
 
 
-@gpu
-def test_inside_cuda_graphs():
-    """The handlers work when XLA records them into command buffers (CUDA graphs)."""
+def _run_graph_script(command_buffers: bool) -> dict[tuple[str, str], str]:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "")
-        + " --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL"
-        + " --xla_gpu_graph_min_graph_size=1"
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + (
+        " --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL"
+        " --xla_gpu_graph_min_graph_size=1"
+        if command_buffers
+        else " --xla_gpu_enable_command_buffer="
     )
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     out = subprocess.run(
         [sys.executable, "-c", _GRAPH_SCRIPT], env=env, capture_output=True, text=True, timeout=180
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    got = [line.split() for line in out.stdout.splitlines() if line.startswith(("SAME", "ERR"))]
-    assert len(got) == 4, out.stdout
-    for kind, act, value in got:
-        if kind == "SAME":
-            assert value == "True", (act, out.stdout)
-        else:
-            # Twelve chained layers compound the bf16 rounding of each output.
-            assert float(value) <= 2e-2, (act, out.stdout)
+    got = {}
+    for line in out.stdout.splitlines():
+        kind, act, value = line.split()
+        got[kind, act] = value
+    assert len(got) == 8, out.stdout
+    return got
+
+
+@gpu
+def test_inside_cuda_graphs():
+    """The handlers work when XLA records them into command buffers (CUDA graphs).
+
+    The same chain of 12 CUDA layers gives the same bits with and without
+    command buffers and on a graph replay. Against the XLA backend: one layer
+    within 5e-3 in both modes, and 12 bf16 layers within 2e-2. Twelve W4A4
+    layers are not compared: a one-ulp bf16 difference between two correct
+    backends (their sums round in a different order) moves activations across
+    E2M1 rounding boundaries and compounds; on the CPU, perturbing a quarter of
+    the outputs of the XLA chain by one ulp moves its result by 39% (W4A4)
+    against 1.5% (bf16), and the CUDA chain differs from XLA by 38% on an H100.
+    """
+    graphs, plain = _run_graph_script(True), _run_graph_script(False)
+    for act in ("bf16", "nvfp4"):
+        assert graphs["SAME", act] == "True", act
+        assert graphs["HASH", act] == plain["HASH", act], (act, graphs, plain)
+        assert float(graphs["ERR1", act]) <= 5e-3, (act, graphs)
+    # Twelve chained layers compound the bf16 rounding of each output.
+    assert float(graphs["ERR", "bf16"]) <= 2e-2, graphs
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,201 @@
+"""Where a decode step's time goes: a kernel-by-kernel account from a JAX trace.
+
+Builds one variant of ``benchmarks/decode.py`` (same shapes, random weights,
+ReSET sampler, logits scaled to a realistic std), compiles the jitted decode
+loop, runs it once untraced for the wall-clock ms/token, then once under
+``jax.profiler.trace`` and reads the trace back with ``jax.profiler.ProfileData``
+(no TensorBoard needed). CUDA graphs stay on while tracing
+(``--xla_enable_command_buffers_during_profiling``), so the kernels run as they
+do untraced; CUPTI still reports each kernel node.
+
+Prints, per generated token: the wall time, the summed GPU kernel time, the
+time the GPU sat idle between kernels (launch gaps, host syncs), and the
+kernels grouped by kind (NVFP4 GEMV, cuBLAS GEMM, XLA fusions by name,
+copies), with counts per token; writes the whole table as JSON.
+
+Usage (GPU):
+  python benchmarks/profile_decode.py --model qwen3-8b --variant cuda-w4a16 \\
+      --batch 1 --new-tokens 64 --json /tmp/profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+# Same graph settings as the decode benchmark, and graphs kept on under the profiler.
+_FLAGS = (
+    "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL "
+    "--xla_gpu_graph_min_graph_size=1"
+)
+
+
+def _set_xla_flags() -> None:
+    """Adds the benchmark's XLA flags (before JAX starts; a user's own settings win)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_enable_command_buffer" not in flags:
+        flags = (flags + " " + _FLAGS).strip()
+    if "xla_enable_command_buffers_during_profiling" not in flags:
+        flags += " --xla_enable_command_buffers_during_profiling=true"
+    os.environ["XLA_FLAGS"] = flags
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import decode as bench  # noqa: E402  (benchmarks/decode.py)
+
+
+def kernel_kind(name: str) -> str:
+    """Groups a GPU kernel name: ours, cuBLAS, copies, or the XLA fusion's name."""
+    low = name.lower()
+    if "gemvkernel" in low or "quantizeactivations" in low or "nvfp4" in low:
+        return "nvfp4 (ours): " + ("wide" if "wide" in low else re.sub(r"\W.*", "", name)[:40])
+    if any(t in low for t in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk")):
+        return "cuBLAS GEMM/GEMV"
+    if "memcpy" in low or "memset" in low:
+        return "copy/memset"
+    # XLA kernel names: "loop_add_fusion_12", "input_reduce_fusion", "wrapped_slice" ...
+    return "xla: " + re.sub(r"(_\d+)+$", "", re.sub(r"\.\d+", "", name))[:60]
+
+
+def gpu_events(trace_dir: str) -> list[tuple[str, int, int]]:
+    """(name, start_ns, duration_ns) of every GPU kernel/copy event in a trace folder."""
+    from jax.profiler import ProfileData
+
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        raise SystemExit(f"no .xplane.pb under {trace_dir}")
+    events, seen = [], set()
+    for path in paths:
+        data = ProfileData.from_file(path)
+        for plane in data.planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            for line in plane.lines:
+                seen.add(f"{plane.name}/{line.name}")
+                # XLA's own per-op lines ("XLA Ops", "XLA Modules") repeat the
+                # kernels; stream lines hold the CUPTI kernel records.
+                if not line.name.lower().startswith("stream"):
+                    continue
+                for e in line.events:
+                    events.append((e.name, int(e.start_ns), int(e.duration_ns)))
+    if not events:
+        raise SystemExit(
+            f"no GPU stream events in the trace (is CUPTI available?); lines: {sorted(seen)}"
+        )
+    return events
+
+
+def account(events, steps: int, wall_s: float) -> dict:
+    """Per-token totals: kernel time, idle time and a table by kernel kind."""
+    spans = sorted((s, s + d) for _, s, d in events)
+    busy, cur_s, cur_e = 0, spans[0][0], spans[0][1]
+    for s, e in spans[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    first, last = spans[0][0], max(e for _, e in spans)
+    by = collections.defaultdict(lambda: [0, 0])
+    for name, _, d in events:
+        k = kernel_kind(name)
+        by[k][0] += d
+        by[k][1] += 1
+    rows = sorted(
+        (dict(kind=k, us_per_token=t / 1e3 / steps, calls_per_token=n / steps, us_per_call=t / 1e3 / n)
+         for k, (t, n) in by.items()),
+        key=lambda r: -r["us_per_token"],
+    )  # fmt: skip
+    return dict(
+        steps=steps,
+        wall_ms_per_token=1e3 * wall_s / steps,
+        gpu_span_ms_per_token=(last - first) / 1e6 / steps,
+        kernel_busy_ms_per_token=busy / 1e6 / steps,
+        kernels_per_token=len(events) / steps,
+        rows=rows,
+    )
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="qwen3-8b")
+    p.add_argument("--variant", default="cuda-w4a16", choices=sorted(bench.VARIANTS))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--sampler", default="reset", choices=("reset", "fixed"))
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--logit-std", type=float, default=7.0)
+    p.add_argument("--top", type=int, default=25, help="rows of the table")
+    p.add_argument("--trace-dir", default="", help="keep the trace here (default: a temp folder)")
+    p.add_argument("--json", default="")
+    a = p.parse_args(argv)
+    _set_xla_flags()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from reset_jax import decode as dec
+
+    model, graphdef, params, rec = bench.build(a.model, a.variant, a.logit_std)
+    b, n = a.batch, a.new_tokens
+    sampler = bench.make_sampler(a.sampler)
+    knobs = dec.make_knobs(b, top_p=0.95, seed=1, stop_ids=(), max_new_tokens=n)
+    ids = jnp.asarray(
+        np.random.default_rng(b).integers(0, model.config.vocab_size, (b, a.prompt_len)), jnp.int32
+    )
+    lens = jnp.full((b,), a.prompt_len, jnp.int32)
+    max_len = a.prompt_len + n
+    pre = dec.prefill.lower(graphdef, params, ids, lens, model.init_cache(b, max_len),
+                            sampler, knobs, max_new=n).compile()  # fmt: skip
+    st0 = pre(params, ids, lens, model.init_cache(b, max_len), sampler, knobs)
+    loop = dec.decode_loop.lower(graphdef, params, st0, sampler, knobs).compile()
+
+    def one_loop():
+        st = pre(params, ids, lens, model.init_cache(b, max_len), sampler, knobs)
+        jax.block_until_ready(st)
+        t = time.perf_counter()
+        st = loop(params, st, sampler, knobs)
+        jax.block_until_ready(st)
+        return time.perf_counter() - t, int(st.step) - 1
+
+    one_loop()  # warm-up: graphs instantiated
+    wall, steps = one_loop()
+    trace_dir = a.trace_dir or tempfile.mkdtemp(prefix="decode_trace_")
+    st = pre(params, ids, lens, model.init_cache(b, max_len), sampler, knobs)
+    jax.block_until_ready(st)
+    with jax.profiler.trace(trace_dir):
+        t = time.perf_counter()
+        st = loop(params, st, sampler, knobs)
+        jax.block_until_ready(st)
+        traced_wall = time.perf_counter() - t
+    acc = account(gpu_events(trace_dir), steps, traced_wall)
+    acc.update(untraced_ms_per_token=1e3 * wall / steps, **{k: rec[k] for k in ("model", "variant", "device")},
+               batch=b, sampler=a.sampler, xla_flags=os.environ["XLA_FLAGS"])  # fmt: skip
+
+    print(f"{a.model} {a.variant} B={b} {a.sampler} on {rec['device']}: {steps} steps")
+    print(
+        f"untraced {acc['untraced_ms_per_token']:.3f} ms/token; traced {acc['wall_ms_per_token']:.3f};"
+        f" GPU span {acc['gpu_span_ms_per_token']:.3f}; kernels busy"
+        f" {acc['kernel_busy_ms_per_token']:.3f} ({acc['kernels_per_token']:.0f} kernels/token)"
+    )
+    print("| kind | µs/token | calls/token | µs/call |\n|---|---|---|---|")
+    for r in acc["rows"][: a.top]:
+        print(
+            f"| {r['kind']} | {r['us_per_token']:.1f} | {r['calls_per_token']:.1f} | {r['us_per_call']:.2f} |"
+        )
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(acc, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
