@@ -335,7 +335,10 @@ def main(argv=None):
                    "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats),
                    "--logit-std", str(a.logit_std)]  # fmt: skip
             print(f"== {model} {variant}", file=sys.stderr, flush=True)
-            out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            # Each variant owns the GPU: let it use most of the memory (the BF16
+            # Qwen3-32B shape needs ~66 GB of weights; JAX's default is 75 %).
+            env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.92", **os.environ}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if a.logs:
                 Path(a.logs).mkdir(parents=True, exist_ok=True)
                 Path(a.logs, f"{model}_{variant}.log").write_text(out.stderr)
