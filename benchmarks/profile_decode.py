@@ -64,14 +64,29 @@ def kernel_kind(name: str) -> str:
     return "xla: " + re.sub(r"(_\d+)+$", "", re.sub(r"\.\d+", "", name))[:60]
 
 
-def gpu_events(trace_dir: str) -> list[tuple[str, int, int]]:
-    """(name, start_ns, duration_ns) of every GPU kernel/copy event in a trace folder."""
+def _stats(event) -> dict:
+    try:
+        return {str(k): v for k, v in event.stats}
+    except Exception:  # a trace without stats still gives the kind table
+        return {}
+
+
+def gpu_events(trace_dir: str, with_ops: bool = False):
+    """GPU kernel/copy events of a trace folder.
+
+    Returns:
+      ``[(name, start_ns, duration_ns)]``; with ``with_ops``, also the HLO op of
+      each event (its ``hlo_op`` stat, or "") and a map from HLO op name to the
+      JAX source path XLA recorded for it (stats of the "XLA Ops" line: ``tf_op``
+      / ``long_name``, whichever the trace has), and the stat keys seen.
+    """
     from jax.profiler import ProfileData
 
     paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     if not paths:
         raise SystemExit(f"no .xplane.pb under {trace_dir}")
-    events, seen = [], set()
+    events, ops, seen, keys = [], [], set(), set()
+    op_source: dict[str, str] = {}
     for path in paths:
         data = ProfileData.from_file(path)
         for plane in data.planes:
@@ -79,17 +94,49 @@ def gpu_events(trace_dir: str) -> list[tuple[str, int, int]]:
                 continue
             for line in plane.lines:
                 seen.add(f"{plane.name}/{line.name}")
+                low = line.name.lower()
+                if with_ops and low == "xla ops":
+                    for e in line.events:
+                        st = _stats(e)
+                        keys.update(f"xla-ops:{k}" for k in st)
+                        src = st.get("tf_op") or st.get("long_name") or ""
+                        if src:
+                            op_source.setdefault(e.name, str(src))
                 # XLA's own per-op lines ("XLA Ops", "XLA Modules") repeat the
                 # kernels; stream lines hold the CUPTI kernel records.
-                if not line.name.lower().startswith("stream"):
+                if not low.startswith("stream"):
                     continue
                 for e in line.events:
                     events.append((e.name, int(e.start_ns), int(e.duration_ns)))
+                    if with_ops:
+                        st = _stats(e)
+                        keys.update(f"stream:{k}" for k in st)
+                        ops.append(str(st.get("hlo_op", "")))
     if not events:
         raise SystemExit(
             f"no GPU stream events in the trace (is CUPTI available?); lines: {sorted(seen)}"
         )
+    if with_ops:
+        return events, ops, op_source, sorted(keys)
     return events
+
+
+def op_table(events, ops, op_source: dict, steps: int) -> list[dict]:
+    """Kernel time per token grouped by the JAX source path of its HLO op.
+
+    The path (e.g. ``jit(decode_loop)/while/body/.../attend/softmax``) says which
+    line of the model each small kernel comes from; layer indices and numeric
+    suffixes are dropped so the 36 layers' kernels add up in one row.
+    """
+    by = collections.defaultdict(lambda: [0, 0])
+    for (name, _, d), op in zip(events, ops):
+        src = op_source.get(op, "") or op or kernel_kind(name)
+        src = re.sub(r"\d+", "#", src.split(" = ")[0])[-110:]
+        by[src][0] += d
+        by[src][1] += 1
+    rows = [dict(op=k, us_per_token=t / 1e3 / steps, calls_per_token=n / steps)
+            for k, (t, n) in by.items()]  # fmt: skip
+    return sorted(rows, key=lambda r: -r["us_per_token"])
 
 
 def account(events, steps: int, wall_s: float) -> dict:
@@ -177,7 +224,10 @@ def main(argv=None) -> None:
         st = loop(params, st, sampler, knobs)
         jax.block_until_ready(st)
         traced_wall = time.perf_counter() - t
-    acc = account(gpu_events(trace_dir), steps, traced_wall)
+    events, ops, op_source, keys = gpu_events(trace_dir, with_ops=True)
+    acc = account(events, steps, traced_wall)
+    acc["ops"] = op_table(events, ops, op_source, steps)
+    acc["trace_stat_keys"] = keys
     acc.update(untraced_ms_per_token=1e3 * wall / steps, **{k: rec[k] for k in ("model", "variant", "device")},
                batch=b, sampler=a.sampler, xla_flags=os.environ["XLA_FLAGS"])  # fmt: skip
 
@@ -192,6 +242,10 @@ def main(argv=None) -> None:
         print(
             f"| {r['kind']} | {r['us_per_token']:.1f} | {r['calls_per_token']:.1f} | {r['us_per_call']:.2f} |"
         )
+    print(f"\nby JAX source of the HLO op (stat keys in the trace: {acc['trace_stat_keys']})")
+    print("| op | µs/token | calls/token |\n|---|---|---|")
+    for r in acc["ops"][: a.top]:
+        print(f"| {r['op']} | {r['us_per_token']:.1f} | {r['calls_per_token']:.1f} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(acc, f, indent=1)

@@ -120,3 +120,19 @@ def test_profile_reads_a_trace(tmp_path):
         prof.gpu_events(str(tmp_path))
     with pytest.raises(SystemExit, match=r"no \.xplane\.pb"):
         prof.gpu_events(str(tmp_path / "empty"))
+
+
+def test_profile_op_table_merges_layers():
+    """Kernels group by the JAX source path of their HLO op, layer numbers merged."""
+    prof = _profile_module()
+    events = [("loop_add_fusion_3", 0, 1000), ("loop_add_fusion_4", 2000, 1000), ("k", 5000, 3000)]
+    ops = ["fusion.12", "fusion.13", ""]
+    source = {
+        "fusion.12": "jit(decode_loop)/while/body/layers.3/add",
+        "fusion.13": "jit(decode_loop)/while/body/layers.17/add",
+    }
+    rows = prof.op_table(events, ops, source, steps=2)
+    assert rows == [
+        dict(op="xla: k", us_per_token=1.5, calls_per_token=0.5),
+        dict(op="jit(decode_loop)/while/body/layers.#/add", us_per_token=1.0, calls_per_token=1.0),
+    ]
