@@ -341,7 +341,8 @@ def main(argv=None):
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if a.logs:
                 Path(a.logs).mkdir(parents=True, exist_ok=True)
-                Path(a.logs, f"{model}_{variant}.log").write_text(out.stderr)
+                safe = f"{model}_{variant}".replace("/", "_")  # a model may be a path or hub id
+                Path(a.logs, f"{safe}.log").write_text(out.stderr)
             rec_lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RECORD ")]
             if out.returncode or not rec_lines:
                 print(out.stderr[-3000:], file=sys.stderr)

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One device-machine call: install, GPU tests, kernel table, decode table, decode profile.
 # Usage on the device (repo root): bash benchmarks/gpu_session.sh
-#   env: TESTS, TEST_TIMEOUT; KERNELS_ARGS; DECODE_ARGS, DECODE_TIMEOUT; PROFILE_ARGS
-#   (a section runs when its *_ARGS variable is set, even to "").
+#   env: TESTS, TEST_TIMEOUT (whole run), TEST_CASE_TIMEOUT (one test), TEST_PROCS,
+#   TEST_MAXFAIL; KERNELS_ARGS, KERNELS_TIMEOUT; DECODE_ARGS, DECODE_TIMEOUT;
+#   PROFILE_ARGS, PROFILE_TIMEOUT; PIP_EXTRA (extra pip install arguments)
+#   (a benchmark section runs when its *_ARGS variable is set, even to "").
 # Example, the four GPU test files and the Qwen3-8B decode rows:
 #   TESTS="tests/test_cuda_ffi.py tests/test_nvfp4_matmul.py tests/test_nvfp4_format.py
 #   tests/test_pallas_nvfp4.py" TEST_TIMEOUT=300 DECODE_ARGS="--variants bf16,cuda-w4a16 --batch 1"
@@ -33,9 +35,14 @@ stamp "GPU tests"
 # image) names a test that hangs.
 XDIST=""
 if python3 -c "import xdist" 2>/dev/null; then XDIST="-n ${TEST_PROCS:-8}"; fi
+TEST_TIMEOUT=${TEST_TIMEOUT:-150}
 TIMEOUT_OPT=""
-if python3 -c "import pytest_timeout" 2>/dev/null; then TIMEOUT_OPT="--timeout=${TEST_CASE_TIMEOUT:-150}"; fi
-XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -rfE --tb=short \
+# A hanging test is named when pytest-timeout stops it well inside the box; the box
+# itself interrupts pytest with SIGINT, so the summary of what ran is still printed.
+if python3 -c "import pytest_timeout" 2>/dev/null; then
+  TIMEOUT_OPT="--timeout=${TEST_CASE_TIMEOUT:-$(( TEST_TIMEOUT * 2 / 3 ))}"
+fi
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -s INT -k 30 $TEST_TIMEOUT python3 -m pytest -q -rfE --tb=short \
   -p no:cacheprovider $XDIST $TIMEOUT_OPT --maxfail=${TEST_MAXFAIL:-6} \
   ${TESTS:-tests/test_cuda_ffi.py tests/test_nvfp4_matmul.py} \
   > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | tail -12

@@ -11,7 +11,8 @@ do untraced; CUPTI still reports each kernel node.
 Prints, per generated token: the wall time, the summed GPU kernel time, the
 time the GPU sat idle between kernels (launch gaps, host syncs), and the
 kernels grouped by kind (NVFP4 GEMV, cuBLAS GEMM, XLA fusions by name,
-copies), with counts per token; writes the whole table as JSON.
+copies) and by the JAX source line of their HLO op, with counts per token;
+writes the whole account as JSON.
 
 Usage (GPU):
   python benchmarks/profile_decode.py --model qwen3-8b --variant cuda-w4a16 \\
@@ -38,7 +39,9 @@ _FLAGS = (
 
 
 def _set_xla_flags() -> None:
-    """Adds the benchmark's XLA flags (before JAX starts; a user's own settings win)."""
+    """Adds the benchmark's XLA flags and memory share (before JAX starts; a user's own
+    settings win)."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")  # BF16 Qwen3-32B
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_gpu_enable_command_buffer" not in flags:
         flags = (flags + " " + _FLAGS).strip()
@@ -55,8 +58,11 @@ def kernel_kind(name: str) -> str:
     """Groups a GPU kernel name: ours, cuBLAS, copies, or the XLA fusion's name."""
     low = name.lower()
     if "gemvkernel" in low or "quantizeactivations" in low or "nvfp4" in low:
-        return "nvfp4 (ours): " + ("wide" if "wide" in low else re.sub(r"\W.*", "", name)[:40])
-    if any(t in low for t in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk")):
+        if "wide" in low:
+            return "nvfp4 (ours): wide"
+        m = re.search(r"(\w+)\s*[<(]", name)  # "void nvfp4::GemvKernel<16, 1, 2, 8>(...)"
+        return "nvfp4 (ours): " + (m.group(1) if m else name[:40])
+    if any(t in low for t in ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "splitk")):
         return "cuBLAS GEMM/GEMV"
     if "memcpy" in low or "memset" in low:
         return "copy/memset"
@@ -85,6 +91,9 @@ def gpu_events(trace_dir: str, with_ops: bool = False):
     paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     if not paths:
         raise SystemExit(f"no .xplane.pb under {trace_dir}")
+    # A reused folder holds one timestamped subfolder per trace: read the newest only.
+    newest = max(os.path.dirname(p) for p in paths)
+    paths = [p for p in paths if os.path.dirname(p) == newest]
     events, ops, seen, keys = [], [], set(), set()
     op_source: dict[str, str] = {}
     for path in paths:
@@ -124,13 +133,19 @@ def gpu_events(trace_dir: str, with_ops: bool = False):
 def op_table(events, ops, op_source: dict, steps: int) -> list[dict]:
     """Kernel time per token grouped by the JAX source path of its HLO op.
 
+    ``events`` as for ``account``; ``ops[i]`` the HLO op of ``events[i]`` ("" if
+    unknown); ``op_source`` HLO op name -> JAX source path. Returns rows
+    ``{op, us_per_token, calls_per_token}`` sorted by time.
+
     The path (e.g. ``jit(decode_loop)/while/body/.../attend/softmax``) says which
     line of the model each small kernel comes from; layer indices and numeric
     suffixes are dropped so the 36 layers' kernels add up in one row.
     """
     by = collections.defaultdict(lambda: [0, 0])
     for (name, _, d), op in zip(events, ops):
-        src = op_source.get(op, "") or op or kernel_kind(name)
+        # Without a source path the HLO op name ("fusion.12") says nothing once its
+        # number is dropped: fall back to the kernel's kind.
+        src = op_source.get(op, "") or kernel_kind(name)
         src = re.sub(r"\d+", "#", src.split(" = ")[0])[-110:]
         by[src][0] += d
         by[src][1] += 1
@@ -140,7 +155,22 @@ def op_table(events, ops, op_source: dict, steps: int) -> list[dict]:
 
 
 def account(events, steps: int, wall_s: float) -> dict:
-    """Per-token totals: kernel time, idle time and a table by kernel kind."""
+    """Per-token totals: kernel time, idle time and a table by kernel kind.
+
+    Args:
+      events: ``[(name, start_ns, duration_ns)]`` of one traced run.
+      steps: decode steps in that run.
+      wall_s: its host wall time.
+
+    Returns:
+      ``wall_ms_per_token``, ``gpu_span_ms_per_token`` (first kernel start to last
+      kernel end), ``kernel_busy_ms_per_token`` (union of kernel intervals),
+      ``idle_ms_per_token`` (span - busy: gaps between kernels),
+      ``kernels_per_token`` and ``rows``: ``{kind, us_per_token, calls_per_token,
+      us_per_call}`` sorted by time.
+    """
+    if steps < 1:
+        raise ValueError(f"steps={steps}: the traced loop ran no decode step")
     spans = sorted((s, s + d) for _, s, d in events)
     busy, cur_s, cur_e = 0, spans[0][0], spans[0][1]
     for s, e in spans[1:]:
@@ -166,6 +196,7 @@ def account(events, steps: int, wall_s: float) -> dict:
         wall_ms_per_token=1e3 * wall_s / steps,
         gpu_span_ms_per_token=(last - first) / 1e6 / steps,
         kernel_busy_ms_per_token=busy / 1e6 / steps,
+        idle_ms_per_token=((last - first) - busy) / 1e6 / steps,
         kernels_per_token=len(events) / steps,
         rows=rows,
     )
@@ -184,6 +215,8 @@ def main(argv=None) -> None:
     p.add_argument("--trace-dir", default="", help="keep the trace here (default: a temp folder)")
     p.add_argument("--json", default="")
     a = p.parse_args(argv)
+    if a.new_tokens < 2:
+        p.error("--new-tokens must be >= 2 (the loop runs new_tokens - 1 steps)")
     _set_xla_flags()
 
     import jax
@@ -235,7 +268,9 @@ def main(argv=None) -> None:
     print(
         f"untraced {acc['untraced_ms_per_token']:.3f} ms/token; traced {acc['wall_ms_per_token']:.3f};"
         f" GPU span {acc['gpu_span_ms_per_token']:.3f}; kernels busy"
-        f" {acc['kernel_busy_ms_per_token']:.3f} ({acc['kernels_per_token']:.0f} kernels/token)"
+        f" {acc['kernel_busy_ms_per_token']:.3f} ({acc['kernels_per_token']:.0f} kernels/token);"
+        f" idle in the traced run {acc['idle_ms_per_token']:.3f}; untraced wall - busy"
+        f" {acc['untraced_ms_per_token'] - acc['kernel_busy_ms_per_token']:.3f}"
     )
     print("| kind | µs/token | calls/token | µs/call |\n|---|---|---|---|")
     for r in acc["rows"][: a.top]:

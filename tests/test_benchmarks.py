@@ -65,11 +65,12 @@ def test_set_logit_std_sets_the_logit_scale():
 
 
 def _profile_module():
+    saved = list(sys.path)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import profile_decode
     finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+        sys.path[:] = saved  # the module adds benchmarks/ too
     return profile_decode
 
 
@@ -91,6 +92,7 @@ def test_profile_account_of_synthetic_kernels():
     assert acc["gpu_span_ms_per_token"] == pytest.approx(0.020)  # 0 .. 40 µs
     # busy: [0, 11) + [12, 14.5) + [20, 20.5) + [30, 40) = 24 µs over 2 steps
     assert acc["kernel_busy_ms_per_token"] == pytest.approx(0.012)
+    assert acc["idle_ms_per_token"] == pytest.approx(0.008)  # 1 + 5.5 + 9.5 µs of gaps / 2
     assert acc["kernels_per_token"] == 3
     rows = {r["kind"]: r for r in acc["rows"]}
     assert set(rows) == {"nvfp4 (ours): wide", "xla: loop_add_fusion", "cuBLAS GEMM/GEMV",
@@ -99,14 +101,20 @@ def test_profile_account_of_synthetic_kernels():
     assert rows["nvfp4 (ours): wide"]["calls_per_token"] == 1
     assert rows["xla: loop_add_fusion"]["us_per_call"] == pytest.approx(1.0)
     assert acc["rows"][0]["kind"] == "nvfp4 (ours): wide"  # sorted by time
-    assert prof.kernel_kind("void nvfp4::GemvKernel<16, 1, 2, 8>(nvfp4::KParams)").startswith(
-        "nvfp4 (ours)"
+    kind = prof.kernel_kind
+    assert kind("void nvfp4::GemvKernel<16, 1, 2, 8>(nvfp4::KParams)") == "nvfp4 (ours): GemvKernel"
+    assert (
+        kind("void nvfp4::QuantizeActivationsKernel<true>(__nv_bfloat16 const*, float const*)")
+        == "nvfp4 (ours): QuantizeActivationsKernel"
     )
+    assert kind("void gemv2T_kernel_val<int, int, __nv_bfloat16>(...)") == "cuBLAS GEMM/GEMV"
+    with pytest.raises(ValueError, match="no decode step"):
+        prof.account(events, steps=0, wall_s=1.0)
 
 
 def test_profile_reads_a_trace(tmp_path):
-    """gpu_events finds the trace file and names the lines it saw when none is a GPU stream
-    (the CPU case): a clear error, not an empty table."""
+    """gpu_events reads the newest trace in a folder: on a GPU its kernels, on the CPU
+    a clear error naming the lines it saw, not an empty table."""
     import jax
     import jax.numpy as jnp
 
@@ -114,10 +122,15 @@ def test_profile_reads_a_trace(tmp_path):
     f = jax.jit(lambda x: jnp.sin(x) @ x)
     x = jnp.ones((64, 64))
     f(x).block_until_ready()
-    with jax.profiler.trace(str(tmp_path)):
-        f(x).block_until_ready()
-    with pytest.raises(SystemExit, match=r"no GPU stream events.*lines: \["):
-        prof.gpu_events(str(tmp_path))
+    for _ in range(2):  # two traces in one folder: only the newest is read
+        with jax.profiler.trace(str(tmp_path)):
+            f(x).block_until_ready()
+    if jax.default_backend() == "gpu":
+        events = prof.gpu_events(str(tmp_path))
+        assert events and all(d >= 0 for _, _, d in events)
+    else:
+        with pytest.raises(SystemExit, match=r"no GPU stream events.*lines: \["):
+            prof.gpu_events(str(tmp_path))
     with pytest.raises(SystemExit, match=r"no \.xplane\.pb"):
         prof.gpu_events(str(tmp_path / "empty"))
 
