@@ -45,6 +45,15 @@ VARIANTS = {
         {"exclude": (), "quantize_embedding": True},
     ),
     "xla-w4a16-qall": ("nvfp4", "bf16", "xla", {"exclude": (), "quantize_embedding": True}),
+    # residual adds + RMSNorms folded into the following GEMV's custom call
+    "cuda-w4a16-fnorm": ("nvfp4", "bf16", ("cuda", "xla"), {"fuse_norms": True}),
+    "cuda-w4a16-qhead-fnorm": (
+        "nvfp4",
+        "bf16",
+        ("cuda", "xla"),
+        {"exclude": (), "fuse_norms": True},
+    ),
+    "xla-w4a16-fnorm": ("nvfp4", "bf16", "xla", {"fuse_norms": True}),
 }
 
 

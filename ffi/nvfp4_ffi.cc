@@ -2,6 +2,8 @@
 //
 // Exported symbols (registered from Python with jax.ffi.register_ffi_target):
 //   ResetJaxNvfp4W4A16(x, codes, scales, global_scale) -> y
+//   ResetJaxNvfp4AddNormW4A16(x, h, norm_weight, codes, scales, global_scale; eps)
+//       -> (y = GEMV(rmsnorm(x + h)), r = x + h, xn scratch [M, K] bf16)
 //   ResetJaxNvfp4W4A4(x, codes, scales, global_scale, input_scale; per_row_scale)
 //       -> (y, xhat scratch [M, K] bf16, gx scratch [M] f32)
 // Shapes: x [M, K] bf16 (M <= 16), codes [N, K/2] u8, scales [N, K/16] f8e4m3fn,
@@ -123,12 +125,39 @@ ffi::Error W4A4Impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer codes,
   return ffi::Error::Success();
 }
 
+// y = GEMV(rmsnorm(x + h) * w); r = x + h (the new residual stream); xn scratch.
+ffi::Error AddNormW4A16Impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer h,
+                            ffi::AnyBuffer w, ffi::AnyBuffer codes, ffi::AnyBuffer scales,
+                            ffi::AnyBuffer gscale, ffi::Result<ffi::AnyBuffer> y,
+                            ffi::Result<ffi::AnyBuffer> r, ffi::Result<ffi::AnyBuffer> xn,
+                            float eps) {
+  nvfp4::GemvArgs a;
+  if (ffi::Error e = CheckCommon(x, codes, scales, gscale, *y, a); e.failure()) return e;
+  const auto bf16_mk = [&](const ffi::AnyBuffer& b) {
+    return b.element_type() == ffi::DataType::BF16 &&
+           b.element_count() == static_cast<size_t>(a.M * a.K);
+  };
+  if (!bf16_mk(h)) return Invalid("h (the residual delta) must be bfloat16 shaped like x " + Dims(x.dimensions()));
+  if (w.element_type() != ffi::DataType::BF16 || w.element_count() != static_cast<size_t>(a.K))
+    return Invalid("the norm weight must be bfloat16 [K] = [" + std::to_string(a.K) + "]");
+  if (!bf16_mk(*r) || !bf16_mk(*xn)) return Invalid("r and xn results must be bfloat16 [M, K]");
+  if (!(eps >= 0.f)) return Invalid("eps must be >= 0");
+  if (a.K % 8 != 0) return Invalid("K must be a multiple of 8 for the fused norm");
+  if (cudaError_t err = nvfp4::LaunchGemvAddNorm(a, h.untyped_data(), w.untyped_data(), eps,
+                                                 r->untyped_data(), xn->untyped_data(), stream);
+      err != cudaSuccess)
+    return CudaError(err, "residual add + RMSNorm + GEMV launch");
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
-// The library is built with hidden visibility; export the two handlers.
+// The library is built with hidden visibility; export the handlers.
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* ResetJaxNvfp4W4A16(
     XLA_FFI_CallFrame* call_frame);
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* ResetJaxNvfp4W4A4(
+    XLA_FFI_CallFrame* call_frame);
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* ResetJaxNvfp4AddNormW4A16(
     XLA_FFI_CallFrame* call_frame);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResetJaxNvfp4W4A16, W4A16Impl,
@@ -153,4 +182,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResetJaxNvfp4W4A4, W4A4Impl,
                                   .Ret<ffi::AnyBuffer>()  // xhat scratch
                                   .Ret<ffi::AnyBuffer>()  // gx scratch
                                   .Attr<bool>("per_row_scale"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResetJaxNvfp4AddNormW4A16, AddNormW4A16Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // h
+                                  .Arg<ffi::AnyBuffer>()  // norm weight
+                                  .Arg<ffi::AnyBuffer>()  // codes
+                                  .Arg<ffi::AnyBuffer>()  // scales
+                                  .Arg<ffi::AnyBuffer>()  // global_scale
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Ret<ffi::AnyBuffer>()  // r = x + h
+                                  .Ret<ffi::AnyBuffer>()  // xn scratch
+                                  .Attr<float>("eps"),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -93,4 +93,70 @@ cudaError_t LaunchQuantizeActivations(const void* x, const float* input_scale, b
   return cudaGetLastError();
 }
 
+namespace {
+
+// The decoder's pre-norm, one row per CTA (the host API's LaunchAddRmsNorm):
+//   r  = bf16(x + h);  xn = bf16(w * bf16(r * rsqrt(sum(r^2) / K + eps)))
+// with the sum of squares in float32; K % 8 == 0, rows 16-byte aligned.
+__global__ void __launch_bounds__(256) AddRmsNormKernel(
+    const uint4* __restrict__ x, const uint4* __restrict__ h, const uint4* __restrict__ w,
+    float eps, uint4* __restrict__ r_out, uint4* __restrict__ xn, int K) {
+  __shared__ float part[8];
+  const int units = K >> 3;  // 16-byte units of 8 values
+  const size_t row = static_cast<size_t>(blockIdx.x) * units;
+  float ss = 0.f;
+  for (int u = threadIdx.x; u < units; u += blockDim.x) {
+    const uint4 r = ResidualUnit(__ldg(x + row + u), __ldg(h + row + u));
+    r_out[row + u] = r;
+    ss = SumSquaresUnit(r, ss);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  float total = 0.f;
+  for (int i = 0; i < static_cast<int>(blockDim.x >> 5); ++i) total += part[i];
+  const float inv = rsqrtf(total / static_cast<float>(K) + eps);
+  for (int u = threadIdx.x; u < units; u += blockDim.x) {
+    // r recomputed, not re-read: no read-after-write through global memory
+    const uint4 r = ResidualUnit(__ldg(x + row + u), __ldg(h + row + u));
+    xn[row + u] = NormUnit(r, inv, __ldg(w + u));
+  }
+}
+
+}  // namespace
+
+cudaError_t LaunchAddRmsNorm(const void* x, const void* h, const void* w, float eps, void* r,
+                             void* xn, int64_t M, int64_t K, cudaStream_t stream) {
+  if (M < 1 || M > 65535 || K < 8 || K % 8 != 0 || K > (int64_t{1} << 30))
+    return cudaErrorInvalidValue;
+  if (!Aligned(x, 16) || !Aligned(h, 16) || !Aligned(w, 16) || !Aligned(r, 16) || !Aligned(xn, 16))
+    return cudaErrorMisalignedAddress;
+  AddRmsNormKernel<<<static_cast<unsigned>(M), 256, 0, stream>>>(
+      static_cast<const uint4*>(x), static_cast<const uint4*>(h), static_cast<const uint4*>(w),
+      eps, static_cast<uint4*>(r), static_cast<uint4*>(xn), static_cast<int>(K));
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchGemvAddNorm(const GemvArgs& a, const void* h, const void* w, float eps,
+                              void* r, void* xn, cudaStream_t stream, int variant) {
+  if (GemvUnsupportedReason(a) != nullptr) return cudaErrorInvalidValue;
+  if (!Aligned(h, 16) || !Aligned(w, 16) || !Aligned(r, 16) || !Aligned(xn, 16))
+    return cudaErrorMisalignedAddress;
+  KParams kp = ToKParams(a);
+  if (variant == 0 && UseWideFor(kp)) {  // the wide path stages x: the norm goes there
+    kp.h = static_cast<const __nv_bfloat16*>(h);
+    kp.nw = static_cast<const __nv_bfloat16*>(w);
+    kp.eps = eps;
+    kp.r_out = static_cast<__nv_bfloat16*>(r);
+    if (kp.M > 8) return LaunchWideOne<2, kWidePipeline, kWideWarps, true, true>(kp, stream);
+    return LaunchWideOne<1, kWidePipeline, kWideWarps, true, true>(kp, stream);
+  }
+  if (cudaError_t e = LaunchAddRmsNorm(a.x, h, w, eps, r, xn, a.M, a.K, stream); e != cudaSuccess)
+    return e;
+  GemvArgs b = a;
+  b.x = xn;
+  return LaunchGemv(b, stream);
+}
+
 }  // namespace nvfp4

@@ -41,6 +41,12 @@ struct KParams {
   int xscale_stride;       // 0: scalar, 1: per row
   __nv_bfloat16* y;        // [M, N]
   int M, N, K;
+  // NORM kernels only: x is the residual stream, the GEMV reads
+  // rmsnorm(x + h) * nw, and r_out (written by CTA 0) receives x + h.
+  const __nv_bfloat16* h = nullptr;   // [M, K]
+  const __nv_bfloat16* nw = nullptr;  // [K]
+  float eps = 0.f;
+  __nv_bfloat16* r_out = nullptr;     // [M, K]
 };
 
 // Kernel parameters from the host API's arguments.
@@ -143,6 +149,40 @@ __device__ __forceinline__ uint32_t PackBf16x2(float lo, float hi) {
   uint32_t d;
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
   return d;
+}
+
+__device__ __forceinline__ float Bf16Lo(uint32_t v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float Bf16Hi(uint32_t v) { return __uint_as_float(v & 0xFFFF0000u); }
+
+// ---- the decoder's residual add and RMSNorm, 8 bf16 values (16 bytes) at a time.
+
+// r = bf16(a + b), each value rounded once after a float32 add.
+__device__ __forceinline__ uint4 ResidualUnit(uint4 a, uint4 b) {
+  return make_uint4(PackBf16x2(Bf16Lo(a.x) + Bf16Lo(b.x), Bf16Hi(a.x) + Bf16Hi(b.x)),
+                    PackBf16x2(Bf16Lo(a.y) + Bf16Lo(b.y), Bf16Hi(a.y) + Bf16Hi(b.y)),
+                    PackBf16x2(Bf16Lo(a.z) + Bf16Lo(b.z), Bf16Hi(a.z) + Bf16Hi(b.z)),
+                    PackBf16x2(Bf16Lo(a.w) + Bf16Lo(b.w), Bf16Hi(a.w) + Bf16Hi(b.w)));
+}
+
+// ss + the squares of the 8 values of r, in float32.
+__device__ __forceinline__ float SumSquaresUnit(uint4 r, float ss) {
+  const uint32_t v[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    ss = fmaf(Bf16Lo(v[j]), Bf16Lo(v[j]), ss);
+    ss = fmaf(Bf16Hi(v[j]), Bf16Hi(v[j]), ss);
+  }
+  return ss;
+}
+
+// bf16(w * bf16(r * inv)): the normalized value rounded to bf16, then scaled.
+__device__ __forceinline__ uint32_t NormPair(uint32_t r, float inv, uint32_t w) {
+  const uint32_t n = PackBf16x2(Bf16Lo(r) * inv, Bf16Hi(r) * inv);
+  return PackBf16x2(Bf16Lo(w) * Bf16Lo(n), Bf16Hi(w) * Bf16Hi(n));
+}
+__device__ __forceinline__ uint4 NormUnit(uint4 r, float inv, uint4 w) {
+  return make_uint4(NormPair(r.x, inv, w.x), NormPair(r.y, inv, w.y), NormPair(r.z, inv, w.z),
+                    NormPair(r.w, inv, w.w));
 }
 
 // Two E4M3 bytes (low byte first) -> bf16x2 pairs (s0*2^118, s0*2^118) and
@@ -503,8 +543,9 @@ __host__ __device__ constexpr int64_t WideXsBytes(int64_t M, int64_t K) {
   return (K / kWideSubK) * M * 4 * 9 * 16;
 }
 
-template <int NT, int U, int W, bool XS>
+template <int NT, int U, int W, bool XS, bool NORM = false>
 __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemvKernel(const KParams p) {
+  static_assert(XS || !NORM, "the fused norm is applied while staging the activations");
   constexpr int kAcc = NT == 1 ? 4 : 2;  // independent accumulator chains per n-tile
   extern __shared__ uint4 xs[];          // XS only
   __shared__ float red[2][W][8 * NT][16];
@@ -574,20 +615,59 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
     // per CTA, while the first weight loads above are already on their way.
     const int k8 = K >> 3;  // 16-byte units per row
     const int units = M * k8;
-    for (int base = threadIdx.x; base < units; base += 8 * W * 32) {
-      uint4 v[8];
+    const uint4* xg = reinterpret_cast<const uint4*>(p.x);
+    const uint4* hg = reinterpret_cast<const uint4*>(p.h);
+    const uint4* wg = reinterpret_cast<const uint4*>(p.nw);
+    __shared__ float row_inv[NORM ? 16 : 1];
+    if constexpr (NORM) {
+      // 1/rms of every row of x + h, in a fixed order (the same in every CTA):
+      // per-warp partial sums, then the warps' partials added in warp order.
+      __shared__ float part[NORM ? W : 1][16];
+      for (int m = 0; m < M; ++m) {
+        float ss = 0.f;
+        for (int u = threadIdx.x; u < k8; u += W * 32)
+          ss = SumSquaresUnit(ResidualUnit(__ldg(xg + m * k8 + u), __ldg(hg + m * k8 + u)), ss);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) part[warp][m] = ss;
+      }
+      __syncthreads();
+      if (threadIdx.x < M) {
+        float ss = 0.f;
+#pragma unroll
+        for (int w = 0; w < W; ++w) ss += part[w][threadIdx.x];
+        row_inv[threadIdx.x] = rsqrtf(ss / static_cast<float>(K) + p.eps);
+      }
+      __syncthreads();
+    }
+    constexpr int kBatch = NORM ? 2 : 8;  // NORM holds three loads per unit
+    for (int base = threadIdx.x; base < units; base += kBatch * W * 32) {
+      uint4 v[kBatch];
+      uint4 hv[NORM ? kBatch : 1], wv[NORM ? kBatch : 1];
+#pragma unroll
+      for (int e = 0; e < kBatch; ++e) {
         const int i = base + e * W * 32;
-        if (i < units) v[e] = __ldg(reinterpret_cast<const uint4*>(p.x) + i);
+        if (i < units) {
+          v[e] = __ldg(xg + i);
+          if constexpr (NORM) {
+            hv[e] = __ldg(hg + i);
+            wv[e] = __ldg(wg + i % k8);
+          }
+        }
       }
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
+      for (int e = 0; e < kBatch; ++e) {
         const int i = base + e * W * 32;
         if (i < units) {
           const int m = i / k8, u = i - m * k8;
           const int s = u >> 5, tt = (u >> 3) & 3, w = u & 7;
-          xs[((s * M + m) * 4 + tt) * 9 + w] = PermuteChunk(v[e]);
+          uint4 c = v[e];
+          if constexpr (NORM) {
+            const uint4 r = ResidualUnit(c, hv[e]);
+            if (blockIdx.x == 0) reinterpret_cast<uint4*>(p.r_out)[i] = r;
+            c = NormUnit(r, row_inv[m], wv[e]);
+          }
+          xs[((s * M + m) * 4 + tt) * 9 + w] = PermuteChunk(c);
         }
       }
     }
@@ -707,9 +787,9 @@ inline bool WideOk(const KParams& kp) {
 }
 inline bool WideXs(const KParams& kp) { return WideXsBytes(kp.M, kp.K) <= kWideXsMaxBytes; }
 
-template <int NT, int U, int W, bool XS>
+template <int NT, int U, int W, bool XS, bool NORM = false>
 cudaError_t LaunchWideOne(const KParams& kp, cudaStream_t stream) {
-  auto kernel = WideGemvKernel<NT, U, W, XS>;
+  auto kernel = WideGemvKernel<NT, U, W, XS, NORM>;
   const int smem = XS ? static_cast<int>(WideXsBytes(kp.M, kp.K)) : 0;
   if constexpr (XS) {
     // Opting in to more than 48 KB of dynamic shared memory is per device.
@@ -786,9 +866,6 @@ __device__ __forceinline__ float RoundE2M1(float v) {
 __device__ __forceinline__ float MaxNaN(float amax, float a) {
   return (a > amax || a != a) ? a : amax;
 }
-
-__device__ __forceinline__ float Bf16Lo(uint32_t v) { return __uint_as_float(v << 16); }
-__device__ __forceinline__ float Bf16Hi(uint32_t v) { return __uint_as_float(v & 0xFFFF0000u); }
 
 // One CTA per activation row.  PER_ROW: the global scale is max|x_row| / 2688.
 template <bool PER_ROW>

@@ -57,6 +57,22 @@ cudaError_t LaunchQuantizeActivations(const void* x, const float* input_scale, b
                                       void* xhat, float* gx, int64_t M, int64_t K,
                                       cudaStream_t stream);
 
+// The decoder's residual add and RMSNorm ahead of a GEMV, per row m < M:
+//   r[m]  = bf16(x[m] + h[m])
+//   xn[m] = bf16(w * bf16(r[m] * rsqrt(sum(r[m]^2) / K + eps)))
+// x, h, r, xn: bf16 [M, K]; w: bf16 [K]; all 16-byte aligned, K % 8 == 0.
+cudaError_t LaunchAddRmsNorm(const void* x, const void* h, const void* w, float eps, void* r,
+                             void* xn, int64_t M, int64_t K, cudaStream_t stream);
+
+// The same ahead of the GEMV, with a.x as the residual stream x:
+//   r = bf16(x + h);  y = GEMV(xn = rmsnorm(r) * w).
+// Where the wide path serves (UseWide), the add and the norm run while each CTA
+// stages its activations (CTA 0 writes r; xn is not written); otherwise
+// LaunchAddRmsNorm writes r and xn, then LaunchGemv reads xn.  variant 1 always
+// takes the second route (for A/B checks).  h, w, r, xn 16-byte aligned.
+cudaError_t LaunchGemvAddNorm(const GemvArgs& a, const void* h, const void* w, float eps,
+                              void* r, void* xn, cudaStream_t stream, int variant = 0);
+
 }  // namespace nvfp4
 
 #endif  // RESET_JAX_FFI_NVFP4_KERNELS_H_

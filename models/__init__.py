@@ -15,6 +15,7 @@ from reset_jax.models.layers import (
     Linear,
     LinearGroup,
     NVFP4Param,
+    fuse_norms,
     quantize_embedding,
 )
 from reset_jax.models.llama import LlamaForCausalLM
@@ -54,6 +55,7 @@ __all__ = [
     "build_from_state_dict",
     "build_model",
     "from_pretrained",
+    "fuse_norms",
     "model_tensors",
     "named_linears",
     "quantize_embedding",

@@ -25,6 +25,7 @@ from reset_jax import nvfp4
 from reset_jax.models.cache import KVCache
 from reset_jax.models.config import ModelConfig, rope_frequencies
 from reset_jax.nvfp4 import NVFP4Tensor
+from reset_jax.nvfp4.fused import add_rms_norm_matmul, rms_norm
 
 # Contract the last axis of x [..., K] with axis 1 of w [N, K]: x @ w.T without a transpose.
 _NT_LAST = 1
@@ -137,6 +138,11 @@ class Linear(nnx.Module):
         return (y.astype(jnp.float32) + self.bias.get_value().astype(jnp.float32)).astype(out_dtype)
 
 
+def _split(y: jax.Array, sizes: Sequence[int]) -> tuple[jax.Array, ...]:
+    """``[..., sum(sizes)]`` -> one ``[..., n]`` per size."""
+    return tuple(jnp.split(y, np.cumsum(sizes)[:-1].tolist(), axis=-1))
+
+
 class LinearGroup(nnx.Module):
     """Linear layers that read the same input (q/k/v, gate/up), fused into one matmul when possible.
 
@@ -167,8 +173,7 @@ class LinearGroup(nnx.Module):
         """``[..., K]`` -> one ``[..., N_i]`` per part."""
         if not self.fused:
             return tuple(lin(x, out_dtype=out_dtype) for lin in self.linears)
-        y = self.linears[0](x, out_dtype=out_dtype)  # [..., sum N_i]
-        return tuple(jnp.split(y, np.cumsum(self.sizes)[:-1].tolist(), axis=-1))
+        return _split(self.linears[0](x, out_dtype=out_dtype), self.sizes)  # [..., N_i] each
 
 
 class Embedding(nnx.Module):
@@ -260,11 +265,7 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[..., D] -> [..., D]`` in ``x.dtype``, normalized in float32."""
-        x32 = x.astype(jnp.float32)
-        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-        normed = (x32 * lax.rsqrt(var + self.eps)).astype(x.dtype)
-        # Same order as the reference: round to the input dtype, then scale.
-        return self.weight.get_value() * normed
+        return rms_norm(x, self.weight.get_value(), self.eps)
 
 
 # ---- RoPE -----------------------------------------------------------------------------------
@@ -378,6 +379,7 @@ class Attention(nnx.Module):
         sin: jax.Array,
         cache: KVCache | None = None,
         layer: int = 0,
+        qkv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Attention for new tokens, optionally writing them to the cache first.
 
@@ -387,13 +389,15 @@ class Attention(nnx.Module):
           cos, sin: float32 ``[B, S, Dh/2]`` from ``rope_tables``.
           cache: the model's cache, or None for the uncached causal forward.
           layer: this layer's index into the cache.
+          qkv: the projections ``([B, S, Hq*Dh], [B, S, Hkv*Dh] x 2)`` when the
+            caller computed them (``DecoderLayer.fused``); ``x`` is then unused.
 
         Returns:
           ``([B, S, D], updated cache or None)``.
         """
-        b, s, _ = x.shape
+        q, k, v = self.qkv(x) if qkv is None else qkv
+        b, s = q.shape[:2]
         dh = self.head_dim
-        q, k, v = self.qkv(x)
         q = q.reshape(b, s, self.num_heads, dh)  # [B, S, Hq, Dh]
         k = k.reshape(b, s, self.num_kv_heads, dh)  # [B, S, Hkv, Dh]
         v = v.reshape(b, s, self.num_kv_heads, dh)  # [B, S, Hkv, Dh]
@@ -423,8 +427,12 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """SwiGLU ``down(silu(gate(x)) * up(x))``: ``[B, S, D] -> [B, S, D]``."""
         gate, up = self.gate_up(x)  # [B, S, F] each
+        return self.finish(gate, up)
+
+    def finish(self, gate: jax.Array, up: jax.Array) -> jax.Array:
+        """``down(silu(gate) * up)`` from the two projections ``[B, S, F]``: ``[B, S, D]``."""
         h = jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
-        return self.down_proj(h.astype(x.dtype))
+        return self.down_proj(h.astype(gate.dtype))
 
 
 class DecoderLayer(nnx.Module):
@@ -441,6 +449,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = mlp
         self.input_layernorm = input_layernorm
         self.post_attention_layernorm = post_attention_layernorm
+        # Static: fold the residual adds and norms into the NVFP4 matmuls after
+        # them (``fuse_norms``); results are the same, the kernels fewer.
+        self.fused_norms = False
 
     def __call__(self, x, positions, cos, sin, cache=None, layer=0):
         """One pre-norm block: ``x [B, S, D]``, ``positions [B, S]``, RoPE ``cos``/``sin``
@@ -452,6 +463,63 @@ class DecoderLayer(nnx.Module):
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, cache
+
+    def fused(self, x, pending, positions, cos, sin, cache=None, layer=0):
+        """The same block with the residual adds folded into the next projection.
+
+        ``x + pending`` (the previous layer's MLP output, not yet added; None for
+        the first layer) and ``x + attention`` are each added, normalized and
+        multiplied in one ``nvfp4.fused.add_rms_norm_matmul`` call. Same shapes
+        as ``__call__``; returns ``(x, mlp_output, cache)``, where ``x`` still
+        lacks ``mlp_output`` (the next layer, or the model, adds it).
+        """
+        qkv_lin, gu_lin = self.self_attn.qkv.linears[0], self.mlp.gate_up.linears[0]
+        if pending is None:
+            y = qkv_lin(self.input_layernorm(x))
+        else:
+            y, x = add_rms_norm_matmul(x, pending, self.input_layernorm.weight.get_value(),
+                                       self.input_layernorm.eps, qkv_lin.weight.get_value(),
+                                       implementation=qkv_lin.implementation)  # fmt: skip
+        qkv = _split(y, self.self_attn.qkv.sizes)
+        h, cache = self.self_attn(None, positions, cos, sin, cache, layer, qkv=qkv)
+        y, x = add_rms_norm_matmul(x, h, self.post_attention_layernorm.weight.get_value(),
+                                   self.post_attention_layernorm.eps, gu_lin.weight.get_value(),
+                                   implementation=gu_lin.implementation)  # fmt: skip
+        gate, up = _split(y, self.mlp.gate_up.sizes)
+        return x, self.mlp.finish(gate, up), cache
+
+    def can_fuse_norms(self) -> bool:
+        """Whether ``fused`` applies: q/k/v and gate/up each one NVFP4 W4A16 matmul, no bias."""
+
+        def ok(group: LinearGroup) -> bool:
+            if not group.fused:
+                return False
+            lin = group.linears[0]
+            return lin.quantized and lin.bias is None and lin.activations == "bf16"
+
+        return ok(self.self_attn.qkv) and ok(self.mlp.gate_up)
+
+
+def fuse_norms(model: CausalLM) -> int:
+    """Folds each layer's residual adds and RMSNorms into the NVFP4 matmuls after them.
+
+    Every layer whose q/k/v and gate/up are each one NVFP4 W4A16 matmul without
+    bias switches to ``DecoderLayer.fused``: on the CUDA backend the add, the
+    norm and the GEMV run in one custom call (two fewer XLA kernels per norm);
+    on other backends the same arithmetic runs as before. Decoding results are
+    the same up to the summation order of the norm's mean square.
+
+    Args:
+      model: a ``CausalLM`` (changed in place).
+
+    Returns:
+      the number of layers switched.
+    """
+    n = 0
+    for layer in model.model.layers:
+        layer.fused_norms = layer.can_fuse_norms()
+        n += layer.fused_norms
+    return n
 
 
 # ---- the decoder ----------------------------------------------------------------------------
@@ -595,6 +663,14 @@ class CausalLM(nnx.Module):
     def _run(self, input_ids, positions, cache):
         x = self.model.embed_tokens(input_ids)  # [B, S, D]
         cos, sin = rope_tables(self.config, positions)  # [B, S, Dh/2] each
+        pending = None  # an MLP output not yet added to x (fused layers)
         for i, layer in enumerate(self.model.layers):
+            if layer.fused_norms:
+                x, pending, cache = layer.fused(x, pending, positions, cos, sin, cache, i)
+                continue
+            if pending is not None:
+                x, pending = x + pending, None
             x, cache = layer(x, positions, cos, sin, cache, i)
+        if pending is not None:
+            x = x + pending
         return self.model.norm(x), cache

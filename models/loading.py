@@ -35,6 +35,7 @@ from flax import nnx
 from reset_jax import nvfp4
 from reset_jax.models.config import ModelConfig
 from reset_jax.models.layers import CausalLM, Embedding, Linear, LinearGroup, RMSNorm
+from reset_jax.models.layers import fuse_norms as fuse_norms_into_linears
 from reset_jax.models.layers import quantize_embedding as quantize_embedding_table
 from reset_jax.models.llama import LlamaForCausalLM
 from reset_jax.models.qwen2 import Qwen2ForCausalLM
@@ -589,18 +590,23 @@ def build_model(
     implementation: str | Sequence[str] | None = None,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     quantize_embedding: bool = False,
+    fuse_norms: bool = False,
 ) -> CausalLM:
     """A randomly initialized model (tests, benchmarks); same options as ``build_from_state_dict``.
 
     ``quantize_embedding=True`` also stores the token embedding as NVFP4
     (``layers.quantize_embedding``; with ``exclude=()`` every weight matrix is
     NVFP4), e.g. to measure what an all-NVFP4 model would weigh and decode at.
+    ``fuse_norms=True`` folds the residual adds and norms into the NVFP4
+    matmuls after them (``layers.fuse_norms``).
     """
     _check_options(quantize, activations)
     source = _RandomSource(seed, dtype, quantize, activations, implementation, exclude)
     model = MODEL_CLASSES[config.family](config, source)
     if quantize_embedding:
         quantize_embedding_table(model, implementation)
+    if fuse_norms:
+        fuse_norms_into_linears(model)
     return model
 
 

@@ -167,6 +167,7 @@ struct Case {
   bool per_row;
   int code_misalign;  // byte offset of the codes pointer (forces the 8-byte path)
   bool odd_scales = false;  // negative scales everywhere, one NaN scale in row 0
+  int add_norm = 0;  // 1: LaunchGemvAddNorm (x = residual stream), 2: its unfused route
 };
 
 struct Lcg {
@@ -197,6 +198,26 @@ bool RunCase(const Case& c, uint64_t seed, double* err_out,
     for (int k = 0; k < K; ++k) x[static_cast<size_t>(M - 1) * K + k] = 0;
   }
   const float input_scale = 0.0021f;
+  // add_norm: x is the residual stream; the GEMV reads rmsnorm(x + h) * nw.
+  std::vector<uint16_t> hres(x.size()), nw(K), rres(x.size()), xn(x.size());
+  if (c.add_norm) {
+    for (auto& v : hres) v = Bf16FromFloat(static_cast<float>(rng.Normal() * 0.5));
+    for (auto& v : nw) v = Bf16FromFloat(static_cast<float>(0.5 + rng.Normal() * 0.2));
+    for (int m = 0; m < M; ++m) {
+      double ss = 0;
+      for (int k = 0; k < K; ++k) {
+        const size_t i = static_cast<size_t>(m) * K + k;
+        rres[i] = Bf16FromFloat(FloatFromBf16(x[i]) + FloatFromBf16(hres[i]));
+        ss += double(FloatFromBf16(rres[i])) * FloatFromBf16(rres[i]);
+      }
+      const double inv = 1.0 / std::sqrt(ss / K + 1e-6);
+      for (int k = 0; k < K; ++k) {
+        const size_t i = static_cast<size_t>(m) * K + k;
+        const float n = FloatFromBf16(Bf16FromFloat(static_cast<float>(FloatFromBf16(rres[i]) * inv)));
+        xn[i] = Bf16FromFloat(FloatFromBf16(nw[k]) * n);
+      }
+    }
+  }
 
   // Device buffers.
   uint8_t *d_codes_raw, *d_scales;
@@ -228,7 +249,7 @@ bool RunCase(const Case& c, uint64_t seed, double* err_out,
   a.N = N;
   a.K = K;
   bool ok = true;
-  std::vector<uint16_t> xref = x;
+  std::vector<uint16_t> xref = c.add_norm ? xn : x;
   std::vector<float> gx_ref(M, 1.f);
   if (c.w4a4) {
     CK(nvfp4::LaunchQuantizeActivations(d_x, d_is, c.per_row, d_xhat, d_gx, M, K, 0));
@@ -254,8 +275,34 @@ bool RunCase(const Case& c, uint64_t seed, double* err_out,
     std::printf("  unsupported: %s\n", why);
     return false;
   }
-  CK(launch ? launch(a, 0) : nvfp4::LaunchGemv(a, 0));
+  uint16_t *d_h = nullptr, *d_nw = nullptr, *d_r = nullptr, *d_xn = nullptr;
+  if (c.add_norm) {
+    CK(cudaMalloc(&d_h, x.size() * 2));
+    CK(cudaMalloc(&d_nw, static_cast<size_t>(K) * 2));
+    CK(cudaMalloc(&d_r, x.size() * 2));
+    CK(cudaMalloc(&d_xn, x.size() * 2));
+    CK(cudaMemcpy(d_h, hres.data(), x.size() * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_nw, nw.data(), static_cast<size_t>(K) * 2, cudaMemcpyHostToDevice));
+    CK(cudaMemset(d_r, 0xFF, x.size() * 2));
+    CK(nvfp4::LaunchGemvAddNorm(a, d_h, d_nw, 1e-6f, d_r, d_xn, 0, c.add_norm == 2 ? 1 : 0));
+  } else {
+    CK(launch ? launch(a, 0) : nvfp4::LaunchGemv(a, 0));
+  }
   CK(cudaDeviceSynchronize());
+  if (c.add_norm) {
+    std::vector<uint16_t> r(x.size());
+    CK(cudaMemcpy(r.data(), d_r, r.size() * 2, cudaMemcpyDeviceToHost));
+    size_t bad = 0;
+    for (size_t i = 0; i < r.size(); ++i) bad += r[i] != rres[i];
+    if (bad) {
+      std::printf("  residual r: %zu values differ from x + h\n", bad);
+      ok = false;
+    }
+    CK(cudaFree(d_h));
+    CK(cudaFree(d_nw));
+    CK(cudaFree(d_r));
+    CK(cudaFree(d_xn));
+  }
   std::vector<uint16_t> y(static_cast<size_t>(M) * N);
   CK(cudaMemcpy(y.data(), d_y, y.size() * 2, cudaMemcpyDeviceToHost));
 
@@ -302,6 +349,67 @@ bool RunCase(const Case& c, uint64_t seed, double* err_out,
   CK(cudaFree(d_ws));
   CK(cudaFree(d_is));
   CK(cudaFree(d_gx));
+  return ok;
+}
+
+// The residual add + RMSNorm prologue against a host reference: r must match
+// exactly; xn within one bf16 rounding step (the device sums squares in another
+// order and uses rsqrtf), and 99% of xn bit-identical.
+bool CheckAddNorm(int M, int K, uint64_t seed) {
+  Lcg rng(seed);
+  std::vector<uint16_t> x(size_t(M) * K), h(size_t(M) * K), w(K);
+  for (auto& v : x) v = Bf16FromFloat(static_cast<float>(rng.Normal() * 3.0));
+  for (auto& v : h) v = Bf16FromFloat(static_cast<float>(rng.Normal() * 0.5));
+  for (auto& v : w) v = Bf16FromFloat(static_cast<float>(0.5 + rng.Normal() * 0.2));
+  const float eps = 1e-6f;
+  void *dx, *dh, *dw, *dr, *dn;
+  const size_t bytes = size_t(M) * K * 2;
+  CK(cudaMalloc(&dx, bytes));
+  CK(cudaMalloc(&dh, bytes));
+  CK(cudaMalloc(&dw, size_t(K) * 2));
+  CK(cudaMalloc(&dr, bytes));
+  CK(cudaMalloc(&dn, bytes));
+  CK(cudaMemcpy(dx, x.data(), bytes, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dh, h.data(), bytes, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dw, w.data(), size_t(K) * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemset(dr, 0xFF, bytes));  // NaN poison: every element must be written
+  CK(cudaMemset(dn, 0xFF, bytes));
+  CK(nvfp4::LaunchAddRmsNorm(dx, dh, dw, eps, dr, dn, M, K, 0));
+  CK(cudaDeviceSynchronize());
+  std::vector<uint16_t> r(size_t(M) * K), xn(size_t(M) * K);
+  CK(cudaMemcpy(r.data(), dr, bytes, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(xn.data(), dn, bytes, cudaMemcpyDeviceToHost));
+  size_t r_bad = 0, n_diff = 0;
+  double worst = 0;
+  for (int m = 0; m < M; ++m) {
+    double ss = 0;
+    std::vector<uint16_t> rr(K);
+    for (int k = 0; k < K; ++k) {
+      const size_t i = size_t(m) * K + k;
+      rr[k] = Bf16FromFloat(FloatFromBf16(x[i]) + FloatFromBf16(h[i]));
+      const double v = FloatFromBf16(rr[k]);
+      ss += v * v;
+      r_bad += r[i] != rr[k];
+    }
+    const double inv = 1.0 / std::sqrt(ss / K + eps);
+    for (int k = 0; k < K; ++k) {
+      const size_t i = size_t(m) * K + k;
+      const float nrm = FloatFromBf16(Bf16FromFloat(static_cast<float>(FloatFromBf16(rr[k]) * inv)));
+      const float want = FloatFromBf16(Bf16FromFloat(FloatFromBf16(w[k]) * nrm));
+      const float got = FloatFromBf16(xn[i]);
+      n_diff += xn[i] != Bf16FromFloat(want);
+      const double rel = std::fabs(double(got) - want) / std::max(1e-30, std::fabs(double(want)));
+      worst = std::isfinite(got) ? std::max(worst, rel) : 1e30;
+    }
+  }
+  CK(cudaFree(dx));
+  CK(cudaFree(dh));
+  CK(cudaFree(dw));
+  CK(cudaFree(dr));
+  CK(cudaFree(dn));
+  const bool ok = r_bad == 0 && worst <= 1.6e-2 && n_diff * 100 <= size_t(M) * K;
+  std::printf("%s add+rmsnorm M=%d K=%d: r mismatches %zu, xn differing %zu of %zu, worst rel %.2e\n",
+              ok ? "ok  " : "FAIL", M, K, r_bad, n_diff, size_t(M) * K, worst);
   return ok;
 }
 
@@ -360,6 +468,26 @@ int Check(bool quick) {
       failed += !ok;
       worst = std::max(worst, err);
     }
+  }
+  const int norm_shapes[][2] = {{1, 4096}, {2, 5120}, {8, 12288}, {16, 576}, {3, 8}};
+  for (const auto& ms : norm_shapes) failed += !CheckAddNorm(ms[0], ms[1], 7 + ms[0]);
+  // The fused add + norm + GEMV: wide path (staged norm) and the unfused route.
+  const std::vector<Case> norm_cases = {
+      {1, 300, 4096, false, false, 0, false, 1}, {2, 6144, 4096, false, false, 0, false, 1},
+      {1, 33, 512, false, false, 0, false, 1},   {8, 15040, 256, false, false, 0, false, 1},
+      {4, 100, 4096, false, false, 0, false, 1}, {16, 513, 1536, false, false, 0, false, 1},
+      {1, 300, 4096, false, false, 0, false, 2}, {9, 47, 592, false, false, 0, false, 2}};
+  for (size_t j = 0; j < norm_cases.size(); ++j) {
+    const Case& c = norm_cases[j];
+    double err = 0;
+    const bool ok = RunCase(c, 4321 + j, &err);
+    worst = std::max(worst, err);
+    std::printf("%s add+norm+gemv (%s) M=%d N=%d K=%d wide=%d rel_err=%.2e\n", ok ? "ok  " : "FAIL",
+                c.add_norm == 1 ? "auto" : "unfused", c.M, c.N, c.K,
+                c.add_norm == 1 && nvfp4::UseWide(nvfp4::GemvArgs{nullptr, nullptr, nullptr, nullptr,
+                                                                  nullptr, false, nullptr, c.M, c.N, c.K}),
+                err);
+    failed += !ok;
   }
   std::printf("check: %zu cases + variants, %d failed, worst rel_err %.2e\n", cases.size(), failed,
               worst);

@@ -44,6 +44,7 @@ MAX_M = 16
 LIBRARY_NAME = "libreset_jax_nvfp4.so"
 TARGET_W4A16 = "reset_jax_nvfp4_w4a16"
 TARGET_W4A4 = "reset_jax_nvfp4_w4a4"
+TARGET_ADD_NORM_W4A16 = "reset_jax_nvfp4_add_norm_w4a16"
 # bf16 mma.sync and cp/ld cache hints need Ampere; sm_80 machine code ships.
 _MIN_COMPUTE_CAPABILITY = 8.0
 _BF16 = np.dtype(jnp.bfloat16)
@@ -129,6 +130,7 @@ def _register() -> None:
         for name, symbol in (
             (TARGET_W4A16, "ResetJaxNvfp4W4A16"),
             (TARGET_W4A4, "ResetJaxNvfp4W4A4"),
+            (TARGET_ADD_NORM_W4A16, "ResetJaxNvfp4AddNormW4A16"),
         ):
             jax.ffi.register_ffi_target(
                 name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA"
@@ -310,4 +312,62 @@ def matmul(
     return y.reshape(*lead, n)
 
 
-__all__ = ["LIBRARY_NAME", "MAX_M", "library_path", "matmul", "supports", "use_library"]
+def add_rms_norm_matmul(
+    x: jax.Array, h: jax.Array, norm_weight: jax.Array, eps: float, q: NVFP4Tensor
+) -> tuple[jax.Array, jax.Array]:
+    """The decoder's residual add and RMSNorm fused ahead of the W4A16 GEMV, in one call.
+
+    ``r = bf16(x + h)``; ``y = (w * bf16(r * rsqrt(mean(r^2) + eps))) @ dequantize(q).T``
+    (``reset_jax.nvfp4.fused.add_rms_norm_matmul`` is the reference; the sum of
+    squares runs in a different order, so ``y`` may differ from it in the last bits).
+
+    Args:
+      x, h: bfloat16 ``[..., K]`` (leading axes flattened into M <= 16 rows).
+      norm_weight: bfloat16 ``[K]``.
+      eps: the norm's epsilon.
+      q: the NVFP4 weight, logical ``[N, K]``.
+
+    Returns:
+      ``(y [..., N], r [..., K])``, both bfloat16.
+
+    Raises:
+      NotImplementedError: the kernel cannot serve this call (``supports``, or a
+        norm weight / residual that is not bfloat16 of the right shape, or
+        K % 8 != 0).
+    """
+    supports(x, q, activations="bf16")
+    k = x.shape[-1]
+    if h.shape != x.shape or np.dtype(h.dtype) != _BF16:
+        raise NotImplementedError(f"h {h.shape} {h.dtype} must be bfloat16 shaped like x {x.shape}")
+    if norm_weight.shape != (k,) or np.dtype(norm_weight.dtype) != _BF16:
+        raise NotImplementedError(
+            f"norm weight {norm_weight.shape} {norm_weight.dtype}: the kernel takes bfloat16 [{k}]"
+        )
+    if k % 8:
+        raise NotImplementedError(f"K={k}: the fused norm reads 8 values at a time")
+    _register()
+    lead, n = x.shape[:-1], q.shape[0]
+    x2, h2 = x.reshape(-1, k), h.reshape(-1, k)
+    m = x2.shape[0]
+    y, r, _ = jax.ffi.ffi_call(
+        TARGET_ADD_NORM_W4A16,
+        (
+            jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
+            jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+            jax.ShapeDtypeStruct((m, k), jnp.bfloat16),  # scratch: the normalized rows
+        ),
+        vmap_method="sequential",
+    )(x2, h2, norm_weight, q.packed, q.scales, jnp.asarray(q.global_scale, jnp.float32),
+      eps=np.float32(eps))  # fmt: skip
+    return y.reshape(*lead, n), r.reshape(*lead, k)
+
+
+__all__ = [
+    "LIBRARY_NAME",
+    "MAX_M",
+    "add_rms_norm_matmul",
+    "library_path",
+    "matmul",
+    "supports",
+    "use_library",
+]
