@@ -8,7 +8,7 @@
 //       -> (y, xhat scratch [M, K] bf16, gx scratch [M] f32)
 // Shapes: x [M, K] bf16 (M <= 16), codes [N, K/2] u8, scales [N, K/16] f8e4m3fn,
 // global_scale / input_scale f32 scalars, y [M, N] bf16.  No synchronisation, no
-// allocation (W4A4 scratch comes from XLA as extra results), so both handlers are
+// allocation (scratch comes from XLA as extra results), so every handler is
 // command-buffer (CUDA graph) compatible.
 #include <cstdint>
 #include <string>

@@ -144,7 +144,12 @@ cudaError_t LaunchGemvAddNorm(const GemvArgs& a, const void* h, const void* w, f
   if (!Aligned(h, 16) || !Aligned(w, 16) || !Aligned(r, 16) || !Aligned(xn, 16))
     return cudaErrorMisalignedAddress;
   KParams kp = ToKParams(a);
-  if (variant == 0 && UseWideFor(kp)) {  // the wide path stages x: the norm goes there
+  // The wide path stages x, so the norm goes there. At M <= 2 only by default:
+  // the staging sums each row's squares before any MMA starts (one L2 round
+  // trip per row per CTA), a cost not yet measured at larger M. variant 2
+  // forces it wherever the wide kernel can run (checker coverage of NT = 2).
+  const bool wide = variant == 2 ? (WideOk(kp) && WideXs(kp)) : (variant == 0 && kp.M <= 2 && UseWideFor(kp));
+  if (wide) {
     kp.h = static_cast<const __nv_bfloat16*>(h);
     kp.nw = static_cast<const __nv_bfloat16*>(w);
     kp.eps = eps;

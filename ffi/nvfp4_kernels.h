@@ -66,10 +66,11 @@ cudaError_t LaunchAddRmsNorm(const void* x, const void* h, const void* w, float 
 
 // The same ahead of the GEMV, with a.x as the residual stream x:
 //   r = bf16(x + h);  y = GEMV(xn = rmsnorm(r) * w).
-// Where the wide path serves (UseWide), the add and the norm run while each CTA
-// stages its activations (CTA 0 writes r; xn is not written); otherwise
+// Where the wide path serves (UseWide) and M <= 2, the add and the norm run while
+// each CTA stages its activations (CTA 0 writes r; xn is not written); otherwise
 // LaunchAddRmsNorm writes r and xn, then LaunchGemv reads xn.  variant 1 always
-// takes the second route (for A/B checks).  h, w, r, xn 16-byte aligned.
+// takes the second route, variant 2 the first wherever the wide kernel can run
+// (A/B checks).  h, w, r, xn 16-byte aligned.
 cudaError_t LaunchGemvAddNorm(const GemvArgs& a, const void* h, const void* w, float eps,
                               void* r, void* xn, cudaStream_t stream, int variant = 0);
 

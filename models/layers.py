@@ -497,7 +497,11 @@ class DecoderLayer(nnx.Module):
             lin = group.linears[0]
             return lin.quantized and lin.bias is None and lin.activations == "bf16"
 
-        return ok(self.self_attn.qkv) and ok(self.mlp.gate_up)
+        same_dtype = (
+            self.input_layernorm.weight.get_value().dtype
+            == self.post_attention_layernorm.weight.get_value().dtype
+        )
+        return same_dtype and ok(self.self_attn.qkv) and ok(self.mlp.gate_up)
 
 
 def fuse_norms(model: CausalLM) -> int:
@@ -517,7 +521,9 @@ def fuse_norms(model: CausalLM) -> int:
     """
     n = 0
     for layer in model.model.layers:
-        layer.fused_norms = layer.can_fuse_norms()
+        # The residual stream keeps the model dtype only if the norms have it too.
+        norm_dtype = layer.input_layernorm.weight.get_value().dtype
+        layer.fused_norms = layer.can_fuse_norms() and norm_dtype == model.dtype
         n += layer.fused_norms
     return n
 

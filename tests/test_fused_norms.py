@@ -110,6 +110,22 @@ def test_fuse_norms_switches_only_eligible_layers():
              num_key_value_heads=2, max_position_embeddings=128)
     )  # fmt: skip
     assert fuse_norms(build_model(qwen2, dtype=jnp.float32, quantize="nvfp4")) == 0
+    # A norm weight in another dtype than the model's: that layer stays as it is.
+    mixed = build_model(_qwen3(), dtype=jnp.float32, quantize="nvfp4")
+    norm = mixed.model.layers[1].post_attention_layernorm.weight
+    norm.set_value(norm.get_value().astype(jnp.bfloat16))
+    assert fuse_norms(mixed) == 2 and not mixed.model.layers[1].fused_norms
+
+
+def test_cuda_is_tried_only_first():
+    """Another backend named first is used as named: the composition, not the fused call."""
+    x, h, w, q = _operands(2, 64, 8, jnp.bfloat16)
+    y, _ = fused.add_rms_norm_matmul(x, h, w, 1e-6, q, implementation=("xla", "cuda"))
+    want = fused.api.matmul(fused.rms_norm(x + h, w, 1e-6), q, implementation="xla")
+    a, b = np.asarray(y, np.float64), np.asarray(want, np.float64)
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) <= 1e-2
+    with pytest.raises(ValueError, match=r"x has shape \(2, 48\); expected \[..., 64\]"):
+        fused.add_rms_norm_matmul(x[:, :48], h[:, :48], w[:48], 1e-6, q)  # K mismatch
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -167,7 +167,8 @@ struct Case {
   bool per_row;
   int code_misalign;  // byte offset of the codes pointer (forces the 8-byte path)
   bool odd_scales = false;  // negative scales everywhere, one NaN scale in row 0
-  int add_norm = 0;  // 1: LaunchGemvAddNorm (x = residual stream), 2: its unfused route
+  int add_norm = 0;  // LaunchGemvAddNorm (x = residual stream) with variant add_norm - 1:
+                     // 1 the library choice, 2 the unfused route, 3 the wide kernel forced
 };
 
 struct Lcg {
@@ -284,7 +285,7 @@ bool RunCase(const Case& c, uint64_t seed, double* err_out,
     CK(cudaMemcpy(d_h, hres.data(), x.size() * 2, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(d_nw, nw.data(), static_cast<size_t>(K) * 2, cudaMemcpyHostToDevice));
     CK(cudaMemset(d_r, 0xFF, x.size() * 2));
-    CK(nvfp4::LaunchGemvAddNorm(a, d_h, d_nw, 1e-6f, d_r, d_xn, 0, c.add_norm == 2 ? 1 : 0));
+    CK(nvfp4::LaunchGemvAddNorm(a, d_h, d_nw, 1e-6f, d_r, d_xn, 0, c.add_norm - 1));
   } else {
     CK(launch ? launch(a, 0) : nvfp4::LaunchGemv(a, 0));
   }
@@ -476,16 +477,21 @@ int Check(bool quick) {
       {1, 300, 4096, false, false, 0, false, 1}, {2, 6144, 4096, false, false, 0, false, 1},
       {1, 33, 512, false, false, 0, false, 1},   {8, 15040, 256, false, false, 0, false, 1},
       {4, 100, 4096, false, false, 0, false, 1}, {16, 513, 1536, false, false, 0, false, 1},
-      {1, 300, 4096, false, false, 0, false, 2}, {9, 47, 592, false, false, 0, false, 2}};
+      {1, 300, 4096, false, false, 0, false, 2}, {9, 47, 592, false, false, 0, false, 2},
+      // the wide kernel with the norm forced, both n-tile widths (NT = 2 for M > 8)
+      {12, 24576, 2048, false, false, 0, false, 3}, {16, 513, 1536, false, false, 0, false, 3},
+      {4, 100, 4096, false, false, 0, false, 3}};
   for (size_t j = 0; j < norm_cases.size(); ++j) {
     const Case& c = norm_cases[j];
     double err = 0;
     const bool ok = RunCase(c, 4321 + j, &err);
     worst = std::max(worst, err);
     std::printf("%s add+norm+gemv (%s) M=%d N=%d K=%d wide=%d rel_err=%.2e\n", ok ? "ok  " : "FAIL",
-                c.add_norm == 1 ? "auto" : "unfused", c.M, c.N, c.K,
-                c.add_norm == 1 && nvfp4::UseWide(nvfp4::GemvArgs{nullptr, nullptr, nullptr, nullptr,
-                                                                  nullptr, false, nullptr, c.M, c.N, c.K}),
+                c.add_norm == 1 ? "auto" : c.add_norm == 2 ? "unfused" : "wide forced", c.M, c.N,
+                c.K,
+                c.add_norm == 3 || (c.add_norm == 1 && c.M <= 2 &&
+                                    nvfp4::UseWide(nvfp4::GemvArgs{nullptr, nullptr, nullptr, nullptr,
+                                                                   nullptr, false, nullptr, c.M, c.N, c.K})),
                 err);
     failed += !ok;
   }

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from reset_jax.nvfp4 import api
-from reset_jax.nvfp4.format import NVFP4Tensor
+from reset_jax.nvfp4.format import NVFP4Tensor, check_matmul_args
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -52,10 +52,12 @@ def add_rms_norm_matmul(
 ) -> tuple[jax.Array, jax.Array]:
     """``r = x + h`` and ``y = rms_norm(r, norm_weight, eps) @ dequantize(q).T`` (W4A16).
 
-    With the CUDA backend allowed and able to serve the call (bfloat16, M <= 16
-    rows, K % 8 == 0), the add, the norm and the GEMV run in one custom call;
-    otherwise ``r``, ``rms_norm`` and ``api.matmul`` in that order, with the
-    same ``implementation`` choice.
+    When CUDA is the first backend to try (the default order, or named first)
+    and can serve the call (bfloat16 operands, M <= 16 rows, K % 8 == 0), the
+    add, the norm and the GEMV run in one custom call; otherwise ``r``,
+    ``rms_norm`` and ``api.matmul`` in that order, with the same
+    ``implementation`` choice. Under ``jax.vmap`` the custom call runs once per
+    batch element (the decode loop does not vmap the model).
 
     Args:
       x: the residual stream ``[..., K]``.
@@ -66,8 +68,10 @@ def add_rms_norm_matmul(
       implementation: as for ``api.matmul``.
 
     Returns:
-      ``(y [..., N] in x.dtype, r [..., K])``.
+      ``(y [..., N], r [..., K])``: ``r`` in ``x.dtype``, ``y`` in the dtype of
+      ``rms_norm``'s result (``x.dtype`` when the norm weight has it too).
     """
+    check_matmul_args(x, q, activations="bf16", input_scale=None)
     if h.shape != x.shape or h.dtype != x.dtype:
         raise ValueError(f"h {h.shape} {h.dtype} must match x {x.shape} {x.dtype}")
     if norm_weight.shape != (x.shape[-1],):
@@ -78,7 +82,7 @@ def add_rms_norm_matmul(
         order = (implementation,)
     else:
         order = tuple(implementation)
-    if "cuda" in order:
+    if order[:1] == ("cuda",):  # the fused call stands in for the CUDA backend only
         try:
             from reset_jax.nvfp4 import cuda
 
