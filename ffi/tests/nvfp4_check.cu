@@ -159,6 +159,35 @@ const Variant kVariants[] = {
     {"wU4W4", LaunchWide<4, 4, 1>},
 };
 
+// Benchmark-only variants: the GEMV with the residual add + RMSNorm folded in
+// (LaunchGemvAddNorm, library choice / unfused route), on scratch operands
+// sized for the largest benchmark shape (timing only; Check covers correctness).
+struct NormScratch {
+  void *h = nullptr, *w = nullptr, *r = nullptr, *xn = nullptr;
+};
+NormScratch& Scratch() {
+  static NormScratch s;
+  if (!s.h) {
+    const size_t bytes = size_t{16} * 25600 * 2;  // M <= 16, K <= 25600
+    CK(cudaMalloc(&s.h, bytes));
+    CK(cudaMalloc(&s.w, bytes));
+    CK(cudaMalloc(&s.r, bytes));
+    CK(cudaMalloc(&s.xn, bytes));
+    CK(cudaMemset(s.h, 0x3C, bytes));  // bf16 ~1.0: finite, nonzero rows
+    CK(cudaMemset(s.w, 0x3C, bytes));
+  }
+  return s;
+}
+template <int V>
+cudaError_t LaunchAddNormBench(const nvfp4::GemvArgs& a, cudaStream_t st) {
+  NormScratch& s = Scratch();
+  return nvfp4::LaunchGemvAddNorm(a, s.h, s.w, 1e-6f, s.r, s.xn, st, V);
+}
+const Variant kBenchNormVariants[] = {
+    {"norm", LaunchAddNormBench<0>},   // wide path with the norm in its staging (M <= 2)
+    {"norm2k", LaunchAddNormBench<1>},  // add+norm kernel, then the GEMV
+};
+
 // ------------------------------------------------------------- correctness --
 
 struct Case {
@@ -517,6 +546,7 @@ float Median(std::vector<float> v) {
 }
 
 int Bench(int reps) {
+  Scratch();  // allocated before any stream capture
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount,
@@ -589,7 +619,9 @@ int Bench(int reps) {
     const float one = 1.f;
     CK(cudaMemcpy(ws, &one, 4, cudaMemcpyHostToDevice));
     for (int M : msz) {
-      for (const Variant& v : kVariants) {
+      std::vector<Variant> vs(std::begin(kVariants), std::end(kVariants));
+      vs.insert(vs.end(), std::begin(kBenchNormVariants), std::end(kBenchNormVariants));
+      for (const Variant& v : vs) {
         cudaGraph_t graph;
         cudaGraphExec_t exec;
         CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
