@@ -187,6 +187,37 @@ def make_sampler(name: str):
     return sampling.FixedTemperature.create(0.6)
 
 
+def compile_request(model, graphdef, params, batch: int, prompt_len: int, new_tokens: int,
+                    sampler):  # fmt: skip
+    """Compiles the prefill and decode loop for one request of random prompts.
+
+    Prompts are ``[batch, prompt_len]`` token ids drawn with seed ``batch``; top-p
+    0.95, no stop ids, ``new_tokens`` to generate.
+
+    Returns:
+      ``(new_cache, prefill, decode)``: ``new_cache()`` an empty cache,
+      ``prefill(cache)`` the loop's first state, ``decode(state)`` the final state.
+    """
+    import jax.numpy as jnp
+
+    from reset_jax import decode as dec
+
+    b, v = batch, model.config.vocab_size
+    knobs = dec.make_knobs(b, top_p=0.95, seed=1, stop_ids=(), max_new_tokens=new_tokens)
+    ids = jnp.asarray(np.random.default_rng(b).integers(0, v, (b, prompt_len)), jnp.int32)
+    lens = jnp.full((b,), prompt_len, jnp.int32)
+    max_len = prompt_len + new_tokens
+    pre = dec.prefill.lower(graphdef, params, ids, lens, model.init_cache(b, max_len),
+                            sampler, knobs, max_new=new_tokens).compile()  # fmt: skip
+    state0 = pre(params, ids, lens, model.init_cache(b, max_len), sampler, knobs)
+    loop = dec.decode_loop.lower(graphdef, params, state0, sampler, knobs).compile()
+    return (
+        lambda: model.init_cache(b, max_len),
+        lambda cache: pre(params, ids, lens, cache, sampler, knobs),  # static args baked in
+        lambda state: loop(params, state, sampler, knobs),
+    )
+
+
 def run_one(model_name: str, variant: str, batches: list[int], prompt_len: int, new_tokens: int,
             repeats: int, samplers: list[str], logit_std: float = 0.0) -> dict:  # fmt: skip
     """Builds one model variant and times it; returns a JSON-able record.
@@ -195,36 +226,25 @@ def run_one(model_name: str, variant: str, batches: list[int], prompt_len: int, 
     logits have that std (``set_logit_std``); 0 keeps the raw random model.
     """
     import jax
-    import jax.numpy as jnp
-
-    from reset_jax import decode as dec
 
     model, graphdef, params, rec = build(model_name, variant, logit_std)
-    config = model.config
-    v = config.vocab_size
     for b in batches:
         for sampler_name in samplers:
             sampler = make_sampler(sampler_name)
-            knobs = dec.make_knobs(b, top_p=0.95, seed=1, stop_ids=(), max_new_tokens=new_tokens)
-            rng = np.random.default_rng(b)
-            ids = jnp.asarray(rng.integers(0, v, (b, prompt_len)), jnp.int32)
-            lens = jnp.full((b,), prompt_len, jnp.int32)
-            max_len = prompt_len + new_tokens
             tc = time.perf_counter()
-            pre = dec.prefill.lower(graphdef, params, ids, lens, model.init_cache(b, max_len),
-                                    sampler, knobs, max_new=new_tokens).compile()  # fmt: skip
-            state0 = pre(params, ids, lens, model.init_cache(b, max_len), sampler, knobs)
-            loop = dec.decode_loop.lower(graphdef, params, state0, sampler, knobs).compile()
+            new_cache, prefill, decode = compile_request(
+                model, graphdef, params, b, prompt_len, new_tokens, sampler
+            )
             compile_s = time.perf_counter() - tc
             prefill_t, decode_t, steps = [], [], None
             for _ in range(repeats + 1):  # the first run warms up
-                cache = model.init_cache(b, max_len)
+                cache = new_cache()
                 jax.block_until_ready(cache)
                 t1 = time.perf_counter()
-                st = pre(params, ids, lens, cache, sampler, knobs)  # static args are baked in
+                st = prefill(cache)
                 jax.block_until_ready(st)
                 t2 = time.perf_counter()
-                st = loop(params, st, sampler, knobs)
+                st = decode(st)
                 jax.block_until_ready(st)
                 t3 = time.perf_counter()
                 prefill_t.append(t2 - t1)

@@ -220,41 +220,29 @@ def main(argv=None) -> None:
     _set_xla_flags()
 
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from reset_jax import decode as dec
 
     model, graphdef, params, rec = bench.build(a.model, a.variant, a.logit_std)
-    b, n = a.batch, a.new_tokens
-    sampler = bench.make_sampler(a.sampler)
-    knobs = dec.make_knobs(b, top_p=0.95, seed=1, stop_ids=(), max_new_tokens=n)
-    ids = jnp.asarray(
-        np.random.default_rng(b).integers(0, model.config.vocab_size, (b, a.prompt_len)), jnp.int32
+    b = a.batch
+    new_cache, prefill, decode = bench.compile_request(
+        model, graphdef, params, b, a.prompt_len, a.new_tokens, bench.make_sampler(a.sampler)
     )
-    lens = jnp.full((b,), a.prompt_len, jnp.int32)
-    max_len = a.prompt_len + n
-    pre = dec.prefill.lower(graphdef, params, ids, lens, model.init_cache(b, max_len),
-                            sampler, knobs, max_new=n).compile()  # fmt: skip
-    st0 = pre(params, ids, lens, model.init_cache(b, max_len), sampler, knobs)
-    loop = dec.decode_loop.lower(graphdef, params, st0, sampler, knobs).compile()
 
     def one_loop():
-        st = pre(params, ids, lens, model.init_cache(b, max_len), sampler, knobs)
+        st = prefill(new_cache())
         jax.block_until_ready(st)
         t = time.perf_counter()
-        st = loop(params, st, sampler, knobs)
+        st = decode(st)
         jax.block_until_ready(st)
         return time.perf_counter() - t, int(st.step) - 1
 
     one_loop()  # warm-up: graphs instantiated
     wall, steps = one_loop()
     trace_dir = a.trace_dir or tempfile.mkdtemp(prefix="decode_trace_")
-    st = pre(params, ids, lens, model.init_cache(b, max_len), sampler, knobs)
+    st = prefill(new_cache())
     jax.block_until_ready(st)
     with jax.profiler.trace(trace_dir):
         t = time.perf_counter()
-        st = loop(params, st, sampler, knobs)
+        st = decode(st)
         jax.block_until_ready(st)
         traced_wall = time.perf_counter() - t
     events, ops, op_source, keys = gpu_events(trace_dir, with_ops=True)

@@ -137,12 +137,12 @@ ffi::Error AddNormW4A16Impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
     return b.element_type() == ffi::DataType::BF16 &&
            b.element_count() == static_cast<size_t>(a.M * a.K);
   };
-  if (!bf16_mk(h)) return Invalid("h (the residual delta) must be bfloat16 shaped like x " + Dims(x.dimensions()));
+  if (!bf16_mk(h))
+    return Invalid("h (the residual delta) must be bfloat16 shaped like x " + Dims(x.dimensions()));
   if (w.element_type() != ffi::DataType::BF16 || w.element_count() != static_cast<size_t>(a.K))
     return Invalid("the norm weight must be bfloat16 [K] = [" + std::to_string(a.K) + "]");
   if (!bf16_mk(*r) || !bf16_mk(*xn)) return Invalid("r and xn results must be bfloat16 [M, K]");
   if (!(eps >= 0.f)) return Invalid("eps must be >= 0");
-  if (a.K % 8 != 0) return Invalid("K must be a multiple of 8 for the fused norm");
   if (cudaError_t err = nvfp4::LaunchGemvAddNorm(a, h.untyped_data(), w.untyped_data(), eps,
                                                  r->untyped_data(), xn->untyped_data(), stream);
       err != cudaSuccess)

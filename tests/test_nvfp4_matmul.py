@@ -183,3 +183,12 @@ def test_bad_arguments_fail_before_any_backend():
         api.matmul(x[..., :16], q)
     with pytest.raises(ValueError, match="only to activations='nvfp4'"):
         api.matmul(x, q, input_scale=1.0)
+
+
+def test_candidates_order():
+    from reset_jax.nvfp4 import api
+
+    assert api.candidates(None) == ("cuda", "pallas", "xla")
+    assert api.candidates("xla") == ("xla",)
+    assert api.candidates(["pallas", "xla"]) == ("pallas", "xla")
+    assert api.candidates(()) == ()  # matmul refuses it (test above)

@@ -33,6 +33,15 @@ def _backend(name: str):
     return importlib.import_module(f"reset_jax.nvfp4.{name}")
 
 
+def candidates(implementation: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The backends to try, in order: ``None`` -> ``DEFAULT_ORDER``; a name -> that one alone."""
+    if implementation is None:
+        return DEFAULT_ORDER
+    if isinstance(implementation, str):
+        return (implementation,)
+    return tuple(implementation)
+
+
 def matmul(
     x: jax.Array,
     q: NVFP4Tensor,
@@ -62,14 +71,9 @@ def matmul(
       ValueError / TypeError: bad shapes or dtypes.
     """
     check_matmul_args(x, q, activations=activations, input_scale=input_scale)
-    if implementation is None:
-        order: tuple[str, ...] = DEFAULT_ORDER
-    elif isinstance(implementation, str):
-        order = (implementation,)
-    else:
-        order = tuple(implementation)
-        if not order:
-            raise ValueError("implementation= must name at least one backend")
+    order = candidates(implementation)
+    if not order:
+        raise ValueError("implementation= must name at least one backend")
     reasons = []
     for name in order:
         try:
@@ -97,15 +101,8 @@ def explain(
 
     Uses each backend's ``supports(x, q, activations)`` check (no computation).
     """
-    order = (
-        DEFAULT_ORDER
-        if implementation is None
-        else (implementation,)
-        if isinstance(implementation, str)
-        else tuple(implementation)
-    )
     out = []
-    for name in order:
+    for name in candidates(implementation):
         try:
             _backend(name).supports(x, q, activations=activations)
             out.append((name, None))

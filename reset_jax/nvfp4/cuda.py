@@ -332,8 +332,7 @@ def add_rms_norm_matmul(
 
     Raises:
       NotImplementedError: the kernel cannot serve this call (``supports``, or a
-        norm weight / residual that is not bfloat16 of the right shape, or
-        K % 8 != 0).
+        norm weight / residual that is not bfloat16 of the right shape).
     """
     supports(x, q, activations="bf16")
     k = x.shape[-1]
@@ -343,8 +342,6 @@ def add_rms_norm_matmul(
         raise NotImplementedError(
             f"norm weight {norm_weight.shape} {norm_weight.dtype}: the kernel takes bfloat16 [{k}]"
         )
-    if k % 8:
-        raise NotImplementedError(f"K={k}: the fused norm reads 8 values at a time")
     _register()
     lead, n = x.shape[:-1], q.shape[0]
     x2, h2 = x.reshape(-1, k), h.reshape(-1, k)

@@ -53,7 +53,7 @@ def add_rms_norm_matmul(
     """``r = x + h`` and ``y = rms_norm(r, norm_weight, eps) @ dequantize(q).T`` (W4A16).
 
     When CUDA is the first backend to try (the default order, or named first)
-    and can serve the call (bfloat16 operands, M <= 16 rows, K % 8 == 0), the
+    and can serve the call (bfloat16 operands and norm weight, M <= 16 rows), the
     add, the norm and the GEMV run in one custom call; otherwise ``r``,
     ``rms_norm`` and ``api.matmul`` in that order, with the same
     ``implementation`` choice. Under ``jax.vmap`` the custom call runs once per
@@ -76,13 +76,8 @@ def add_rms_norm_matmul(
         raise ValueError(f"h {h.shape} {h.dtype} must match x {x.shape} {x.dtype}")
     if norm_weight.shape != (x.shape[-1],):
         raise ValueError(f"norm weight {norm_weight.shape} must be [{x.shape[-1]}]")
-    if implementation is None:
-        order: tuple[str, ...] = api.DEFAULT_ORDER
-    elif isinstance(implementation, str):
-        order = (implementation,)
-    else:
-        order = tuple(implementation)
-    if order[:1] == ("cuda",):  # the fused call stands in for the CUDA backend only
+    # The fused call stands in for the CUDA backend only, when it is tried first.
+    if api.candidates(implementation)[:1] == ("cuda",):
         try:
             from reset_jax.nvfp4 import cuda
 
