@@ -54,6 +54,21 @@ VARIANTS = {
         {"exclude": (), "fuse_norms": True},
     ),
     "xla-w4a16-fnorm": ("nvfp4", "bf16", "xla", {"fuse_norms": True}),
+    # + each decode step's attention as one custom call (reset_jax.attention)
+    "bf16-fattn": (None, "bf16", None, {"fuse_attention": True}),
+    "cuda-w4a16-fattn": ("nvfp4", "bf16", ("cuda", "xla"), {"fuse_attention": True}),
+    "cuda-w4a16-fnorm-fattn": (
+        "nvfp4",
+        "bf16",
+        ("cuda", "xla"),
+        {"fuse_norms": True, "fuse_attention": True},
+    ),
+    "cuda-w4a16-qhead-fnorm-fattn": (
+        "nvfp4",
+        "bf16",
+        ("cuda", "xla"),
+        {"exclude": (), "fuse_norms": True, "fuse_attention": True},
+    ),
 }
 
 

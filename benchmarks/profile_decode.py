@@ -84,7 +84,8 @@ def gpu_events(trace_dir: str, with_ops: bool = False):
       ``[(name, start_ns, duration_ns)]``; with ``with_ops``, also the HLO op of
       each event (its ``hlo_op`` stat, or "") and a map from HLO op name to the
       JAX source path XLA recorded for it (stats of the "XLA Ops" line: ``tf_op``
-      / ``long_name``, whichever the trace has), and the stat keys seen.
+      / ``long_name``, whichever the trace has), the stat keys seen, and each
+      event's CUDA graph id (0 when it ran outside a graph).
     """
     from jax.profiler import ProfileData
 
@@ -94,7 +95,7 @@ def gpu_events(trace_dir: str, with_ops: bool = False):
     # A reused folder holds one timestamped subfolder per trace: read the newest only.
     newest = max(os.path.dirname(p) for p in paths)
     paths = [p for p in paths if os.path.dirname(p) == newest]
-    events, ops, seen, keys = [], [], set(), set()
+    events, ops, graphs, seen, keys = [], [], [], set(), set()
     op_source: dict[str, str] = {}
     for path in paths:
         data = ProfileData.from_file(path)
@@ -120,13 +121,18 @@ def gpu_events(trace_dir: str, with_ops: bool = False):
                     if with_ops:
                         st = _stats(e)
                         keys.update(f"stream:{k}" for k in st)
-                        ops.append(str(st.get("hlo_op", "")))
+                        # The kernel's own tf_op stat is the JAX source path when present.
+                        ops.append(str(st.get("tf_op") or st.get("hlo_op", "")))
+                        try:
+                            graphs.append(int(st.get("cuda_graph_id", 0) or 0))
+                        except (TypeError, ValueError):
+                            graphs.append(0)
     if not events:
         raise SystemExit(
             f"no GPU stream events in the trace (is CUPTI available?); lines: {sorted(seen)}"
         )
     if with_ops:
-        return events, ops, op_source, sorted(keys)
+        return events, ops, op_source, sorted(keys), graphs
     return events
 
 
@@ -145,7 +151,7 @@ def op_table(events, ops, op_source: dict, steps: int) -> list[dict]:
     for (name, _, d), op in zip(events, ops):
         # Without a source path the HLO op name ("fusion.12") says nothing once its
         # number is dropped: fall back to the kernel's kind.
-        src = op_source.get(op, "") or kernel_kind(name)
+        src = op_source.get(op, "") or (op if "/" in op else "") or kernel_kind(name)
         src = re.sub(r"\d+", "#", src.split(" = ")[0])[-110:]
         by[src][0] += d
         by[src][1] += 1
@@ -245,8 +251,10 @@ def main(argv=None) -> None:
         st = decode(st)
         jax.block_until_ready(st)
         traced_wall = time.perf_counter() - t
-    events, ops, op_source, keys = gpu_events(trace_dir, with_ops=True)
+    events, ops, op_source, keys, graphs = gpu_events(trace_dir, with_ops=True)
     acc = account(events, steps, traced_wall)
+    outside = collections.Counter(kernel_kind(e[0]) for e, g in zip(events, graphs) if not g)
+    acc["outside_graphs_per_token"] = {k: n / steps for k, n in outside.most_common()}
     acc["ops"] = op_table(events, ops, op_source, steps)
     acc["trace_stat_keys"] = keys
     acc.update(untraced_ms_per_token=1e3 * wall / steps, **{k: rec[k] for k in ("model", "variant", "device")},
@@ -260,6 +268,7 @@ def main(argv=None) -> None:
         f" idle in the traced run {acc['idle_ms_per_token']:.3f}; untraced wall - busy"
         f" {acc['untraced_ms_per_token'] - acc['kernel_busy_ms_per_token']:.3f}"
     )
+    print(f"kernels outside CUDA graphs per token: {acc['outside_graphs_per_token']}")
     print("| kind | µs/token | calls/token | µs/call |\n|---|---|---|---|")
     for r in acc["rows"][: a.top]:
         print(

@@ -16,20 +16,14 @@
 #include <cuda_runtime_api.h>
 
 #include "nvfp4_kernels.h"
+#include "ffi_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-std::string Dims(ffi::AnyBuffer::Dimensions d) {
-  std::string s = "[";
-  for (size_t i = 0; i < d.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(d[i]);
-  }
-  return s + "]";
-}
+using reset_jax_ffi::Dims;
 
 ffi::Error Invalid(const std::string& msg) {
   return ffi::Error::InvalidArgument("reset_jax NVFP4 matmul: " + msg);

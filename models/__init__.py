@@ -15,6 +15,7 @@ from reset_jax.models.layers import (
     Linear,
     LinearGroup,
     NVFP4Param,
+    fuse_attention,
     fuse_norms,
     quantize_embedding,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "build_from_state_dict",
     "build_model",
     "from_pretrained",
+    "fuse_attention",
     "fuse_norms",
     "model_tensors",
     "named_linears",

@@ -22,6 +22,7 @@ from flax import nnx
 from jax import lax
 
 from reset_jax import nvfp4
+from reset_jax.attention import apply_rope, attend, decode_attention
 from reset_jax.models.cache import KVCache
 from reset_jax.models.config import ModelConfig, rope_frequencies
 from reset_jax.nvfp4 import NVFP4Tensor
@@ -300,58 +301,7 @@ def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, j
     return jnp.cos(angles) * factor, jnp.sin(angles) * factor
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates pairs ``(x[i], x[i + Dh/2])`` (the Hugging Face "rotate_half" layout).
-
-    Args:
-      x: ``[B, S, H, Dh]``.
-      cos, sin: float32 ``[B, S, Dh/2]``.
-
-    Returns:
-      ``[B, S, H, Dh]`` in ``x.dtype``.
-    """
-    half = x.shape[-1] // 2
-    x32 = x.astype(jnp.float32)
-    x1, x2 = x32[..., :half], x32[..., half:]  # [B, S, H, Dh/2]
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
-    return out.astype(x.dtype)
-
-
-# ---- attention ------------------------------------------------------------------------------
-
-
-def attend(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, scale: float
-) -> jax.Array:
-    """Grouped-query attention of new queries over key slots ``0..T-1``.
-
-    Slot ``t`` of row ``b`` is visible to a query at position ``p`` iff ``t <= p``;
-    this is the causal mask both for a cache indexed by position and for the
-    uncached forward (where slot ``t`` holds token ``t``).
-
-    Args:
-      q: ``[B, S, Hq, Dh]``.
-      k, v: ``[B, T, Hkv, Dh]``.
-      q_positions: ``[B, S]`` int32.
-      scale: logit scale, ``Dh ** -0.5``.
-
-    Returns:
-      ``[B, S, Hq * Dh]`` in ``q.dtype``.
-    """
-    b, s, hq, dh = q.shape
-    t, hkv = k.shape[1], k.shape[2]
-    g = hq // hkv
-    qg = q.reshape(b, s, hkv, g, dh)  # [B, S, Hkv, G, Dh]; query head h reads kv head h // G
-    # The dot reads k in its stored dtype and accumulates in float32, so the
-    # cache is never converted as a whole.
-    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * scale  # [B, Hkv, G, S, T]
-    visible = jnp.arange(t, dtype=jnp.int32)[None, None, :] <= q_positions[:, :, None]  # [B, S, T]
-    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # float32 softmax, then model dtype
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v, preferred_element_type=jnp.float32)
-    return out.astype(q.dtype).reshape(b, s, hq * dh)
+# apply_rope and attend live in reset_jax.attention (imported above).
 
 
 class Attention(nnx.Module):
@@ -370,6 +320,9 @@ class Attention(nnx.Module):
         self.head_dim = config.head_dim
         self.qkv, self.o_proj = qkv, o_proj
         self.q_norm, self.k_norm = q_norm, k_norm
+        # Static: the implementation(s) of ``reset_jax.attention.decode_attention`` for
+        # one-token decode steps (``fuse_attention``), or None for the composition below.
+        self.decode_impl = None
 
     def __call__(
         self,
@@ -401,6 +354,16 @@ class Attention(nnx.Module):
         q = q.reshape(b, s, self.num_heads, dh)  # [B, S, Hq, Dh]
         k = k.reshape(b, s, self.num_kv_heads, dh)  # [B, S, Hkv, Dh]
         v = v.reshape(b, s, self.num_kv_heads, dh)  # [B, S, Hkv, Dh]
+        if cache is not None and s == 1 and self.decode_impl is not None:
+            norms = {}
+            if self.q_norm is not None:
+                norms = dict(q_norm=self.q_norm.weight.get_value(),
+                             k_norm=self.k_norm.weight.get_value(), eps=self.q_norm.eps)  # fmt: skip
+            out, ck, cv = decode_attention(q[:, 0], k[:, 0], v[:, 0], cos[:, 0], sin[:, 0],
+                                           positions[:, 0], cache.k, cache.v, layer,
+                                           scale=dh**-0.5, implementation=self.decode_impl,
+                                           **norms)  # fmt: skip
+            return self.o_proj(out[:, None]), cache.replace(k=ck, v=cv)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -525,6 +488,34 @@ def fuse_norms(model: CausalLM) -> int:
         norm_dtype = layer.input_layernorm.weight.get_value().dtype
         layer.fused_norms = layer.can_fuse_norms() and norm_dtype == model.dtype
         n += layer.fused_norms
+    return n
+
+
+def fuse_attention(model: CausalLM, implementation: str | Sequence[str] | None = None) -> int:
+    """Runs each layer's one-token decode attention as one ``decode_attention`` call.
+
+    q/k RMSNorm, RoPE, the KV-cache write and the attention over the cache of a
+    decode step (one new token per row) become one op: on a CUDA GPU one custom
+    call of two kernels instead of ~14 small XLA kernels and two cuBLAS calls per
+    layer. Prefill and uncached forwards keep the composition. Results match it
+    up to float32 summation order (``reset_jax.attention``).
+
+    Args:
+      model: a ``CausalLM`` (changed in place).
+      implementation: ``decode_attention``'s ``implementation`` (None: CUDA where it
+        can serve the call, else XLA; ``"xla"`` keeps the composition exactly).
+
+    Returns:
+      the number of layers switched (layers whose q and k norms differ in epsilon stay).
+    """
+    impl = tuple(implementation) if isinstance(implementation, (list, tuple)) else implementation
+    impl = ("cuda", "xla") if impl is None else impl
+    n = 0
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        ok = attn.q_norm is None or attn.q_norm.eps == attn.k_norm.eps
+        attn.decode_impl = impl if ok else None
+        n += ok
     return n
 
 

@@ -35,6 +35,7 @@ from flax import nnx
 from reset_jax import nvfp4
 from reset_jax.models.config import ModelConfig
 from reset_jax.models.layers import CausalLM, Embedding, Linear, LinearGroup, RMSNorm
+from reset_jax.models.layers import fuse_attention as fuse_attention_ops
 from reset_jax.models.layers import fuse_norms as fuse_norms_into_linears
 from reset_jax.models.layers import quantize_embedding as quantize_embedding_table
 from reset_jax.models.llama import LlamaForCausalLM
@@ -591,6 +592,7 @@ def build_model(
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     quantize_embedding: bool = False,
     fuse_norms: bool = False,
+    fuse_attention: bool = False,
 ) -> CausalLM:
     """A randomly initialized model (tests, benchmarks); same options as ``build_from_state_dict``.
 
@@ -598,7 +600,9 @@ def build_model(
     (``layers.quantize_embedding``; with ``exclude=()`` every weight matrix is
     NVFP4), e.g. to measure what an all-NVFP4 model would weigh and decode at.
     ``fuse_norms=True`` folds the residual adds and norms into the NVFP4
-    matmuls after them (``layers.fuse_norms``).
+    matmuls after them (``layers.fuse_norms``); ``fuse_attention=True`` runs each
+    decode step's attention as one ``reset_jax.attention.decode_attention`` call
+    (``layers.fuse_attention``).
     """
     _check_options(quantize, activations)
     source = _RandomSource(seed, dtype, quantize, activations, implementation, exclude)
@@ -607,6 +611,8 @@ def build_model(
         quantize_embedding_table(model, implementation)
     if fuse_norms:
         fuse_norms_into_linears(model)
+    if fuse_attention:
+        fuse_attention_ops(model)
     return model
 
 

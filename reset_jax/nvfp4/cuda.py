@@ -45,6 +45,7 @@ LIBRARY_NAME = "libreset_jax_nvfp4.so"
 TARGET_W4A16 = "reset_jax_nvfp4_w4a16"
 TARGET_W4A4 = "reset_jax_nvfp4_w4a4"
 TARGET_ADD_NORM_W4A16 = "reset_jax_nvfp4_add_norm_w4a16"
+TARGET_DECODE_ATTENTION = "reset_jax_decode_attention"  # reset_jax.attention
 # bf16 mma.sync and cp/ld cache hints need Ampere; sm_80 machine code ships.
 _MIN_COMPUTE_CAPABILITY = 8.0
 _BF16 = np.dtype(jnp.bfloat16)
@@ -131,6 +132,7 @@ def _register() -> None:
             (TARGET_W4A16, "ResetJaxNvfp4W4A16"),
             (TARGET_W4A4, "ResetJaxNvfp4W4A4"),
             (TARGET_ADD_NORM_W4A16, "ResetJaxNvfp4AddNormW4A16"),
+            (TARGET_DECODE_ATTENTION, "ResetJaxDecodeAttention"),
         ):
             jax.ffi.register_ffi_target(
                 name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA"
@@ -152,6 +154,33 @@ def _compute_capability() -> float | None:
         return float(getattr(device, "compute_capability", None))
     except (TypeError, ValueError):
         return None  # ROCm reports gfx names
+
+
+def device_reason(x: jax.Array) -> str | None:
+    """Why the library's kernels cannot run on ``x``'s device (a message), or None.
+
+    Checks the platform (a CUDA GPU), the compute capability (8.0 or newer) and
+    that the built library loads; shape checks are each kernel's own.
+    """
+    platform = _platform(x)
+    if platform != "gpu":
+        return f"not on a CUDA GPU (platform {platform!r})"
+    cc = _compute_capability()
+    if cc is None:
+        return "not an NVIDIA GPU"
+    if cc < _MIN_COMPUTE_CAPABILITY:
+        return f"compute capability {cc} < {_MIN_COMPUTE_CAPABILITY} (needs sm_80 or newer)"
+    lib, reason = _library()
+    return reason if lib is None else None
+
+
+def ensure_registered() -> None:
+    """Registers every FFI target of the library with JAX (once).
+
+    Raises:
+      NotImplementedError: the library is not built or does not load.
+    """
+    _register()
 
 
 def supports(x: jax.Array, q: NVFP4Tensor, *, activations: str) -> None:

@@ -1,0 +1,56 @@
+// Decode attention for one new token per row: q/k RMSNorm (optional), RoPE, the KV-cache
+// write of the new key and value, and grouped-query attention over cache slots 0..pos.
+//
+// Two kernels per call ("split-KV" / flash decoding):
+//   1. AttnPartialKernel, one CTA per (chunk of kChunk slots, kv head, row): normalizes and
+//      rotates the row's new query heads and key (recomputed by every CTA: ~1 KB), the CTA
+//      whose chunk holds slot pos writes the new key and value into the cache (and uses
+//      them from shared memory), and every CTA writes its chunk's softmax partial (max,
+//      sum, unnormalized P.V) to a scratch.
+//   2. AttnCombineKernel, one CTA per (query head, row): merges the chunks' partials.
+// Arithmetic follows the XLA composition of reset_jax.attention (rms_norm rounds to the
+// model dtype, then scales; RoPE in float32 rounded to bf16; scores and P.V in float32);
+// the probabilities stay float32 here (XLA rounds them to bf16 before P.V).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace rjattn {
+
+constexpr int kChunk = 64;     // cache slots per CTA of the partial kernel
+constexpr int kMaxGroup = 8;   // query heads per kv head
+
+struct DecodeAttentionArgs {
+  const void* q = nullptr;          // [B, Hq, D] bf16: projections before norm and RoPE
+  const void* k = nullptr;          // [B, Hkv, D] bf16
+  const void* v = nullptr;          // [B, Hkv, D] bf16
+  const void* q_norm = nullptr;     // [D] bf16, or nullptr: no q/k RMSNorm
+  const void* k_norm = nullptr;     // [D] bf16 (with q_norm)
+  const float* cos = nullptr;       // [B, D/2]
+  const float* sin = nullptr;       // [B, D/2]
+  const int32_t* positions = nullptr;  // [B]: the new token's slot
+  const int32_t* layer = nullptr;      // scalar: the layer of the stacked cache
+  void* k_cache = nullptr;          // [L, B, T, Hkv, D] bf16, slot pos written in place
+  void* v_cache = nullptr;          // [L, B, T, Hkv, D] bf16
+  void* out = nullptr;              // [B, Hq, D] bf16
+  float* partial = nullptr;         // [B, Hkv, C, G, D + 2] float32 scratch, C = NumChunks(T)
+  int B = 0, Hq = 0, Hkv = 0, D = 0, L = 0, T = 0;
+  float scale = 0.f, eps = 0.f;
+};
+
+#ifdef __CUDACC__
+#define RJATTN_HD __host__ __device__
+#else
+#define RJATTN_HD
+#endif
+RJATTN_HD inline int NumChunks(int T) { return (T + kChunk - 1) / kChunk; }
+
+// Why these shapes cannot run (a message), or nullptr.
+const char* DecodeAttentionUnsupportedReason(const DecodeAttentionArgs& a);
+
+// Enqueues both kernels on `stream`; no synchronisation, no allocation.
+cudaError_t LaunchDecodeAttention(const DecodeAttentionArgs& a, cudaStream_t stream);
+
+}  // namespace rjattn

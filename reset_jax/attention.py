@@ -1,0 +1,266 @@
+"""Attention for the decoder models, and a fused decode-attention op.
+
+``apply_rope`` and ``attend`` are the formulas every model uses (prefill and
+decode). ``decode_attention`` is one decode step's attention for one new token
+per row — q/k RMSNorm (Qwen3), RoPE, the KV-cache write and grouped-query
+attention over the cache — as one call:
+
+* ``"xla"``: the composition of ``rms_norm``, ``apply_rope``, a scatter into the
+  cache and ``attend``; exactly what the model runs without the op.
+* ``"cuda"``: one XLA FFI custom call (``ffi/attention_kernels.cu``): a split-KV
+  kernel (one CTA per 64 cache slots and kv head; the new key and value written
+  into the cache in place) and a combine kernel. It replaces the ~14 small XLA
+  kernels and two cuBLAS calls a decode layer's attention takes. Results match
+  the composition up to float32 summation order and the probabilities' bf16
+  rounding (the kernel keeps them in float32). bf16 models, head width 64 or
+  128, at most 8 query heads per kv head, compute capability 8.0+.
+
+Shapes: B rows, Hq / Hkv query / kv heads, G = Hq // Hkv, D head width, L layers,
+T cache slots.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from reset_jax.nvfp4.fused import rms_norm
+
+IMPLEMENTATIONS = ("cuda", "xla")
+DEFAULT_ORDER = ("cuda", "xla")
+CHUNK = 64  # cache slots per CTA of the CUDA kernel (attention_kernels.h kChunk)
+MAX_GROUP = 8  # query heads per kv head the CUDA kernel serves (kMaxGroup)
+_BF16 = np.dtype(jnp.bfloat16)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates pairs ``(x[i], x[i + Dh/2])`` (the Hugging Face "rotate_half" layout).
+
+    Args:
+      x: ``[B, S, H, Dh]``.
+      cos, sin: float32 ``[B, S, Dh/2]``.
+
+    Returns:
+      ``[B, S, H, Dh]`` in ``x.dtype``.
+    """
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., :half], x32[..., half:]  # [B, S, H, Dh/2]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, scale: float
+) -> jax.Array:
+    """Grouped-query attention of new queries over key slots ``0..T-1``.
+
+    Slot ``t`` of row ``b`` is visible to a query at position ``p`` iff ``t <= p``;
+    this is the causal mask both for a cache indexed by position and for the
+    uncached forward (where slot ``t`` holds token ``t``).
+
+    Args:
+      q: ``[B, S, Hq, Dh]``.
+      k, v: ``[B, T, Hkv, Dh]``.
+      q_positions: ``[B, S]`` int32.
+      scale: logit scale, ``Dh ** -0.5``.
+
+    Returns:
+      ``[B, S, Hq * Dh]`` in ``q.dtype``.
+    """
+    b, s, hq, dh = q.shape
+    t, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    qg = q.reshape(b, s, hkv, g, dh)  # [B, S, Hkv, G, Dh]; query head h reads kv head h // G
+    # The dot reads k in its stored dtype and accumulates in float32, so the
+    # cache is never converted as a whole.
+    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * scale  # [B, Hkv, G, S, T]
+    visible = jnp.arange(t, dtype=jnp.int32)[None, None, :] <= q_positions[:, :, None]  # [B, S, T]
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # float32 softmax, then model dtype
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype).reshape(b, s, hq * dh)
+
+
+class AttentionUnavailableError(NotImplementedError):
+    """No requested implementation could serve the call; the message lists every reason."""
+
+
+def _check_args(q, k, v, cos, sin, positions, k_cache, v_cache, q_norm, k_norm) -> None:
+    if q.ndim != 3:
+        raise ValueError(f"q must be [B, Hq, D], got shape {q.shape}")
+    b, hq, d = q.shape
+    if k_cache.ndim != 5:
+        raise ValueError(f"k_cache must be [L, B, T, Hkv, D], got shape {k_cache.shape}")
+    n_layers, cb, t, hkv, cd = k_cache.shape
+    if (cb, cd) != (b, d):
+        raise ValueError(f"k_cache {k_cache.shape} does not match q {q.shape} (B and D)")
+    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"v_cache {v_cache.shape} {v_cache.dtype} must match k_cache "
+                         f"{k_cache.shape} {k_cache.dtype}")  # fmt: skip
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != (b, hkv, d):
+            raise ValueError(f"{name} must be [B, Hkv, D] = {(b, hkv, d)}, got {x.shape}")
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} kv heads")
+    if d % 2:
+        raise ValueError(f"head width {d} must be even for RoPE")
+    for name, x in (("cos", cos), ("sin", sin)):
+        if x.shape != (b, d // 2):
+            raise ValueError(f"{name} must be [B, D/2] = {(b, d // 2)}, got {x.shape}")
+    if positions.shape != (b,) or not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise ValueError(f"positions must be integer [B] = [{b}], got {positions.shape} "
+                         f"{positions.dtype}")  # fmt: skip
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("q_norm and k_norm go together (both or neither)")
+    if q_norm is not None and (q_norm.shape != (d,) or k_norm.shape != (d,)):
+        raise ValueError(f"q_norm and k_norm must be [D] = [{d}], got {q_norm.shape}, "
+                         f"{k_norm.shape}")  # fmt: skip
+    del n_layers, t
+
+
+def cuda_unsupported_reason(q, k, v, k_cache, q_norm=None) -> str | None:
+    """Why the CUDA kernel cannot serve these operands (a message), or None.
+
+    Args:
+      q: ``[B, Hq, D]``; k, v: ``[B, Hkv, D]``; k_cache: ``[L, B, T, Hkv, D]``;
+      q_norm: ``[D]`` or None.
+    """
+    from reset_jax.nvfp4 import cuda
+
+    for name, x in (("q", q), ("k", k), ("v", v), ("the cache", k_cache), ("q_norm", q_norm)):
+        if x is not None and np.dtype(x.dtype) != _BF16:
+            return f"{name} is {np.dtype(x.dtype).name}; the kernel reads bfloat16"
+    d, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]
+    if d not in (64, 128):
+        return f"head width {d}; the kernel serves 64 and 128"
+    if hq // hkv > MAX_GROUP:
+        return f"{hq // hkv} query heads per kv head; the kernel serves up to {MAX_GROUP}"
+    if k_cache.size >= 2**40 or max(k_cache.shape) >= 2**31:
+        return f"cache {k_cache.shape} too large for the kernel's indexing"
+    return cuda.device_reason(q)
+
+
+def _xla(q, k, v, cos, sin, positions, k_cache, v_cache, layer, q_norm, k_norm, eps, scale):
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+    q = apply_rope(q[:, None], cos[:, None], sin[:, None])  # [B, 1, Hq, D]
+    k = apply_rope(k[:, None], cos[:, None], sin[:, None])[:, 0]  # [B, Hkv, D]
+    rows = jnp.arange(q.shape[0], dtype=jnp.int32)
+    ck = k_cache.at[layer, rows, positions].set(k.astype(k_cache.dtype))
+    cv = v_cache.at[layer, rows, positions].set(v.astype(v_cache.dtype))
+    out = attend(q, ck[layer], cv[layer], positions[:, None], scale)  # [B, 1, Hq * D]
+    return out[:, 0], ck, cv
+
+
+def _cuda(q, k, v, cos, sin, positions, k_cache, v_cache, layer, q_norm, k_norm, eps, scale):
+    from reset_jax.nvfp4 import cuda
+
+    cuda.ensure_registered()
+    b, hq, d = q.shape
+    t, hkv = k_cache.shape[2], k_cache.shape[3]
+    chunks = math.ceil(t / CHUNK)
+    has_norm = q_norm is not None
+    if not has_norm:  # never read; the handler's signature takes them
+        q_norm = k_norm = jnp.zeros((d,), jnp.bfloat16)
+    # The caches are aliased to results: the kernel writes slot `positions` in place.
+    # (Read-only caches plus an XLA scatter measured 0.2 ms/token slower on an H100:
+    # the scatter adds two kernels per layer; benchmarks/RESULTS.md.)
+    out, ck, cv, _ = jax.ffi.ffi_call(
+        cuda.TARGET_DECODE_ATTENTION,
+        (
+            jax.ShapeDtypeStruct((b, hq, d), jnp.bfloat16),
+            jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+            jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
+            # scratch: each chunk's (P.V, max, sum) per query head
+            jax.ShapeDtypeStruct((b, hkv, chunks, hq // hkv, d + 2), jnp.float32),
+        ),
+        input_output_aliases={9: 1, 10: 2},
+        vmap_method="sequential",
+    )(
+        q, k, v, q_norm, k_norm,
+        cos.astype(jnp.float32), sin.astype(jnp.float32),
+        positions.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(()),
+        k_cache, v_cache,
+        scale=np.float32(scale), eps=np.float32(eps), qk_norm=np.bool_(has_norm),
+    )  # fmt: skip
+    return out.reshape(b, hq * d), ck, cv
+
+
+def decode_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    positions: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer: int | jax.Array,
+    *,
+    q_norm: jax.Array | None = None,
+    k_norm: jax.Array | None = None,
+    eps: float = 1e-6,
+    scale: float | None = None,
+    implementation: str | Sequence[str] | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decode step's attention: norm, RoPE, cache write and attention of one token per row.
+
+    Row ``b``'s new key and value go to slot ``positions[b]`` of layer ``layer``;
+    its queries attend to slots ``0..positions[b]`` (positions must lie in
+    ``[0, T)``: the decode loop checks that a prompt plus its new tokens fit).
+
+    Args:
+      q: ``[B, Hq, D]`` query projections (before norm and RoPE).
+      k, v: ``[B, Hkv, D]`` key / value projections (k before norm and RoPE).
+      cos, sin: float32 ``[B, D/2]`` (``rope_tables`` at each row's position).
+      positions: int32 ``[B]``.
+      k_cache, v_cache: ``[L, B, T, Hkv, D]``; donate them to the jitted caller so
+        the write happens in place.
+      layer: the layer's index into the caches (a Python int or an int32 scalar).
+      q_norm, k_norm: ``[D]`` RMSNorm weights applied per head before RoPE (Qwen3),
+        or None.
+      eps: the norms' epsilon.
+      scale: logit scale; default ``D ** -0.5``.
+      implementation: ``None`` tries ``cuda -> xla``; a name or a sequence of names
+        restricts and orders the candidates.
+
+    Returns:
+      ``(out [B, Hq * D] in q.dtype, k_cache, v_cache)``.
+
+    Raises:
+      AttentionUnavailableError: no candidate could serve the call (all reasons listed).
+      ValueError: shapes that do not fit together.
+    """
+    _check_args(q, k, v, cos, sin, positions, k_cache, v_cache, q_norm, k_norm)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if implementation is None:
+        order = DEFAULT_ORDER
+    elif isinstance(implementation, str):
+        order = (implementation,)
+    else:
+        order = tuple(implementation)
+    if not order:
+        raise ValueError("implementation= must name at least one of " + str(IMPLEMENTATIONS))
+    args = (q, k, v, cos, sin, positions, k_cache, v_cache, layer, q_norm, k_norm, eps, scale)
+    reasons = []
+    for name in order:
+        if name == "xla":
+            return _xla(*args)
+        if name != "cuda":
+            raise ValueError(f"unknown attention implementation {name!r}; expected one of "
+                             f"{IMPLEMENTATIONS}")  # fmt: skip
+        why = cuda_unsupported_reason(q, k, v, k_cache, q_norm)
+        if why is None:
+            return _cuda(*args)
+        reasons.append(f"cuda: {why}")
+    raise AttentionUnavailableError(
+        "no decode-attention implementation could serve this call:\n  " + "\n  ".join(reasons)
+    )
