@@ -77,7 +77,8 @@ ffi::Error DecodeAttentionImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBu
   if (Hkv < 1 || Hq % Hkv != 0)
     return Invalid("Hq = " + std::to_string(Hq) + " is not a multiple of Hkv = " +
                    std::to_string(Hkv));
-  if (B > INT32_MAX || S > INT32_MAX || L > INT32_MAX || Hq > INT32_MAX)
+  if (B > INT32_MAX || S > INT32_MAX || L > INT32_MAX || Hq > INT32_MAX || Hkv > INT32_MAX ||
+      D > INT32_MAX)
     return Invalid("shape too large for 32-bit indexing");
 
   rjattn::DecodeAttentionArgs a;

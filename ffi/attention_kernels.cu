@@ -62,7 +62,9 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
   const int t0 = c * kChunk;
   if (t0 > pos) return;  // nothing visible in this chunk; the combine kernel skips it
   const int n = min(kChunk, pos + 1 - t0);
-  const int layer = min(max(*a.layer, 0), a.L - 1);
+  // A negative layer counts from the end (as XLA indexes); out of range is clamped.
+  const int layer_raw = *a.layer;
+  const int layer = min(max(layer_raw < 0 ? layer_raw + a.L : layer_raw, 0), a.L - 1);
   // The new token's slot, if it lies in this chunk (else -1).
   const int new_slot = (raw_pos == pos && raw_pos >= t0 && raw_pos < t0 + kChunk) ? raw_pos : -1;
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reset_jax.nvfp4.api import candidates
 from reset_jax.nvfp4.fused import rms_norm
 
 IMPLEMENTATIONS = ("cuda", "xla")
@@ -98,7 +99,7 @@ def _check_args(q, k, v, cos, sin, positions, k_cache, v_cache, q_norm, k_norm) 
     b, hq, d = q.shape
     if k_cache.ndim != 5:
         raise ValueError(f"k_cache must be [L, B, T, Hkv, D], got shape {k_cache.shape}")
-    n_layers, cb, t, hkv, cd = k_cache.shape
+    _, cb, _, hkv, cd = k_cache.shape
     if (cb, cd) != (b, d):
         raise ValueError(f"k_cache {k_cache.shape} does not match q {q.shape} (B and D)")
     if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
@@ -107,7 +108,7 @@ def _check_args(q, k, v, cos, sin, positions, k_cache, v_cache, q_norm, k_norm) 
     for name, x in (("k", k), ("v", v)):
         if x.shape != (b, hkv, d):
             raise ValueError(f"{name} must be [B, Hkv, D] = {(b, hkv, d)}, got {x.shape}")
-    if hq % hkv:
+    if hkv < 1 or hq % hkv:
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} kv heads")
     if d % 2:
         raise ValueError(f"head width {d} must be even for RoPE")
@@ -122,22 +123,35 @@ def _check_args(q, k, v, cos, sin, positions, k_cache, v_cache, q_norm, k_norm) 
     if q_norm is not None and (q_norm.shape != (d,) or k_norm.shape != (d,)):
         raise ValueError(f"q_norm and k_norm must be [D] = [{d}], got {q_norm.shape}, "
                          f"{k_norm.shape}")  # fmt: skip
-    del n_layers, t
 
 
-def cuda_unsupported_reason(q, k, v, k_cache, q_norm=None) -> str | None:
+def _static_layer(layer, n_layers: int):
+    """A Python-int layer index checked and made non-negative; a traced one as it is."""
+    if isinstance(layer, (int, np.integer)):
+        if not -n_layers <= layer < n_layers:
+            raise ValueError(f"layer {layer} is out of range for a cache of {n_layers} layers")
+        return int(layer) % n_layers
+    return layer
+
+
+def cuda_unsupported_reason(q, k, v, k_cache, q_norm=None, k_norm=None) -> str | None:
     """Why the CUDA kernel cannot serve these operands (a message), or None.
 
     Args:
       q: ``[B, Hq, D]``; k, v: ``[B, Hkv, D]``; k_cache: ``[L, B, T, Hkv, D]``;
-      q_norm: ``[D]`` or None.
+      q_norm, k_norm: ``[D]`` or None.
     """
     from reset_jax.nvfp4 import cuda
 
-    for name, x in (("q", q), ("k", k), ("v", v), ("the cache", k_cache), ("q_norm", q_norm)):
+    named = (("q", q), ("k", k), ("v", v), ("the cache", k_cache), ("q_norm", q_norm),
+             ("k_norm", k_norm))  # fmt: skip
+    for name, x in named:
         if x is not None and np.dtype(x.dtype) != _BF16:
             return f"{name} is {np.dtype(x.dtype).name}; the kernel reads bfloat16"
-    d, hq, hkv = q.shape[-1], q.shape[1], k.shape[1]
+    b, hq, d = q.shape
+    hkv = k.shape[1]
+    if b > 65535 or hkv > 65535:
+        return f"B = {b} rows or {hkv} kv heads: the kernel's grid allows 65535"
     if d not in (64, 128):
         return f"head width {d}; the kernel serves 64 and 128"
     if hq // hkv > MAX_GROUP:
@@ -213,8 +227,10 @@ def decode_attention(
     """One decode step's attention: norm, RoPE, cache write and attention of one token per row.
 
     Row ``b``'s new key and value go to slot ``positions[b]`` of layer ``layer``;
-    its queries attend to slots ``0..positions[b]`` (positions must lie in
-    ``[0, T)``: the decode loop checks that a prompt plus its new tokens fit).
+    its queries attend to slots ``0..positions[b]``. Positions must lie in
+    ``[0, T)`` (the decode loop checks that a prompt plus its new tokens fit);
+    outside it the implementations differ and the result is undefined. A traced
+    ``layer`` must lie in ``[0, L)`` (the CUDA kernel clamps it).
 
     Args:
       q: ``[B, Hq, D]`` query projections (before norm and RoPE).
@@ -239,25 +255,22 @@ def decode_attention(
       ValueError: shapes that do not fit together.
     """
     _check_args(q, k, v, cos, sin, positions, k_cache, v_cache, q_norm, k_norm)
+    layer = _static_layer(layer, k_cache.shape[0])
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if implementation is None:
-        order = DEFAULT_ORDER
-    elif isinstance(implementation, str):
-        order = (implementation,)
-    else:
-        order = tuple(implementation)
+    order = candidates(implementation, DEFAULT_ORDER)
     if not order:
         raise ValueError("implementation= must name at least one of " + str(IMPLEMENTATIONS))
+    unknown = [name for name in order if name not in IMPLEMENTATIONS]
+    if unknown:
+        raise ValueError(f"unknown attention implementation {unknown[0]!r}; expected one of "
+                         f"{IMPLEMENTATIONS}")  # fmt: skip
     args = (q, k, v, cos, sin, positions, k_cache, v_cache, layer, q_norm, k_norm, eps, scale)
     reasons = []
     for name in order:
         if name == "xla":
             return _xla(*args)
-        if name != "cuda":
-            raise ValueError(f"unknown attention implementation {name!r}; expected one of "
-                             f"{IMPLEMENTATIONS}")  # fmt: skip
-        why = cuda_unsupported_reason(q, k, v, k_cache, q_norm)
+        why = cuda_unsupported_reason(q, k, v, k_cache, q_norm, k_norm)
         if why is None:
             return _cuda(*args)
         reasons.append(f"cuda: {why}")

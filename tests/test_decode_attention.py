@@ -129,8 +129,18 @@ def test_bad_operands_are_named():
         attention.decode_attention(**(base | {"cos": ops["cos"][:, :4]}), layer=0)
     with pytest.raises(ValueError, match="q_norm and k_norm go together"):
         attention.decode_attention(**base, layer=0, q_norm=ops["q_norm"])
-    with pytest.raises(ValueError, match="unknown attention implementation"):
-        attention.decode_attention(**base, layer=0, implementation="triton")
+    with pytest.raises(ValueError, match="unknown attention implementation 'triton'"):
+        attention.decode_attention(**base, layer=0, implementation=("xla", "triton"))
+    with pytest.raises(ValueError, match="layer 3 is out of range for a cache of 3 layers"):
+        attention.decode_attention(**base, layer=3)
+
+
+def test_negative_layer_counts_from_the_end():
+    ops = _operands(2, 4, 2, 16, 3, 9, seed=4)
+    a = _call(ops, -1, "xla")
+    b = _call(ops, 2, "xla")
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the CPU refusal")
@@ -147,6 +157,11 @@ def test_cuda_refusals_name_the_shape():
     ops = _operands(1, 4, 2, 16, 1, 4, seed=0)
     why = attention.cuda_unsupported_reason(ops["q"], ops["k"], ops["v"], ops["k_cache"])
     assert "head width 16" in why
+    ops = _operands(1, 4, 2, 64, 1, 4, seed=0)
+    kn = ops["k_norm"].astype(jnp.float32)
+    why = attention.cuda_unsupported_reason(ops["q"], ops["k"], ops["v"], ops["k_cache"],
+                                            ops["q_norm"], kn)  # fmt: skip
+    assert "k_norm is float32" in why
     ops = _operands(1, 18, 1, 64, 1, 4, seed=0)
     why = attention.cuda_unsupported_reason(ops["q"], ops["k"], ops["v"], ops["k_cache"])
     assert "18 query heads per kv head" in why
@@ -186,6 +201,19 @@ def test_model_with_the_op_decodes_like_without(arch, dtype):
 
     np.testing.assert_array_equal(greedy(plain), greedy(fused))
 
+    def step(model):  # prefill, then one cached decode step: logits and caches
+        cache = model.init_cache(2, 16)
+        pos = jnp.broadcast_to(jnp.arange(7, dtype=jnp.int32), (2, 7))
+        _, cache = model.forward(ids, pos, cache)
+        hidden, cache = model.forward(ids[:, :1], jnp.full((2, 1), 7, jnp.int32), cache)
+        return [np.asarray(x, np.float32) for x in (model.logits(hidden), cache.k, cache.v)]
+
+    for a, b in zip(step(plain), step(fused)):
+        if dtype == jnp.float32:  # the same composition: the same bits
+            np.testing.assert_array_equal(a, b)
+        else:  # bf16: fusion may keep a value in float32 in one program, not the other
+            np.testing.assert_allclose(a, b, rtol=0, atol=2e-2 * np.abs(a).max())
+
 
 def test_build_model_option_and_default_order():
     model = build_model(_config(), dtype=jnp.bfloat16, fuse_attention=True)
@@ -208,6 +236,8 @@ def test_build_model_option_and_default_order():
         (2, 28, 4, 128, 130, False),  # R1-Distill-Qwen-7B (no q/k norm)
         (5, 15, 5, 64, 64, False),  # SmolLM2-360M: head width 64, group of 3
         (1, 4, 4, 64, 1, True),  # one slot; G = 1
+        (4, 16, 8, 128, 300, True),  # Qwen3-0.6B / 1.7B: G = 2
+        (2, 10, 2, 64, 129, True),  # G = 5, head width 64
         (16, 12, 2, 128, 1000, False),
     ],
 )
@@ -215,6 +245,14 @@ def test_cuda_matches_float64_reference(b, hq, hkv, d, t, qk_norm):
     ops = _operands(b, hq, hkv, d, 3, t, seed=b * t + hq, qk_norm=qk_norm)
     got = _call(ops, 2, "cuda")
     _check(got, _reference(ops, 2), ops, 2, tol=5e-3)
+    # The new key is the XLA op's bf16 value: the same roundings, in the same order
+    # (rsqrt and summation order may move a rare one by one step).
+    pos = np.asarray(ops["positions"])
+    rows = np.arange(b)
+    k_cuda = np.asarray(got[1], np.float32)[2, rows, pos]
+    k_xla = np.asarray(_call(ops, 2, "xla")[1], np.float32)[2, rows, pos]
+    np.testing.assert_allclose(k_cuda, k_xla, rtol=2**-8, atol=0)
+    assert (k_cuda == k_xla).mean() >= 0.99
 
 
 @gpu

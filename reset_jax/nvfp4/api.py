@@ -33,10 +33,12 @@ def _backend(name: str):
     return importlib.import_module(f"reset_jax.nvfp4.{name}")
 
 
-def candidates(implementation: str | Sequence[str] | None) -> tuple[str, ...]:
-    """The backends to try, in order: ``None`` -> ``DEFAULT_ORDER``; a name -> that one alone."""
+def candidates(
+    implementation: str | Sequence[str] | None, default: tuple[str, ...] = DEFAULT_ORDER
+) -> tuple[str, ...]:
+    """The backends to try, in order: ``None`` -> ``default``; a name -> that one alone."""
     if implementation is None:
-        return DEFAULT_ORDER
+        return default
     if isinstance(implementation, str):
         return (implementation,)
     return tuple(implementation)
