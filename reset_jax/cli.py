@@ -64,9 +64,19 @@ def _load_model(args: argparse.Namespace, *, quantize: str | None) -> Any:
     )
     _log(f"loading {what} ...")
     kwargs = {} if args.implementation is None else {"implementation": args.implementation}
-    return from_pretrained(
+    model = from_pretrained(
         args.model, dtype=dtype, quantize=quantize, activations=args.activations, **kwargs
     )
+    fuse = getattr(args, "fuse", "none")
+    if fuse in ("norms", "all"):
+        from reset_jax.models import fuse_norms
+
+        _log(f"fused add + norm into {fuse_norms(model)} layers' matmuls")
+    if fuse in ("attention", "all"):
+        from reset_jax.models import fuse_attention
+
+        _log(f"one-call decode attention in {fuse_attention(model)} layers")
+    return model
 
 
 def _sampler(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, str]:
@@ -219,6 +229,14 @@ def add_model_flags(
         choices=["cuda", "pallas", "xla"],
         default=None,
         help="NVFP4 matmul backend (default: the first of cuda, pallas, xla that serves)",
+    )
+    p.add_argument(
+        "--fuse",
+        choices=["none", "norms", "attention", "all"],
+        default="none",
+        help="decode-speed fusions (GPU): norms = residual add + RMSNorm inside the NVFP4 "
+        "matmul (W4A16 layers), attention = q/k norm + RoPE + cache write + attention as one "
+        "call; results match up to float32 summation order (default: none)",
     )
 
 

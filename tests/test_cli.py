@@ -57,6 +57,29 @@ def test_generate_on_a_tiny_checkpoint(tiny_dir, capsys):
     assert account.startswith("ReSET: ") and "at T_low=0.2" in account and "mean entropy" in account
 
 
+def test_fuse_flag_keeps_the_tokens(tiny_dir, capsys):
+    """``--fuse all`` (on the CPU: the same compositions) generates the same greedy text."""
+    argv = ["generate", "--model", str(tiny_dir), "--prompt", "the cat sat", "--quantize", "nvfp4",
+            "--dtype", "float32", "--sampler", "greedy", "--max-new-tokens", "5"]  # fmt: skip
+    assert cli.main(argv) == 0
+    plain = capsys.readouterr().out
+    assert cli.main([*argv, "--fuse", "all"]) == 0
+    captured = capsys.readouterr()
+    assert "fused add + norm into 2 layers" in captured.err
+    assert "one-call decode attention in 2 layers" in captured.err
+    text = [
+        ln
+        for ln in plain.splitlines()
+        if not ln.startswith(("ReSET", "greedy")) and "tokens/s" not in ln
+    ]
+    text_fused = [
+        ln
+        for ln in captured.out.splitlines()
+        if not ln.startswith(("ReSET", "greedy")) and "tokens/s" not in ln
+    ]
+    assert text == text_fused and text
+
+
 def test_errors_are_one_line(tiny_dir, capsys):
     assert cli.main(["generate", "--model", "no-such-model", "--prompt", "x"]) == 2
     err = capsys.readouterr().err
