@@ -1,0 +1,228 @@
+// Standalone checker for the decode-attention kernels (no JAX): the target for
+// compute-sanitizer (memcheck, racecheck) and a float64 reference of the whole op.
+//
+//   nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/attention_check.cu ffi/attention_kernels.cu \
+//        -o attention_check
+//   ./attention_check           # every case; exit code 0 only if all passed
+//   ./attention_check quick     # fewer cases (for the sanitizers)
+//
+// Each case: random bf16 q/k/v, norm weights, caches and float32 cos/sin (never zeros),
+// positions including 0 and T - 1; the output is poisoned (NaN) before the call and must
+// be fully written; the cache must change at exactly one slot per row (the new key after
+// norm + RoPE, the new value) and stay bit-identical elsewhere.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <algorithm>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention_kernels.h"
+
+#define CK(call)                                                                      \
+  do {                                                                                \
+    cudaError_t e_ = (call);                                                          \
+    if (e_ != cudaSuccess) {                                                          \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call,               \
+                   cudaGetErrorString(e_));                                           \
+      std::exit(2);                                                                   \
+    }                                                                                 \
+  } while (0)
+
+namespace {
+
+uint16_t ToBf16(double x) {  // round to nearest even (finite inputs)
+  const float f = static_cast<float>(x);
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+double FromBf16(uint16_t b) {
+  const uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+double RoundBf16(double x) { return FromBf16(ToBf16(x)); }
+
+struct Case {
+  int B, Hq, Hkv, D, L, T, layer;
+  bool qk_norm;
+};
+
+bool Run(const Case& c, uint32_t seed, double* worst) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  const int G = c.Hq / c.Hkv, D = c.D, C = rjattn::NumChunks(c.T);
+  const size_t nq = size_t(c.B) * c.Hq * D, nkv = size_t(c.B) * c.Hkv * D;
+  const size_t ncache = size_t(c.L) * c.B * c.T * c.Hkv * D;
+  std::vector<uint16_t> q(nq), k(nkv), v(nkv), qn(D), kn(D), kc(ncache), vc(ncache);
+  for (auto& x : q) x = ToBf16(2.0 * normal(rng));
+  for (auto& x : k) x = ToBf16(2.0 * normal(rng));
+  for (auto& x : v) x = ToBf16(normal(rng));
+  for (auto& x : qn) x = ToBf16(1.0 + 0.3 * normal(rng));
+  for (auto& x : kn) x = ToBf16(1.0 + 0.3 * normal(rng));
+  for (auto& x : kc) x = ToBf16(normal(rng));
+  for (auto& x : vc) x = ToBf16(normal(rng));
+  std::vector<int32_t> pos(c.B);
+  for (int b = 0; b < c.B; ++b) pos[b] = int32_t(rng() % uint32_t(c.T));
+  pos[0] = c.T - 1;
+  if (c.B > 1) pos[1] = 0;
+  std::vector<float> cs(size_t(c.B) * D / 2), sn(cs.size());
+  for (int b = 0; b < c.B; ++b)
+    for (int i = 0; i < D / 2; ++i) {
+      const double a = pos[b] * std::pow(10000.0, -2.0 * i / D);
+      cs[size_t(b) * D / 2 + i] = float(std::cos(a));
+      sn[size_t(b) * D / 2 + i] = float(std::sin(a));
+    }
+  const float eps = 1e-6f, scale = float(1.0 / std::sqrt(double(D)));
+
+  // ---- device ----
+  void *dq, *dk, *dv, *dqn, *dkn, *dkc, *dvc, *dout;
+  float *dcs, *dsn, *dpart;
+  int32_t *dpos, *dlayer;
+  CK(cudaMalloc(&dq, nq * 2));
+  CK(cudaMalloc(&dk, nkv * 2));
+  CK(cudaMalloc(&dv, nkv * 2));
+  CK(cudaMalloc(&dqn, D * 2));
+  CK(cudaMalloc(&dkn, D * 2));
+  CK(cudaMalloc(&dkc, ncache * 2));
+  CK(cudaMalloc(&dvc, ncache * 2));
+  CK(cudaMalloc(&dout, nq * 2));
+  CK(cudaMalloc(&dcs, cs.size() * 4));
+  CK(cudaMalloc(&dsn, sn.size() * 4));
+  const size_t npart = size_t(c.B) * c.Hkv * C * G * (D + 2);
+  CK(cudaMalloc(&dpart, npart * 4));
+  CK(cudaMalloc(&dpos, c.B * 4));
+  CK(cudaMalloc(&dlayer, 4));
+  CK(cudaMemcpy(dq, q.data(), nq * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dk, k.data(), nkv * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dv, v.data(), nkv * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dqn, qn.data(), D * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dkn, kn.data(), D * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dkc, kc.data(), ncache * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dvc, vc.data(), ncache * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dcs, cs.data(), cs.size() * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dsn, sn.data(), sn.size() * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dpos, pos.data(), c.B * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dlayer, &c.layer, 4, cudaMemcpyHostToDevice));
+  CK(cudaMemset(dout, 0xFF, nq * 2));  // NaN poison: every element must be written
+  CK(cudaMemset(dpart, 0xFF, npart * 4));
+  rjattn::DecodeAttentionArgs a;
+  a.q = dq, a.k = dk, a.v = dv;
+  a.q_norm = c.qk_norm ? dqn : nullptr;
+  a.k_norm = c.qk_norm ? dkn : nullptr;
+  a.cos = dcs, a.sin = dsn, a.positions = dpos, a.layer = dlayer;
+  a.k_cache = dkc, a.v_cache = dvc, a.out = dout, a.partial = dpart;
+  a.B = c.B, a.Hq = c.Hq, a.Hkv = c.Hkv, a.D = D, a.L = c.L, a.T = c.T;
+  a.scale = scale, a.eps = eps;
+  if (const char* why = rjattn::DecodeAttentionUnsupportedReason(a)) {
+    std::printf("FAIL unsupported: %s\n", why);
+    return false;
+  }
+  CK(rjattn::LaunchDecodeAttention(a, nullptr));
+  CK(cudaDeviceSynchronize());
+  std::vector<uint16_t> out(nq), kc2(ncache), vc2(ncache);
+  CK(cudaMemcpy(out.data(), dout, nq * 2, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(kc2.data(), dkc, ncache * 2, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(vc2.data(), dvc, ncache * 2, cudaMemcpyDeviceToHost));
+  for (void* p : {dq, dk, dv, dqn, dkn, dkc, dvc, dout}) CK(cudaFree(p));
+  for (float* p : {dcs, dsn, dpart}) CK(cudaFree(p));
+  CK(cudaFree(dpos));
+  CK(cudaFree(dlayer));
+
+  // ---- float64 reference (bf16 roundings where the model rounds) ----
+  auto prep = [&](const uint16_t* src, const std::vector<uint16_t>& w, int b) {
+    std::vector<double> x(D), y(D);
+    for (int d = 0; d < D; ++d) x[d] = FromBf16(src[d]);
+    if (c.qk_norm) {
+      double ss = 0;
+      for (double e : x) ss += e * e;
+      const double inv = 1.0 / std::sqrt(ss / D + eps);
+      for (int d = 0; d < D; ++d) x[d] = RoundBf16(FromBf16(w[d]) * RoundBf16(x[d] * inv));
+    }
+    for (int d = 0; d < D; ++d) {
+      const int f = d % (D / 2);
+      const double cc = cs[size_t(b) * D / 2 + f], ss = sn[size_t(b) * D / 2 + f];
+      y[d] = RoundBf16(d < D / 2 ? x[d] * cc - x[d + D / 2] * ss : x[d] * cc + x[d - D / 2] * ss);
+    }
+    return y;
+  };
+  bool ok = true;
+  double num = 0, den = 0;
+  size_t slot_bad = 0, other_bad = 0, unwritten = 0;
+  const size_t slot = size_t(c.Hkv) * D;
+  for (int b = 0; b < c.B; ++b) {
+    for (int h = 0; h < c.Hkv; ++h) {
+      const size_t base = ((size_t(c.layer) * c.B + b) * c.T) * slot + size_t(h) * D;
+      const std::vector<double> knew = prep(&k[(size_t(b) * c.Hkv + h) * D], kn, b);
+      for (int d = 0; d < D; ++d) {
+        const size_t at = base + size_t(pos[b]) * slot + d;
+        // the new key within one bf16 step (rsqrt / summation order), the value exact
+        if (std::fabs(FromBf16(kc2[at]) - knew[d]) > std::ldexp(std::fabs(knew[d]), -7) + 1e-30)
+          ++slot_bad;
+        if (vc2[at] != v[(size_t(b) * c.Hkv + h) * D + d]) ++slot_bad;
+        kc[at] = kc2[at];  // for the comparison of everything else below
+        vc[at] = vc2[at];
+      }
+      for (int g = 0; g < G; ++g) {
+        const int qh = h * G + g;
+        const std::vector<double> qv = prep(&q[(size_t(b) * c.Hq + qh) * D], qn, b);
+        std::vector<double> s(pos[b] + 1);
+        double m = -1e300;
+        for (int t = 0; t <= pos[b]; ++t) {
+          double dot = 0;
+          for (int d = 0; d < D; ++d)
+            dot += qv[d] * (t == pos[b] ? knew[d] : FromBf16(kc[base + size_t(t) * slot + d]));
+          s[t] = dot * scale;
+          m = std::max(m, s[t]);
+        }
+        double l = 0;
+        for (double& e : s) l += (e = std::exp(e - m));
+        for (int d = 0; d < D; ++d) {
+          double o = 0;
+          for (int t = 0; t <= pos[b]; ++t) o += s[t] * FromBf16(vc[base + size_t(t) * slot + d]);
+          o /= l;
+          const double got = FromBf16(out[(size_t(b) * c.Hq + qh) * D + d]);
+          if (!std::isfinite(got)) ++unwritten;
+          num += (got - o) * (got - o);
+          den += o * o;
+        }
+      }
+    }
+  }
+  for (size_t i = 0; i < ncache; ++i) other_bad += (kc2[i] != kc[i]) + (vc2[i] != vc[i]);
+  const double err = std::sqrt(num / den);
+  *worst = std::max(*worst, err);
+  ok = err <= 5e-3 && slot_bad == 0 && other_bad == 0 && unwritten == 0;
+  std::printf("%s B=%d Hq=%d Hkv=%d D=%d T=%d layer=%d norm=%d rel_err=%.2e slot_bad=%zu "
+              "other_changed=%zu unwritten=%zu\n",
+              ok ? "ok  " : "FAIL", c.B, c.Hq, c.Hkv, D, c.T, c.layer, c.qk_norm, err, slot_bad,
+              other_bad, unwritten);
+  return ok;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+  std::vector<Case> cases = {
+      {1, 32, 8, 128, 3, 640, 2, true},   {8, 32, 8, 128, 2, 200, 1, true},
+      {3, 64, 8, 128, 2, 65, 0, true},    {2, 28, 4, 128, 2, 130, 1, false},
+      {5, 15, 5, 64, 2, 64, 1, false},    {1, 4, 4, 64, 1, 1, 0, true},
+      {4, 16, 8, 128, 2, 300, 1, true},   {2, 10, 2, 64, 3, 129, 2, true},
+  };
+  if (!quick) cases.push_back({16, 12, 2, 128, 2, 1000, 1, false});
+  int failed = 0;
+  double worst = 0;
+  for (size_t i = 0; i < cases.size(); ++i) failed += !Run(cases[i], 77 + uint32_t(i), &worst);
+  std::printf("attention check: %zu cases, %d failed, worst rel_err %.2e\n", cases.size(), failed,
+              worst);
+  return failed ? 1 : 0;
+}
