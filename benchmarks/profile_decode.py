@@ -57,6 +57,9 @@ import decode as bench  # noqa: E402  (benchmarks/decode.py)
 def kernel_kind(name: str) -> str:
     """Groups a GPU kernel name: ours, cuBLAS, copies, or the XLA fusion's name."""
     low = name.lower()
+    if "rjattn::" in low or "attnpartialkernel" in low or "attncombinekernel" in low:
+        m = re.search(r"(Attn\w+Kernel)", name)  # "void rjattn::(anon)::AttnPartialKernel<128, 4>"
+        return "attention (ours): " + (m.group(1) if m else name[:40])
     if "gemvkernel" in low or "quantizeactivations" in low or "nvfp4" in low:
         if "wide" in low:
             return "nvfp4 (ours): wide"
@@ -81,11 +84,12 @@ def gpu_events(trace_dir: str, with_ops: bool = False):
     """GPU kernel/copy events of a trace folder.
 
     Returns:
-      ``[(name, start_ns, duration_ns)]``; with ``with_ops``, also the HLO op of
-      each event (its ``hlo_op`` stat, or "") and a map from HLO op name to the
+      ``[(name, start_ns, duration_ns)]``; with ``with_ops``, also each event's
+      op (its ``tf_op`` stat — the JAX source path — else its ``hlo_op``, or "") and a map from HLO op name to the
       JAX source path XLA recorded for it (stats of the "XLA Ops" line: ``tf_op``
       / ``long_name``, whichever the trace has), the stat keys seen, and each
-      event's CUDA graph id (0 when it ran outside a graph).
+      event's CUDA graph id (0 when it ran outside a graph, None when the trace has
+      no graph id).
     """
     from jax.profiler import ProfileData
 
@@ -123,10 +127,12 @@ def gpu_events(trace_dir: str, with_ops: bool = False):
                         keys.update(f"stream:{k}" for k in st)
                         # The kernel's own tf_op stat is the JAX source path when present.
                         ops.append(str(st.get("tf_op") or st.get("hlo_op", "")))
+                        # None: the trace does not say (no graph id stat).
+                        gid = st.get("cuda_graph_id")
                         try:
-                            graphs.append(int(st.get("cuda_graph_id", 0) or 0))
+                            graphs.append(None if gid is None else int(gid))
                         except (TypeError, ValueError):
-                            graphs.append(0)
+                            graphs.append(None)
     if not events:
         raise SystemExit(
             f"no GPU stream events in the trace (is CUPTI available?); lines: {sorted(seen)}"
@@ -139,8 +145,9 @@ def gpu_events(trace_dir: str, with_ops: bool = False):
 def op_table(events, ops, op_source: dict, steps: int) -> list[dict]:
     """Kernel time per token grouped by the JAX source path of its HLO op.
 
-    ``events`` as for ``account``; ``ops[i]`` the HLO op of ``events[i]`` ("" if
-    unknown); ``op_source`` HLO op name -> JAX source path. Returns rows
+    ``events`` as for ``account``; ``ops[i]`` the op of ``events[i]``: a JAX source
+    path (the kernel's ``tf_op``), an HLO op name, or "" if unknown; ``op_source``
+    HLO op name -> JAX source path. Returns rows
     ``{op, us_per_token, calls_per_token}`` sorted by time.
 
     The path (e.g. ``jit(decode_loop)/while/body/.../attend/softmax``) says which
@@ -253,8 +260,11 @@ def main(argv=None) -> None:
         traced_wall = time.perf_counter() - t
     events, ops, op_source, keys, graphs = gpu_events(trace_dir, with_ops=True)
     acc = account(events, steps, traced_wall)
-    outside = collections.Counter(kernel_kind(e[0]) for e, g in zip(events, graphs) if not g)
-    acc["outside_graphs_per_token"] = {k: n / steps for k, n in outside.most_common()}
+    if any(g is None for g in graphs):
+        acc["outside_graphs_per_token"] = "unknown (no CUDA graph id in the trace)"
+    else:
+        outside = collections.Counter(kernel_kind(e[0]) for e, g in zip(events, graphs) if not g)
+        acc["outside_graphs_per_token"] = {k: n / steps for k, n in outside.most_common()}
     acc["ops"] = op_table(events, ops, op_source, steps)
     acc["trace_stat_keys"] = keys
     acc.update(untraced_ms_per_token=1e3 * wall / steps, **{k: rec[k] for k in ("model", "variant", "device")},

@@ -8,7 +8,8 @@
 // all bf16; cos / sin [B, D/2] f32; positions [B] s32; layer s32 scalar; caches
 // [L, B, T, Hkv, D] bf16, aliased to results 1 and 2 (written in place: one slot per row);
 // out [B, Hq, D] bf16; partial f32 [B, Hkv, C, G, D + 2], C = ceil(T / 64), G = Hq / Hkv.
-// No synchronisation, no allocation: command-buffer (CUDA graph) compatible.
+// No synchronisation, no allocation: command-buffer (CUDA graph) compatible (yet XLA
+// currently runs this call outside its graphs: benchmarks/KERNEL_NOTES.md).
 #include <cstdint>
 #include <string>
 #include <utility>

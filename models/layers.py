@@ -21,11 +21,12 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from reset_jax import nvfp4
+from reset_jax import attention, nvfp4
 from reset_jax.attention import apply_rope, attend, decode_attention
 from reset_jax.models.cache import KVCache
 from reset_jax.models.config import ModelConfig, rope_frequencies
 from reset_jax.nvfp4 import NVFP4Tensor
+from reset_jax.nvfp4.api import candidates
 from reset_jax.nvfp4.fused import add_rms_norm_matmul, rms_norm
 
 # Contract the last axis of x [..., K] with axis 1 of w [N, K]: x @ w.T without a transpose.
@@ -496,9 +497,10 @@ def fuse_attention(model: CausalLM, implementation: str | Sequence[str] | None =
 
     q/k RMSNorm, RoPE, the KV-cache write and the attention over the cache of a
     decode step (one new token per row) become one op: on a CUDA GPU one custom
-    call of two kernels instead of ~14 small XLA kernels and two cuBLAS calls per
+    call of two kernels instead of ~12 small XLA kernels and two cuBLAS calls per
     layer. Prefill and uncached forwards keep the composition. Results match it
-    up to float32 summation order (``reset_jax.attention``).
+    up to float32 summation order and the probabilities' bf16 rounding, which the
+    kernel skips (``reset_jax.attention``).
 
     Args:
       model: a ``CausalLM`` (changed in place).
@@ -507,9 +509,15 @@ def fuse_attention(model: CausalLM, implementation: str | Sequence[str] | None =
 
     Returns:
       the number of layers switched (layers whose q and k norms differ in epsilon stay).
+
+    Raises:
+      ValueError: an unknown implementation name.
     """
-    impl = tuple(implementation) if isinstance(implementation, (list, tuple)) else implementation
-    impl = ("cuda", "xla") if impl is None else impl
+    impl = candidates(implementation, attention.DEFAULT_ORDER)  # a hashable static tuple
+    unknown = [name for name in impl if name not in attention.IMPLEMENTATIONS]
+    if not impl or unknown:
+        raise ValueError(f"implementation {implementation!r}: expected names from "
+                         f"{attention.IMPLEMENTATIONS}")  # fmt: skip
     n = 0
     for layer in model.model.layers:
         attn = layer.self_attn

@@ -9,8 +9,10 @@ attention over the cache — as one call:
   cache and ``attend``; exactly what the model runs without the op.
 * ``"cuda"``: one XLA FFI custom call (``ffi/attention_kernels.cu``): a split-KV
   kernel (one CTA per 64 cache slots and kv head; the new key and value written
-  into the cache in place) and a combine kernel. It replaces the ~14 small XLA
-  kernels and two cuBLAS calls a decode layer's attention takes. Results match
+  into the cache in place) and a combine kernel. It replaces the ~12 small XLA
+  kernels and two cuBLAS calls a decode layer's attention takes (measured on an
+  H100: benchmarks/RESULTS.md; XLA currently runs this call outside its CUDA
+  graphs, see benchmarks/KERNEL_NOTES.md). Results match
   the composition up to float32 summation order and the probabilities' bf16
   rounding (the kernel keeps them in float32). bf16 models, head width 64 or
   128, at most 8 query heads per kv head, compute capability 8.0+.
@@ -32,7 +34,7 @@ from reset_jax.nvfp4.api import candidates
 from reset_jax.nvfp4.fused import rms_norm
 
 IMPLEMENTATIONS = ("cuda", "xla")
-DEFAULT_ORDER = ("cuda", "xla")
+DEFAULT_ORDER = IMPLEMENTATIONS  # CUDA where it can serve the call, else the composition
 CHUNK = 64  # cache slots per CTA of the CUDA kernel (attention_kernels.h kChunk)
 MAX_GROUP = 8  # query heads per kv head the CUDA kernel serves (kMaxGroup)
 _BF16 = np.dtype(jnp.bfloat16)
@@ -150,6 +152,8 @@ def cuda_unsupported_reason(q, k, v, k_cache, q_norm=None, k_norm=None) -> str |
             return f"{name} is {np.dtype(x.dtype).name}; the kernel reads bfloat16"
     b, hq, d = q.shape
     hkv = k.shape[1]
+    if 0 in q.shape or 0 in k_cache.shape:
+        return f"empty shape (q {q.shape}, cache {k_cache.shape})"
     if b > 65535 or hkv > 65535:
         return f"B = {b} rows or {hkv} kv heads: the kernel's grid allows 65535"
     if d not in (64, 128):
@@ -230,7 +234,8 @@ def decode_attention(
     its queries attend to slots ``0..positions[b]``. Positions must lie in
     ``[0, T)`` (the decode loop checks that a prompt plus its new tokens fit);
     outside it the implementations differ and the result is undefined. A traced
-    ``layer`` must lie in ``[0, L)`` (the CUDA kernel clamps it).
+    ``layer`` counts from the end when negative, like XLA indexing; past the ends
+    the CUDA kernel clamps it and XLA's scatter drops the write.
 
     Args:
       q: ``[B, Hq, D]`` query projections (before norm and RoPE).

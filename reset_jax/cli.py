@@ -75,7 +75,11 @@ def _load_model(args: argparse.Namespace, *, quantize: str | None) -> Any:
     if fuse in ("attention", "all"):
         from reset_jax.models import fuse_attention
 
-        _log(f"one-call decode attention in {fuse_attention(model)} layers")
+        # --implementation xla keeps XLA everywhere; otherwise CUDA where it serves.
+        impl = "xla" if args.implementation == "xla" else None
+        n = fuse_attention(model, impl)
+        where = "XLA composition" if impl else "CUDA where it serves the call, else XLA"
+        _log(f"one-call decode attention in {n} layers ({where})")
     return model
 
 
@@ -236,7 +240,7 @@ def add_model_flags(
         default="none",
         help="decode-speed fusions (GPU): norms = residual add + RMSNorm inside the NVFP4 "
         "matmul (W4A16 layers), attention = q/k norm + RoPE + cache write + attention as one "
-        "call; results match up to float32 summation order (default: none)",
+        "call; results match up to float32 summation order and rounding (default: none)",
     )
 
 

@@ -188,7 +188,7 @@ def test_model_with_the_op_decodes_like_without(arch, dtype):
     plain = build_model(_config(arch), dtype=dtype, seed=3)
     fused = build_model(_config(arch), dtype=dtype, seed=3)
     assert fuse_attention(fused, "xla") == 3
-    assert all(ly.self_attn.decode_impl == "xla" for ly in fused.model.layers)
+    assert all(ly.self_attn.decode_impl == ("xla",) for ly in fused.model.layers)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 257, (2, 7)), jnp.int32)
 
     def greedy(model):
@@ -219,6 +219,8 @@ def test_build_model_option_and_default_order():
     model = build_model(_config(), dtype=jnp.bfloat16, fuse_attention=True)
     assert all(ly.self_attn.decode_impl == ("cuda", "xla") for ly in model.model.layers)
     assert all(ly.self_attn.decode_impl is None for ly in build_model(_config()).model.layers)
+    with pytest.raises(ValueError, match="expected names from"):
+        fuse_attention(model, "triton")
 
 
 # --------------------------------------------------------------------------

@@ -169,7 +169,7 @@ def device_reason(x: jax.Array) -> str | None:
     if cc is None:
         return "not an NVIDIA GPU"
     if cc < _MIN_COMPUTE_CAPABILITY:
-        return f"compute capability {cc} < {_MIN_COMPUTE_CAPABILITY} (needs sm_80 or newer)"
+        return f"compute capability {cc} < {_MIN_COMPUTE_CAPABILITY} (needs sm_80: bf16 mma.sync)"
     lib, reason = _library()
     return reason if lib is None else None
 
@@ -209,19 +209,9 @@ def supports(x: jax.Array, q: NVFP4Tensor, *, activations: str) -> None:
         raise NotImplementedError(f"K={k} is not a multiple of {BLOCK_SIZE}")
     if n >= 2**30 or k >= 2**30:
         raise NotImplementedError(f"N={n}, K={k}: the kernel indexes with 32-bit ints")
-    platform = _platform(x)
-    if platform != "gpu":
-        raise NotImplementedError(f"not on a CUDA GPU (platform {platform!r})")
-    cc = _compute_capability()
-    if cc is None:
-        raise NotImplementedError("not an NVIDIA GPU")
-    if cc < _MIN_COMPUTE_CAPABILITY:
-        raise NotImplementedError(
-            f"compute capability {cc} < {_MIN_COMPUTE_CAPABILITY} (needs bf16 mma.sync)"
-        )
-    lib, reason = _library()
-    if lib is None:
-        raise NotImplementedError(reason)
+    why = device_reason(x)
+    if why is not None:
+        raise NotImplementedError(why)
 
 
 # --------------------------------------------------------------------------
