@@ -167,6 +167,18 @@ def op_table(events, ops, op_source: dict, steps: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_token"])
 
 
+def outside_graphs(events, graphs, steps: int) -> dict | str:
+    """Kernels per token that ran outside CUDA graphs, by kind.
+
+    ``graphs[i]`` is the CUDA graph id of ``events[i]``: 0 outside a graph, None
+    when the trace does not say (then the answer is "unknown", not "all").
+    """
+    if any(g is None for g in graphs):
+        return "unknown (no CUDA graph id in the trace)"
+    outside = collections.Counter(kernel_kind(e[0]) for e, g in zip(events, graphs) if not g)
+    return {k: n / steps for k, n in outside.most_common()}
+
+
 def account(events, steps: int, wall_s: float) -> dict:
     """Per-token totals: kernel time, idle time and a table by kernel kind.
 
@@ -260,11 +272,7 @@ def main(argv=None) -> None:
         traced_wall = time.perf_counter() - t
     events, ops, op_source, keys, graphs = gpu_events(trace_dir, with_ops=True)
     acc = account(events, steps, traced_wall)
-    if any(g is None for g in graphs):
-        acc["outside_graphs_per_token"] = "unknown (no CUDA graph id in the trace)"
-    else:
-        outside = collections.Counter(kernel_kind(e[0]) for e, g in zip(events, graphs) if not g)
-        acc["outside_graphs_per_token"] = {k: n / steps for k, n in outside.most_common()}
+    acc["outside_graphs_per_token"] = outside_graphs(events, graphs, steps)
     acc["ops"] = op_table(events, ops, op_source, steps)
     acc["trace_stat_keys"] = keys
     acc.update(untraced_ms_per_token=1e3 * wall / steps, **{k: rec[k] for k in ("model", "variant", "device")},

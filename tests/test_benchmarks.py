@@ -108,6 +108,14 @@ def test_profile_account_of_synthetic_kernels():
         == "nvfp4 (ours): QuantizeActivationsKernel"
     )
     assert kind("void gemv2T_kernel_val<int, int, __nv_bfloat16>(...)") == "cuBLAS GEMM/GEMV"
+    attn = (
+        "void rjattn::(anonymous namespace)::AttnPartialKernel<128, 4>(rjattn::DecodeAttentionArgs)"
+    )
+    assert kind(attn) == "attention (ours): AttnPartialKernel"
+    # kernels outside CUDA graphs: counted by kind per token; unknown without graph ids
+    outside = prof.outside_graphs([*events[:2], (attn, 0, 1)], [7, 0, 0], steps=2)
+    assert outside == {"xla: loop_add_fusion": 0.5, "attention (ours): AttnPartialKernel": 0.5}
+    assert prof.outside_graphs(events[:2], [7, None], steps=2).startswith("unknown")
     with pytest.raises(ValueError, match="no decode step"):
         prof.account(events, steps=0, wall_s=1.0)
 
