@@ -67,7 +67,22 @@ def _load_model(args: argparse.Namespace, *, quantize: str | None) -> Any:
     model = from_pretrained(
         args.model, dtype=dtype, quantize=quantize, activations=args.activations, **kwargs
     )
-    fuse = getattr(args, "fuse", "none")
+    apply_fuse(model, args.fuse, args.implementation)
+    return model
+
+
+def apply_fuse(model: Any, fuse: str, implementation: str | None = None) -> None:
+    """Applies ``--fuse`` to a loaded model (in place) and logs what it switched.
+
+    Args:
+      model: a ``reset_jax.models.CausalLM``.
+      fuse: ``"none"``, ``"norms"`` (``models.fuse_norms``), ``"attention"``
+        (``models.fuse_attention``) or ``"all"``.
+      implementation: the ``--implementation`` flag; ``"xla"`` keeps the attention
+        on the XLA composition too.
+    """
+    if fuse not in ("none", "norms", "attention", "all"):
+        raise ValueError(f"--fuse {fuse!r}: expected none, norms, attention or all")
     if fuse in ("norms", "all"):
         from reset_jax.models import fuse_norms
 
@@ -76,11 +91,10 @@ def _load_model(args: argparse.Namespace, *, quantize: str | None) -> Any:
         from reset_jax.models import fuse_attention
 
         # --implementation xla keeps XLA everywhere; otherwise CUDA where it serves.
-        impl = "xla" if args.implementation == "xla" else None
+        impl = "xla" if implementation == "xla" else None
         n = fuse_attention(model, impl)
         where = "XLA composition" if impl else "CUDA where it serves the call, else XLA"
         _log(f"one-call decode attention in {n} layers ({where})")
-    return model
 
 
 def _sampler(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, str]:

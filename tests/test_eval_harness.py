@@ -465,7 +465,7 @@ def test_register_adds_subcommands():
 def _model_flags(parser, command):
     """``{option: (default, choices, help)}`` of a subcommand's model flags."""
     sub = parser._subparsers._group_actions[0].choices[command]  # argparse keeps them here
-    names = ("--model", "--dtype", "--activations", "--implementation")
+    names = ("--model", "--dtype", "--activations", "--implementation", "--fuse")
     return {
         a.option_strings[0]: (a.default, a.choices, a.help)
         for a in sub._actions
@@ -477,7 +477,7 @@ def test_eval_commands_take_generate_model_flags():
 
     parser = cli.build_parser()
     gen = _model_flags(parser, "generate")
-    assert set(gen) == {"--model", "--dtype", "--activations", "--implementation"}
+    assert set(gen) == {"--model", "--dtype", "--activations", "--implementation", "--fuse"}
     assert gen["--dtype"][0] == "auto" and gen["--model"][0] == DEFAULT_MODEL
     # The same flags, defaults, choices and help (eval's configurations name
     # their own activation format, so eval has no --activations).
@@ -490,6 +490,11 @@ def test_eval_commands_take_generate_model_flags():
     assert eval_cli.make_backend(args).dtype == auto
     args = parser.parse_args(["calibrate", "--data", "x.jsonl", "--dtype", "float16"])
     assert eval_cli.make_backend(args).dtype == "float16" and args.activations == "bf16"
+    assert eval_cli.make_backend(args).fuse == "none"  # --fuse reaches the loaded models
+    args = parser.parse_args(["eval", "--data", "x.jsonl", "--out", "o", "--fuse", "attention"])
+    assert eval_cli.make_backend(args).fuse == "attention"
+    with pytest.raises(ValueError, match="--fuse 'fast'"):
+        cli.apply_fuse(None, "fast")
 
 
 def test_results_md_accuracy_commands_still_parse():

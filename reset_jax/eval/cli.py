@@ -24,7 +24,7 @@ def make_backend(args: argparse.Namespace):
 
     Args:
       args: parsed arguments with ``model``, ``dtype`` (a name or ``"auto"``),
-        ``no_chat`` and ``implementation``.
+        ``no_chat``, ``implementation`` and ``fuse``.
 
     Returns:
       A :class:`reset_jax.eval.harness.JaxBackend`.
@@ -36,6 +36,7 @@ def make_backend(args: argparse.Namespace):
         dtype=_dtype_name(args.dtype),
         chat=not args.no_chat,
         implementation=args.implementation,
+        fuse=args.fuse,
     )
 
 

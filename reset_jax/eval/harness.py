@@ -215,12 +215,15 @@ class JaxBackend:
       chat: apply the tokenizer's chat template to each prompt.
       implementation: NVFP4 matmul backend(s) (``"cuda"``, ``"pallas"``,
         ``"xla"``); None lets ``reset_jax.nvfp4.matmul`` choose.
+      fuse: the CLI's ``--fuse`` (``"none"``, ``"norms"``, ``"attention"``, ``"all"``),
+        applied to every model loaded (``reset_jax.cli.apply_fuse``).
     """
 
     model: str = "smollm2-135m-instruct"
     dtype: str = "bfloat16"
     chat: bool = True
     implementation: str | None = None
+    fuse: str = "none"
     _tokenizer: Any = field(default=None, init=False, repr=False)
     # The last model loaded, keyed by its weight format: calibrating and then
     # evaluating the same format reuses it (and its compiled decode loop).
@@ -245,6 +248,10 @@ class JaxBackend:
                 activations=activations,
                 **kwargs,
             )
+            if self.fuse != "none":
+                from reset_jax.cli import apply_fuse
+
+                apply_fuse(model, self.fuse, self.implementation)
             self._last = (key, model)
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.model)
