@@ -26,7 +26,6 @@ from reset_jax.attention import apply_rope, attend, decode_attention
 from reset_jax.models.cache import KVCache
 from reset_jax.models.config import ModelConfig, rope_frequencies
 from reset_jax.nvfp4 import NVFP4Tensor
-from reset_jax.nvfp4.api import candidates
 from reset_jax.nvfp4.fused import add_rms_norm_matmul, rms_norm
 
 # Contract the last axis of x [..., K] with axis 1 of w [N, K]: x @ w.T without a transpose.
@@ -513,11 +512,7 @@ def fuse_attention(model: CausalLM, implementation: str | Sequence[str] | None =
     Raises:
       ValueError: an unknown implementation name.
     """
-    impl = candidates(implementation, attention.DEFAULT_ORDER)  # a hashable static tuple
-    unknown = [name for name in impl if name not in attention.IMPLEMENTATIONS]
-    if not impl or unknown:
-        raise ValueError(f"implementation {implementation!r}: expected names from "
-                         f"{attention.IMPLEMENTATIONS}")  # fmt: skip
+    impl = attention.implementation_order(implementation)  # a hashable static tuple
     n = 0
     for layer in model.model.layers:
         attn = layer.self_attn

@@ -91,6 +91,22 @@ def attend(
     return out.astype(q.dtype).reshape(b, s, hq * dh)
 
 
+def implementation_order(implementation: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``implementation`` as the tuple of names to try (``None`` -> ``DEFAULT_ORDER``).
+
+    Raises:
+      ValueError: no name, or a name that is not in ``IMPLEMENTATIONS``.
+    """
+    order = candidates(implementation, DEFAULT_ORDER)
+    if not order:
+        raise ValueError("implementation= must name at least one of " + str(IMPLEMENTATIONS))
+    for name in order:
+        if name not in IMPLEMENTATIONS:
+            raise ValueError(f"unknown attention implementation {name!r} in {implementation!r}: "
+                             f"expected names from {IMPLEMENTATIONS}")  # fmt: skip
+    return order
+
+
 class AttentionUnavailableError(NotImplementedError):
     """No requested implementation could serve the call; the message lists every reason."""
 
@@ -263,13 +279,7 @@ def decode_attention(
     layer = _static_layer(layer, k_cache.shape[0])
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    order = candidates(implementation, DEFAULT_ORDER)
-    if not order:
-        raise ValueError("implementation= must name at least one of " + str(IMPLEMENTATIONS))
-    unknown = [name for name in order if name not in IMPLEMENTATIONS]
-    if unknown:
-        raise ValueError(f"unknown attention implementation {unknown[0]!r}; expected one of "
-                         f"{IMPLEMENTATIONS}")  # fmt: skip
+    order = implementation_order(implementation)
     args = (q, k, v, cos, sin, positions, k_cache, v_cache, layer, q_norm, k_norm, eps, scale)
     reasons = []
     for name in order:

@@ -10,44 +10,25 @@
 // positions including 0 and T - 1; the output is poisoned (NaN) before the call and must
 // be fully written; the cache must change at exactly one slot per row (the new key after
 // norm + RoPE, the new value) and stay bit-identical elsewhere.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <algorithm>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "attention_kernels.h"
-
-#define CK(call)                                                                      \
-  do {                                                                                \
-    cudaError_t e_ = (call);                                                          \
-    if (e_ != cudaSuccess) {                                                          \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call,               \
-                   cudaGetErrorString(e_));                                           \
-      std::exit(2);                                                                   \
-    }                                                                                 \
-  } while (0)
+#include "tests/host_util.h"
 
 namespace {
 
-uint16_t ToBf16(double x) {  // round to nearest even (finite inputs)
-  const float f = static_cast<float>(x);
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+// float64 values through float, as the model's arrays hold them.
+uint16_t ToBf16(double x) { return Bf16FromFloat(static_cast<float>(x)); }
 
-double FromBf16(uint16_t b) {
-  const uint32_t u = uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+double FromBf16(uint16_t b) { return FloatFromBf16(b); }
 
 double RoundBf16(double x) { return FromBf16(ToBf16(x)); }
 

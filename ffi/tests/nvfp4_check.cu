@@ -19,16 +19,7 @@
 
 #include "nvfp4_kernels.cuh"
 #include "nvfp4_kernels.h"
-
-#define CK(call)                                                                      \
-  do {                                                                                \
-    cudaError_t e_ = (call);                                                          \
-    if (e_ != cudaSuccess) {                                                          \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call,               \
-                   cudaGetErrorString(e_));                                           \
-      std::exit(2);                                                                   \
-    }                                                                                 \
-  } while (0)
+#include "tests/host_util.h"
 
 namespace {
 
@@ -84,20 +75,6 @@ float RoundE2M1Host(float v) {
   return std::copysign(r, v);
 }
 
-uint16_t Bf16FromFloat(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
-  u += 0x7FFFu + ((u >> 16) & 1);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-float FloatFromBf16(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 // The W4A4 activation quantizer, float32 operation for operation.
 void QuantizeHost(const std::vector<uint16_t>& x, int M, int K, bool per_row, float input_scale,
