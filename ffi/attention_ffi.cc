@@ -1,10 +1,12 @@
 // XLA FFI handler for decode attention (see reset_jax/attention.py and attention_kernels.h).
 //
 // Exported symbol (registered from Python with jax.ffi.register_ffi_target):
-//   ResetJaxDecodeAttention(q, k, v, q_norm, k_norm, cos, sin, positions, layer,
+//   ResetJaxDecodeAttention(qkv, q_norm, k_norm, cos, sin, positions, layer,
 //                           k_cache, v_cache; scale, eps, qk_norm)
 //       -> (out, k_cache', v_cache', partial scratch)
-// Shapes: q [B, Hq, D], k / v [B, Hkv, D], q_norm / k_norm [D] (read only when qk_norm),
+// Shapes: qkv [B, (Hq + 2 Hkv) D] (the packed q/k/v projections: one operand, so XLA
+// never wraps slices of the projection into a dynamic-slice fusion that its command
+// buffers leave out), q_norm / k_norm [D] (read only when qk_norm),
 // all bf16; cos / sin [B, D/2] f32; positions [B] s32; layer s32 scalar; caches
 // [L, B, T, Hkv, D] bf16, aliased to results 1 and 2 (written in place: one slot per row);
 // out [B, Hq, D] bf16; partial f32 [B, Hkv, C, G, D + 2], C = ceil(T / 64), G = Hq / Hkv.
@@ -40,8 +42,8 @@ bool Shaped(const ffi::AnyBuffer& b, ffi::DataType t, std::initializer_list<int6
   return true;
 }
 
-ffi::Error DecodeAttentionImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                               ffi::AnyBuffer v, ffi::AnyBuffer q_norm, ffi::AnyBuffer k_norm,
+ffi::Error DecodeAttentionImpl(cudaStream_t stream, ffi::AnyBuffer qkv,
+                               ffi::AnyBuffer q_norm, ffi::AnyBuffer k_norm,
                                ffi::AnyBuffer cos, ffi::AnyBuffer sin, ffi::AnyBuffer positions,
                                ffi::AnyBuffer layer, ffi::AnyBuffer k_cache,
                                ffi::AnyBuffer v_cache, ffi::Result<ffi::AnyBuffer> out,
@@ -50,20 +52,21 @@ ffi::Error DecodeAttentionImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBu
                                ffi::Result<ffi::AnyBuffer> partial, float scale, float eps,
                                bool qk_norm) {
   using T = ffi::DataType;
-  const auto qd = q.dimensions(), cd = k_cache.dimensions();
-  if (qd.size() != 3) return Invalid("q must be [B, Hq, D], got " + Dims(qd));
+  const auto qd = qkv.dimensions(), cd = k_cache.dimensions();
+  if (qd.size() != 2) return Invalid("qkv must be [B, (Hq + 2 Hkv) D], got " + Dims(qd));
   if (cd.size() != 5) return Invalid("k_cache must be [L, B, T, Hkv, D], got " + Dims(cd));
-  const int64_t B = qd[0], Hq = qd[1], D = qd[2];
-  const int64_t L = cd[0], S = cd[2], Hkv = cd[3];
-  if (!Shaped(q, T::BF16, {B, Hq, D})) return Invalid("q must be bfloat16");
+  const int64_t B = qd[0], W = qd[1];
+  const int64_t L = cd[0], S = cd[2], Hkv = cd[3], D = cd[4];
+  if (cd[1] != B) return Invalid("k_cache " + Dims(cd) + " does not match qkv " + Dims(qd));
+  if (D < 2 || Hkv < 1 || W % D != 0 || W / D <= 2 * Hkv)
+    return Invalid("qkv " + Dims(qd) + " is not [B, (Hq + 2 Hkv) D] for Hkv, D of k_cache " +
+                   Dims(cd));
+  const int64_t Hq = W / D - 2 * Hkv;
+  if (!Shaped(qkv, T::BF16, {B, W})) return Invalid("qkv must be bfloat16");
   if (!Shaped(k_cache, T::BF16, {L, B, S, Hkv, D}))
-    return Invalid("k_cache " + Dims(cd) + " must be bfloat16 [L, B, T, Hkv, D] with B, D of q " +
-                   Dims(qd));
+    return Invalid("k_cache must be bfloat16");
   if (!Shaped(v_cache, T::BF16, {L, B, S, Hkv, D}))
     return Invalid("v_cache " + Dims(v_cache.dimensions()) + " must match k_cache " + Dims(cd));
-  if (!Shaped(k, T::BF16, {B, Hkv, D}) || !Shaped(v, T::BF16, {B, Hkv, D}))
-    return Invalid("k and v must be bfloat16 [B, Hkv, D] = [" + std::to_string(B) + ", " +
-                   std::to_string(Hkv) + ", " + std::to_string(D) + "]");
   if (qk_norm && (!Shaped(q_norm, T::BF16, {D}) || !Shaped(k_norm, T::BF16, {D})))
     return Invalid("q_norm and k_norm must be bfloat16 [D]");
   if (!Shaped(cos, T::F32, {B, D / 2}) || !Shaped(sin, T::F32, {B, D / 2}))
@@ -78,14 +81,15 @@ ffi::Error DecodeAttentionImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBu
   if (Hkv < 1 || Hq % Hkv != 0)
     return Invalid("Hq = " + std::to_string(Hq) + " is not a multiple of Hkv = " +
                    std::to_string(Hkv));
-  if (B > INT32_MAX || S > INT32_MAX || L > INT32_MAX || Hq > INT32_MAX || Hkv > INT32_MAX ||
-      D > INT32_MAX)
+  if (B > INT32_MAX || S > INT32_MAX || L > INT32_MAX || W > INT32_MAX)
     return Invalid("shape too large for 32-bit indexing");
 
   rjattn::DecodeAttentionArgs a;
-  a.q = q.untyped_data();
-  a.k = k.untyped_data();
-  a.v = v.untyped_data();
+  const auto* base = static_cast<const uint16_t*>(qkv.untyped_data());  // bf16 elements
+  a.q = base;
+  a.k = base + Hq * D;
+  a.v = base + (Hq + Hkv) * D;
+  a.qkv_stride = int(W);
   a.q_norm = qk_norm ? q_norm.untyped_data() : nullptr;
   a.k_norm = qk_norm ? k_norm.untyped_data() : nullptr;
   a.cos = static_cast<const float*>(cos.untyped_data());
@@ -132,9 +136,7 @@ extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* ResetJaxDecodeA
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResetJaxDecodeAttention, DecodeAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::AnyBuffer>()  // qkv
                                   .Arg<ffi::AnyBuffer>()  // q_norm
                                   .Arg<ffi::AnyBuffer>()  // k_norm
                                   .Arg<ffi::AnyBuffer>()  // cos

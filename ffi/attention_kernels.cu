@@ -103,9 +103,11 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
                 : LaneVec<E>{};
   }
   const __nv_bfloat16* qsrc =
-      static_cast<const __nv_bfloat16*>(a.q) + (size_t(b) * a.Hq + size_t(h) * G) * D;
-  const __nv_bfloat16* ksrc = static_cast<const __nv_bfloat16*>(a.k) + (size_t(b) * a.Hkv + h) * D;
-  const __nv_bfloat16* vsrc = static_cast<const __nv_bfloat16*>(a.v) + (size_t(b) * a.Hkv + h) * D;
+      static_cast<const __nv_bfloat16*>(a.q) + size_t(b) * a.qkv_stride + size_t(h) * G * D;
+  const __nv_bfloat16* ksrc =
+      static_cast<const __nv_bfloat16*>(a.k) + size_t(b) * a.qkv_stride + size_t(h) * D;
+  const __nv_bfloat16* vsrc =
+      static_cast<const __nv_bfloat16*>(a.v) + size_t(b) * a.qkv_stride + size_t(h) * D;
   float x[RPW][E];
 #pragma unroll
   for (int i = 0; i < RPW; ++i) {
@@ -288,6 +290,7 @@ const char* DecodeAttentionUnsupportedReason(const DecodeAttentionArgs& a) {
   if (a.D != 64 && a.D != 128) return "head_dim must be 64 or 128";
   if (a.B < 1 || a.Hq < 1 || a.Hkv < 1 || a.L < 1 || a.T < 1) return "empty shape";
   if (a.Hq % a.Hkv != 0) return "query heads must be a multiple of kv heads";
+  if (a.qkv_stride < (a.Hq + 2 * a.Hkv) * a.D) return "q/k/v row stride too small";
   if (a.Hq / a.Hkv > kMaxGroup) return "more than 8 query heads per kv head";
   if (a.B > 65535 || a.Hkv > 65535) return "batch or kv heads above 65535";
   if ((a.q_norm == nullptr) != (a.k_norm == nullptr)) return "q_norm and k_norm go together";

@@ -23,9 +23,13 @@ constexpr int kChunk = 64;     // cache slots per CTA of the partial kernel
 constexpr int kMaxGroup = 8;   // query heads per kv head
 
 struct DecodeAttentionArgs {
-  const void* q = nullptr;          // [B, Hq, D] bf16: projections before norm and RoPE
-  const void* k = nullptr;          // [B, Hkv, D] bf16
-  const void* v = nullptr;          // [B, Hkv, D] bf16
+  // The projections before norm and RoPE: row b of q / k / v starts at q / k / v +
+  // b * qkv_stride elements and holds Hq / Hkv / Hkv heads of D bf16 (one packed
+  // [B, (Hq + 2 Hkv) D] buffer has q = base, k = base + Hq D, v = base + (Hq + Hkv) D).
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int qkv_stride = 0;
   const void* q_norm = nullptr;     // [D] bf16, or nullptr: no q/k RMSNorm
   const void* k_norm = nullptr;     // [D] bf16 (with q_norm)
   const float* cos = nullptr;       // [B, D/2]

@@ -22,7 +22,7 @@ from flax import nnx
 from jax import lax
 
 from reset_jax import attention, nvfp4
-from reset_jax.attention import apply_rope, attend, decode_attention
+from reset_jax.attention import apply_rope, attend, decode_attention_packed
 from reset_jax.models.cache import KVCache
 from reset_jax.models.config import ModelConfig, rope_frequencies
 from reset_jax.nvfp4 import NVFP4Tensor
@@ -175,6 +175,12 @@ class LinearGroup(nnx.Module):
         if not self.fused:
             return tuple(lin(x, out_dtype=out_dtype) for lin in self.linears)
         return _split(self.linears[0](x, out_dtype=out_dtype), self.sizes)  # [..., N_i] each
+
+    def packed(self, x: jax.Array) -> jax.Array:
+        """``[..., K]`` -> ``[..., sum N_i]``: the parts side by side (one matmul when fused)."""
+        if self.fused:
+            return self.linears[0](x)
+        return jnp.concatenate([lin(x) for lin in self.linears], axis=-1)
 
 
 class Embedding(nnx.Module):
@@ -332,7 +338,7 @@ class Attention(nnx.Module):
         sin: jax.Array,
         cache: KVCache | None = None,
         layer: int = 0,
-        qkv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+        qkv: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Attention for new tokens, optionally writing them to the cache first.
 
@@ -342,28 +348,31 @@ class Attention(nnx.Module):
           cos, sin: float32 ``[B, S, Dh/2]`` from ``rope_tables``.
           cache: the model's cache, or None for the uncached causal forward.
           layer: this layer's index into the cache.
-          qkv: the projections ``([B, S, Hq*Dh], [B, S, Hkv*Dh] x 2)`` when the
+          qkv: the projections side by side, ``[B, S, (Hq + 2 Hkv) Dh]``, when the
             caller computed them (``DecoderLayer.fused``); ``x`` is then unused.
 
         Returns:
           ``([B, S, D], updated cache or None)``.
         """
-        q, k, v = self.qkv(x) if qkv is None else qkv
-        b, s = q.shape[:2]
+        b, s = (x if qkv is None else qkv).shape[:2]
         dh = self.head_dim
-        q = q.reshape(b, s, self.num_heads, dh)  # [B, S, Hq, Dh]
-        k = k.reshape(b, s, self.num_kv_heads, dh)  # [B, S, Hkv, Dh]
-        v = v.reshape(b, s, self.num_kv_heads, dh)  # [B, S, Hkv, Dh]
         if cache is not None and s == 1 and self.decode_impl is not None:
+            # One decode step: the packed projections straight into one op.
+            packed = self.qkv.packed(x) if qkv is None else qkv  # [B, 1, (Hq + 2 Hkv) Dh]
             norms = {}
             if self.q_norm is not None:
                 norms = dict(q_norm=self.q_norm.weight.get_value(),
                              k_norm=self.k_norm.weight.get_value(), eps=self.q_norm.eps)  # fmt: skip
-            out, ck, cv = decode_attention(q[:, 0], k[:, 0], v[:, 0], cos[:, 0], sin[:, 0],
-                                           positions[:, 0], cache.k, cache.v, layer,
-                                           scale=dh**-0.5, implementation=self.decode_impl,
-                                           **norms)  # fmt: skip
+            out, ck, cv = decode_attention_packed(packed[:, 0], self.num_heads, cos[:, 0],
+                                                  sin[:, 0], positions[:, 0], cache.k, cache.v,
+                                                  layer, scale=dh**-0.5,
+                                                  implementation=self.decode_impl,
+                                                  **norms)  # fmt: skip
             return self.o_proj(out[:, None]), cache.replace(k=ck, v=cv)
+        q, k, v = self.qkv(x) if qkv is None else _split(qkv, self.qkv.sizes)
+        q = q.reshape(b, s, self.num_heads, dh)  # [B, S, Hq, Dh]
+        k = k.reshape(b, s, self.num_kv_heads, dh)  # [B, S, Hkv, Dh]
+        v = v.reshape(b, s, self.num_kv_heads, dh)  # [B, S, Hkv, Dh]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -443,8 +452,7 @@ class DecoderLayer(nnx.Module):
             y, x = add_rms_norm_matmul(x, pending, self.input_layernorm.weight.get_value(),
                                        self.input_layernorm.eps, qkv_lin.weight.get_value(),
                                        implementation=qkv_lin.implementation)  # fmt: skip
-        qkv = _split(y, self.self_attn.qkv.sizes)
-        h, cache = self.self_attn(None, positions, cos, sin, cache, layer, qkv=qkv)
+        h, cache = self.self_attn(None, positions, cos, sin, cache, layer, qkv=y)
         y, x = add_rms_norm_matmul(x, h, self.post_attention_layernorm.weight.get_value(),
                                    self.post_attention_layernorm.eps, gu_lin.weight.get_value(),
                                    implementation=gu_lin.implementation)  # fmt: skip

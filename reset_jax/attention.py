@@ -193,16 +193,19 @@ def _xla(q, k, v, cos, sin, positions, k_cache, v_cache, layer, q_norm, k_norm, 
     return out[:, 0], ck, cv
 
 
-def _cuda(q, k, v, cos, sin, positions, k_cache, v_cache, layer, q_norm, k_norm, eps, scale):
+def _cuda(qkv, hq, cos, sin, positions, k_cache, v_cache, layer, q_norm, k_norm, eps, scale):
+    """The custom call on the packed projections ``qkv [B, (Hq + 2 Hkv) D]``."""
     from reset_jax.nvfp4 import cuda
 
     cuda.ensure_registered()
-    b, hq, d = q.shape
-    t, hkv = k_cache.shape[2], k_cache.shape[3]
+    b = qkv.shape[0]
+    t, hkv, d = k_cache.shape[2:]
     chunks = math.ceil(t / CHUNK)
     has_norm = q_norm is not None
     if not has_norm:  # never read; the handler's signature takes them
         q_norm = k_norm = jnp.zeros((d,), jnp.bfloat16)
+    # One packed operand: slices of the projection as separate operands made XLA wrap
+    # the call in a dynamic-slice fusion, which its command buffers leave out.
     # The caches are aliased to results: the kernel writes slot `positions` in place.
     # (Read-only caches plus an XLA scatter measured 0.2 ms/token slower on an H100:
     # the scatter adds two kernels per layer; benchmarks/RESULTS.md.)
@@ -215,16 +218,32 @@ def _cuda(q, k, v, cos, sin, positions, k_cache, v_cache, layer, q_norm, k_norm,
             # scratch: each chunk's (P.V, max, sum) per query head
             jax.ShapeDtypeStruct((b, hkv, chunks, hq // hkv, d + 2), jnp.float32),
         ),
-        input_output_aliases={9: 1, 10: 2},
+        input_output_aliases={7: 1, 8: 2},
         vmap_method="sequential",
     )(
-        q, k, v, q_norm, k_norm,
+        qkv, q_norm, k_norm,
         cos.astype(jnp.float32), sin.astype(jnp.float32),
         positions.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(()),
         k_cache, v_cache,
         scale=np.float32(scale), eps=np.float32(eps), qk_norm=np.bool_(has_norm),
     )  # fmt: skip
     return out.reshape(b, hq * d), ck, cv
+
+
+def _dispatch(implementation, run_xla, run_cuda, q, k, v, k_cache, q_norm, k_norm):
+    """Runs the first implementation in the order that can serve the call."""
+    order = implementation_order(implementation)
+    reasons = []
+    for name in order:
+        if name == "xla":
+            return run_xla()
+        why = cuda_unsupported_reason(q, k, v, k_cache, q_norm, k_norm)
+        if why is None:
+            return run_cuda()
+        reasons.append(f"cuda: {why}")
+    raise AttentionUnavailableError(
+        "no decode-attention implementation could serve this call:\n  " + "\n  ".join(reasons)
+    )
 
 
 def decode_attention(
@@ -279,16 +298,61 @@ def decode_attention(
     layer = _static_layer(layer, k_cache.shape[0])
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    order = implementation_order(implementation)
-    args = (q, k, v, cos, sin, positions, k_cache, v_cache, layer, q_norm, k_norm, eps, scale)
-    reasons = []
-    for name in order:
-        if name == "xla":
-            return _xla(*args)
-        why = cuda_unsupported_reason(q, k, v, k_cache, q_norm, k_norm)
-        if why is None:
-            return _cuda(*args)
-        reasons.append(f"cuda: {why}")
-    raise AttentionUnavailableError(
-        "no decode-attention implementation could serve this call:\n  " + "\n  ".join(reasons)
-    )
+    rest = (cos, sin, positions, k_cache, v_cache, layer, q_norm, k_norm, eps, scale)
+    b, hq, _ = q.shape
+
+    def run_cuda():
+        qkv = jnp.concatenate([q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1)], axis=-1)
+        return _cuda(qkv, hq, *rest)
+
+    return _dispatch(implementation, lambda: _xla(q, k, v, *rest), run_cuda,
+                     q, k, v, k_cache, q_norm, k_norm)  # fmt: skip
+
+
+def decode_attention_packed(
+    qkv: jax.Array,
+    num_heads: int,
+    cos: jax.Array,
+    sin: jax.Array,
+    positions: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer: int | jax.Array,
+    *,
+    q_norm: jax.Array | None = None,
+    k_norm: jax.Array | None = None,
+    eps: float = 1e-6,
+    scale: float | None = None,
+    implementation: str | Sequence[str] | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``decode_attention`` on the packed projections, as a fused q/k/v matmul returns them.
+
+    Args:
+      qkv: ``[B, (Hq + 2 Hkv) D]``: the q, k and v projections side by side (Hkv
+        and D from the cache).
+      num_heads: Hq.
+      Everything else as ``decode_attention``.
+
+    Returns:
+      ``(out [B, Hq * D], k_cache, v_cache)``.
+    """
+    if qkv.ndim != 2 or k_cache.ndim != 5:
+        raise ValueError(f"qkv must be [B, (Hq + 2 Hkv) D] and k_cache [L, B, T, Hkv, D]; got "
+                         f"{qkv.shape} and {k_cache.shape}")  # fmt: skip
+    hkv, d = k_cache.shape[3:]
+    b, width = qkv.shape
+    if width != (num_heads + 2 * hkv) * d:
+        raise ValueError(f"qkv {qkv.shape} is not [B, (Hq + 2 Hkv) D] = [{b}, "
+                         f"{(num_heads + 2 * hkv) * d}] for Hq = {num_heads}, Hkv = {hkv}, "
+                         f"D = {d}")  # fmt: skip
+    q = qkv[:, : num_heads * d].reshape(b, num_heads, d)
+    k = qkv[:, num_heads * d : (num_heads + hkv) * d].reshape(b, hkv, d)
+    v = qkv[:, (num_heads + hkv) * d :].reshape(b, hkv, d)
+    _check_args(q, k, v, cos, sin, positions, k_cache, v_cache, q_norm, k_norm)
+    layer = _static_layer(layer, k_cache.shape[0])
+    if scale is None:
+        scale = d**-0.5
+    rest = (cos, sin, positions, k_cache, v_cache, layer, q_norm, k_norm, eps, scale)
+    return _dispatch(implementation, lambda: _xla(q, k, v, *rest),
+                     lambda: _cuda(qkv, num_heads, *rest), q, k, v, k_cache, q_norm,
+                     k_norm)  # fmt: skip

@@ -118,6 +118,18 @@ def test_xla_matches_float64_reference(b, hq, hkv, d, t, qk_norm):
     _check(got, _reference(ops, 1), ops, 1, tol=1e-2)
 
 
+def test_packed_projections_match_separate():
+    ops = _operands(2, 6, 2, 16, 3, 20, seed=8)
+    kw = {k: v for k, v in ops.items() if k not in ("q", "k", "v")}
+    qkv = jnp.concatenate([ops[n].reshape(2, -1) for n in ("q", "k", "v")], axis=-1)
+    got = attention.decode_attention_packed(qkv, 6, **kw, layer=1, implementation="xla")
+    want = _call(ops, 1, "xla")
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    with pytest.raises(ValueError, match=r"is not \[B, \(Hq \+ 2 Hkv\) D\] = \[2, 128\]"):
+        attention.decode_attention_packed(qkv, 4, **kw, layer=1)
+
+
 def test_bad_operands_are_named():
     ops = _operands(2, 4, 2, 16, 3, 9, seed=0)
     base = {k: v for k, v in ops.items() if k not in ("q_norm", "k_norm")}
