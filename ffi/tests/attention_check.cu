@@ -82,9 +82,23 @@ bool Run(const Case& c, uint32_t seed, double* worst) {
   CK(cudaMalloc(&dpart, npart * 4));
   CK(cudaMalloc(&dpos, c.B * 4));
   CK(cudaMalloc(&dlayer, 4));
-  CK(cudaMemcpy(dq, q.data(), nq * 2, cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(dk, k.data(), nkv * 2, cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(dv, v.data(), nkv * 2, cudaMemcpyHostToDevice));
+  // The kernel reads the packed projections [B, (Hq + 2 Hkv) D] (as the fused q/k/v
+  // matmul writes them).
+  const int W = (c.Hq + 2 * c.Hkv) * D;
+  std::vector<uint16_t> packed(size_t(c.B) * W);
+  for (int b = 0; b < c.B; ++b) {
+    std::memcpy(&packed[size_t(b) * W], &q[size_t(b) * c.Hq * D], size_t(c.Hq) * D * 2);
+    std::memcpy(&packed[size_t(b) * W + c.Hq * D], &k[size_t(b) * c.Hkv * D], size_t(c.Hkv) * D * 2);
+    std::memcpy(&packed[size_t(b) * W + (c.Hq + c.Hkv) * D], &v[size_t(b) * c.Hkv * D],
+                size_t(c.Hkv) * D * 2);
+  }
+  CK(cudaFree(dk));
+  CK(cudaFree(dv));
+  CK(cudaFree(dq));
+  CK(cudaMalloc(&dq, packed.size() * 2));
+  CK(cudaMemcpy(dq, packed.data(), packed.size() * 2, cudaMemcpyHostToDevice));
+  dk = static_cast<uint16_t*>(dq) + c.Hq * D;
+  dv = static_cast<uint16_t*>(dq) + (c.Hq + c.Hkv) * D;
   CK(cudaMemcpy(dqn, qn.data(), D * 2, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(dkn, kn.data(), D * 2, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(dkc, kc.data(), ncache * 2, cudaMemcpyHostToDevice));
@@ -96,7 +110,7 @@ bool Run(const Case& c, uint32_t seed, double* worst) {
   CK(cudaMemset(dout, 0xFF, nq * 2));  // NaN poison: every element must be written
   CK(cudaMemset(dpart, 0xFF, npart * 4));
   rjattn::DecodeAttentionArgs a;
-  a.q = dq, a.k = dk, a.v = dv;
+  a.q = dq, a.k = dk, a.v = dv, a.qkv_stride = W;
   a.q_norm = c.qk_norm ? dqn : nullptr;
   a.k_norm = c.qk_norm ? dkn : nullptr;
   a.cos = dcs, a.sin = dsn, a.positions = dpos, a.layer = dlayer;
@@ -113,7 +127,7 @@ bool Run(const Case& c, uint32_t seed, double* worst) {
   CK(cudaMemcpy(out.data(), dout, nq * 2, cudaMemcpyDeviceToHost));
   CK(cudaMemcpy(kc2.data(), dkc, ncache * 2, cudaMemcpyDeviceToHost));
   CK(cudaMemcpy(vc2.data(), dvc, ncache * 2, cudaMemcpyDeviceToHost));
-  for (void* p : {dq, dk, dv, dqn, dkn, dkc, dvc, dout}) CK(cudaFree(p));
+  for (void* p : {dq, dqn, dkn, dkc, dvc, dout}) CK(cudaFree(p));
   for (float* p : {dcs, dsn, dpart}) CK(cudaFree(p));
   CK(cudaFree(dpos));
   CK(cudaFree(dlayer));
