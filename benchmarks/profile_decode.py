@@ -171,12 +171,19 @@ def outside_graphs(events, graphs, steps: int) -> dict | str:
     """Kernels per token that ran outside CUDA graphs, by kind.
 
     ``graphs[i]`` is the CUDA graph id of ``events[i]``: 0 outside a graph, None
-    when the trace does not say (then the answer is "unknown", not "all").
+    when the trace does not say for that event. Events without an id are counted
+    apart, under ``"no graph id: <kind>"``, never as outside (or inside).
+
+    Returns:
+      ``{kind: per token}``, or "unknown ..." when no event has a graph id.
     """
-    if any(g is None for g in graphs):
+    if all(g is None for g in graphs):
         return "unknown (no CUDA graph id in the trace)"
-    outside = collections.Counter(kernel_kind(e[0]) for e, g in zip(events, graphs) if not g)
-    return {k: n / steps for k, n in outside.most_common()}
+    outside = collections.Counter(kernel_kind(e[0]) for e, g in zip(events, graphs) if g == 0)
+    missing = collections.Counter(
+        f"no graph id: {kernel_kind(e[0])}" for e, g in zip(events, graphs) if g is None
+    )
+    return {k: n / steps for k, n in (outside.most_common() + missing.most_common())}
 
 
 def account(events, steps: int, wall_s: float) -> dict:
