@@ -163,6 +163,7 @@ cudaError_t LaunchAddNormBench(const nvfp4::GemvArgs& a, cudaStream_t st) {
 const Variant kBenchNormVariants[] = {
     {"norm", LaunchAddNormBench<0>},   // wide path with the norm in its staging (M <= 2)
     {"norm2k", LaunchAddNormBench<1>},  // add+norm kernel, then the GEMV
+    {"normw", LaunchAddNormBench<2>},   // wide path with the norm staged, at any M
 };
 
 // ------------------------------------------------------------- correctness --
