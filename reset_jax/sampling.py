@@ -737,6 +737,58 @@ def _sorted_descending(z: jax.Array) -> tuple[jax.Array, jax.Array]:
     return -neg, idx
 
 
+# Two-stage top-k for batched rows (see _top_k_rows).
+_TOPK_CHUNK = 128
+_TOPK_PER_CHUNK = 16
+
+
+def _top_k_rows(
+    z: jax.Array, c: int, *, two_stage: bool | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k(z, c)`` for ``[B, V]`` rows, exactly, in two cheap stages on a GPU when B > 1.
+
+    On a GPU, XLA runs a batched ``lax.top_k`` over a large vocabulary as a full
+    bitonic sort of every row (0.37 ms per decode step at B = 8, V = 151,936 on an
+    H100; a single row goes to cub and takes ~0.04 ms). Here each 128-wide chunk
+    of a row keeps its 16 best (one small sort), and ``lax.top_k`` runs over those
+    candidates. The result is the same as ``lax.top_k`` -- values, indices, and
+    ties in index order, because candidates stay in index order -- whenever no
+    chunk's 16th best reaches the c-th best value: then nothing a chunk dropped
+    could be in the top ``c``. Otherwise (values clustered in one chunk, NaNs)
+    the batch falls back to ``lax.top_k`` over the whole rows, under ``lax.cond``.
+
+    On the CPU, XLA's batched small top-k is slow, so the plain ``lax.top_k`` runs
+    there unless ``two_stage`` says otherwise.
+
+    Args:
+      z: ``[B, V]`` float.
+      c: ``1 <= c <= V``.
+      two_stage: force the two-stage path on (True) or off (False); None: on for
+        a GPU backend.
+
+    Returns:
+      ``(values [B, c], indices [B, c] int32)``, as ``lax.top_k``.
+    """
+    b, v = z.shape
+    chunk, per = _TOPK_CHUNK, _TOPK_PER_CHUNK
+    n = -(-v // chunk)
+    if two_stage is None:
+        two_stage = jax.default_backend() == "gpu"  # z is a tracer here: no device
+    if not two_stage or b == 1 or n * per < 2 * c or v < 4 * n * per:
+        return tuple(jax.lax.top_k(z, c))
+    # Padding (-inf, indices >= V) is never chosen: V >= c real values tie or beat it
+    # and come first in index order.
+    zp = jnp.pad(z, ((0, 0), (0, n * chunk - v)), constant_values=-jnp.inf)
+    cv, ci = jax.lax.top_k(zp.reshape(b, n, chunk), per)  # [B, n, per], per chunk
+    gi = ci + (jnp.arange(n, dtype=jnp.int32) * chunk)[None, :, None]
+    vals, pos = jax.lax.top_k(cv.reshape(b, n * per), c)
+    idx = jnp.take_along_axis(gi.reshape(b, n * per), pos, axis=-1)
+    # Exact iff every chunk's last kept value is below the c-th value (a dropped
+    # value equal to it could precede a kept one in index order); NaN: fall back.
+    exact = jnp.all(cv[:, :, -1] < vals[:, -1:]) & ~jnp.any(jnp.isnan(vals))
+    return jax.lax.cond(exact, lambda: (vals, idx), lambda: tuple(jax.lax.top_k(z, c)))
+
+
 def _sample_candidates(key, vals, idx, k_eff, top_p, log_norm_all, vocab):
     """Top-k then top-p over descending candidates ``vals``/``idx`` ``[B, C]``.
 
@@ -832,7 +884,7 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates):
     def draw_filtered():
         log_norm_all = jax.nn.logsumexp(z, axis=-1)
         c = min(max_candidates, vocab)
-        vals, idx = jax.lax.top_k(z, c)
+        vals, idx = _top_k_rows(z, c)
         token, fits = _sample_candidates(key_filtered, vals, idx, k_eff, top_p, log_norm_all, vocab)
 
         def full_sort():
