@@ -160,3 +160,15 @@ def test_profile_op_table_merges_layers():
         dict(op="xla: k", us_per_token=1.5, calls_per_token=0.5),
         dict(op="jit(decode_loop)/while/body/layers.#/add", us_per_token=1.0, calls_per_token=1.0),
     ]
+
+
+def test_topk_benchmark_checks_exactness(capsys):
+    """benchmarks/topk.py compares the two-stage top-k with lax.top_k and fails on a mismatch."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("topk_bench", ROOT / "benchmarks" / "topk.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--reps", "1", "--vocab", "4096", "--k", "64"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("identical=True") == 6 and "| 8 |" in out
