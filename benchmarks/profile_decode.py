@@ -293,7 +293,10 @@ def main(argv=None) -> None:
         f" idle in the traced run {acc['idle_ms_per_token']:.3f}; untraced wall - busy"
         f" {acc['untraced_ms_per_token'] - acc['kernel_busy_ms_per_token']:.3f}"
     )
-    print(f"kernels outside CUDA graphs per token: {acc['outside_graphs_per_token']}")
+    print(
+        "kernels outside CUDA graphs per token (and, marked, events without a graph id): "
+        f"{acc['outside_graphs_per_token']}"
+    )
     print("| kind | µs/token | calls/token | µs/call |\n|---|---|---|---|")
     for r in acc["rows"][: a.top]:
         print(

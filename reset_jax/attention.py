@@ -339,8 +339,13 @@ def decode_attention_packed(
     if qkv.ndim != 2 or k_cache.ndim != 5:
         raise ValueError(f"qkv must be [B, (Hq + 2 Hkv) D] and k_cache [L, B, T, Hkv, D]; got "
                          f"{qkv.shape} and {k_cache.shape}")  # fmt: skip
+    if not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
+        raise ValueError(f"num_heads (Hq) must be a positive int, got {num_heads!r}")
     hkv, d = k_cache.shape[3:]
     b, width = qkv.shape
+    if b != k_cache.shape[1]:
+        raise ValueError(f"qkv has {b} rows but the cache {k_cache.shape} holds "
+                         f"{k_cache.shape[1]} (k_cache is [L, B, T, Hkv, D])")  # fmt: skip
     if width != (num_heads + 2 * hkv) * d:
         raise ValueError(f"qkv {qkv.shape} is not [B, (Hq + 2 Hkv) D] = [{b}, "
                          f"{(num_heads + 2 * hkv) * d}] for Hq = {num_heads}, Hkv = {hkv}, "

@@ -743,7 +743,7 @@ _TOPK_PER_CHUNK = 16
 
 
 def _top_k_rows(
-    z: jax.Array, c: int, *, two_stage: bool | None = None
+    z: jax.Array, c: int, *, rows: jax.Array | None = None, two_stage: bool | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """``lax.top_k(z, c)`` for ``[B, V]`` rows, exactly, in two cheap stages on a GPU when B > 1.
 
@@ -752,10 +752,12 @@ def _top_k_rows(
     H100; a single row goes to cub and takes ~0.04 ms). Here each 128-wide chunk
     of a row keeps its 16 best (one small sort), and ``lax.top_k`` runs over those
     candidates. The result is the same as ``lax.top_k`` -- values, indices, and
-    ties in index order, because candidates stay in index order -- whenever no
-    chunk's 16th best reaches the c-th best value: then nothing a chunk dropped
-    could be in the top ``c``. Otherwise (values clustered in one chunk, NaNs)
-    the batch falls back to ``lax.top_k`` over the whole rows, under ``lax.cond``.
+    equal values in index order (each chunk's top-k keeps them so, and the chunks
+    are in index order) -- whenever no chunk's 16th best reaches the row's c-th
+    best value: then nothing a chunk dropped could be in the top ``c``. When a
+    row in ``rows`` fails that test (values clustered in one chunk, fewer than
+    ``c`` finite values, NaNs), the whole batch falls back to ``lax.top_k`` under
+    ``lax.cond`` (that step then pays both).
 
     On the CPU, XLA's batched small top-k is slow, so the plain ``lax.top_k`` runs
     there unless ``two_stage`` says otherwise.
@@ -763,6 +765,8 @@ def _top_k_rows(
     Args:
       z: ``[B, V]`` float.
       c: ``1 <= c <= V``.
+      rows: ``[B]`` bool, the rows whose result is used (others may come back
+        inexact and never force the fallback); None: all rows.
       two_stage: force the two-stage path on (True) or off (False); None: on for
         a GPU backend.
 
@@ -785,7 +789,8 @@ def _top_k_rows(
     idx = jnp.take_along_axis(gi.reshape(b, n * per), pos, axis=-1)
     # Exact iff every chunk's last kept value is below the c-th value (a dropped
     # value equal to it could precede a kept one in index order); NaN: fall back.
-    exact = jnp.all(cv[:, :, -1] < vals[:, -1:]) & ~jnp.any(jnp.isnan(vals))
+    row_exact = jnp.all(cv[:, :, -1] < vals[:, -1:], axis=-1) & ~jnp.any(jnp.isnan(vals), axis=-1)
+    exact = jnp.all(row_exact if rows is None else row_exact | ~rows)
     return jax.lax.cond(exact, lambda: (vals, idx), lambda: tuple(jax.lax.top_k(z, c)))
 
 
@@ -884,7 +889,7 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates):
     def draw_filtered():
         log_norm_all = jax.nn.logsumexp(z, axis=-1)
         c = min(max_candidates, vocab)
-        vals, idx = _top_k_rows(z, c)
+        vals, idx = _top_k_rows(z, c, rows=drawn & ~plain)
         token, fits = _sample_candidates(key_filtered, vals, idx, k_eff, top_p, log_norm_all, vocab)
 
         def full_sort():

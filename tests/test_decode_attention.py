@@ -128,6 +128,10 @@ def test_packed_projections_match_separate():
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     with pytest.raises(ValueError, match=r"is not \[B, \(Hq \+ 2 Hkv\) D\] = \[2, 128\]"):
         attention.decode_attention_packed(qkv, 4, **kw, layer=1)
+    with pytest.raises(ValueError, match=r"num_heads \(Hq\) must be a positive int, got 0"):
+        attention.decode_attention_packed(qkv[:, 96:], 0, **kw, layer=1)
+    with pytest.raises(ValueError, match=r"qkv has 1 rows but the cache .* holds 2"):
+        attention.decode_attention_packed(qkv[:1], 6, **kw, layer=1)
 
 
 def test_bad_operands_are_named():

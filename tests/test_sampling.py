@@ -736,11 +736,30 @@ def test_two_stage_top_k_is_lax_top_k():
         want_v, want_i = jax.lax.top_k(x, c)
         np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i), err_msg=name)
         np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v), err_msg=name)
+    # A genuine bf16 input (not rounded and cast back).
+    zb = z.astype(jnp.bfloat16)
+    for got, want in zip(f(zb, 256), jax.lax.top_k(zb, 256)):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     # The fast path really ran (no fallback) on the random case: its exactness test
     # holds there, and a one-row or small problem takes lax.top_k directly.
     cv = jax.lax.top_k(z.reshape(4, -1, S._TOPK_CHUNK), S._TOPK_PER_CHUNK)[0]
     assert bool(jnp.all(cv[:, :, -1] < jax.lax.top_k(z, 256)[0][:, -1:]))
-    assert S._top_k_rows(z[:1], 8, two_stage=True)[1].shape == (1, 8)
+    one = S._top_k_rows(z[:1], 8, two_stage=True)
+    np.testing.assert_array_equal(np.asarray(one[1]), np.asarray(jax.lax.top_k(z[:1], 8)[1]))
+    # Rows whose result is not used do not force the fallback: with the clustered
+    # row 1 excluded, rows 0, 2 and 3 still come out exact.
+    zc = z.at[1, 1000:1100].set(100.0 + jnp.arange(100.0))
+    rows = jnp.asarray([True, False, True, True])
+    got_v, got_i = S._top_k_rows(zc, 256, rows=rows, two_stage=True)
+    want_v, want_i = jax.lax.top_k(zc, 256)
+    keep = np.asarray(rows)
+    np.testing.assert_array_equal(np.asarray(got_i)[keep], np.asarray(want_i)[keep])
+    assert not np.array_equal(np.asarray(got_i)[1], np.asarray(want_i)[1])  # row 1 inexact
+    # ... and with every row in use the clustered row forces the exact fallback.
+    np.testing.assert_array_equal(
+        np.asarray(S._top_k_rows(zc, 256, rows=jnp.ones(4, bool), two_stage=True)[1]),
+        np.asarray(want_i),
+    )
 
 
 def test_plain_rows_draw_from_the_whole_vocabulary():
