@@ -230,16 +230,29 @@ def _cuda(qkv, hq, cos, sin, positions, k_cache, v_cache, layer, q_norm, k_norm,
     return out.reshape(b, hq * d), ck, cv
 
 
-def _dispatch(implementation, run_xla, run_cuda, q, k, v, k_cache, q_norm, k_norm):
-    """Runs the first implementation in the order that can serve the call."""
-    order = implementation_order(implementation)
+def _run(q, k, v, qkv, cos, sin, positions, k_cache, v_cache, layer, q_norm, k_norm, eps, scale,
+         implementation):  # fmt: skip
+    """Checks, defaults and backend choice shared by ``decode_attention`` and its packed form.
+
+    ``qkv``: the packed ``[B, (Hq + 2 Hkv) D]`` projection the CUDA call reads, or
+    None to pack ``q``, ``k``, ``v`` for it. Runs the first implementation in the
+    order that can serve the call.
+    """
+    _check_args(q, k, v, cos, sin, positions, k_cache, v_cache, q_norm, k_norm)
+    layer = _static_layer(layer, k_cache.shape[0])
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    rest = (cos, sin, positions, k_cache, v_cache, layer, q_norm, k_norm, eps, scale)
     reasons = []
-    for name in order:
+    for name in implementation_order(implementation):
         if name == "xla":
-            return run_xla()
+            return _xla(q, k, v, *rest)
         why = cuda_unsupported_reason(q, k, v, k_cache, q_norm, k_norm)
         if why is None:
-            return run_cuda()
+            if qkv is None:
+                b = q.shape[0]
+                qkv = jnp.concatenate([q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1)], -1)
+            return _cuda(qkv, q.shape[1], *rest)
         reasons.append(f"cuda: {why}")
     raise AttentionUnavailableError(
         "no decode-attention implementation could serve this call:\n  " + "\n  ".join(reasons)
@@ -294,19 +307,8 @@ def decode_attention(
       AttentionUnavailableError: no candidate could serve the call (all reasons listed).
       ValueError: shapes that do not fit together.
     """
-    _check_args(q, k, v, cos, sin, positions, k_cache, v_cache, q_norm, k_norm)
-    layer = _static_layer(layer, k_cache.shape[0])
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    rest = (cos, sin, positions, k_cache, v_cache, layer, q_norm, k_norm, eps, scale)
-    b, hq, _ = q.shape
-
-    def run_cuda():
-        qkv = jnp.concatenate([q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1)], axis=-1)
-        return _cuda(qkv, hq, *rest)
-
-    return _dispatch(implementation, lambda: _xla(q, k, v, *rest), run_cuda,
-                     q, k, v, k_cache, q_norm, k_norm)  # fmt: skip
+    return _run(q, k, v, None, cos, sin, positions, k_cache, v_cache, layer, q_norm, k_norm, eps,
+                scale, implementation)  # fmt: skip
 
 
 def decode_attention_packed(
@@ -353,11 +355,5 @@ def decode_attention_packed(
     q = qkv[:, : num_heads * d].reshape(b, num_heads, d)
     k = qkv[:, num_heads * d : (num_heads + hkv) * d].reshape(b, hkv, d)
     v = qkv[:, (num_heads + hkv) * d :].reshape(b, hkv, d)
-    _check_args(q, k, v, cos, sin, positions, k_cache, v_cache, q_norm, k_norm)
-    layer = _static_layer(layer, k_cache.shape[0])
-    if scale is None:
-        scale = d**-0.5
-    rest = (cos, sin, positions, k_cache, v_cache, layer, q_norm, k_norm, eps, scale)
-    return _dispatch(implementation, lambda: _xla(q, k, v, *rest),
-                     lambda: _cuda(qkv, num_heads, *rest), q, k, v, k_cache, q_norm,
-                     k_norm)  # fmt: skip
+    return _run(q, k, v, qkv, cos, sin, positions, k_cache, v_cache, layer, q_norm, k_norm, eps,
+                scale, implementation)  # fmt: skip
