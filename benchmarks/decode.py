@@ -69,6 +69,32 @@ VARIANTS = {
         ("cuda", "xla"),
         {"exclude": (), "fuse_norms": True, "fuse_attention": True},
     ),
+    # + whole decoder layers in one custom call each (reset_jax.decoder_layers), kernels
+    # chained with programmatic dependent launches; "-model": every layer in one call
+    "cuda-w4a16-chain": (
+        "nvfp4",
+        "bf16",
+        ("cuda", "xla"),
+        {"fuse_attention": True, "fuse_decoder": "layer"},
+    ),
+    "cuda-w4a16-chain-model": (
+        "nvfp4",
+        "bf16",
+        ("cuda", "xla"),
+        {"fuse_attention": True, "fuse_decoder": "model"},
+    ),
+    "cuda-w4a16-chain-nopdl": (
+        "nvfp4",
+        "bf16",
+        ("cuda", "xla"),
+        {"fuse_attention": True, "fuse_decoder": "layer", "pdl": False},
+    ),
+    "cuda-w4a16-qhead-chain": (
+        "nvfp4",
+        "bf16",
+        ("cuda", "xla"),
+        {"exclude": (), "fuse_attention": True, "fuse_decoder": "layer"},
+    ),
 }
 
 

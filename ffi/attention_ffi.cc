@@ -27,19 +27,10 @@ namespace ffi = xla::ffi;
 namespace {
 
 using reset_jax_ffi::Dims;
+using reset_jax_ffi::Shaped;
 
 ffi::Error Invalid(const std::string& msg) {
   return ffi::Error::InvalidArgument("reset_jax decode attention: " + msg);
-}
-
-bool Shaped(const ffi::AnyBuffer& b, ffi::DataType t, std::initializer_list<int64_t> dims) {
-  if (b.element_type() != t) return false;
-  const auto d = b.dimensions();
-  if (d.size() != dims.size()) return false;
-  size_t i = 0;
-  for (int64_t v : dims)
-    if (d[i++] != v) return false;
-  return true;
 }
 
 ffi::Error DecodeAttentionImpl(cudaStream_t stream, ffi::AnyBuffer qkv,
@@ -109,19 +100,11 @@ ffi::Error DecodeAttentionImpl(cudaStream_t stream, ffi::AnyBuffer qkv,
   if (partial->element_type() != T::F32 || partial->element_count() != want_partial)
     return Invalid("partial scratch must be float32 with " + std::to_string(want_partial) +
                    " elements");
-  // The caches are aliased to the results; should XLA ever hand over distinct buffers,
-  // copy first so the results hold the whole cache.
-  const size_t cache_bytes = k_cache.size_bytes();
-  for (auto [src, dst] : {std::pair{k_cache.untyped_data(), k_cache_out->untyped_data()},
-                          std::pair{v_cache.untyped_data(), v_cache_out->untyped_data()}}) {
-    if (src != dst) {
-      if (cudaError_t err =
-              cudaMemcpyAsync(dst, src, cache_bytes, cudaMemcpyDeviceToDevice, stream);
-          err != cudaSuccess)
-        return ffi::Error::Internal(std::string("reset_jax decode attention: cache copy: ") +
-                                    cudaGetErrorString(err));
-    }
-  }
+  if (cudaError_t err = reset_jax_ffi::CopyUnaliasedCaches(
+          k_cache, v_cache, k_cache_out->untyped_data(), v_cache_out->untyped_data(), stream);
+      err != cudaSuccess)
+    return ffi::Error::Internal(std::string("reset_jax decode attention: cache copy: ") +
+                                cudaGetErrorString(err));
   if (cudaError_t err = rjattn::LaunchDecodeAttention(a, stream); err != cudaSuccess)
     return ffi::Error::Internal(std::string("reset_jax decode attention: launch: ") +
                                 cudaGetErrorName(err) + ": " + cudaGetErrorString(err));

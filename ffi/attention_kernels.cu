@@ -5,6 +5,7 @@
 #include <type_traits>
 
 #include "attention_kernels.h"
+#include "pdl.cuh"
 
 namespace rjattn {
 namespace {
@@ -56,6 +57,7 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
   constexpr int RPW = (G + 1 + kWarps - 1) / kWarps;  // new rows (G queries + key) per warp
   const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  rjpdl::PdlLaunchDependents();
   const int T = a.T;
   const int raw_pos = a.positions[b];
   const int pos = ClampPos(raw_pos, T);
@@ -102,6 +104,8 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
                 ? __ldg(reinterpret_cast<const LaneVec<E>*>(vc + t * slot_stride) + lane)
                 : LaneVec<E>{};
   }
+  // The cache loads are on their way; q / k / v come from the previous kernel (pdl.cuh).
+  rjpdl::PdlWait();
   const __nv_bfloat16* qsrc =
       static_cast<const __nv_bfloat16*>(a.q) + size_t(b) * a.qkv_stride + size_t(h) * G * D;
   const __nv_bfloat16* ksrc =
@@ -258,6 +262,8 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
 // One CTA of D threads per (query head, row): out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c.
 template <int D>
 __global__ void __launch_bounds__(D) AttnCombineKernel(DecodeAttentionArgs a) {
+  rjpdl::PdlLaunchDependents();
+  rjpdl::PdlWait();  // the partials come from the previous kernel
   const int qh = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
   const int G = a.Hq / a.Hkv, h = qh / G, g = qh % G;
   const int C = NumChunks(a.T);
@@ -278,10 +284,11 @@ __global__ void __launch_bounds__(D) AttnCombineKernel(DecodeAttentionArgs a) {
 template <int D, int G>
 cudaError_t Launch(const DecodeAttentionArgs& a, cudaStream_t stream) {
   const dim3 grid(NumChunks(a.T), a.Hkv, a.B);
-  AttnPartialKernel<D, G><<<grid, kWarps * 32, 0, stream>>>(a);
-  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
-  AttnCombineKernel<D><<<dim3(a.Hq, a.B), D, 0, stream>>>(a);
-  return cudaGetLastError();
+  if (cudaError_t err =
+          rjpdl::Launch(AttnPartialKernel<D, G>, grid, dim3(kWarps * 32), 0, stream, a.pdl, a);
+      err != cudaSuccess)
+    return err;
+  return rjpdl::Launch(AttnCombineKernel<D>, dim3(a.Hq, a.B), dim3(D), 0, stream, a.pdl, a);
 }
 
 }  // namespace

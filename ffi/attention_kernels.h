@@ -42,6 +42,9 @@ struct DecodeAttentionArgs {
   float* partial = nullptr;         // [B, Hkv, C, G, D + 2] float32 scratch, C = NumChunks(T)
   int B = 0, Hq = 0, Hkv = 0, D = 0, L = 0, T = 0;
   float scale = 0.f, eps = 0.f;
+  // Launch both kernels as programmatic dependents (ffi/pdl.cuh; sm_90+ only, the caller
+  // checks the device): the partial kernel's cache loads overlap the previous kernel.
+  bool pdl = false;
 };
 
 #ifdef __CUDACC__

@@ -102,11 +102,13 @@ __global__ void __launch_bounds__(256) AddRmsNormKernel(
     const uint4* __restrict__ x, const uint4* __restrict__ h, const uint4* __restrict__ w,
     float eps, uint4* __restrict__ r_out, uint4* __restrict__ xn, int K) {
   __shared__ float part[8];
+  rjpdl::PdlLaunchDependents();
+  rjpdl::PdlWait();  // x and h come from earlier kernels (pdl.cuh)
   const int units = K >> 3;  // 16-byte units of 8 values
   const size_t row = static_cast<size_t>(blockIdx.x) * units;
   float ss = 0.f;
   for (int u = threadIdx.x; u < units; u += blockDim.x) {
-    const uint4 r = ResidualUnit(__ldg(x + row + u), __ldg(h + row + u));
+    const uint4 r = ResidualUnit(LoadAct(x + row + u), LoadAct(h + row + u));
     r_out[row + u] = r;
     ss = SumSquaresUnit(r, ss);
   }
@@ -119,7 +121,7 @@ __global__ void __launch_bounds__(256) AddRmsNormKernel(
   const float inv = rsqrtf(total / static_cast<float>(K) + eps);
   for (int u = threadIdx.x; u < units; u += blockDim.x) {
     // r recomputed, not re-read: no read-after-write through global memory
-    const uint4 r = ResidualUnit(__ldg(x + row + u), __ldg(h + row + u));
+    const uint4 r = ResidualUnit(LoadAct(x + row + u), LoadAct(h + row + u));
     xn[row + u] = NormUnit(r, inv, __ldg(w + u));
   }
 }
@@ -127,15 +129,15 @@ __global__ void __launch_bounds__(256) AddRmsNormKernel(
 }  // namespace
 
 cudaError_t LaunchAddRmsNorm(const void* x, const void* h, const void* w, float eps, void* r,
-                             void* xn, int64_t M, int64_t K, cudaStream_t stream) {
+                             void* xn, int64_t M, int64_t K, cudaStream_t stream, bool pdl) {
   if (M < 1 || M > 65535 || K < 8 || K % 8 != 0 || K > (int64_t{1} << 30))
     return cudaErrorInvalidValue;
   if (!Aligned(x, 16) || !Aligned(h, 16) || !Aligned(w, 16) || !Aligned(r, 16) || !Aligned(xn, 16))
     return cudaErrorMisalignedAddress;
-  AddRmsNormKernel<<<static_cast<unsigned>(M), 256, 0, stream>>>(
-      static_cast<const uint4*>(x), static_cast<const uint4*>(h), static_cast<const uint4*>(w),
-      eps, static_cast<uint4*>(r), static_cast<uint4*>(xn), static_cast<int>(K));
-  return cudaGetLastError();
+  return rjpdl::Launch(AddRmsNormKernel, dim3(static_cast<unsigned>(M)), dim3(256), 0, stream, pdl,
+                       static_cast<const uint4*>(x), static_cast<const uint4*>(h),
+                       static_cast<const uint4*>(w), eps, static_cast<uint4*>(r),
+                       static_cast<uint4*>(xn), static_cast<int>(K));
 }
 
 cudaError_t LaunchGemvAddNorm(const GemvArgs& a, const void* h, const void* w, float eps,
@@ -157,7 +159,8 @@ cudaError_t LaunchGemvAddNorm(const GemvArgs& a, const void* h, const void* w, f
     if (kp.M > 8) return LaunchWideOne<2, kWidePipeline, kWideWarps, true, true>(kp, stream);
     return LaunchWideOne<1, kWidePipeline, kWideWarps, true, true>(kp, stream);
   }
-  if (cudaError_t e = LaunchAddRmsNorm(a.x, h, w, eps, r, xn, a.M, a.K, stream); e != cudaSuccess)
+  if (cudaError_t e = LaunchAddRmsNorm(a.x, h, w, eps, r, xn, a.M, a.K, stream, a.pdl);
+      e != cudaSuccess)
     return e;
   GemvArgs b = a;
   b.x = xn;

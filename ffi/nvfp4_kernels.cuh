@@ -29,6 +29,7 @@
 #include <cuda_runtime.h>
 
 #include "nvfp4_kernels.h"
+#include "pdl.cuh"
 
 namespace nvfp4 {
 
@@ -47,6 +48,7 @@ struct KParams {
   const __nv_bfloat16* nw = nullptr;  // [K]
   float eps = 0.f;
   __nv_bfloat16* r_out = nullptr;     // [M, K]
+  bool pdl = false;  // launched as a programmatic dependent (pdl.cuh)
 };
 
 // Kernel parameters from the host API's arguments.
@@ -62,6 +64,7 @@ inline KParams ToKParams(const GemvArgs& a) {
   kp.M = static_cast<int>(a.M);
   kp.N = static_cast<int>(a.N);
   kp.K = static_cast<int>(a.K);
+  kp.pdl = a.pdl;
   return kp;
 }
 
@@ -125,10 +128,12 @@ __device__ __forceinline__ uint32_t LoadScales(const uint8_t* p, bool pred, uint
   return v;
 }
 
-// Activations (tiny, read by every CTA): cached in L1 and L2.
-__device__ __forceinline__ uint4 LoadX(const __nv_bfloat16* p) {
-  return __ldg(reinterpret_cast<const uint4*>(p));
+// Activations (tiny, read by every CTA; cached in L1 and L2).  A plain (coherent) load,
+// not ld.global.nc: under PDL the previous kernel writes them while this grid runs.
+__device__ __forceinline__ uint4 LoadAct(const void* p) {
+  return *reinterpret_cast<const uint4*>(p);
 }
+__device__ __forceinline__ uint4 LoadX(const __nv_bfloat16* p) { return LoadAct(p); }
 
 // ------------------------------------------------------------ arithmetic ----
 
@@ -357,6 +362,9 @@ __global__ void __launch_bounds__(W * 32) GemvKernel(const KParams p) {
     for (int u = 0; u < U; ++u)
       if (real(u)) load(buf[u], blockIdx.x, u);
   }
+  // The weights are on their way; x comes from the previous kernel (pdl.cuh).
+  rjpdl::PdlLaunchDependents();
+  rjpdl::PdlWait();
   int parity = 0;
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     for (int j0 = 0; j0 < steps_pad; j0 += U) {
@@ -442,8 +450,7 @@ cudaError_t LaunchOne(const KParams& kp, bool persistent, cudaStream_t stream) {
   const int tiles = (kp.N + 15) / 16;
   auto kernel = GemvKernel<VEC, NT, U, W>;
   const int grid = persistent ? PersistentGrid(kernel, W * 32, tiles) : tiles;
-  kernel<<<grid, W * 32, 0, stream>>>(kp);
-  return cudaGetLastError();
+  return rjpdl::Launch(kernel, dim3(grid), dim3(W * 32), 0, stream, kp.pdl, kp);
 }
 
 template <int U, int W>
@@ -606,6 +613,9 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
 #pragma unroll
   for (int u = 0; u < U; ++u)
     if (u < total) load_next(buf[u]);
+  // The first weights are on their way; x and h come from the previous kernel (pdl.cuh).
+  rjpdl::PdlLaunchDependents();
+  rjpdl::PdlWait();
 
   // ---- activations: staged once (XS) or read per item from global memory.
   const int mb0 = g < M ? g : 0;
@@ -626,7 +636,7 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
       for (int m = 0; m < M; ++m) {
         float ss = 0.f;
         for (int u = threadIdx.x; u < k8; u += W * 32)
-          ss = SumSquaresUnit(ResidualUnit(__ldg(xg + m * k8 + u), __ldg(hg + m * k8 + u)), ss);
+          ss = SumSquaresUnit(ResidualUnit(LoadAct(xg + m * k8 + u), LoadAct(hg + m * k8 + u)), ss);
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
         if (lane == 0) part[warp][m] = ss;
@@ -648,9 +658,9 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
       for (int e = 0; e < kBatch; ++e) {
         const int i = base + e * W * 32;
         if (i < units) {
-          v[e] = __ldg(xg + i);
+          v[e] = LoadAct(xg + i);
           if constexpr (NORM) {
-            hv[e] = __ldg(hg + i);
+            hv[e] = LoadAct(hg + i);
             wv[e] = __ldg(wg + i % k8);
           }
         }
@@ -699,7 +709,7 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
       if constexpr (XS) {
         return xp[n][w];
       } else {
-        return PermuteChunk(__ldg(xp[n] + w));
+        return PermuteChunk(LoadAct(xp[n] + w));
       }
     };
     uint32_t sa[4], sb[4];  // per block: bf16x2 pairs of blocks (0,1) and (2,3)
@@ -832,8 +842,8 @@ cudaError_t LaunchWideOne(const KParams& kp, cudaStream_t stream) {
     const int rounds = (tiles + slots - 1) / slots;
     grid = (tiles + rounds - 1) / rounds;
   }
-  kernel<<<grid, W * 32, smem, stream>>>(kp);
-  return cudaGetLastError();
+  return rjpdl::Launch(kernel, dim3(grid), dim3(W * 32), static_cast<size_t>(smem), stream,
+                       kp.pdl, kp);
 }
 
 template <int U, int W>

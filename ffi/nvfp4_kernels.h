@@ -24,6 +24,9 @@ struct GemvArgs {
   bool xscale_per_row = false;
   void* y = nullptr;  // bf16 [M, N]
   int64_t M = 0, N = 0, K = 0;
+  // Launch as a programmatic dependent of the previous kernel on the stream (ffi/pdl.cuh;
+  // sm_90+ only: the caller checks the device).  The kernels wait for it before reading x.
+  bool pdl = false;
 };
 
 // Largest M one launch serves (two m16n8k16 column tiles).
@@ -62,7 +65,8 @@ cudaError_t LaunchQuantizeActivations(const void* x, const float* input_scale, b
 //   xn[m] = bf16(w * bf16(r[m] * rsqrt(sum(r[m]^2) / K + eps)))
 // x, h, r, xn: bf16 [M, K]; w: bf16 [K]; all 16-byte aligned, K % 8 == 0.
 cudaError_t LaunchAddRmsNorm(const void* x, const void* h, const void* w, float eps, void* r,
-                             void* xn, int64_t M, int64_t K, cudaStream_t stream);
+                             void* xn, int64_t M, int64_t K, cudaStream_t stream,
+                             bool pdl = false);
 
 // The same ahead of the GEMV, with a.x as the residual stream x:
 //   r = bf16(x + h);  y = GEMV(xn = rmsnorm(r) * w).
@@ -70,7 +74,7 @@ cudaError_t LaunchAddRmsNorm(const void* x, const void* h, const void* w, float 
 // each CTA stages its activations (CTA 0 writes r; xn is not written); otherwise
 // LaunchAddRmsNorm writes r and xn, then LaunchGemv reads xn.  variant 1 always
 // takes the second route, variant 2 the first wherever the wide kernel can run
-// (A/B checks).  h, w, r, xn 16-byte aligned.
+// (A/B checks).  h, w, r, xn 16-byte aligned.  a.pdl applies to every kernel it launches.
 cudaError_t LaunchGemvAddNorm(const GemvArgs& a, const void* h, const void* w, float eps,
                               void* r, void* xn, cudaStream_t stream, int variant = 0);
 

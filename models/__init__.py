@@ -16,6 +16,7 @@ from reset_jax.models.layers import (
     LinearGroup,
     NVFP4Param,
     fuse_attention,
+    fuse_decoder,
     fuse_norms,
     quantize_embedding,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "build_model",
     "from_pretrained",
     "fuse_attention",
+    "fuse_decoder",
     "fuse_norms",
     "model_tensors",
     "named_linears",

@@ -21,8 +21,9 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from reset_jax import attention, nvfp4
+from reset_jax import attention, decoder_layers, nvfp4
 from reset_jax.attention import apply_rope, attend, decode_attention_packed
+from reset_jax.decoder_layers import LayerWeights
 from reset_jax.models.cache import KVCache
 from reset_jax.models.config import ModelConfig, rope_frequencies
 from reset_jax.nvfp4 import NVFP4Tensor
@@ -459,6 +460,33 @@ class DecoderLayer(nnx.Module):
         gate, up = _split(y, self.mlp.gate_up.sizes)
         return x, self.mlp.finish(gate, up), cache
 
+    def chain_weights(self) -> LayerWeights | None:
+        """This layer as ``decoder_layers.decode_layers`` takes it, or None where it cannot.
+
+        Needs ``fused`` (``fuse_norms``), o and down NVFP4 W4A16 without bias, one
+        epsilon for both norms and one for the q/k norms.
+        """
+        if not self.fused_norms:
+            return None
+        attn, mlp = self.self_attn, self.mlp
+        for lin in (attn.o_proj, mlp.down_proj):
+            if not lin.quantized or lin.bias is not None or lin.activations != "bf16":
+                return None
+        if self.input_layernorm.eps != self.post_attention_layernorm.eps:
+            return None
+        if attn.q_norm is not None and attn.q_norm.eps != attn.k_norm.eps:
+            return None
+        return LayerWeights(
+            input_norm=self.input_layernorm.weight.get_value(),
+            qkv=attn.qkv.linears[0].weight.get_value(),
+            q_norm=None if attn.q_norm is None else attn.q_norm.weight.get_value(),
+            k_norm=None if attn.k_norm is None else attn.k_norm.weight.get_value(),
+            o=attn.o_proj.weight.get_value(),
+            post_norm=self.post_attention_layernorm.weight.get_value(),
+            gate_up=mlp.gate_up.linears[0].weight.get_value(),
+            down=mlp.down_proj.weight.get_value(),
+        )
+
     def can_fuse_norms(self) -> bool:
         """Whether ``fused`` applies: q/k/v and gate/up each one NVFP4 W4A16 matmul, no bias."""
 
@@ -528,6 +556,50 @@ def fuse_attention(model: CausalLM, implementation: str | Sequence[str] | None =
         attn.decode_impl = impl if ok else None
         n += ok
     return n
+
+
+CHAIN_MODES = ("layer", "model")
+
+
+def fuse_decoder(
+    model: CausalLM,
+    mode: str = "layer",
+    *,
+    pdl: bool = True,
+    implementation: str | Sequence[str] | None = None,
+) -> int:
+    """Runs decode steps through ``decoder_layers.decode_layers``: whole layers per custom call.
+
+    Folds the norms first (``fuse_norms``). On the CUDA backend each layer's seven
+    kernels (add + norm + q/k/v GEMV, attention, o GEMV, add + norm + gate/up GEMV,
+    SwiGLU, down GEMV) then run in one custom call, launched as programmatic
+    dependents on sm_90+ so each kernel's start overlaps the previous one's tail.
+    Prefill, and any step the custom call cannot serve (CPU, M > 16, a layer that
+    does not fit), keep the per-layer path; results are the same up to SwiGLU's
+    last float32 bit.
+
+    Args:
+      model: a ``CausalLM`` (changed in place).
+      mode: ``"layer"`` (one call per layer) or ``"model"`` (every layer in one call,
+        so the kernels chain across layers too).
+      pdl: programmatic dependent launches (False: plain launches, for A/B).
+      implementation: ``decode_layers``' ``implementation`` (None: CUDA where it
+        serves, else the per-layer path).
+
+    Returns:
+      the number of layers that the chained path covers (0: it stays off).
+
+    Raises:
+      ValueError: an unknown mode.
+    """
+    if mode not in CHAIN_MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {CHAIN_MODES}")
+    fuse_norms(model)
+    layers = model.model.layers
+    ok = all(layer.chain_weights() is not None for layer in layers)
+    impl = _static_implementation(implementation)
+    model.decoder_chain = (mode, bool(pdl), impl) if ok else None
+    return len(layers) if ok else 0
 
 
 # ---- the decoder ----------------------------------------------------------------------------
@@ -615,6 +687,8 @@ class CausalLM(nnx.Module):
             if config.tie_word_embeddings
             else source.linear("lm_head", config.vocab_size, config.hidden_size, False)
         )
+        # Static: (mode, pdl, implementation) of the chained decode path (``fuse_decoder``).
+        self.decoder_chain = None
 
     @property
     def dtype(self) -> np.dtype:
@@ -668,9 +742,39 @@ class CausalLM(nnx.Module):
             return self.model.embed_tokens.attend(hidden)
         return self.lm_head(hidden, out_dtype=jnp.float32)
 
+    def _run_chained(self, x, positions, cos, sin, cache):
+        """A decode step through ``decode_layers``; None where it cannot serve the step."""
+        mode, pdl, impl = self.decoder_chain
+        weights = [layer.chain_weights() for layer in self.model.layers]
+        if any(w is None for w in weights):
+            return None
+        x2 = x[:, 0]  # [B, D]
+        if impl is None and decoder_layers.cuda_unsupported_reason(x2, cache.k, weights):
+            return None  # the per-layer path (the composition of the same ops)
+        first = self.model.layers[0]
+        eps = first.input_layernorm.eps
+        attn = first.self_attn
+        attn_eps = eps if attn.q_norm is None else attn.q_norm.eps
+        h = jnp.zeros_like(x2)
+        ck, cv = cache.k, cache.v
+        groups = [weights] if mode == "model" else [[w] for w in weights]
+        start = 0
+        for group in groups:
+            x2, h, ck, cv = decoder_layers.decode_layers(
+                x2, h, cos[:, 0], sin[:, 0], positions[:, 0], ck, cv, group, start, eps=eps,
+                attn_eps=attn_eps, scale=attn.head_dim**-0.5, pdl=pdl, implementation=impl,
+            )  # fmt: skip
+            start += len(group)
+        x = (x2 + h)[:, None]  # [B, 1, D]
+        return self.model.norm(x), cache.replace(k=ck, v=cv)
+
     def _run(self, input_ids, positions, cache):
         x = self.model.embed_tokens(input_ids)  # [B, S, D]
         cos, sin = rope_tables(self.config, positions)  # [B, S, Dh/2] each
+        if cache is not None and input_ids.shape[1] == 1 and self.decoder_chain is not None:
+            out = self._run_chained(x, positions, cos, sin, cache)
+            if out is not None:
+                return out
         pending = None  # an MLP output not yet added to x (fused layers)
         for i, layer in enumerate(self.model.layers):
             if layer.fused_norms:

@@ -36,6 +36,7 @@ from reset_jax import nvfp4
 from reset_jax.models.config import ModelConfig
 from reset_jax.models.layers import CausalLM, Embedding, Linear, LinearGroup, RMSNorm
 from reset_jax.models.layers import fuse_attention as fuse_attention_ops
+from reset_jax.models.layers import fuse_decoder as fuse_decoder_chain
 from reset_jax.models.layers import fuse_norms as fuse_norms_into_linears
 from reset_jax.models.layers import quantize_embedding as quantize_embedding_table
 from reset_jax.models.llama import LlamaForCausalLM
@@ -593,6 +594,8 @@ def build_model(
     quantize_embedding: bool = False,
     fuse_norms: bool = False,
     fuse_attention: bool = False,
+    fuse_decoder: str | None = None,
+    pdl: bool = True,
 ) -> CausalLM:
     """A randomly initialized model (tests, benchmarks); same options as ``build_from_state_dict``.
 
@@ -602,7 +605,8 @@ def build_model(
     ``fuse_norms=True`` folds the residual adds and norms into the NVFP4
     matmuls after them (``layers.fuse_norms``); ``fuse_attention=True`` runs each
     decode step's attention as one ``reset_jax.attention.decode_attention`` call
-    (``layers.fuse_attention``).
+    (``layers.fuse_attention``); ``fuse_decoder="layer"`` or ``"model"`` runs decode
+    steps through whole-layer custom calls (``layers.fuse_decoder``, with ``pdl``).
     """
     _check_options(quantize, activations)
     source = _RandomSource(seed, dtype, quantize, activations, implementation, exclude)
@@ -613,6 +617,8 @@ def build_model(
         fuse_norms_into_linears(model)
     if fuse_attention:
         fuse_attention_ops(model)
+    if fuse_decoder is not None:
+        fuse_decoder_chain(model, fuse_decoder, pdl=pdl)
     return model
 
 

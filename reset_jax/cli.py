@@ -71,23 +71,27 @@ def _load_model(args: argparse.Namespace, *, quantize: str | None) -> Any:
     return model
 
 
+FUSE_CHOICES = ("none", "norms", "attention", "all", "layers")
+
+
 def apply_fuse(model: Any, fuse: str, implementation: str | None = None) -> None:
     """Applies ``--fuse`` to a loaded model (in place) and logs what it switched.
 
     Args:
       model: a ``reset_jax.models.CausalLM``.
       fuse: ``"none"``, ``"norms"`` (``models.fuse_norms``), ``"attention"``
-        (``models.fuse_attention``) or ``"all"``.
+        (``models.fuse_attention``), ``"all"`` (both) or ``"layers"`` (both, and every
+        decode step's layers in one custom call: ``models.fuse_decoder(model, "model")``).
       implementation: the ``--implementation`` flag; ``"xla"`` keeps the attention
         on the XLA composition too.
     """
-    if fuse not in ("none", "norms", "attention", "all"):
-        raise ValueError(f"--fuse {fuse!r}: expected none, norms, attention or all")
-    if fuse in ("norms", "all"):
+    if fuse not in FUSE_CHOICES:
+        raise ValueError(f"--fuse {fuse!r}: expected one of {', '.join(FUSE_CHOICES)}")
+    if fuse in ("norms", "all", "layers"):
         from reset_jax.models import fuse_norms
 
         _log(f"fused add + norm into {fuse_norms(model)} layers' matmuls")
-    if fuse in ("attention", "all"):
+    if fuse in ("attention", "all", "layers"):
         from reset_jax.models import fuse_attention
 
         # --implementation xla keeps XLA everywhere; otherwise CUDA where it serves.
@@ -95,6 +99,15 @@ def apply_fuse(model: Any, fuse: str, implementation: str | None = None) -> None
         n = fuse_attention(model, impl)
         where = "XLA composition" if impl else "CUDA where it serves the call, else XLA"
         _log(f"one-call decode attention in {n} layers ({where})")
+    if fuse == "layers":
+        from reset_jax.models import fuse_decoder
+
+        n = fuse_decoder(model, "model", implementation=impl)
+        if n:
+            _log(f"decode steps through all {n} layers in one custom call (CUDA where it "
+                 "serves the step, else the per-layer path)")  # fmt: skip
+        else:
+            _log("--fuse layers: not every layer is NVFP4 W4A16 without bias; per-layer path")
 
 
 def _sampler(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, str]:
@@ -250,11 +263,13 @@ def add_model_flags(
     )
     p.add_argument(
         "--fuse",
-        choices=["none", "norms", "attention", "all"],
+        choices=list(FUSE_CHOICES),
         default="none",
         help="decode-speed fusions (GPU): norms = residual add + RMSNorm inside the NVFP4 "
         "matmul (W4A16 layers), attention = q/k norm + RoPE + cache write + attention as one "
-        "call; results match up to float32 summation order and rounding (default: none)",
+        "call, all = both, layers = both and every decode step's layers in one custom call "
+        "(kernels chained with programmatic dependent launch on sm_90+); results match up to "
+        "float32 summation order and rounding (default: none)",
     )
 
 

@@ -73,6 +73,11 @@ def test_fuse_flag_keeps_the_tokens(tiny_dir, capsys):
         return [ln for ln in out.splitlines() if not ln.startswith(skip) and "tokens/s" not in ln]
 
     assert text(plain) == text(captured.out) and text(plain)
+    # --fuse layers: the chained decode path, which on the CPU runs the per-layer path
+    assert cli.main([*argv, "--fuse", "layers"]) == 0
+    captured = capsys.readouterr()
+    assert "decode steps through all 2 layers in one custom call" in captured.err
+    assert text(plain) == text(captured.out)
 
 
 def test_errors_are_one_line(tiny_dir, capsys):

@@ -46,6 +46,7 @@ TARGET_W4A16 = "reset_jax_nvfp4_w4a16"
 TARGET_W4A4 = "reset_jax_nvfp4_w4a4"
 TARGET_ADD_NORM_W4A16 = "reset_jax_nvfp4_add_norm_w4a16"
 TARGET_DECODE_ATTENTION = "reset_jax_decode_attention"  # reset_jax.attention
+TARGET_DECODER_LAYERS = "reset_jax_decoder_layers"  # reset_jax.decoder_layers
 # bf16 mma.sync and cp/ld cache hints need Ampere; sm_80 machine code ships.
 _MIN_COMPUTE_CAPABILITY = 8.0
 _BF16 = np.dtype(jnp.bfloat16)
@@ -133,6 +134,7 @@ def _register() -> None:
             (TARGET_W4A4, "ResetJaxNvfp4W4A4"),
             (TARGET_ADD_NORM_W4A16, "ResetJaxNvfp4AddNormW4A16"),
             (TARGET_DECODE_ATTENTION, "ResetJaxDecodeAttention"),
+            (TARGET_DECODER_LAYERS, "ResetJaxDecoderLayers"),
         ):
             jax.ffi.register_ffi_target(
                 name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA"

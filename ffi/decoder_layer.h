@@ -1,0 +1,81 @@
+// One decode step of a pre-norm decoder layer (Qwen3 / Llama shape, NVFP4 W4A16 weights)
+// as one host call that enqueues its kernels back to back:
+//
+//   r1  = x + h;                    qkv = rmsnorm(r1) * ln1 @ Wqkv^T     (GEMV, add+norm)
+//   att = decode_attention(qkv, cache, ...)                   (partial + combine kernels)
+//   o   = att @ Wo^T                                                              (GEMV)
+//   x'  = r1 + o;                   gu  = rmsnorm(x') * ln2 @ Wgu^T      (GEMV, add+norm)
+//   act = silu(gu[:, :F]) * gu[:, F:]                                     (SwiGLU kernel)
+//   h'  = act @ Wdown^T                                                           (GEMV)
+//
+// x' and h' are the next layer's x and h (h' is not yet added to x', as in
+// reset_jax.models.layers.DecoderLayer.fused).  Every kernel after the first is launched
+// as a programmatic dependent of the one before it (ffi/pdl.cuh) when `pdl` is set and
+// the device is sm_90+: its launch and its weight loads overlap the previous kernel's
+// tail.  The kernels and their arithmetic are those of the separate calls, so the
+// results are bit-identical to them (the SwiGLU kernel rounds like XLA's fusion up to
+// its expf).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "attention_kernels.h"
+
+namespace rjlayer {
+
+struct Weight {  // an NVFP4 weight [N, K]
+  const uint8_t* codes = nullptr;   // [N, K/2]
+  const uint8_t* scales = nullptr;  // [N, K/16] e4m3
+  const float* gscale = nullptr;    // scalar
+};
+
+struct DecoderLayerArgs {
+  const void* x = nullptr;    // [M, D] bf16: the residual stream
+  const void* h = nullptr;    // [M, D] bf16: the previous layer's MLP output (zeros at layer 0)
+  const void* ln1 = nullptr;  // [D] bf16 input_layernorm weight
+  const void* ln2 = nullptr;  // [D] bf16 post_attention_layernorm weight
+  float eps = 0.f;            // both norms' epsilon
+  Weight qkv, o, gate_up, down;  // [(Hq+2Hkv)Dh, D], [D, Hq Dh], [2F, D], [D, F]
+  // Attention: cos, sin, positions, layer, k_cache, v_cache, q_norm, k_norm, B (= M),
+  // Hq, Hkv, D (head width), L, T, scale, eps as in rjattn::DecodeAttentionArgs;
+  // q/k/v/out/partial/pdl are filled in by the launcher.
+  rjattn::DecodeAttentionArgs attn;
+  int64_t M = 0, D = 0, F = 0;
+  void* x_out = nullptr;    // [M, D] bf16: x' = x + h + o
+  void* h_out = nullptr;    // [M, D] bf16: h' = the MLP output
+  void* scratch = nullptr;  // DecoderLayerScratchBytes(...) bytes, 256-byte aligned
+  size_t scratch_bytes = 0;
+  bool pdl = false;         // programmatic dependent launches inside the layer (sm_90+)
+  int pdl_edges = -1;       // which kernels are launched as dependents (kPdl* bits);
+                            // -1: DefaultPdlEdges(M)
+  bool pdl_first = false;   // the layer's first kernel too: only when the kernel before it
+                            // on the stream follows the rules of pdl.cuh (a previous layer)
+};
+
+// Bits of DecoderLayerArgs::pdl_edges: the kernel launched as a dependent of the one before.
+constexpr int kPdlAttention = 1;  // both attention kernels
+constexpr int kPdlO = 2;
+constexpr int kPdlGateUp = 4;     // (the add + norm kernel too, at M > 2)
+constexpr int kPdlSwiGlu = 8;
+constexpr int kPdlDown = 16;
+
+// The measured choice (H100, Qwen3-8B / 32B layer chains; benchmarks/KERNEL_NOTES.md):
+// the attention kernels never (a dependent small grid lands on the first SMs that free
+// up and loses its spread), down only at M <= 2.
+int DefaultPdlEdges(int64_t M);
+
+// Bytes of scratch one call needs (intermediates: r1, the norm scratch, qkv, the attention
+// partials and output, o, gate+up, the SwiGLU output).
+size_t DecoderLayerScratchBytes(int64_t M, int64_t D, int64_t F, int64_t Hq, int64_t Hkv,
+                                int64_t Dh, int64_t T);
+
+// Why these arguments cannot run (a message), or nullptr.
+const char* DecoderLayerUnsupportedReason(const DecoderLayerArgs& a);
+
+// Enqueues the layer's kernels on `stream`; no synchronisation, no allocation.
+cudaError_t LaunchDecoderLayer(const DecoderLayerArgs& a, cudaStream_t stream);
+
+}  // namespace rjlayer

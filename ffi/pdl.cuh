@@ -1,0 +1,72 @@
+// Programmatic dependent launch (PDL, sm_90+): lets a kernel start while the one before
+// it on the stream is still running, so that its launch, its CTAs' start-up and its
+// weight loads (inputs no earlier kernel writes) overlap the previous kernel's tail.
+//
+// Rules every kernel launched with `pdl = true` (and every kernel before it in such a
+// chain) follows:
+//  * PdlLaunchDependents() early: from then on the next kernel may be scheduled (it
+//    starts only once every CTA of this grid has passed that point or exited);
+//  * PdlWait() before the first read of anything an earlier kernel of the chain writes,
+//    and before the first global write: it returns once the previous grid has finished
+//    and its memory is visible.  A grid finishes only after one of its CTAs waited, so
+//    the dependency is transitive along the chain;
+//  * reads before PdlWait() touch only inputs of the whole chain (weights, scales,
+//    positions, cache slots no kernel of the chain writes).
+// Without the launch attribute (or before sm_90) both instructions are no-ops, so the
+// kernels run unchanged in ordinary launches.
+#ifndef RESET_JAX_FFI_PDL_CUH_
+#define RESET_JAX_FFI_PDL_CUH_
+
+#include <utility>
+
+#include <cuda_runtime.h>
+
+namespace rjpdl {
+
+__device__ __forceinline__ void PdlWait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void PdlLaunchDependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Launches `kernel<<<grid, block, smem, stream>>>(args...)`, as a programmatic dependent
+// of the previous work on `stream` when `pdl` (callers set it only on sm_90+ devices).
+// Returns the launch's error.
+template <typename... Params, typename... Args>
+cudaError_t Launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                   cudaStream_t stream, bool pdl, Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
+// Whether `device` supports PDL (compute capability 9.0 or newer); cached per device.
+inline bool DeviceSupportsPdl(int device) {
+  static int cc_major[64] = {};  // 0: not queried (a race only repeats the query)
+  if (device < 0 || device >= 64) return false;
+  if (cc_major[device] == 0) {
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
+      return false;
+    cc_major[device] = major;
+  }
+  return cc_major[device] >= 9;
+}
+
+}  // namespace rjpdl
+
+#endif  // RESET_JAX_FFI_PDL_CUH_

@@ -1,0 +1,386 @@
+// Standalone checker and benchmark for the decoder-layer chain (ffi/decoder_layer.h).
+//
+//   nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/layer_check.cu ffi/decoder_layer.cu \
+//        ffi/nvfp4_kernels.cu ffi/attention_kernels.cu -o layer_check
+//   ./layer_check check     # PDL chain == plain launches, bit for bit (poisoned outputs)
+//   ./layer_check bench [reps [edges]]  # us per layer over L layers in one CUDA graph: PDL off / in
+//                           # the layer / across layers too (Qwen3-8B and -32B shapes)
+//
+// The kernels themselves are checked against float64 references by nvfp4_check and
+// attention_check; this checks the chain: that launching them as programmatic dependents
+// changes no bit of any output (a missing wait would read stale or poisoned inputs).
+// Exit code 0 only if every check passed.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "decoder_layer.h"
+#include "tests/host_util.h"
+
+namespace {
+
+int g_edges = -1;  // DecoderLayerArgs::pdl_edges for every layer (bench argument)
+
+struct Shape {
+  const char* name;
+  int D, F, Hq, Hkv, Dh, L, T;
+};
+
+// Device buffers of one layer's weights, norms and the shared cache / rope inputs.
+struct LayerBufs {
+  rjlayer::Weight qkv, o, gu, down;
+  void *ln1, *ln2, *qn, *kn;
+};
+
+template <typename T>
+T* DevAlloc(size_t bytes) {
+  void* p;
+  CK(cudaMalloc(&p, bytes));
+  return static_cast<T*>(p);
+}
+
+void Upload(void* dst, const std::vector<uint8_t>& v) {
+  CK(cudaMemcpy(dst, v.data(), v.size(), cudaMemcpyHostToDevice));
+}
+
+std::vector<uint8_t> RandomBytes(size_t n, std::mt19937_64& rng, int lo = 0, int hi = 255) {
+  std::uniform_int_distribution<int> d(lo, hi);
+  std::vector<uint8_t> v(n);
+  for (auto& b : v) b = static_cast<uint8_t>(d(rng));
+  return v;
+}
+
+std::vector<uint8_t> RandomBf16(size_t n, std::mt19937_64& rng, float mean, float sd) {
+  std::normal_distribution<float> d(mean, sd);
+  std::vector<uint8_t> v(2 * n);
+  for (size_t i = 0; i < n; ++i) {
+    const uint16_t b = Bf16FromFloat(d(rng));
+    std::memcpy(&v[2 * i], &b, 2);
+  }
+  return v;
+}
+
+// One NVFP4 weight [N, K] with random codes, scales in [2^-4, 2^1) and global scale
+// 1/sqrt(K) (outputs stay O(1)); `random` false fills patterns (benchmarks).
+rjlayer::Weight MakeWeight(int64_t N, int64_t K, std::mt19937_64& rng, bool random) {
+  rjlayer::Weight w;
+  auto* c = DevAlloc<uint8_t>(N * K / 2);
+  auto* s = DevAlloc<uint8_t>(N * K / 16);
+  auto* g = DevAlloc<float>(4);
+  if (random) {
+    Upload(c, RandomBytes(N * K / 2, rng));
+    Upload(s, RandomBytes(N * K / 16, rng, 0x18, 0x3F));
+  } else {
+    CK(cudaMemset(c, 0x5A, N * K / 2));
+    CK(cudaMemset(s, 0x30, N * K / 16));
+  }
+  const float gs = 1.f / std::sqrt(static_cast<float>(K));
+  CK(cudaMemcpy(g, &gs, 4, cudaMemcpyHostToDevice));
+  w.codes = c;
+  w.scales = s;
+  w.gscale = g;
+  return w;
+}
+
+LayerBufs MakeLayer(const Shape& sh, std::mt19937_64& rng, bool random) {
+  LayerBufs l;
+  const int64_t wq = int64_t(sh.Hq + 2 * sh.Hkv) * sh.Dh;
+  l.qkv = MakeWeight(wq, sh.D, rng, random);
+  l.o = MakeWeight(sh.D, int64_t(sh.Hq) * sh.Dh, rng, random);
+  l.gu = MakeWeight(2 * int64_t(sh.F), sh.D, rng, random);
+  l.down = MakeWeight(sh.D, sh.F, rng, random);
+  l.ln1 = DevAlloc<void>(2 * sh.D);
+  l.ln2 = DevAlloc<void>(2 * sh.D);
+  l.qn = DevAlloc<void>(2 * sh.Dh);
+  l.kn = DevAlloc<void>(2 * sh.Dh);
+  Upload(l.ln1, RandomBf16(sh.D, rng, 1.f, 0.2f));
+  Upload(l.ln2, RandomBf16(sh.D, rng, 1.f, 0.2f));
+  Upload(l.qn, RandomBf16(sh.Dh, rng, 1.f, 0.2f));
+  Upload(l.kn, RandomBf16(sh.Dh, rng, 1.f, 0.2f));
+  return l;
+}
+
+void FreeLayer(LayerBufs& l) {
+  for (rjlayer::Weight* w : {&l.qkv, &l.o, &l.gu, &l.down}) {
+    CK(cudaFree(const_cast<uint8_t*>(w->codes)));
+    CK(cudaFree(const_cast<uint8_t*>(w->scales)));
+    CK(cudaFree(const_cast<float*>(w->gscale)));
+  }
+  for (void* p : {l.ln1, l.ln2, l.qn, l.kn}) CK(cudaFree(p));
+}
+
+// Inputs and outputs shared by the layers of a chain.
+struct Io {
+  void *x, *h, *x2, *h2, *kc, *vc, *scratch;
+  float *cos, *sin;
+  int32_t *pos, *layer_ids;
+  size_t scratch_bytes, cache_bytes;
+};
+
+Io MakeIo(const Shape& sh, int M, std::mt19937_64& rng, int pos_lo, int pos_hi) {
+  Io io;
+  const size_t act = size_t(M) * sh.D * 2;
+  io.x = DevAlloc<void>(act);
+  io.h = DevAlloc<void>(act);
+  io.x2 = DevAlloc<void>(act);
+  io.h2 = DevAlloc<void>(act);
+  Upload(io.x, RandomBf16(size_t(M) * sh.D, rng, 0.f, 1.f));
+  Upload(io.h, RandomBf16(size_t(M) * sh.D, rng, 0.f, 1.f));
+  io.cache_bytes = size_t(sh.L) * M * sh.T * sh.Hkv * sh.Dh * 2;
+  io.kc = DevAlloc<void>(io.cache_bytes);
+  io.vc = DevAlloc<void>(io.cache_bytes);
+  Upload(io.kc, RandomBf16(io.cache_bytes / 2, rng, 0.f, 1.f));
+  Upload(io.vc, RandomBf16(io.cache_bytes / 2, rng, 0.f, 1.f));
+  std::vector<float> cs(size_t(M) * sh.Dh / 2), sn(cs.size());
+  std::vector<int32_t> pos(M);
+  std::uniform_int_distribution<int> dp(pos_lo, pos_hi);
+  for (int m = 0; m < M; ++m) pos[m] = std::min(dp(rng), sh.T - 1);
+  for (int m = 0; m < M; ++m)
+    for (int f = 0; f < sh.Dh / 2; ++f) {
+      const double a = pos[m] * std::pow(1e6, -2.0 * f / sh.Dh);
+      cs[m * sh.Dh / 2 + f] = static_cast<float>(std::cos(a));
+      sn[m * sh.Dh / 2 + f] = static_cast<float>(std::sin(a));
+    }
+  io.cos = DevAlloc<float>(cs.size() * 4);
+  io.sin = DevAlloc<float>(sn.size() * 4);
+  CK(cudaMemcpy(io.cos, cs.data(), cs.size() * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(io.sin, sn.data(), sn.size() * 4, cudaMemcpyHostToDevice));
+  io.pos = DevAlloc<int32_t>(M * 4);
+  CK(cudaMemcpy(io.pos, pos.data(), M * 4, cudaMemcpyHostToDevice));
+  std::vector<int32_t> ids(sh.L);
+  for (int i = 0; i < sh.L; ++i) ids[i] = i;
+  io.layer_ids = DevAlloc<int32_t>(sh.L * 4);
+  CK(cudaMemcpy(io.layer_ids, ids.data(), sh.L * 4, cudaMemcpyHostToDevice));
+  io.scratch_bytes =
+      rjlayer::DecoderLayerScratchBytes(M, sh.D, sh.F, sh.Hq, sh.Hkv, sh.Dh, sh.T);
+  io.scratch = DevAlloc<void>(io.scratch_bytes);
+  return io;
+}
+
+void FreeIo(Io& io) {
+  for (void* p : {io.x, io.h, io.x2, io.h2, io.kc, io.vc, io.scratch, static_cast<void*>(io.cos),
+                  static_cast<void*>(io.sin), static_cast<void*>(io.pos),
+                  static_cast<void*>(io.layer_ids)})
+    CK(cudaFree(p));
+}
+
+rjlayer::DecoderLayerArgs Args(const Shape& sh, int M, const LayerBufs& w, const Io& io, int layer,
+                               const void* x, const void* h, void* x_out, void* h_out, bool pdl,
+                               bool pdl_first) {
+  rjlayer::DecoderLayerArgs a;
+  a.x = x;
+  a.h = h;
+  a.ln1 = w.ln1;
+  a.ln2 = w.ln2;
+  a.eps = 1e-6f;
+  a.qkv = w.qkv;
+  a.o = w.o;
+  a.gate_up = w.gu;
+  a.down = w.down;
+  rjattn::DecodeAttentionArgs& t = a.attn;
+  t.q_norm = w.qn;
+  t.k_norm = w.kn;
+  t.cos = io.cos;
+  t.sin = io.sin;
+  t.positions = io.pos;
+  t.layer = io.layer_ids + layer;
+  t.k_cache = io.kc;
+  t.v_cache = io.vc;
+  t.B = M;
+  t.Hq = sh.Hq;
+  t.Hkv = sh.Hkv;
+  t.D = sh.Dh;
+  t.L = sh.L;
+  t.T = sh.T;
+  t.scale = 1.f / std::sqrt(static_cast<float>(sh.Dh));
+  t.eps = 1e-6f;
+  a.M = M;
+  a.D = sh.D;
+  a.F = sh.F;
+  a.x_out = x_out;
+  a.h_out = h_out;
+  a.scratch = io.scratch;
+  a.scratch_bytes = io.scratch_bytes;
+  a.pdl = pdl;
+  a.pdl_edges = g_edges;
+  a.pdl_first = pdl_first;
+  return a;
+}
+
+std::vector<uint8_t> Download(const void* p, size_t n) {
+  std::vector<uint8_t> v(n);
+  CK(cudaMemcpy(v.data(), p, n, cudaMemcpyDeviceToHost));
+  return v;
+}
+
+// Two layers in sequence (layer 1 reads layer 0's outputs), plain launches without PDL
+// against PDL chains (plain stream and CUDA graph, pdl_first on the second layer), each
+// run from the same inputs with every output and the scratch poisoned first.
+bool CheckShape(const Shape& sh, int M, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  LayerBufs w[2] = {MakeLayer(sh, rng, true), MakeLayer(sh, rng, true)};
+  Io io = MakeIo(sh, M, rng, 0, sh.T - 1);
+  const size_t act = size_t(M) * sh.D * 2;
+  void* xm = DevAlloc<void>(act);  // layer 0's outputs
+  void* hm = DevAlloc<void>(act);
+  const std::vector<uint8_t> kc0 = Download(io.kc, io.cache_bytes), vc0 = Download(io.vc, io.cache_bytes);
+  cudaStream_t st;
+  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  auto enqueue = [&](bool pdl) {
+    CK(rjlayer::LaunchDecoderLayer(Args(sh, M, w[0], io, 0, io.x, io.h, xm, hm, pdl, false), st));
+    CK(rjlayer::LaunchDecoderLayer(Args(sh, M, w[1], io, 1, xm, hm, io.x2, io.h2, pdl, pdl), st));
+  };
+  auto run = [&](int mode) {  // 0 plain, 1 PDL on the stream, 2 PDL in a graph
+    Upload(io.kc, kc0);
+    Upload(io.vc, vc0);
+    for (void* p : {xm, hm, io.x2, io.h2}) CK(cudaMemsetAsync(p, 0xFF, act, st));
+    CK(cudaMemsetAsync(io.scratch, 0xFF, io.scratch_bytes, st));
+    if (mode < 2) {
+      enqueue(mode == 1);
+    } else {
+      cudaGraph_t g;
+      cudaGraphExec_t ge;
+      CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+      enqueue(true);
+      CK(cudaStreamEndCapture(st, &g));
+      CK(cudaGraphInstantiate(&ge, g, 0));
+      CK(cudaGraphLaunch(ge, st));
+      CK(cudaStreamSynchronize(st));
+      CK(cudaGraphExecDestroy(ge));
+      CK(cudaGraphDestroy(g));
+    }
+    CK(cudaStreamSynchronize(st));
+    std::vector<uint8_t> out = Download(io.x2, act);
+    for (const void* p : {static_cast<const void*>(io.h2), static_cast<const void*>(xm),
+                          static_cast<const void*>(hm)}) {
+      const std::vector<uint8_t> v = Download(p, act);
+      out.insert(out.end(), v.begin(), v.end());
+    }
+    for (const void* p : {io.kc, io.vc}) {
+      const std::vector<uint8_t> v = Download(p, io.cache_bytes);
+      out.insert(out.end(), v.begin(), v.end());
+    }
+    return out;
+  };
+  const std::vector<uint8_t> ref = run(0);
+  // The plain run itself: every output written and finite (the poison is NaN).
+  int nonfinite = 0;
+  for (size_t i = 0; i < 4 * act; i += 2) {
+    uint16_t b;
+    std::memcpy(&b, &ref[i], 2);
+    const float f = FloatFromBf16(b);
+    nonfinite += !(f == f) || f - f != 0.f;
+  }
+  int bad = 0;
+  for (int rep = 0; rep < 10; ++rep)
+    for (int mode : {1, 2}) bad += run(mode) != ref;
+  const bool ok = bad == 0 && nonfinite == 0;
+  std::printf("%-10s M=%2d  non-finite outputs %d, PDL runs differing from plain %d/20  %s\n",
+              sh.name, M, nonfinite, bad, ok ? "ok" : "FAIL");
+  CK(cudaStreamDestroy(st));
+  CK(cudaFree(xm));
+  CK(cudaFree(hm));
+  FreeIo(io);
+  FreeLayer(w[0]);
+  FreeLayer(w[1]);
+  return ok;
+}
+
+int Check(bool quick) {
+  const Shape small = {"small", 1024, 3072, 16, 8, 128, 2, 300};
+  const Shape gqa4 = {"gqa4-d64", 576, 1536, 16, 4, 64, 2, 200};
+  const Shape q8b = {"qwen3-8b", 4096, 12288, 32, 8, 128, 2, 700};
+  int failed = 0, total = 0;
+  for (int M : quick ? std::vector<int>{1, 3} : std::vector<int>{1, 2, 3, 8, 16}) {
+    failed += !CheckShape(small, M, 100 + M);
+    ++total;
+    if (!quick) {
+      failed += !CheckShape(gqa4, M, 200 + M);
+      ++total;
+    }
+  }
+  if (!quick)
+    for (int M : {1, 8}) {
+      failed += !CheckShape(q8b, M, 300 + M);
+      ++total;
+    }
+  std::printf("layer check: %d of %d cases failed\n", failed, total);
+  return failed ? 1 : 0;
+}
+
+float Median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// L layers of distinct weights in one CUDA graph, the cache at position ~640.
+int Bench(int reps) {
+  const Shape shapes[] = {{"qwen3-8b", 4096, 12288, 32, 8, 128, 36, 1024},
+                          {"qwen3-32b", 5120, 25600, 64, 8, 128, 16, 1024}};
+  cudaStream_t st;
+  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  std::printf("%-10s %2s %-10s %10s %10s\n", "shape", "M", "pdl", "us/layer", "vs off");
+  for (const Shape& sh : shapes) {
+    std::mt19937_64 rng(7);
+    std::vector<LayerBufs> w;
+    for (int l = 0; l < sh.L; ++l) w.push_back(MakeLayer(sh, rng, false));
+    for (int M : {1, 8}) {
+      Io io = MakeIo(sh, M, rng, 600, 680);
+      float off_us = 0.f;
+      for (int mode = 0; mode < 3; ++mode) {  // off, in the layer, across layers too
+        cudaGraph_t g;
+        cudaGraphExec_t ge;
+        CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+        for (int l = 0; l < sh.L; ++l) {
+          const bool even = l % 2 == 0;
+          CK(rjlayer::LaunchDecoderLayer(
+              Args(sh, M, w[l], io, l, even ? io.x : io.x2, even ? io.h : io.h2,
+                   even ? io.x2 : io.x, even ? io.h2 : io.h, mode > 0, mode > 1 && l > 0),
+              st));
+        }
+        CK(cudaStreamEndCapture(st, &g));
+        CK(cudaGraphInstantiate(&ge, g, 0));
+        std::vector<float> ts;
+        for (int r = 0; r < reps + 2; ++r) {
+          CK(cudaEventRecord(e0, st));
+          CK(cudaGraphLaunch(ge, st));
+          CK(cudaEventRecord(e1, st));
+          CK(cudaEventSynchronize(e1));
+          float ms;
+          CK(cudaEventElapsedTime(&ms, e0, e1));
+          if (r >= 2) ts.push_back(ms);
+        }
+        const float us = Median(ts) * 1e3f / sh.L;
+        if (mode == 0) off_us = us;
+        const char* names[] = {"off", "in-layer", "all"};
+        std::printf("%-10s %2d %-10s %10.2f %10.3f\n", sh.name, M, names[mode], us, us / off_us);
+        CK(cudaGraphExecDestroy(ge));
+        CK(cudaGraphDestroy(g));
+      }
+      FreeIo(io);
+    }
+    for (LayerBufs& l : w) FreeLayer(l);
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string mode = argc > 1 ? argv[1] : "check";
+  if (mode == "check") return Check(argc > 2 && std::string(argv[2]) == "quick");
+  if (mode == "bench") {
+    if (argc > 3) g_edges = std::atoi(argv[3]);
+    return Bench(argc > 2 ? std::atoi(argv[2]) : 20);
+  }
+  std::fprintf(stderr, "usage: %s check [quick] | bench [reps [pdl_edges]]\n", argv[0]);
+  return 2;
+}

@@ -1,0 +1,195 @@
+"""Whole decoder layers per decode step (``reset_jax.decoder_layers``, ``fuse_decoder``).
+
+CPU: the chained path (its XLA composition) decodes exactly like the per-layer path it
+replaces, for Qwen3 (q/k norms) and Llama (none), one call per layer or per model; the
+fallback and argument errors. GPU (marked): the custom call (PDL on and off, per layer
+and per model) against the per-layer CUDA path.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from reset_jax import decode as dec
+from reset_jax import decoder_layers, sampling
+from reset_jax.models import ModelConfig, build_model, fuse_decoder
+
+HAS_GPU = jax.default_backend() == "gpu"
+gpu = pytest.mark.gpu
+
+
+def _config(family: str = "Qwen3ForCausalLM", head_dim: int = 16, hidden: int = 64, **kw):
+    extra = dict(head_dim=head_dim) if family.startswith("Qwen3") else {}
+    return ModelConfig.from_hf(
+        dict(
+            architectures=[family], vocab_size=257, hidden_size=hidden,
+            intermediate_size=2 * hidden, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+            max_position_embeddings=256, tie_word_embeddings=False, **extra, **kw,
+        )
+    )  # fmt: skip
+
+
+def _models(config, dtype, chain_kw, **kw):
+    """(per-layer fused path, chained path) of the same random weights."""
+    base = dict(dtype=dtype, seed=3, quantize="nvfp4", fuse_norms=True, fuse_attention=True, **kw)
+    plain = build_model(config, **base)
+    chained = build_model(config, **base)
+    assert fuse_decoder(chained, **chain_kw) == config.num_layers
+    return plain, chained
+
+
+def _decode(model, ids, new: int = 5):
+    """Greedy tokens and the last step's hidden state through the jitted decode loop."""
+    b, s = ids.shape
+    graphdef, params = nnx.split(model)
+    knobs = dec.make_knobs(b, top_p=1.0, seed=0, stop_ids=(), max_new_tokens=new)
+    st = dec.decode(graphdef, params, ids, jnp.full((b,), s, jnp.int32),
+                    model.init_cache(b, s + new + 2), sampling.FixedTemperature.create(0.0),
+                    knobs, max_new=new)  # fmt: skip
+
+    def step(graphdef, params, cache):  # one more decode step: hidden [B, 1, D]
+        m = nnx.merge(graphdef, params)
+        pos = jnp.full((b, 1), s + new, jnp.int32)
+        return m.forward(st.tokens[:, -1:], pos, cache)[0]
+
+    hidden = jax.jit(step, static_argnums=0)(graphdef, params, st.cache)
+    return np.asarray(st.tokens), np.asarray(hidden, np.float32)
+
+
+@pytest.mark.parametrize(
+    ("family", "mode"),
+    [("Qwen3ForCausalLM", "layer"), ("Qwen3ForCausalLM", "model"), ("LlamaForCausalLM", "model")],
+)
+def test_chained_path_matches_per_layer_path(family, mode, monkeypatch):
+    calls = []
+    real = decoder_layers._xla
+    monkeypatch.setattr(decoder_layers, "_xla", lambda *a: calls.append(len(a[7])) or real(*a))
+    plain, chained = _models(_config(family), jnp.float32, dict(mode=mode, implementation="xla"))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 257, (2, 7)), jnp.int32)
+    tok_a, hid_a = _decode(plain, ids)
+    tok_b, hid_b = _decode(chained, ids)
+    # The chained path ran, in calls of one layer or of all three.
+    assert calls and set(calls) == ({1} if mode == "layer" else {3})
+    np.testing.assert_array_equal(tok_a, tok_b)
+    np.testing.assert_array_equal(hid_a, hid_b)
+
+
+def test_chained_path_bf16_and_prefill_untouched():
+    plain, chained = _models(_config(), jnp.bfloat16, dict(mode="layer", implementation="xla"))
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 257, (3, 6)), jnp.int32)
+    tok_a, hid_a = _decode(plain, ids)
+    tok_b, hid_b = _decode(chained, ids)
+    np.testing.assert_array_equal(tok_a, tok_b)
+    np.testing.assert_allclose(hid_a, hid_b, rtol=0, atol=2e-2 * np.abs(hid_a).max())
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the CPU fallback")
+def test_default_falls_back_to_per_layer_path_on_cpu(monkeypatch):
+    called = []
+    monkeypatch.setattr(decoder_layers, "decode_layers", lambda *a, **k: called.append(1))
+    plain, chained = _models(_config(), jnp.float32, dict(mode="model"))
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, 257, (1, 5)), jnp.int32)
+    tok_a, hid_a = _decode(plain, ids)
+    tok_b, hid_b = _decode(chained, ids)
+    assert not called  # the custom call cannot serve a CPU step: the per-layer path ran
+    np.testing.assert_array_equal(tok_a, tok_b)
+    np.testing.assert_array_equal(hid_a, hid_b)
+
+
+def _layer_args(model, b: int = 2):
+    c = model.config
+    weights = [layer.chain_weights() for layer in model.model.layers]
+    cache = model.init_cache(b, 16)
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((b, c.hidden_size)), model.dtype)
+    cos = jnp.ones((b, c.head_dim // 2), jnp.float32)
+    pos = jnp.asarray([3] * b, jnp.int32)
+    return x, jnp.zeros_like(x), cos, 0 * cos, pos, cache.k, cache.v, weights
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the CPU errors")
+def test_errors_name_the_problem():
+    model = build_model(_config(), dtype=jnp.float32, seed=1, quantize="nvfp4", fuse_norms=True)
+    x, h, cos, sin, pos, ck, cv, w = _layer_args(model)
+    with pytest.raises(
+        decoder_layers.DecoderLayersUnavailableError, match="cuda: not on a CUDA GPU"
+    ):
+        decoder_layers.decode_layers(
+            x, h, cos, sin, pos, ck, cv, w, eps=1e-6, implementation="cuda"
+        )
+    with pytest.raises(ValueError, match="expected names from"):
+        decoder_layers.decode_layers(x, h, cos, sin, pos, ck, cv, w, eps=1e-6, implementation="tpu")
+    with pytest.raises(ValueError, match="do not fit the cache's 3 layers"):
+        decoder_layers.decode_layers(x, h, cos, sin, pos, ck, cv, w, 1, eps=1e-6)
+    with pytest.raises(ValueError, match="x has 1 rows but the cache"):
+        decoder_layers.decode_layers(x[:1], h[:1], cos[:1], sin[:1], pos[:1], ck, cv, w, eps=1e-6)
+    swapped = [w[0]._replace(o=w[0].down, down=w[0].o)]
+    with pytest.raises(ValueError, match=r"layer 0: o is \(64, 128\), expected \(64, 64\)"):
+        decoder_layers.decode_layers(x, h, cos, sin, pos, ck, cv, swapped, eps=1e-6)
+    with pytest.raises(ValueError, match="no layers"):
+        decoder_layers.decode_layers(x, h, cos, sin, pos, ck, cv, [], eps=1e-6)
+    # The composition runs and updates the cache layer it was given.
+    x2, h2, ck2, _ = decoder_layers.decode_layers(x, h, cos, sin, pos, ck, cv, w[1:2], 1, eps=1e-6)
+    assert x2.shape == h2.shape == x.shape and np.isfinite(np.asarray(h2)).all()
+    assert np.abs(np.asarray(ck2[1, :, 3])).sum() > 0 and not np.asarray(ck2[0]).any()
+
+
+def test_fuse_decoder_only_where_every_layer_fits():
+    dense = build_model(_config(), dtype=jnp.float32)
+    assert fuse_decoder(dense) == 0 and dense.decoder_chain is None
+    qwen2 = build_model(_config("Qwen2ForCausalLM"), dtype=jnp.float32, quantize="nvfp4")
+    assert fuse_decoder(qwen2) == 0  # q/k/v bias: the norms cannot fold
+    w4a4 = build_model(_config(), dtype=jnp.float32, quantize="nvfp4", activations="nvfp4")
+    assert fuse_decoder(w4a4) == 0
+    ok = build_model(_config(), dtype=jnp.float32, quantize="nvfp4")
+    assert fuse_decoder(ok, "model", pdl=False) == 3 and ok.decoder_chain == ("model", False, None)
+    with pytest.raises(ValueError, match="mode='all'"):
+        fuse_decoder(ok, "all")
+
+
+# --------------------------------------------------------------------------
+# GPU: the custom call
+# --------------------------------------------------------------------------
+
+
+@gpu
+@pytest.mark.parametrize("batch", [1, 3, 16])
+@pytest.mark.parametrize(
+    ("mode", "pdl", "family"),
+    [("layer", True, "Qwen3ForCausalLM"), ("model", True, "Qwen3ForCausalLM"),
+     ("layer", False, "Qwen3ForCausalLM"), ("model", True, "LlamaForCausalLM")],
+)  # fmt: skip
+def test_cuda_chain_matches_per_layer_cuda_path(batch, mode, pdl, family):
+    config = _config(family, head_dim=64, hidden=256)
+    plain, chained = _models(config, jnp.bfloat16, dict(mode=mode, pdl=pdl),
+                             implementation=("cuda", "xla"))  # fmt: skip
+    ids = jnp.asarray(np.random.default_rng(batch).integers(0, 257, (batch, 6)), jnp.int32)
+    x, *_, ck, _, w = _layer_args(chained, batch)
+    assert decoder_layers.cuda_unsupported_reason(x.astype(jnp.bfloat16), ck, w) is None
+    tok_a, hid_a = _decode(plain, ids, new=8)
+    tok_b, hid_b = _decode(chained, ids, new=8)
+    # The same kernels, chained: identical bits but for SwiGLU's expf (last float32 bit).
+    err = np.linalg.norm(hid_b - hid_a) / np.linalg.norm(hid_a)
+    assert np.isfinite(hid_b).all() and err <= 1e-2, err
+    assert (tok_a == tok_b).mean() >= 0.9
+
+
+@gpu
+def test_cuda_chain_is_in_the_compiled_step():
+    config = _config(head_dim=128, hidden=256)
+    _, chained = _models(config, jnp.bfloat16, dict(mode="model"), implementation=("cuda", "xla"))
+    graphdef, params = nnx.split(chained)
+    cache = chained.init_cache(2, 8)
+
+    def step(params, cache):
+        m = nnx.merge(graphdef, params)
+        return m.forward(jnp.zeros((2, 1), jnp.int32), jnp.zeros((2, 1), jnp.int32), cache)[0]
+
+    text = jax.jit(step).lower(params, cache).as_text()
+    assert text.count("reset_jax_decoder_layers") == 1
+    assert "reset_jax_decode_attention" not in text
