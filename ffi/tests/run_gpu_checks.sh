@@ -1,8 +1,8 @@
 #!/bin/bash
 # Everything the CUDA kernel needs checked on a GPU machine, in one go:
-#   build (CMake through pip, and the standalone checkers with nvcc), the checkers
-#   (GEMV, decode attention) against float64 references, compute-sanitizer memcheck +
-#   racecheck of both, the
+#   build (CMake through pip, and the standalone checkers with nvcc), the checkers (GEMV
+#   and decode attention against float64 references, the PDL layer chain against plain
+#   launches), compute-sanitizer memcheck (all three) + racecheck (GEMV, attention), the
 #   kernel-variant micro-benchmark, the GPU tests, and benchmarks/kernels.py.
 # Usage (repository root, on the GPU machine):  bash ffi/tests/run_gpu_checks.sh [outdir]
 # Logs go to outdir (default $OUT or /tmp/nvfp4_gpu_checks); a short summary is printed.
@@ -30,6 +30,11 @@ nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I ffi ffi/tests/nvfp4_check.cu ffi/nv
 nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I ffi ffi/tests/attention_check.cu ffi/attention_kernels.cu \
   -o /tmp/attention_check > "$LOG/build_attention_check.log" 2>&1 || { echo "attention checker build failed"; exit 1; }
 
+nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I ffi ffi/tests/layer_check.cu ffi/decoder_layer.cu ffi/nvfp4_kernels.cu \
+  ffi/attention_kernels.cu -o /tmp/layer_check > "$LOG/build_layer_check.log" 2>&1 || { echo "layer checker build failed"; exit 1; }
+
+echo "== layer chain";  /tmp/layer_check check > "$LOG/layer.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/layer.log"
+echo "== layer memcheck";  compute-sanitizer --tool memcheck /tmp/layer_check check quick > "$LOG/layer_memcheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/layer_memcheck.log"
 echo "== attention";  /tmp/attention_check > "$LOG/attention.log" 2>&1; echo "rc=$?"; grep -E "FAIL|check:" "$LOG/attention.log" | tail -5
 echo "== attention memcheck";  compute-sanitizer --tool memcheck /tmp/attention_check quick > "$LOG/attention_memcheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/attention_memcheck.log"
 echo "== attention racecheck"; compute-sanitizer --tool racecheck /tmp/attention_check quick > "$LOG/attention_racecheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/attention_racecheck.log"
@@ -37,6 +42,6 @@ echo "== checker";    /tmp/nvfp4_check check > "$LOG/check.log" 2>&1; echo "rc=$
 echo "== memcheck";   compute-sanitizer --tool memcheck /tmp/nvfp4_check check quick > "$LOG/memcheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/memcheck.log"
 echo "== racecheck";  compute-sanitizer --tool racecheck /tmp/nvfp4_check check quick > "$LOG/racecheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/racecheck.log"
 echo "== variants";   /tmp/nvfp4_check bench 12 > "$LOG/harness_bench.log" 2>&1; echo "rc=$?"
-echo "== pytest";     PYTHONPATH=$ROOT $PY -m pytest -q -p no:cacheprovider tests/test_cuda_ffi.py tests/test_nvfp4_matmul.py tests/test_decode_attention.py > "$LOG/pytest.log" 2>&1; echo "rc=$?"; tail -3 "$LOG/pytest.log"
+echo "== pytest";     PYTHONPATH=$ROOT $PY -m pytest -q -p no:cacheprovider tests/test_cuda_ffi.py tests/test_nvfp4_matmul.py tests/test_decode_attention.py tests/test_decoder_layers.py > "$LOG/pytest.log" 2>&1; echo "rc=$?"; tail -3 "$LOG/pytest.log"
 echo "== benchmark";  PYTHONPATH=$ROOT $PY benchmarks/kernels.py --m 1,2,4,8,16 --m-other 1,8 --out "$LOG/kernels.json" > "$LOG/kernels.log" 2>&1; echo "rc=$?"
 grep -A400 "^shape" "$LOG/kernels.log"

@@ -215,7 +215,7 @@ class JaxBackend:
       chat: apply the tokenizer's chat template to each prompt.
       implementation: NVFP4 matmul backend(s) (``"cuda"``, ``"pallas"``,
         ``"xla"``); None lets ``reset_jax.nvfp4.matmul`` choose.
-      fuse: the CLI's ``--fuse`` (``"none"``, ``"norms"``, ``"attention"``, ``"all"``),
+      fuse: the CLI's ``--fuse`` (``"none"``, ``"norms"``, ``"attention"``, ``"all"``, ``"layers"``),
         applied to every model loaded (``reset_jax.cli.apply_fuse``).
     """
 
