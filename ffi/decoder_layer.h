@@ -46,7 +46,7 @@ struct DecoderLayerArgs {
   int64_t M = 0, D = 0, F = 0;
   void* x_out = nullptr;    // [M, D] bf16: x' = x + h + o
   void* h_out = nullptr;    // [M, D] bf16: h' = the MLP output
-  void* scratch = nullptr;  // DecoderLayerScratchBytes(...) bytes, 256-byte aligned
+  void* scratch = nullptr;  // DecoderLayerScratchBytes(...) bytes, 16-byte aligned
   size_t scratch_bytes = 0;
   bool pdl = false;         // programmatic dependent launches inside the layer (sm_90+)
   int pdl_edges = -1;       // which kernels are launched as dependents (kPdl* bits);

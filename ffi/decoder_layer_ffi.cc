@@ -1,5 +1,5 @@
 // XLA FFI handler for decode steps of consecutive decoder layers in one custom call (see
-// decoder_layer.h and reset_jax/fused_layers.py).
+// decoder_layer.h and reset_jax/decoder_layers.py).
 //
 // Exported symbol (registered from Python with jax.ffi.register_ffi_target):
 //   ResetJaxDecoderLayers(x, h, cos, sin, positions, layers, k_cache, v_cache,
@@ -104,7 +104,7 @@ ffi::Error DecoderLayersImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuff
     return Invalid(std::to_string(rest.size()) + " weight operands for " + std::to_string(n) +
                    " layers (need " + std::to_string(kPerLayer) + " per layer)");
   // Widths from the first layer's weights: qkv [(Hq + 2 Hkv) Dh, D], gate_up [2F, D].
-  auto qkv0 = rest.get<ffi::AnyBuffer>(1), gu0 = rest.get<ffi::AnyBuffer>(11);
+  auto qkv0 = rest.get<ffi::AnyBuffer>(1), gu0 = rest.get<ffi::AnyBuffer>(10);  // codes
   if (qkv0.has_error() || gu0.has_error()) return Invalid("missing weight operands");
   const auto qd = qkv0.value().dimensions(), gd = gu0.value().dimensions();
   if (qd.size() != 2 || gd.size() != 2 || Dh < 1 || qd[0] % Dh != 0 || gd[0] % 2 != 0)

@@ -98,8 +98,10 @@ namespace {
 // The decoder's pre-norm, one row per CTA (the host API's LaunchAddRmsNorm):
 //   r  = bf16(x + h);  xn = bf16(w * bf16(r * rsqrt(sum(r^2) / K + eps)))
 // with the sum of squares in float32; K % 8 == 0, rows 16-byte aligned.
+// x and h are not __restrict__: nvcc would turn their loads into ld.global.nc, which a
+// programmatic dependent launch rules out (pdl.cuh: an earlier kernel writes them).
 __global__ void __launch_bounds__(256) AddRmsNormKernel(
-    const uint4* __restrict__ x, const uint4* __restrict__ h, const uint4* __restrict__ w,
+    const uint4* x, const uint4* h, const uint4* __restrict__ w,
     float eps, uint4* __restrict__ r_out, uint4* __restrict__ xn, int K) {
   __shared__ float part[8];
   rjpdl::PdlLaunchDependents();

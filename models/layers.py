@@ -575,8 +575,9 @@ def fuse_decoder(
     SwiGLU, down GEMV) then run in one custom call, launched as programmatic
     dependents on sm_90+ so each kernel's start overlaps the previous one's tail.
     Prefill, and any step the custom call cannot serve (CPU, M > 16, a layer that
-    does not fit), keep the per-layer path; results are the same up to SwiGLU's
-    last float32 bit.
+    does not fit), keep the per-layer path; results are the same up to float32
+    summation order (the first layer's norm runs in the fused add + norm kernel) and
+    SwiGLU's last float32 bit.
 
     Args:
       model: a ``CausalLM`` (changed in place).
@@ -584,7 +585,7 @@ def fuse_decoder(
         so the kernels chain across layers too).
       pdl: programmatic dependent launches (False: plain launches, for A/B).
       implementation: ``decode_layers``' ``implementation`` (None: CUDA where it
-        serves, else the per-layer path).
+        serves, else the per-layer path; ``"xla"``: the XLA composition for every step).
 
     Returns:
       the number of layers that the chained path covers (0: it stays off).
@@ -745,16 +746,26 @@ class CausalLM(nnx.Module):
     def _run_chained(self, x, positions, cos, sin, cache):
         """A decode step through ``decode_layers``; None where it cannot serve the step."""
         mode, pdl, impl = self.decoder_chain
-        weights = [layer.chain_weights() for layer in self.model.layers]
+        layers = self.model.layers
+        weights = [layer.chain_weights() for layer in layers]
         if any(w is None for w in weights):
             return None
-        x2 = x[:, 0]  # [B, D]
-        if impl is None and decoder_layers.cuda_unsupported_reason(x2, cache.k, weights):
-            return None  # the per-layer path (the composition of the same ops)
-        first = self.model.layers[0]
+        first = layers[0]
         eps = first.input_layernorm.eps
         attn = first.self_attn
         attn_eps = eps if attn.q_norm is None else attn.q_norm.eps
+        same = all(
+            ly.input_layernorm.eps == eps
+            and ly.self_attn.head_dim == attn.head_dim
+            and (ly.self_attn.q_norm is None or ly.self_attn.q_norm.eps == attn_eps)
+            for ly in layers
+        )
+        x2 = x[:, 0]  # [B, D]
+        if not same or (
+            impl is None
+            and decoder_layers.cuda_unsupported_reason(x2, cache.k, weights, v_cache=cache.v)
+        ):
+            return None  # the per-layer path (the composition of the same ops)
         h = jnp.zeros_like(x2)
         ck, cv = cache.k, cache.v
         groups = [weights] if mode == "model" else [[w] for w in weights]

@@ -9,12 +9,13 @@ in full (``benchmarks/KERNEL_NOTES.md``). ``decode_layers`` runs one or more con
 layers in a single custom call whose kernels, on sm_90+, are launched as programmatic
 dependents (PDL): a GEMV's CTAs start and load their weights while the previous kernel
 finishes, and wait on the device for its output. The kernels and their arithmetic are
-those of the separate calls, so the results are the same bits (SwiGLU aside: its
-``expf`` may differ from XLA's in the last float32 bit).
+those of the separate calls, so the results are those of the per-layer CUDA path up to
+SwiGLU (its ``expf`` may differ from XLA's in the last float32 bit) and the first
+layer's norm (the fused add + norm kernel sums the squares in another order).
 
 Backends (``implementation``): ``"cuda"`` (the custom call) and ``"xla"`` (the
 composition of ``nvfp4.fused.add_rms_norm_matmul``, ``attention.decode_attention_packed``
-and ``nvfp4.matmul``: the definition, and what runs wherever the custom call cannot).
+and ``nvfp4.matmul``, each on XLA: the definition).
 
 Shapes: M rows (batch; one new token each), D model width, F MLP width, Hq / Hkv query /
 kv heads, Dh head width, L layers of the stacked cache, T cache slots.
@@ -120,7 +121,12 @@ def _check_args(x, h, cos, sin, positions, k_cache, v_cache, layers, first_layer
 
 
 def cuda_unsupported_reason(
-    x: jax.Array, k_cache: jax.Array, layers: Sequence[LayerWeights]
+    x: jax.Array,
+    k_cache: jax.Array,
+    layers: Sequence[LayerWeights],
+    *,
+    h: jax.Array | None = None,
+    v_cache: jax.Array | None = None,
 ) -> str | None:
     """Why the custom call cannot serve these arguments (a message), or None.
 
@@ -128,6 +134,7 @@ def cuda_unsupported_reason(
       x: ``[M, D]`` activations.
       k_cache: ``[L, M, T, Hkv, Dh]``.
       layers: the layers' weights (shapes already checked).
+      h, v_cache: the pending MLP output and the value cache (default: like x, k_cache).
     """
     from reset_jax.nvfp4 import cuda
 
@@ -138,7 +145,9 @@ def cuda_unsupported_reason(
     hkv, dh = k_cache.shape[3:]
     if not 1 <= m <= MAX_M:
         return f"M = {m} rows; the chained layers serve 1..{MAX_M}"
-    arrays = [x, k_cache] + [a for w in layers for a in (w.input_norm, w.post_norm, w.q_norm, w.k_norm)
+    h = x if h is None else h
+    v_cache = k_cache if v_cache is None else v_cache
+    arrays = [x, k_cache, v_cache, h] + [a for w in layers for a in (w.input_norm, w.post_norm, w.q_norm, w.k_norm)
                              if a is not None]  # fmt: skip
     if any(np.dtype(a.dtype) != _BF16 for a in arrays):
         return "activations, cache and norm weights must all be bfloat16"
@@ -166,20 +175,21 @@ def cuda_unsupported_reason(
 
 
 def _xla(x, h, cos, sin, positions, k_cache, v_cache, layers, first_layer, eps, attn_eps, scale):
-    """The composition, each op on its default backend: the model's per-layer fused path."""
+    """The composition of the separate ops, every one on XLA (the definition)."""
     ck, cv = k_cache, v_cache
     for i, w in enumerate(layers):
-        y, r = add_rms_norm_matmul(x, h, w.input_norm, eps, w.qkv)
+        y, r = add_rms_norm_matmul(x, h, w.input_norm, eps, w.qkv, implementation="xla")
         hq = w.qkv.shape[0] // k_cache.shape[-1] - 2 * k_cache.shape[3]
         norms = {} if w.q_norm is None else dict(q_norm=w.q_norm, k_norm=w.k_norm)
         att, ck, cv = attention.decode_attention_packed(
-            y, hq, cos, sin, positions, ck, cv, first_layer + i, eps=attn_eps, scale=scale, **norms
-        )
-        o = api.matmul(att, w.o)
-        gu, x = add_rms_norm_matmul(r, o, w.post_norm, eps, w.gate_up)
+            y, hq, cos, sin, positions, ck, cv, first_layer + i, eps=attn_eps, scale=scale,
+            implementation="xla", **norms,
+        )  # fmt: skip
+        o = api.matmul(att, w.o, implementation="xla")
+        gu, x = add_rms_norm_matmul(r, o, w.post_norm, eps, w.gate_up, implementation="xla")
         gate, up = jnp.split(gu, 2, axis=-1)
         act = jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
-        h = api.matmul(act.astype(gate.dtype), w.down)
+        h = api.matmul(act.astype(gate.dtype), w.down, implementation="xla")
     return x, h, ck, cv
 
 
@@ -289,8 +299,8 @@ def decode_layers(
       pdl_edges: which kernels (``PDL_*`` bits); None: the measured default.
       pdl_across: also each layer's first kernel after the previous layer's last.
       implementation: ``None`` tries ``cuda -> xla``; a name or a sequence restricts
-        and orders the candidates (``"xla"``: the composition of the separate ops, each
-        on its own default backend).
+        and orders the candidates (``"xla"``: the composition of the separate ops, all
+        on XLA).
 
     Returns:
       ``(x' [M, D], h' [M, D], k_cache, v_cache)`` of the last layer.
@@ -314,7 +324,7 @@ def decode_layers(
     for name in order:
         if name == "xla":
             return _xla(*args)
-        why = cuda_unsupported_reason(x, k_cache, layers)
+        why = cuda_unsupported_reason(x, k_cache, layers, h=h, v_cache=v_cache)
         if why is None:
             return _cuda(*args, pdl, pdl_edges, pdl_across)
         reasons.append(f"cuda: {why}")

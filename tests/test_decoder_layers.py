@@ -69,7 +69,8 @@ def test_chained_path_matches_per_layer_path(family, mode, monkeypatch):
     calls = []
     real = decoder_layers._xla
     monkeypatch.setattr(decoder_layers, "_xla", lambda *a: calls.append(len(a[7])) or real(*a))
-    plain, chained = _models(_config(family), jnp.float32, dict(mode=mode, implementation="xla"))
+    plain, chained = _models(_config(family), jnp.float32, dict(mode=mode, implementation="xla"),
+                             implementation="xla")  # fmt: skip
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 257, (2, 7)), jnp.int32)
     tok_a, hid_a = _decode(plain, ids)
     tok_b, hid_b = _decode(chained, ids)
@@ -80,7 +81,8 @@ def test_chained_path_matches_per_layer_path(family, mode, monkeypatch):
 
 
 def test_chained_path_bf16_and_prefill_untouched():
-    plain, chained = _models(_config(), jnp.bfloat16, dict(mode="layer", implementation="xla"))
+    plain, chained = _models(_config(), jnp.bfloat16, dict(mode="layer", implementation="xla"),
+                             implementation="xla")  # fmt: skip
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 257, (3, 6)), jnp.int32)
     tok_a, hid_a = _decode(plain, ids)
     tok_b, hid_b = _decode(chained, ids)
@@ -193,3 +195,43 @@ def test_cuda_chain_is_in_the_compiled_step():
     text = jax.jit(step).lower(params, cache).as_text()
     assert text.count("reset_jax_decoder_layers") == 1
     assert "reset_jax_decode_attention" not in text
+
+
+@gpu
+@pytest.mark.parametrize("batch", [1, 8])
+def test_cuda_call_against_xla_composition(batch):
+    """One call of two layers, distinct epsilons, random norm weights, 5 attention chunks."""
+    config = _config(head_dim=128, hidden=512)
+    model = build_model(config, dtype=jnp.bfloat16, seed=7, quantize="nvfp4", fuse_norms=True)
+    rng = np.random.default_rng(batch)
+    w = []
+    for layer in model.model.layers[:2]:
+        lw = layer.chain_weights()
+        rand = lambda a: jnp.asarray(1 + 0.3 * rng.standard_normal(a.shape), jnp.bfloat16)  # noqa: E731
+        w.append(lw._replace(input_norm=rand(lw.input_norm), post_norm=rand(lw.post_norm),
+                             q_norm=rand(lw.q_norm), k_norm=rand(lw.k_norm)))  # fmt: skip
+    t, d = 300, config.hidden_size
+    k_cache = jnp.asarray(rng.standard_normal((3, batch, t, 2, 128)), jnp.bfloat16)
+    v_cache = jnp.asarray(rng.standard_normal((3, batch, t, 2, 128)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((batch, d)), jnp.bfloat16)
+    h = jnp.asarray(0.5 * rng.standard_normal((batch, d)), jnp.bfloat16)
+    pos = jnp.asarray(rng.integers(200, t, batch), jnp.int32)
+    ang = np.asarray(pos)[:, None] * 10000.0 ** (-np.arange(64) / 64)
+    cos, sin = jnp.asarray(np.cos(ang), jnp.float32), jnp.asarray(np.sin(ang), jnp.float32)
+
+    def run(impl):
+        f = jax.jit(lambda *a: decoder_layers.decode_layers(
+            *a, w, 1, eps=1e-5, attn_eps=1e-3, implementation=impl))  # fmt: skip
+        return [np.asarray(o, np.float64) for o in f(x, h, cos, sin, pos, k_cache, v_cache)]
+
+    got, want = run("cuda"), run("xla")
+    for name, a, b in zip(("x", "h"), got[:2], want[:2]):
+        err = np.linalg.norm(a - b) / np.linalg.norm(b)
+        assert np.isfinite(a).all() and err <= 2e-2, (name, err)
+    rows = np.arange(batch)
+    for a, b in zip(got[2:], want[2:]):  # caches: layers 1 and 2 written at pos, the rest kept
+        for layer in (1, 2):
+            new_a, new_b = a[layer, rows, np.asarray(pos)], b[layer, rows, np.asarray(pos)]
+            assert np.linalg.norm(new_a - new_b) / np.linalg.norm(new_b) <= 1e-2
+            a[layer, rows, np.asarray(pos)] = b[layer, rows, np.asarray(pos)]
+        np.testing.assert_array_equal(a, b)

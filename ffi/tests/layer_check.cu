@@ -296,6 +296,10 @@ int Check(bool quick) {
   const Shape gqa4 = {"gqa4-d64", 576, 1536, 16, 4, 64, 2, 200};
   const Shape q8b = {"qwen3-8b", 4096, 12288, 32, 8, 128, 2, 700};
   int failed = 0, total = 0;
+  // The default edges, then every kernel as a dependent (the benchmarks' "31").
+  for (int edges : {-1, 31}) {
+  g_edges = edges;
+  std::printf("pdl_edges %d\n", edges);
   for (int M : quick ? std::vector<int>{1, 3} : std::vector<int>{1, 2, 3, 8, 16}) {
     failed += !CheckShape(small, M, 100 + M);
     ++total;
@@ -309,6 +313,8 @@ int Check(bool quick) {
       failed += !CheckShape(q8b, M, 300 + M);
       ++total;
     }
+  }
+  g_edges = -1;
   std::printf("layer check: %d of %d cases failed\n", failed, total);
   return failed ? 1 : 0;
 }
