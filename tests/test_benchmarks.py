@@ -15,14 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_decode_benchmark_tiny(tmp_path):
     out = tmp_path / "decode.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--models", "tiny",
-           "--variants", "bf16,xla-w4a16,xla-w4a16-qall", "--batch", "1",
+           "--variants", "bf16,xla-w4a16,xla-w4a16-qall,cuda-w4a16-chain-model", "--batch", "1",
            "--samplers", "reset", "--also-fixed", "xla-w4a16", "--prompt-len", "8",
            "--new-tokens", "6", "--repeats", "1", "--json", str(out)]  # fmt: skip
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     records = {r["variant"]: r for r in json.loads(out.read_text())}
-    assert set(records) == {"bf16", "xla-w4a16", "xla-w4a16-qall"}
+    # (the chained variant runs its CPU fallback: the per-layer path)
+    assert set(records) == {"bf16", "xla-w4a16", "xla-w4a16-qall", "cuda-w4a16-chain-model"}
     for r in records.values():
         assert "error" not in r, r.get("error")
         for x in r["results"]:
