@@ -8,6 +8,22 @@
 #include "pdl.cuh"
 
 namespace rjattn {
+
+#ifdef RJATTN_TRACE
+// Checker builds only (-DRJATTN_TRACE; ffi/tests/layer_check placement): where and when each
+// live CTA of the partial kernel starts: {SM id, %globaltimer ns} per CTA of the last launch.
+constexpr int kTraceSlots = 4096;
+__device__ unsigned long long g_attn_trace[2 * kTraceSlots];
+cudaError_t ReadAttnTrace(unsigned long long* host, int ctas) {
+  return cudaMemcpyFromSymbol(host, g_attn_trace, sizeof(unsigned long long) * 2 *
+                                                      (ctas < kTraceSlots ? ctas : kTraceSlots));
+}
+cudaError_t ClearAttnTrace() {
+  static unsigned long long zeros[2 * kTraceSlots] = {};
+  return cudaMemcpyToSymbol(g_attn_trace, zeros, sizeof(zeros));
+}
+#endif
+
 namespace {
 
 constexpr int kWarps = 4;  // warps per CTA in both kernels' loops over slots
@@ -63,6 +79,19 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
   const int pos = ClampPos(raw_pos, T);
   const int t0 = c * kChunk;
   if (t0 > pos) return;  // nothing visible in this chunk; the combine kernel skips it
+#ifdef RJATTN_TRACE
+  if (threadIdx.x == 0) {
+    const int cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    unsigned smid;
+    unsigned long long ns;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+    if (cta < kTraceSlots) {
+      g_attn_trace[2 * cta] = smid + 1;  // 0: no live CTA
+      g_attn_trace[2 * cta + 1] = ns;
+    }
+  }
+#endif
   const int n = min(kChunk, pos + 1 - t0);
   // A negative layer counts from the end (as XLA indexes); out of range is clamped.
   const int layer_raw = *a.layer;

@@ -3,6 +3,7 @@
 //   nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/layer_check.cu ffi/decoder_layer.cu \
 //        ffi/nvfp4_kernels.cu ffi/attention_kernels.cu -o layer_check
 //   ./layer_check check     # PDL chain == plain launches, bit for bit (poisoned outputs)
+//   ./layer_check placement  # (built with -DRJATTN_TRACE) where the attention CTAs run
 //   ./layer_check bench [reps [edges]]  # us per layer over L layers in one CUDA graph: PDL off / in
 //                           # the layer / across layers too (Qwen3-8B and -32B shapes)
 //
@@ -380,9 +381,72 @@ int Bench(int reps) {
 
 }  // namespace
 
+#ifdef RJATTN_TRACE
+namespace rjattn {
+cudaError_t ReadAttnTrace(unsigned long long* host, int ctas);
+cudaError_t ClearAttnTrace();
+}  // namespace rjattn
+
+namespace {
+
+// Where the attention partial kernel's live CTAs run, launched plainly and as a dependent
+// of the qkv GEMV (pdl_edges 30 vs 31): distinct SMs, the most CTAs on one SM, and the
+// spread of their start times.  Tests the reading in KERNEL_NOTES ("Fifth session"): a
+// dependent grid piles onto the first SMs that free up.
+int Placement() {
+  const Shape shapes[] = {{"qwen3-8b", 4096, 12288, 32, 8, 128, 2, 1024},
+                          {"qwen3-32b", 5120, 25600, 64, 8, 128, 2, 1024}};
+  cudaStream_t st;
+  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  std::printf("%-10s %2s %6s %6s %8s %10s %12s\n", "shape", "M", "edges", "CTAs", "SMs",
+              "max/SM", "start span us");
+  for (const Shape& sh : shapes) {
+    std::mt19937_64 rng(11);
+    LayerBufs w = MakeLayer(sh, rng, false);
+    for (int M : {1, 8}) {
+      Io io = MakeIo(sh, M, rng, 600, 680);
+      const int ctas = rjattn::NumChunks(sh.T) * sh.Hkv * M;
+      for (int edges : {30, 31}) {
+        g_edges = edges;
+        for (int rep = 0; rep < 3; ++rep) {  // the last of 3 launches (warm)
+          CK(rjattn::ClearAttnTrace());
+          CK(rjlayer::LaunchDecoderLayer(Args(sh, M, w, io, 0, io.x, io.h, io.x2, io.h2, true, false), st));
+          CK(cudaStreamSynchronize(st));
+        }
+        std::vector<unsigned long long> tr(2 * ctas);
+        CK(rjattn::ReadAttnTrace(tr.data(), ctas));
+        std::vector<int> per_sm(1024, 0);
+        unsigned long long t_min = ~0ull, t_max = 0;
+        int live = 0;
+        for (int c = 0; c < ctas; ++c) {
+          if (tr[2 * c] == 0) continue;
+          ++live;
+          ++per_sm[(tr[2 * c] - 1) % 1024];
+          t_min = std::min(t_min, tr[2 * c + 1]);
+          t_max = std::max(t_max, tr[2 * c + 1]);
+        }
+        const int sms = static_cast<int>(std::count_if(per_sm.begin(), per_sm.end(), [](int n) { return n > 0; }));
+        const int most = *std::max_element(per_sm.begin(), per_sm.end());
+        std::printf("%-10s %2d %6d %6d %8d %10d %12.2f\n", sh.name, M, edges, live, sms, most,
+                    live ? (t_max - t_min) * 1e-3 : 0.0);
+      }
+      g_edges = -1;
+      FreeIo(io);
+    }
+    FreeLayer(w);
+  }
+  return 0;
+}
+
+}  // namespace
+#endif
+
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "check";
   if (mode == "check") return Check(argc > 2 && std::string(argv[2]) == "quick");
+#ifdef RJATTN_TRACE
+  if (mode == "placement") return Placement();
+#endif
   if (mode == "bench") {
     if (argc > 3) g_edges = std::atoi(argv[3]);
     return Bench(argc > 2 ? std::atoi(argv[2]) : 20);
