@@ -9,9 +9,6 @@
 namespace rjlayer {
 namespace {
 
-constexpr size_t kAlign = 256;  // offsets inside the scratch (the base needs only 16)
-size_t Up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-
 // Offsets of the intermediates inside the scratch buffer.
 struct Layout {
   size_t r1, xn, qkv, partial, att, o, gu, act, total;
@@ -23,7 +20,7 @@ Layout MakeLayout(int64_t M, int64_t D, int64_t F, int64_t Hq, int64_t Hkv, int6
   size_t at = 0;
   auto take = [&](size_t bytes) {
     const size_t off = at;
-    at += Up(bytes);
+    at += ScratchRoundUp(bytes);
     return off;
   };
   const size_t bf = 2;
@@ -87,6 +84,11 @@ bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 }  // namespace
 
+size_t ScratchRoundUp(size_t bytes) {
+  constexpr size_t kAlign = 256;  // offsets inside the scratch (the base needs only 16)
+  return (bytes + kAlign - 1) / kAlign * kAlign;
+}
+
 int DefaultPdlEdges(int64_t M) { return M <= 2 ? kPdlO | kPdlGateUp | kPdlSwiGlu | kPdlDown : kPdlO | kPdlGateUp; }
 
 size_t DecoderLayerScratchBytes(int64_t M, int64_t D, int64_t F, int64_t Hq, int64_t Hkv,
@@ -122,7 +124,6 @@ cudaError_t LaunchDecoderLayer(const DecoderLayerArgs& a, cudaStream_t stream) {
   const bool pdl_on = a.pdl && rjpdl::DeviceSupportsPdl(device);
   const int edges = a.pdl_edges < 0 ? DefaultPdlEdges(a.M) : a.pdl_edges;
   auto pdlb = [&](int bit) { return pdl_on && ((edges >> bit) & 1); };
-  const bool pdl = pdl_on;
   const int64_t M = a.M, D = a.D, F = a.F, Hq = a.attn.Hq, Hkv = a.attn.Hkv, Dh = a.attn.D;
   const Layout l = MakeLayout(M, D, F, Hq, Hkv, Dh, a.attn.T);
   char* s = static_cast<char*>(a.scratch);
@@ -131,7 +132,7 @@ cudaError_t LaunchDecoderLayer(const DecoderLayerArgs& a, cudaStream_t stream) {
   const int64_t wq = (Hq + 2 * Hkv) * Dh;
 
   // r1 = x + h; qkv = rmsnorm(r1) * ln1 @ Wqkv^T
-  nvfp4::GemvArgs g = Gemv(a.qkv, a.x, qkv, M, wq, D, pdl && a.pdl_first);
+  nvfp4::GemvArgs g = Gemv(a.qkv, a.x, qkv, M, wq, D, pdl_on && a.pdl_first);
   if (cudaError_t e = nvfp4::LaunchGemvAddNorm(g, a.h, a.ln1, a.eps, r1, xn, stream);
       e != cudaSuccess)
     return e;

@@ -67,6 +67,10 @@ constexpr int kPdlDown = 16;
 // up and loses its spread), down only at M <= 2.
 int DefaultPdlEdges(int64_t M);
 
+// Sizes inside the scratch are rounded up to 256 bytes (so each intermediate starts
+// aligned); callers laying out more buffers beside it use the same rounding.
+size_t ScratchRoundUp(size_t bytes);
+
 // Bytes of scratch one call needs (intermediates: r1, the norm scratch, qkv, the attention
 // partials and output, o, gate+up, the SwiGLU output).
 size_t DecoderLayerScratchBytes(int64_t M, int64_t D, int64_t F, int64_t Hq, int64_t Hkv,

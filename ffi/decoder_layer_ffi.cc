@@ -42,12 +42,10 @@ ffi::Error Invalid(const std::string& msg) {
   return ffi::Error::InvalidArgument("reset_jax decoder layers: " + msg);
 }
 
-size_t Up(size_t n) { return (n + 255) / 256 * 256; }
-
 // The scratch: four [M, D] buffers (the activations between layers), then one layer's.
 size_t ScratchBytes(int64_t M, int64_t D, int64_t F, int64_t Hq, int64_t Hkv, int64_t Dh,
                     int64_t S) {
-  return 4 * Up(size_t(M) * D * 2) + rjlayer::DecoderLayerScratchBytes(M, D, F, Hq, Hkv, Dh, S);
+  return 4 * rjlayer::ScratchRoundUp(size_t(M) * D * 2) + rjlayer::DecoderLayerScratchBytes(M, D, F, Hq, Hkv, Dh, S);
 }
 
 // Checks one layer's NVFP4 weight [N, K] (operands i, i+1, i+2) and returns it.
@@ -128,7 +126,7 @@ ffi::Error DecoderLayersImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuff
     return ffi::Error::Internal(std::string("reset_jax decoder layers: cache copy: ") +
                                 cudaGetErrorString(err));
   char* s = static_cast<char*>(scratch->untyped_data());
-  const size_t act = Up(size_t(M) * D * 2);
+  const size_t act = rjlayer::ScratchRoundUp(size_t(M) * D * 2);
   void* ping[2][2] = {{s, s + act}, {s + 2 * act, s + 3 * act}};  // [buffer][x or h]
   const int32_t* layer_ids = static_cast<const int32_t*>(layers.untyped_data());
   for (int64_t i = 0; i < n; ++i) {

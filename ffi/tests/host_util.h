@@ -1,10 +1,12 @@
 // Host helpers shared by the standalone checkers (nvfp4_check.cu, attention_check.cu).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include <cuda_runtime_api.h>
 
@@ -33,4 +35,40 @@ inline float FloatFromBf16(uint16_t h) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
+}
+
+// The median of v (the upper one of the middle two for an even count).
+inline float Median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Captures enqueue(stream) into one CUDA graph, replays it reps + 2 times (the first two
+// are warm-up) between CUDA events and returns the median replay time in milliseconds.
+template <typename Enqueue>
+float GraphMedianMs(cudaStream_t st, int reps, Enqueue&& enqueue) {
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+  enqueue(st);
+  CK(cudaStreamEndCapture(st, &graph));
+  CK(cudaGraphInstantiate(&exec, graph, 0));
+  std::vector<float> ts;
+  for (int r = 0; r < reps + 2; ++r) {
+    CK(cudaEventRecord(e0, st));
+    CK(cudaGraphLaunch(exec, st));
+    CK(cudaEventRecord(e1, st));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    if (r >= 2) ts.push_back(ms);
+  }
+  CK(cudaGraphExecDestroy(exec));
+  CK(cudaGraphDestroy(graph));
+  CK(cudaEventDestroy(e0));
+  CK(cudaEventDestroy(e1));
+  return Median(ts);
 }

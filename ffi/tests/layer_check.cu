@@ -320,20 +320,12 @@ int Check(bool quick) {
   return failed ? 1 : 0;
 }
 
-float Median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
 // L layers of distinct weights in one CUDA graph, the cache at position ~640.
 int Bench(int reps) {
   const Shape shapes[] = {{"qwen3-8b", 4096, 12288, 32, 8, 128, 36, 1024},
                           {"qwen3-32b", 5120, 25600, 64, 8, 128, 16, 1024}};
   cudaStream_t st;
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
   std::printf("%-10s %2s %-10s %10s %10s\n", "shape", "M", "pdl", "us/layer", "vs off");
   for (const Shape& sh : shapes) {
     std::mt19937_64 rng(7);
@@ -343,34 +335,19 @@ int Bench(int reps) {
       Io io = MakeIo(sh, M, rng, 600, 680);
       float off_us = 0.f;
       for (int mode = 0; mode < 3; ++mode) {  // off, in the layer, across layers too
-        cudaGraph_t g;
-        cudaGraphExec_t ge;
-        CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-        for (int l = 0; l < sh.L; ++l) {
-          const bool even = l % 2 == 0;
-          CK(rjlayer::LaunchDecoderLayer(
-              Args(sh, M, w[l], io, l, even ? io.x : io.x2, even ? io.h : io.h2,
-                   even ? io.x2 : io.x, even ? io.h2 : io.h, mode > 0, mode > 1 && l > 0),
-              st));
-        }
-        CK(cudaStreamEndCapture(st, &g));
-        CK(cudaGraphInstantiate(&ge, g, 0));
-        std::vector<float> ts;
-        for (int r = 0; r < reps + 2; ++r) {
-          CK(cudaEventRecord(e0, st));
-          CK(cudaGraphLaunch(ge, st));
-          CK(cudaEventRecord(e1, st));
-          CK(cudaEventSynchronize(e1));
-          float ms;
-          CK(cudaEventElapsedTime(&ms, e0, e1));
-          if (r >= 2) ts.push_back(ms);
-        }
-        const float us = Median(ts) * 1e3f / sh.L;
+        const float us = GraphMedianMs(st, reps, [&](cudaStream_t s) {
+                           for (int l = 0; l < sh.L; ++l) {
+                             const bool even = l % 2 == 0;
+                             CK(rjlayer::LaunchDecoderLayer(
+                                 Args(sh, M, w[l], io, l, even ? io.x : io.x2, even ? io.h : io.h2,
+                                      even ? io.x2 : io.x, even ? io.h2 : io.h, mode > 0,
+                                      mode > 1 && l > 0),
+                                 s));
+                           }
+                         }) * 1e3f / sh.L;
         if (mode == 0) off_us = us;
         const char* names[] = {"off", "in-layer", "all"};
         std::printf("%-10s %2d %-10s %10.2f %10.3f\n", sh.name, M, names[mode], us, us / off_us);
-        CK(cudaGraphExecDestroy(ge));
-        CK(cudaGraphDestroy(g));
       }
       FreeIo(io);
     }

@@ -518,11 +518,6 @@ __global__ void ReadKernel(const uint4* p, size_t n, uint32_t* out) {
   if (acc == 0x12345678u) *out = acc;
 }
 
-float Median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
 int Bench(int reps) {
   Scratch();  // allocated before any stream capture
   cudaDeviceProp prop;
@@ -600,38 +595,22 @@ int Bench(int reps) {
       std::vector<Variant> vs(std::begin(kVariants), std::end(kVariants));
       vs.insert(vs.end(), std::begin(kBenchNormVariants), std::end(kBenchNormVariants));
       for (const Variant& v : vs) {
-        cudaGraph_t graph;
-        cudaGraphExec_t exec;
-        CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-        for (int l = 0; l < L; ++l) {
-          nvfp4::GemvArgs a;
-          a.x = x;
-          a.codes = cw[l];
-          a.scales = sw[l];
-          a.wscale = ws;
-          a.y = y;
-          a.M = M;
-          a.N = sh.N;
-          a.K = sh.K;
-          CK(v.fn(a, st));
-        }
-        CK(cudaStreamEndCapture(st, &graph));
-        CK(cudaGraphInstantiate(&exec, graph, 0));
-        std::vector<float> ts;
-        for (int r = 0; r < reps + 2; ++r) {
-          CK(cudaEventRecord(e0, st));
-          CK(cudaGraphLaunch(exec, st));
-          CK(cudaEventRecord(e1, st));
-          CK(cudaEventSynchronize(e1));
-          float ms;
-          CK(cudaEventElapsedTime(&ms, e0, e1));
-          if (r >= 2) ts.push_back(ms);
-        }
-        const double us = Median(ts) * 1e3 / L;
+        const double us = GraphMedianMs(st, reps, [&](cudaStream_t s) {
+                            for (int l = 0; l < L; ++l) {
+                              nvfp4::GemvArgs a;
+                              a.x = x;
+                              a.codes = cw[l];
+                              a.scales = sw[l];
+                              a.wscale = ws;
+                              a.y = y;
+                              a.M = M;
+                              a.N = sh.N;
+                              a.K = sh.K;
+                              CK(v.fn(a, s));
+                            }
+                          }) * 1e3 / L;
         const double bytes = wbytes + 2.0 * M * (sh.K + sh.N);
         std::printf("%-13s %3d %-6s %9.2f %8.0f\n", sh.name, M, v.name, us, bytes / us / 1e3);
-        CK(cudaGraphExecDestroy(exec));
-        CK(cudaGraphDestroy(graph));
       }
     }
     for (int l = 0; l < L; ++l) {
