@@ -26,7 +26,6 @@ cudaError_t ClearAttnTrace() {
 
 namespace {
 
-constexpr int kWarps = 4;  // warps per CTA in both kernels' loops over slots
 
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
@@ -60,10 +59,32 @@ __device__ __forceinline__ void Unpack(const LaneVec<E>& v, float (&f)[E]) {
 
 __device__ __forceinline__ int ClampPos(int p, int T) { return min(max(p, 0), T - 1); }
 
+// Output element d of one query head from its nc chunk partials (max, sum, unnormalized
+// P.V at base + c * stride): sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c, in chunk
+// order.  Reads through L2 (the partials were written by other CTAs of this grid or of
+// the previous one).
+template <int D>
+__device__ __forceinline__ void CombineOne(const float* base, size_t stride, int nc, int d,
+                                           __nv_bfloat16* out) {
+  float m = -FLT_MAX;
+  for (int c = 0; c < nc; ++c) m = fmaxf(m, __ldcg(base + c * stride + D));
+  float l = 0.f, o = 0.f;
+  for (int c = 0; c < nc; ++c) {
+    const float w = expf(__ldcg(base + c * stride + D) - m);
+    l = fmaf(w, __ldcg(base + c * stride + D + 1), l);
+    o = fmaf(w, __ldcg(base + c * stride + d), o);
+  }
+  *out = __float2bfloat16_rn(o / l);
+}
+
 // All global loads are issued first (cache rows of this chunk, the new rows, cos / sin),
 // so a CTA waits for memory about once. Scores: 8 lanes per slot (4 slots per warp
 // instruction, a 3-step shuffle sum); P.V: one warp per slot, lanes over D.
-template <int D, int G>
+//
+// kWarps warps per CTA: 8 where the grid is small (B <= 2: fewer slots per warp shorten each
+// CTA's chain of dependent steps, 1 CTA per SM either way), 4 above (at B = 8 the live
+// CTAs outnumber the SMs' slots and 4-warp CTAs fit twice as many per SM).
+template <int D, int G, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttentionArgs a) {
   constexpr int E = D / 32;                       // elements per lane, warp-per-slot layout
   constexpr int EK = D / 8;                       // elements per lane, 8-lanes-per-slot layout
@@ -73,6 +94,7 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
   constexpr int RPW = (G + 1 + kWarps - 1) / kWarps;  // new rows (G queries + key) per warp
   const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  RJ_TIMELINE_SCOPE(5);
   rjpdl::PdlLaunchDependents();
   const int T = a.T;
   const int raw_pos = a.positions[b];
@@ -133,8 +155,20 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
                 ? __ldg(reinterpret_cast<const LaneVec<E>*>(vc + t * slot_stride) + lane)
                 : LaneVec<E>{};
   }
+  // Inputs of the whole call, not written by any kernel of the chain: read before the wait.
+  const bool has_norm = a.q_norm != nullptr;
+  float qw[E], kw[E], cs[E], sn[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int d = lane * E + e, f = d % (D / 2);
+    qw[e] = has_norm ? __bfloat162float(static_cast<const __nv_bfloat16*>(a.q_norm)[d]) : 1.f;
+    kw[e] = has_norm ? __bfloat162float(static_cast<const __nv_bfloat16*>(a.k_norm)[d]) : 1.f;
+    cs[e] = a.cos[size_t(b) * (D / 2) + f];
+    sn[e] = a.sin[size_t(b) * (D / 2) + f];
+  }
   // The cache loads are on their way; q / k / v come from the previous kernel (pdl.cuh).
   rjpdl::PdlWait();
+  RJ_TIMELINE_WAITED();
   const __nv_bfloat16* qsrc =
       static_cast<const __nv_bfloat16*>(a.q) + size_t(b) * a.qkv_stride + size_t(h) * G * D;
   const __nv_bfloat16* ksrc =
@@ -148,16 +182,6 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
     const __nv_bfloat16* src = r < G ? qsrc + size_t(r) * D : ksrc;
 #pragma unroll
     for (int e = 0; e < E; ++e) x[i][e] = r <= G ? __bfloat162float(src[lane * E + e]) : 0.f;
-  }
-  const bool has_norm = a.q_norm != nullptr;
-  float qw[E], kw[E], cs[E], sn[E];
-#pragma unroll
-  for (int e = 0; e < E; ++e) {
-    const int d = lane * E + e, f = d % (D / 2);
-    qw[e] = has_norm ? __bfloat162float(static_cast<const __nv_bfloat16*>(a.q_norm)[d]) : 1.f;
-    kw[e] = has_norm ? __bfloat162float(static_cast<const __nv_bfloat16*>(a.k_norm)[d]) : 1.f;
-    cs[e] = a.cos[size_t(b) * (D / 2) + f];
-    sn[e] = a.sin[size_t(b) * (D / 2) + f];
   }
   for (int d = threadIdx.x; d < D; d += kWarps * 32) vn[d] = vsrc[d];
 
@@ -286,37 +310,58 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
     part[threadIdx.x * (D + 2) + D] = mx[threadIdx.x];
     part[threadIdx.x * (D + 2) + D + 1] = sm[threadIdx.x];
   }
+  if (a.counters == nullptr) return;  // AttnCombineKernel merges
+
+  // ---- the last of the row's live chunks (for this kv head) merges them all ----
+  // The classic last-block pattern: every thread's partial stores are made visible
+  // device-wide before thread 0 counts this CTA; the CTA that counts last reads every
+  // chunk's partial through L2 (ld.cg: no stale L1 line) and leaves the counter at zero.
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned* cnt = a.counters + size_t(b) * a.Hkv + h;
+    const unsigned nc = static_cast<unsigned>(pos / kChunk + 1);  // CTAs past pos left early
+    last = atomicAdd(cnt, 1u) == nc - 1;
+    if (last) *cnt = 0u;  // every chunk of this pair has counted
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int nc = pos / kChunk + 1;
+  const size_t stride = size_t(G) * (D + 2);
+  const float* pb = a.partial + (size_t(b) * a.Hkv + h) * C * stride;
+  for (int idx = threadIdx.x; idx < G * D; idx += kWarps * 32) {
+    const int g = idx / D, d = idx % D;
+    const float* base = pb + size_t(g) * (D + 2);
+    CombineOne<D>(base, stride, nc, d,
+                  static_cast<__nv_bfloat16*>(a.out) + (size_t(b) * a.Hq + h * G + g) * D + d);
+  }
 }
 
 // One CTA of D threads per (query head, row): out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c.
 template <int D>
 __global__ void __launch_bounds__(D) AttnCombineKernel(DecodeAttentionArgs a) {
+  RJ_TIMELINE_SCOPE(6);
   rjpdl::PdlLaunchDependents();
   rjpdl::PdlWait();  // the partials come from the previous kernel
+  RJ_TIMELINE_WAITED();
   const int qh = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
   const int G = a.Hq / a.Hkv, h = qh / G, g = qh % G;
   const int C = NumChunks(a.T);
   const int nc = ClampPos(a.positions[b], a.T) / kChunk + 1;
   const size_t stride = size_t(G) * (D + 2);
   const float* base = a.partial + (size_t(b) * a.Hkv + h) * C * stride + size_t(g) * (D + 2);
-  float m = -FLT_MAX;
-  for (int c = 0; c < nc; ++c) m = fmaxf(m, base[c * stride + D]);
-  float l = 0.f, o = 0.f;
-  for (int c = 0; c < nc; ++c) {
-    const float w = expf(base[c * stride + D] - m);
-    l = fmaf(w, base[c * stride + D + 1], l);
-    o = fmaf(w, base[c * stride + d], o);
-  }
-  static_cast<__nv_bfloat16*>(a.out)[(size_t(b) * a.Hq + qh) * D + d] = __float2bfloat16_rn(o / l);
+  CombineOne<D>(base, stride, nc, d, static_cast<__nv_bfloat16*>(a.out) + (size_t(b) * a.Hq + qh) * D + d);
 }
 
 template <int D, int G>
 cudaError_t Launch(const DecodeAttentionArgs& a, cudaStream_t stream) {
   const dim3 grid(NumChunks(a.T), a.Hkv, a.B);
-  if (cudaError_t err =
-          rjpdl::Launch(AttnPartialKernel<D, G>, grid, dim3(kWarps * 32), 0, stream, a.pdl, a);
-      err != cudaSuccess)
-    return err;
+  const cudaError_t err =
+      a.B <= 2 ? rjpdl::Launch(AttnPartialKernel<D, G, 8>, grid, dim3(8 * 32), 0, stream, a.pdl, a)
+               : rjpdl::Launch(AttnPartialKernel<D, G, 4>, grid, dim3(4 * 32), 0, stream, a.pdl, a);
+  if (err != cudaSuccess || a.counters != nullptr) return err;
   return rjpdl::Launch(AttnCombineKernel<D>, dim3(a.Hq, a.B), dim3(D), 0, stream, a.pdl, a);
 }
 

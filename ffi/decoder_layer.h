@@ -2,7 +2,7 @@
 // as one host call that enqueues its kernels back to back:
 //
 //   r1  = x + h;                    qkv = rmsnorm(r1) * ln1 @ Wqkv^T     (GEMV, add+norm)
-//   att = decode_attention(qkv, cache, ...)                   (partial + combine kernels)
+//   att = decode_attention(qkv, cache, ...)                   (one kernel, combine folded in)
 //   o   = att @ Wo^T                                                              (GEMV)
 //   x'  = r1 + o;                   gu  = rmsnorm(x') * ln2 @ Wgu^T      (GEMV, add+norm)
 //   act = silu(gu[:, :F]) * gu[:, F:]                                     (SwiGLU kernel)
@@ -52,11 +52,13 @@ struct DecoderLayerArgs {
   int pdl_edges = -1;       // which kernels are launched as dependents (kPdl* bits);
                             // -1: DefaultPdlEdges(M)
   bool pdl_first = false;   // the layer's first kernel too: only when the kernel before it
-                            // on the stream follows the rules of pdl.cuh (a previous layer)
+                            // on the stream follows the rules of pdl.cuh (a previous layer
+                            // of the same scratch); false: the layer first zeroes the
+                            // attention's chunk counters in the scratch (a memset)
 };
 
 // Bits of DecoderLayerArgs::pdl_edges: the kernel launched as a dependent of the one before.
-constexpr int kPdlAttention = 1;  // both attention kernels
+constexpr int kPdlAttention = 1;  // the attention kernel (its combine is folded in)
 constexpr int kPdlO = 2;
 constexpr int kPdlGateUp = 4;     // (the add + norm kernel too, at M > 2)
 constexpr int kPdlSwiGlu = 8;
@@ -72,7 +74,7 @@ int DefaultPdlEdges(int64_t M);
 size_t ScratchRoundUp(size_t bytes);
 
 // Bytes of scratch one call needs (intermediates: r1, the norm scratch, qkv, the attention
-// partials and output, o, gate+up, the SwiGLU output).
+// partials, chunk counters and output, o, gate+up, the SwiGLU output).
 size_t DecoderLayerScratchBytes(int64_t M, int64_t D, int64_t F, int64_t Hq, int64_t Hkv,
                                 int64_t Dh, int64_t T);
 

@@ -104,8 +104,10 @@ __global__ void __launch_bounds__(256) AddRmsNormKernel(
     const uint4* x, const uint4* h, const uint4* __restrict__ w,
     float eps, uint4* __restrict__ r_out, uint4* __restrict__ xn, int K) {
   __shared__ float part[8];
+  RJ_TIMELINE_SCOPE(4);
   rjpdl::PdlLaunchDependents();
   rjpdl::PdlWait();  // x and h come from earlier kernels (pdl.cuh)
+  RJ_TIMELINE_WAITED();
   const int units = K >> 3;  // 16-byte units of 8 values
   const size_t row = static_cast<size_t>(blockIdx.x) * units;
   float ss = 0.f;

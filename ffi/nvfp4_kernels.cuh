@@ -252,6 +252,7 @@ __global__ void __launch_bounds__(W * 32) GemvKernel(const KParams p) {
   constexpr int kWords = VEC / 4;  // code words per lane per row per sub-step
   constexpr int kBpl = VEC / 8;    // 16-element blocks per lane per sub-step
   constexpr int kSubK = 8 * VEC;   // K covered by one sub-step (4 lanes)
+  RJ_TIMELINE_SCOPE(1);
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -365,6 +366,7 @@ __global__ void __launch_bounds__(W * 32) GemvKernel(const KParams p) {
   // The weights are on their way; x comes from the previous kernel (pdl.cuh).
   rjpdl::PdlLaunchDependents();
   rjpdl::PdlWait();
+  RJ_TIMELINE_WAITED();
   int parity = 0;
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     for (int j0 = 0; j0 < steps_pad; j0 += U) {
@@ -553,6 +555,7 @@ __host__ __device__ constexpr int64_t WideXsBytes(int64_t M, int64_t K) {
 template <int NT, int U, int W, bool XS, bool NORM = false>
 __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemvKernel(const KParams p) {
   static_assert(XS || !NORM, "the fused norm is applied while staging the activations");
+  RJ_TIMELINE_SCOPE(NORM ? 3 : 2);
   constexpr int kAcc = NT == 1 ? 4 : 2;  // independent accumulator chains per n-tile
   extern __shared__ uint4 xs[];          // XS only
   __shared__ float red[2][W][8 * NT][16];
@@ -616,6 +619,7 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
   // The first weights are on their way; x and h come from the previous kernel (pdl.cuh).
   rjpdl::PdlLaunchDependents();
   rjpdl::PdlWait();
+  RJ_TIMELINE_WAITED();
 
   // ---- activations: staged once (XS) or read per item from global memory.
   const int mb0 = g < M ? g : 0;

@@ -69,4 +69,56 @@ inline bool DeviceSupportsPdl(int device) {
 
 }  // namespace rjpdl
 
+// ---- Timeline of a chain (checker builds only: -DRJ_TIMELINE -rdc=true; the library
+// never defines it, so the macros below expand to nothing there).  Thread 0 of every CTA
+// of every chain kernel records when the CTA started, when its PdlWait() returned (0 if
+// it never waited) and when it ended; `layer_check timeline` turns that into the time
+// each kernel adds to the layer.  The buffer lives in decoder_layer.cu.
+#ifdef RJ_TIMELINE
+namespace rjpdl {
+struct TimelineEvent {
+  unsigned kind, smid, block, grid;
+  unsigned long long t0, t1, t2;  // %globaltimer ns: start, past PdlWait, end
+};
+constexpr unsigned kTimelineMax = 1u << 20;
+extern __device__ TimelineEvent g_timeline[kTimelineMax];
+extern __device__ unsigned g_timeline_count;
+cudaError_t TimelineClear();
+cudaError_t TimelineRead(TimelineEvent* host, unsigned* count);  // host: kTimelineMax
+
+__device__ __forceinline__ unsigned long long GlobalNs() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+struct TimelineScope {
+  unsigned kind;
+  unsigned long long t0, t1 = 0;
+  __device__ explicit TimelineScope(unsigned k) : kind(k), t0(GlobalNs()) {}
+  __device__ void Waited() { t1 = GlobalNs(); }
+  __device__ ~TimelineScope() {
+    if (threadIdx.x | threadIdx.y | threadIdx.z) return;
+    const unsigned i = atomicAdd(&g_timeline_count, 1u);
+    if (i >= kTimelineMax) return;
+    unsigned smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    g_timeline[i] = {kind, smid, blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z),
+                     gridDim.x * gridDim.y * gridDim.z, t0, t1, GlobalNs()};
+  }
+};
+}  // namespace rjpdl
+// Kinds: 1 GemvKernel, 2 WideGemvKernel, 3 WideGemvKernel with the norm, 4 AddRmsNormKernel,
+// 5 AttnPartialKernel, 6 AttnCombineKernel, 7 SwiGluKernel.
+#define RJ_TIMELINE_SCOPE(kind) rjpdl::TimelineScope rj_timeline_scope_(kind)
+#define RJ_TIMELINE_WAITED() rj_timeline_scope_.Waited()
+#else
+#define RJ_TIMELINE_SCOPE(kind) \
+  do {                          \
+  } while (0)
+#define RJ_TIMELINE_WAITED() \
+  do {                       \
+  } while (0)
+#endif
+
 #endif  // RESET_JAX_FFI_PDL_CUH_

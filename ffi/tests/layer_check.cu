@@ -4,6 +4,7 @@
 //        ffi/nvfp4_kernels.cu ffi/attention_kernels.cu -o layer_check
 //   ./layer_check check     # PDL chain == plain launches, bit for bit (poisoned outputs)
 //   ./layer_check placement  # (built with -DRJATTN_TRACE) where the attention CTAs run
+//   ./layer_check timeline   # (built with -DRJ_TIMELINE -rdc=true) what each kernel adds to a layer
 //   ./layer_check bench [reps [edges]]  # us per layer over L layers in one CUDA graph: PDL off / in
 //                           # the layer / across layers too (Qwen3-8B and -32B shapes)
 //
@@ -21,6 +22,7 @@
 #include <vector>
 
 #include "decoder_layer.h"
+#include "pdl.cuh"
 #include "tests/host_util.h"
 
 namespace {
@@ -418,11 +420,123 @@ int Placement() {
 }  // namespace
 #endif
 
+#ifdef RJ_TIMELINE
+namespace {
+
+// Where a layer's time goes in the chain: one replay of the Bench graph with every CTA of
+// every kernel time-stamped (pdl.cuh, RJ_TIMELINE).  A grid's CTAs all start before the
+// next grid's first CTA (a dependent launches only once every CTA of its primary has
+// started), so the events sorted by start split into launches.  Per kernel of the layer,
+// averaged over the inner layers, relative to the previous kernel's last CTA end: when its
+// first CTA started, when its median CTA got past PdlWait, and when its last CTA ended
+// ("adds": the time this kernel adds to the layer; the column sums to the layer time).
+int Timeline() {
+  const Shape shapes[] = {{"qwen3-8b", 4096, 12288, 32, 8, 128, 36, 1024},
+                          {"qwen3-32b", 5120, 25600, 64, 8, 128, 16, 1024}};
+  const char* kinds[] = {"?", "gemv", "wide", "wide+norm", "add+norm", "attn-part", "attn-comb",
+                         "swiglu"};
+  cudaStream_t st;
+  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  std::vector<rjpdl::TimelineEvent> ev(rjpdl::kTimelineMax);
+  for (const Shape& sh : shapes) {
+    std::mt19937_64 rng(7);
+    std::vector<LayerBufs> w;
+    for (int l = 0; l < sh.L; ++l) w.push_back(MakeLayer(sh, rng, false));
+    for (int M : {1, 8}) {
+      Io io = MakeIo(sh, M, rng, 600, 680);
+      for (int mode : {0, 2}) {
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+        CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+        for (int l = 0; l < sh.L; ++l) {
+          const bool even = l % 2 == 0;
+          CK(rjlayer::LaunchDecoderLayer(
+              Args(sh, M, w[l], io, l, even ? io.x : io.x2, even ? io.h : io.h2,
+                   even ? io.x2 : io.x, even ? io.h2 : io.h, mode > 0, mode > 1 && l > 0),
+              st));
+        }
+        CK(cudaStreamEndCapture(st, &graph));
+        CK(cudaGraphInstantiate(&exec, graph, 0));
+        for (int r = 0; r < 3; ++r) CK(cudaGraphLaunch(exec, st));
+        CK(cudaStreamSynchronize(st));
+        CK(rjpdl::TimelineClear());
+        CK(cudaGraphLaunch(exec, st));
+        CK(cudaStreamSynchronize(st));
+        unsigned n = 0;
+        CK(rjpdl::TimelineRead(ev.data(), &n));
+        CK(cudaGraphExecDestroy(exec));
+        CK(cudaGraphDestroy(graph));
+        std::sort(ev.begin(), ev.begin() + n,
+                  [](const rjpdl::TimelineEvent& a, const rjpdl::TimelineEvent& b) { return a.t0 < b.t0; });
+        struct Launch {
+          unsigned kind, grid, count = 0;
+          unsigned long long first0 = ~0ull, last2 = 0;
+          std::vector<unsigned long long> waits;
+        };
+        std::vector<Launch> ls;
+        for (unsigned i = 0; i < n; ++i) {
+          const rjpdl::TimelineEvent& e = ev[i];
+          if (ls.empty() || ls.back().kind != e.kind || ls.back().count == ls.back().grid)
+            ls.push_back(Launch{e.kind, e.grid});
+          Launch& L = ls.back();
+          ++L.count;
+          L.first0 = std::min(L.first0, e.t0);
+          L.last2 = std::max(L.last2, e.t2);
+          if (e.t1) L.waits.push_back(e.t1);
+        }
+        const int per = static_cast<int>(ls.size()) / sh.L;
+        std::printf("\n%s M=%d PDL %s: %u events, %zu launches (%d per layer)%s; %.2f us per layer\n",
+                    sh.name, M, mode ? "all edges (defaults)" : "off", n, ls.size(), per,
+                    per * sh.L == static_cast<int>(ls.size()) ? "" : " -- NOT a multiple of the layers",
+                    (ls.back().last2 - ls.front().first0) * 1e-3 / sh.L);
+        if (per * sh.L != static_cast<int>(ls.size()) || n >= rjpdl::kTimelineMax) continue;
+        std::printf("%-3s %-10s %6s %9s %9s %9s %9s\n", "#", "kernel", "CTAs", "start", "waited",
+                    "adds", "after wait");
+        double total = 0;
+        for (int p = 0; p < per; ++p) {
+          double start = 0, waited = 0, adds = 0, after = 0;
+          int nl = 0;
+          for (int l = 1; l + 1 < sh.L; ++l) {
+            const int i = l * per + p;
+            const Launch& L = ls[i];
+            const double prev = static_cast<double>(ls[i - 1].last2);
+            std::vector<unsigned long long> wv = L.waits;
+            double med = static_cast<double>(L.first0);
+            if (!wv.empty()) {
+              std::nth_element(wv.begin(), wv.begin() + wv.size() / 2, wv.end());
+              med = static_cast<double>(wv[wv.size() / 2]);
+            }
+            start += static_cast<double>(L.first0) - prev;
+            waited += med - prev;
+            adds += static_cast<double>(L.last2) - prev;
+            after += static_cast<double>(L.last2) - med;
+            ++nl;
+          }
+          total += adds / nl;
+          std::printf("%-3d %-10s %6u %9.2f %9.2f %9.2f %9.2f\n", p, kinds[ls[p].kind < 8 ? ls[p].kind : 0],
+                      ls[p].grid, start / nl * 1e-3, waited / nl * 1e-3, adds / nl * 1e-3,
+                      after / nl * 1e-3);
+        }
+        std::printf("sum of adds %.2f us per layer\n", total * 1e-3);
+      }
+      FreeIo(io);
+    }
+    for (LayerBufs& l : w) FreeLayer(l);
+  }
+  return 0;
+}
+
+}  // namespace
+#endif
+
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "check";
   if (mode == "check") return Check(argc > 2 && std::string(argv[2]) == "quick");
 #ifdef RJATTN_TRACE
   if (mode == "placement") return Placement();
+#endif
+#ifdef RJ_TIMELINE
+  if (mode == "timeline") return Timeline();
 #endif
   if (mode == "bench") {
     if (argc > 3) g_edges = std::atoi(argv[3]);
