@@ -62,17 +62,41 @@ __device__ __forceinline__ int ClampPos(int p, int T) { return min(max(p, 0), T 
 // Output element d of one query head from its nc chunk partials (max, sum, unnormalized
 // P.V at base + c * stride): sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c, in chunk
 // order.  Reads through L2 (the partials were written by other CTAs of this grid or of
-// the previous one).
+// the previous one), eight chunks' loads at a time (one L2 round trip per chunk made the
+// combine kernel take ~4.7 us at 11 chunks on an H100).  The same arithmetic, in the same
+// order, as one chunk at a time.
 template <int D>
 __device__ __forceinline__ void CombineOne(const float* base, size_t stride, int nc, int d,
                                            __nv_bfloat16* out) {
+  constexpr int kBatch = 8;
   float m = -FLT_MAX;
-  for (int c = 0; c < nc; ++c) m = fmaxf(m, __ldcg(base + c * stride + D));
+  for (int c0 = 0; c0 < nc; c0 += kBatch) {
+    float mv[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j)
+      mv[j] = c0 + j < nc ? __ldcg(base + (c0 + j) * stride + D) : -FLT_MAX;
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) m = fmaxf(m, mv[j]);
+  }
   float l = 0.f, o = 0.f;
-  for (int c = 0; c < nc; ++c) {
-    const float w = expf(__ldcg(base + c * stride + D) - m);
-    l = fmaf(w, __ldcg(base + c * stride + D + 1), l);
-    o = fmaf(w, __ldcg(base + c * stride + d), o);
+  for (int c0 = 0; c0 < nc; c0 += kBatch) {
+    float mv[kBatch], lv[kBatch], av[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const float* pc = base + (c0 + j) * stride;
+      const bool in = c0 + j < nc;
+      mv[j] = in ? __ldcg(pc + D) : 0.f;
+      lv[j] = in ? __ldcg(pc + D + 1) : 0.f;
+      av[j] = in ? __ldcg(pc + d) : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      if (c0 + j < nc) {
+        const float w = expf(mv[j] - m);
+        l = fmaf(w, lv[j], l);
+        o = fmaf(w, av[j], o);
+      }
+    }
   }
   *out = __float2bfloat16_rn(o / l);
 }

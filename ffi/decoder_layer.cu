@@ -137,7 +137,7 @@ cudaError_t LaunchDecoderLayer(const DecoderLayerArgs& a, cudaStream_t stream) {
   // The attention's per-(row, kv head) chunk counters start at zero; its last CTAs leave
   // them zero, so a layer chained onto the previous one of the same call (pdl_first)
   // needs no memset, which would sit between the kernels and break the chain.
-  if (!a.pdl_first)
+  if (!a.pdl_first && a.fold_combine)
     if (cudaError_t e = cudaMemsetAsync(s + l.counters, 0, M * Hkv * sizeof(unsigned), stream);
         e != cudaSuccess)
       return e;
@@ -155,7 +155,7 @@ cudaError_t LaunchDecoderLayer(const DecoderLayerArgs& a, cudaStream_t stream) {
   t.qkv_stride = static_cast<int>(wq);
   t.out = att;
   t.partial = reinterpret_cast<float*>(s + l.partial);
-  t.counters = reinterpret_cast<unsigned*>(s + l.counters);  // one kernel: combine folded in
+  if (a.fold_combine) t.counters = reinterpret_cast<unsigned*>(s + l.counters);
   t.pdl = pdlb(0);
   if (cudaError_t e = rjattn::LaunchDecodeAttention(t, stream); e != cudaSuccess) return e;
   // o = att @ Wo^T

@@ -51,6 +51,8 @@ struct DecoderLayerArgs {
   bool pdl = false;         // programmatic dependent launches inside the layer (sm_90+)
   int pdl_edges = -1;       // which kernels are launched as dependents (kPdl* bits);
                             // -1: DefaultPdlEdges(M)
+  bool fold_combine = true;  // the attention's combine inside its partial kernel (counters in
+                            // the scratch); false: a second kernel (measurements only)
   bool pdl_first = false;   // the layer's first kernel too: only when the kernel before it
                             // on the stream follows the rules of pdl.cuh (a previous layer
                             // of the same scratch); false: the layer first zeroes the

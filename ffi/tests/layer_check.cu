@@ -444,16 +444,17 @@ int Timeline() {
     for (int l = 0; l < sh.L; ++l) w.push_back(MakeLayer(sh, rng, false));
     for (int M : {1, 8}) {
       Io io = MakeIo(sh, M, rng, 600, 680);
-      for (int mode : {0, 2}) {
+      for (int mode : {0, 2, 3}) {  // off, all edges, all edges with the two-kernel attention
         cudaGraph_t graph;
         cudaGraphExec_t exec;
         CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
         for (int l = 0; l < sh.L; ++l) {
           const bool even = l % 2 == 0;
-          CK(rjlayer::LaunchDecoderLayer(
+          rjlayer::DecoderLayerArgs la =
               Args(sh, M, w[l], io, l, even ? io.x : io.x2, even ? io.h : io.h2,
-                   even ? io.x2 : io.x, even ? io.h2 : io.h, mode > 0, mode > 1 && l > 0),
-              st));
+                   even ? io.x2 : io.x, even ? io.h2 : io.h, mode > 0, mode > 1 && l > 0);
+          la.fold_combine = mode != 3;
+          CK(rjlayer::LaunchDecoderLayer(la, st));
         }
         CK(cudaStreamEndCapture(st, &graph));
         CK(cudaGraphInstantiate(&exec, graph, 0));
@@ -486,7 +487,9 @@ int Timeline() {
         }
         const int per = static_cast<int>(ls.size()) / sh.L;
         std::printf("\n%s M=%d PDL %s: %u events, %zu launches (%d per layer)%s; %.2f us per layer\n",
-                    sh.name, M, mode ? "all edges (defaults)" : "off", n, ls.size(), per,
+                    sh.name, M,
+                    mode == 0 ? "off" : mode == 2 ? "all edges (defaults)" : "all edges, two-kernel attention",
+                    n, ls.size(), per,
                     per * sh.L == static_cast<int>(ls.size()) ? "" : " -- NOT a multiple of the layers",
                     (ls.back().last2 - ls.front().first0) * 1e-3 / sh.L);
         if (per * sh.L != static_cast<int>(ls.size()) || n >= rjpdl::kTimelineMax) continue;
