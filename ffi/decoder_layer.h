@@ -2,7 +2,7 @@
 // as one host call that enqueues its kernels back to back:
 //
 //   r1  = x + h;                    qkv = rmsnorm(r1) * ln1 @ Wqkv^T     (GEMV, add+norm)
-//   att = decode_attention(qkv, cache, ...)                   (one kernel, combine folded in)
+//   att = decode_attention(qkv, cache, ...)                   (partial + combine kernels)
 //   o   = att @ Wo^T                                                              (GEMV)
 //   x'  = r1 + o;                   gu  = rmsnorm(x') * ln2 @ Wgu^T      (GEMV, add+norm)
 //   act = silu(gu[:, :F]) * gu[:, F:]                                     (SwiGLU kernel)
@@ -51,16 +51,18 @@ struct DecoderLayerArgs {
   bool pdl = false;         // programmatic dependent launches inside the layer (sm_90+)
   int pdl_edges = -1;       // which kernels are launched as dependents (kPdl* bits);
                             // -1: DefaultPdlEdges(M)
-  bool fold_combine = true;  // the attention's combine inside its partial kernel (counters in
-                            // the scratch); false: a second kernel (measurements only)
+  bool fold_combine = false;  // true: the attention's combine runs in its partial kernel
+                              // (the last CTA per row and kv head; counters in the scratch).
+                              // Measured slower on an H100 (benchmarks/KERNEL_NOTES.md), so
+                              // off; layer_check timeline and attention_check exercise it
   bool pdl_first = false;   // the layer's first kernel too: only when the kernel before it
                             // on the stream follows the rules of pdl.cuh (a previous layer
-                            // of the same scratch); false: the layer first zeroes the
-                            // attention's chunk counters in the scratch (a memset)
+                            // of the same scratch); with fold_combine, false also makes the
+                            // layer zero the attention's chunk counters first (a memset)
 };
 
 // Bits of DecoderLayerArgs::pdl_edges: the kernel launched as a dependent of the one before.
-constexpr int kPdlAttention = 1;  // the attention kernel (its combine is folded in)
+constexpr int kPdlAttention = 1;  // the attention kernels
 constexpr int kPdlO = 2;
 constexpr int kPdlGateUp = 4;     // (the add + norm kernel too, at M > 2)
 constexpr int kPdlSwiGlu = 8;
