@@ -322,14 +322,31 @@ int Check(bool quick) {
   return failed ? 1 : 0;
 }
 
+// The benchmarked chains: L layers of distinct weights (cache position ~640).
+const Shape kChainShapes[] = {{"qwen3-8b", 4096, 12288, 32, 8, 128, 36, 1024},
+                              {"qwen3-32b", 5120, 25600, 64, 8, 128, 16, 1024}};
+
+// Enqueues the sh.L layers on s, activations ping-ponging between io's buffers: PDL off
+// (mode 0), inside each layer (1), or across layers too (2); `fold` puts the attention's
+// combine into its partial kernel.
+void EnqueueChain(const Shape& sh, int M, const std::vector<LayerBufs>& w, const Io& io,
+                  int mode, bool fold, cudaStream_t s) {
+  for (int l = 0; l < sh.L; ++l) {
+    const bool even = l % 2 == 0;
+    rjlayer::DecoderLayerArgs la =
+        Args(sh, M, w[l], io, l, even ? io.x : io.x2, even ? io.h : io.h2, even ? io.x2 : io.x,
+             even ? io.h2 : io.h, mode > 0, mode > 1 && l > 0);
+    la.fold_combine = fold;
+    CK(rjlayer::LaunchDecoderLayer(la, s));
+  }
+}
+
 // L layers of distinct weights in one CUDA graph, the cache at position ~640.
 int Bench(int reps) {
-  const Shape shapes[] = {{"qwen3-8b", 4096, 12288, 32, 8, 128, 36, 1024},
-                          {"qwen3-32b", 5120, 25600, 64, 8, 128, 16, 1024}};
   cudaStream_t st;
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
   std::printf("%-10s %2s %-10s %10s %10s\n", "shape", "M", "pdl", "us/layer", "vs off");
-  for (const Shape& sh : shapes) {
+  for (const Shape& sh : kChainShapes) {
     std::mt19937_64 rng(7);
     std::vector<LayerBufs> w;
     for (int l = 0; l < sh.L; ++l) w.push_back(MakeLayer(sh, rng, false));
@@ -338,14 +355,7 @@ int Bench(int reps) {
       float off_us = 0.f;
       for (int mode = 0; mode < 3; ++mode) {  // off, in the layer, across layers too
         const float us = GraphMedianMs(st, reps, [&](cudaStream_t s) {
-                           for (int l = 0; l < sh.L; ++l) {
-                             const bool even = l % 2 == 0;
-                             CK(rjlayer::LaunchDecoderLayer(
-                                 Args(sh, M, w[l], io, l, even ? io.x : io.x2, even ? io.h : io.h2,
-                                      even ? io.x2 : io.x, even ? io.h2 : io.h, mode > 0,
-                                      mode > 1 && l > 0),
-                                 s));
-                           }
+                           EnqueueChain(sh, M, w, io, mode, false, s);
                          }) * 1e3f / sh.L;
         if (mode == 0) off_us = us;
         const char* names[] = {"off", "in-layer", "all"};
@@ -431,31 +441,22 @@ namespace {
 // first CTA started, when its median CTA got past PdlWait, and when its last CTA ended
 // ("adds": the time this kernel adds to the layer; the column sums to the layer time).
 int Timeline() {
-  const Shape shapes[] = {{"qwen3-8b", 4096, 12288, 32, 8, 128, 36, 1024},
-                          {"qwen3-32b", 5120, 25600, 64, 8, 128, 16, 1024}};
   const char* kinds[] = {"?", "gemv", "wide", "wide+norm", "add+norm", "attn-part", "attn-comb",
                          "swiglu"};
   cudaStream_t st;
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
   std::vector<rjpdl::TimelineEvent> ev(rjpdl::kTimelineMax);
-  for (const Shape& sh : shapes) {
+  for (const Shape& sh : kChainShapes) {
     std::mt19937_64 rng(7);
     std::vector<LayerBufs> w;
     for (int l = 0; l < sh.L; ++l) w.push_back(MakeLayer(sh, rng, false));
     for (int M : {1, 8}) {
       Io io = MakeIo(sh, M, rng, 600, 680);
-      for (int mode : {0, 2, 3}) {  // off, all edges, all edges with the two-kernel attention
+      for (int mode : {0, 2, 3}) {  // off, all edges, all edges with the combine folded
         cudaGraph_t graph;
         cudaGraphExec_t exec;
         CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-        for (int l = 0; l < sh.L; ++l) {
-          const bool even = l % 2 == 0;
-          rjlayer::DecoderLayerArgs la =
-              Args(sh, M, w[l], io, l, even ? io.x : io.x2, even ? io.h : io.h2,
-                   even ? io.x2 : io.x, even ? io.h2 : io.h, mode > 0, mode > 1 && l > 0);
-          la.fold_combine = mode != 3;
-          CK(rjlayer::LaunchDecoderLayer(la, st));
-        }
+        EnqueueChain(sh, M, w, io, mode == 3 ? 2 : mode, mode == 3, st);
         CK(cudaStreamEndCapture(st, &graph));
         CK(cudaGraphInstantiate(&exec, graph, 0));
         for (int r = 0; r < 3; ++r) CK(cudaGraphLaunch(exec, st));
@@ -488,7 +489,7 @@ int Timeline() {
         const int per = static_cast<int>(ls.size()) / sh.L;
         std::printf("\n%s M=%d PDL %s: %u events, %zu launches (%d per layer)%s; %.2f us per layer\n",
                     sh.name, M,
-                    mode == 0 ? "off" : mode == 2 ? "all edges (defaults)" : "all edges, two-kernel attention",
+                    mode == 0 ? "off" : mode == 2 ? "all edges (defaults)" : "all edges, combine folded",
                     n, ls.size(), per,
                     per * sh.L == static_cast<int>(ls.size()) ? "" : " -- NOT a multiple of the layers",
                     (ls.back().last2 - ls.front().first0) * 1e-3 / sh.L);

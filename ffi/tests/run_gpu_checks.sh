@@ -2,7 +2,7 @@
 # Everything the CUDA kernel needs checked on a GPU machine, in one go:
 #   build (CMake through pip, and the standalone checkers with nvcc), the checkers (GEMV
 #   and decode attention against float64 references, the PDL layer chain against plain
-#   launches), compute-sanitizer memcheck (all three) + racecheck (GEMV, attention), the
+#   launches, and its per-kernel timeline), compute-sanitizer memcheck (all three) + racecheck (GEMV, attention), the
 #   kernel-variant micro-benchmark, the GPU tests, and benchmarks/kernels.py.
 # Usage (repository root, on the GPU machine):  bash ffi/tests/run_gpu_checks.sh [outdir]
 # Logs go to outdir (default $OUT or /tmp/nvfp4_gpu_checks); a short summary is printed.
@@ -33,8 +33,12 @@ nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I ffi ffi/tests/attention_check.cu ff
 nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I ffi ffi/tests/layer_check.cu ffi/decoder_layer.cu ffi/nvfp4_kernels.cu \
   ffi/attention_kernels.cu -o /tmp/layer_check > "$LOG/build_layer_check.log" 2>&1 || { echo "layer checker build failed"; exit 1; }
 
+nvcc -std=c++17 -O3 -arch=sm_90 -rdc=true -I ffi -DRJ_TIMELINE ffi/tests/layer_check.cu ffi/decoder_layer.cu \
+  ffi/nvfp4_kernels.cu ffi/attention_kernels.cu -o /tmp/layer_timeline > "$LOG/build_layer_timeline.log" 2>&1 || { echo "timeline build failed"; exit 1; }
+
 echo "== layer chain";  /tmp/layer_check check > "$LOG/layer.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/layer.log"
 echo "== layer memcheck";  compute-sanitizer --tool memcheck /tmp/layer_check check quick > "$LOG/layer_memcheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/layer_memcheck.log"
+echo "== layer timeline"; /tmp/layer_timeline timeline > "$LOG/layer_timeline.log" 2>&1; echo "rc=$?"; grep "us per layer" "$LOG/layer_timeline.log" | grep -v "^sum"
 echo "== attention";  /tmp/attention_check > "$LOG/attention.log" 2>&1; echo "rc=$?"; grep -E "FAIL|check:" "$LOG/attention.log" | tail -5
 echo "== attention memcheck";  compute-sanitizer --tool memcheck /tmp/attention_check quick > "$LOG/attention_memcheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/attention_memcheck.log"
 echo "== attention racecheck"; compute-sanitizer --tool racecheck /tmp/attention_check quick > "$LOG/attention_racecheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/attention_racecheck.log"
