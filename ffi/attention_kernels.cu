@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
   const int raw_pos = a.positions[b];
   const int pos = ClampPos(raw_pos, T);
   const int t0 = c * kChunk;
-  if (t0 > pos) return;  // nothing visible in this chunk; the combine kernel skips it
+  if (t0 > pos) return;  // nothing visible in this chunk: the combine skips it, no count
 #ifdef RJATTN_TRACE
   if (threadIdx.x == 0) {
     const int cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);

@@ -186,9 +186,10 @@ cudaError_t LaunchDecoderLayer(const DecoderLayerArgs& a, cudaStream_t stream) {
 namespace rjpdl {
 __device__ TimelineEvent g_timeline[kTimelineMax];
 __device__ unsigned g_timeline_count;
-cudaError_t TimelineClear() {
-  const unsigned zero = 0;
-  return cudaMemcpyToSymbol(g_timeline_count, &zero, sizeof(zero));
+cudaError_t TimelineClear(cudaStream_t stream) {
+  void* count = nullptr;
+  if (cudaError_t e = cudaGetSymbolAddress(&count, g_timeline_count); e != cudaSuccess) return e;
+  return cudaMemsetAsync(count, 0, sizeof(unsigned), stream);
 }
 cudaError_t TimelineRead(TimelineEvent* host, unsigned* count) {
   if (cudaError_t e = cudaMemcpyFromSymbol(count, g_timeline_count, sizeof(unsigned)); e != cudaSuccess)

@@ -54,7 +54,9 @@ struct DecoderLayerArgs {
   bool fold_combine = false;  // true: the attention's combine runs in its partial kernel
                               // (the last CTA per row and kv head; counters in the scratch).
                               // Measured slower on an H100 (benchmarks/KERNEL_NOTES.md), so
-                              // off; layer_check timeline and attention_check exercise it
+                              // off; layer_check timeline and attention_check exercise it.
+                              // The same for every layer of one scratch: a pdl_first layer
+                              // relies on the previous one having left the counters zero
   bool pdl_first = false;   // the layer's first kernel too: only when the kernel before it
                             // on the stream follows the rules of pdl.cuh (a previous layer
                             // of the same scratch); with fold_combine, false also makes the

@@ -83,7 +83,8 @@ struct TimelineEvent {
 constexpr unsigned kTimelineMax = 1u << 20;
 extern __device__ TimelineEvent g_timeline[kTimelineMax];
 extern __device__ unsigned g_timeline_count;
-cudaError_t TimelineClear();
+cudaError_t TimelineClear(cudaStream_t stream);  // ordered on `stream`
+// Copies min(count, kTimelineMax) events; *count is the number recorded (more: overflow).
 cudaError_t TimelineRead(TimelineEvent* host, unsigned* count);  // host: kTimelineMax
 
 __device__ __forceinline__ unsigned long long GlobalNs() {

@@ -4,8 +4,9 @@
 //        ffi/nvfp4_kernels.cu ffi/attention_kernels.cu -o layer_check
 //   ./layer_check check     # PDL chain == plain launches, bit for bit (poisoned outputs)
 //   ./layer_check placement  # (built with -DRJATTN_TRACE) where the attention CTAs run
-//   ./layer_check timeline   # (built with -DRJ_TIMELINE -rdc=true) what each kernel adds to a layer
-//   ./layer_check bench [reps [edges]]  # us per layer over L layers in one CUDA graph: PDL off / in
+//   ./layer_check timeline [pos]  # (built with -DRJ_TIMELINE -rdc=true) what each kernel adds
+//                                 # to a layer, cache at position ~pos (default 640)
+//   ./layer_check bench [reps [edges [pos]]]  # us per layer over L layers in one CUDA graph: PDL off / in
 //                           # the layer / across layers too (Qwen3-8B and -32B shapes)
 //
 // The kernels themselves are checked against float64 references by nvfp4_check and
@@ -28,6 +29,7 @@
 namespace {
 
 int g_edges = -1;  // DecoderLayerArgs::pdl_edges for every layer (bench argument)
+int g_pos = 640;   // cache position of the bench / timeline chains (rows within +-40)
 
 struct Shape {
   const char* name;
@@ -222,8 +224,10 @@ std::vector<uint8_t> Download(const void* p, size_t n) {
 }
 
 // Two layers in sequence (layer 1 reads layer 0's outputs), plain launches without PDL
-// against PDL chains (plain stream and CUDA graph, pdl_first on the second layer), each
-// run from the same inputs with every output and the scratch poisoned first.
+// against PDL chains (plain stream and CUDA graph, pdl_first on the second layer; in the
+// graph also with the attention's combine folded, whose counters the first layer zeroes and
+// the second finds zero again), each run from the same inputs with every output and the
+// scratch poisoned first.
 bool CheckShape(const Shape& sh, int M, uint64_t seed) {
   std::mt19937_64 rng(seed);
   LayerBufs w[2] = {MakeLayer(sh, rng, true), MakeLayer(sh, rng, true)};
@@ -234,22 +238,27 @@ bool CheckShape(const Shape& sh, int M, uint64_t seed) {
   const std::vector<uint8_t> kc0 = Download(io.kc, io.cache_bytes), vc0 = Download(io.vc, io.cache_bytes);
   cudaStream_t st;
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  auto enqueue = [&](bool pdl) {
-    CK(rjlayer::LaunchDecoderLayer(Args(sh, M, w[0], io, 0, io.x, io.h, xm, hm, pdl, false), st));
-    CK(rjlayer::LaunchDecoderLayer(Args(sh, M, w[1], io, 1, xm, hm, io.x2, io.h2, pdl, pdl), st));
+  auto enqueue = [&](bool pdl, bool fold) {
+    rjlayer::DecoderLayerArgs a0 = Args(sh, M, w[0], io, 0, io.x, io.h, xm, hm, pdl, false);
+    rjlayer::DecoderLayerArgs a1 = Args(sh, M, w[1], io, 1, xm, hm, io.x2, io.h2, pdl, pdl);
+    a0.fold_combine = a1.fold_combine = fold;
+    CK(rjlayer::LaunchDecoderLayer(a0, st));
+    CK(rjlayer::LaunchDecoderLayer(a1, st));
   };
-  auto run = [&](int mode) {  // 0 plain, 1 PDL on the stream, 2 PDL in a graph
+  // 0 plain, 1 PDL on the stream, 2 PDL in a graph, 3 the same with the attention's combine
+  // folded into its partial kernel (the same arithmetic: the same bits)
+  auto run = [&](int mode) {
     Upload(io.kc, kc0);
     Upload(io.vc, vc0);
     for (void* p : {xm, hm, io.x2, io.h2}) CK(cudaMemsetAsync(p, 0xFF, act, st));
     CK(cudaMemsetAsync(io.scratch, 0xFF, io.scratch_bytes, st));
     if (mode < 2) {
-      enqueue(mode == 1);
+      enqueue(mode == 1, false);
     } else {
       cudaGraph_t g;
       cudaGraphExec_t ge;
       CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-      enqueue(true);
+      enqueue(true, mode == 3);
       CK(cudaStreamEndCapture(st, &g));
       CK(cudaGraphInstantiate(&ge, g, 0));
       CK(cudaGraphLaunch(ge, st));
@@ -281,9 +290,9 @@ bool CheckShape(const Shape& sh, int M, uint64_t seed) {
   }
   int bad = 0;
   for (int rep = 0; rep < 10; ++rep)
-    for (int mode : {1, 2}) bad += run(mode) != ref;
+    for (int mode : {1, 2, 3}) bad += run(mode) != ref;
   const bool ok = bad == 0 && nonfinite == 0;
-  std::printf("%-10s M=%2d  non-finite outputs %d, PDL runs differing from plain %d/20  %s\n",
+  std::printf("%-10s M=%2d  non-finite outputs %d, PDL runs differing from plain %d/30  %s\n",
               sh.name, M, nonfinite, bad, ok ? "ok" : "FAIL");
   CK(cudaStreamDestroy(st));
   CK(cudaFree(xm));
@@ -322,7 +331,7 @@ int Check(bool quick) {
   return failed ? 1 : 0;
 }
 
-// The benchmarked chains: L layers of distinct weights (cache position ~640).
+// The benchmarked chains: L layers of distinct weights (cache position ~g_pos).
 const Shape kChainShapes[] = {{"qwen3-8b", 4096, 12288, 32, 8, 128, 36, 1024},
                               {"qwen3-32b", 5120, 25600, 64, 8, 128, 16, 1024}};
 
@@ -341,30 +350,40 @@ void EnqueueChain(const Shape& sh, int M, const std::vector<LayerBufs>& w, const
   }
 }
 
-// L layers of distinct weights in one CUDA graph, the cache at position ~640.
-int Bench(int reps) {
-  cudaStream_t st;
-  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  std::printf("%-10s %2s %-10s %10s %10s\n", "shape", "M", "pdl", "us/layer", "vs off");
+// Calls fn(shape, M, weights, io) for each benchmarked chain at M = 1 and 8 (weights and
+// buffers made once per shape / per M, freed afterwards).
+template <typename Fn>
+void ForEachChain(Fn&& fn) {
   for (const Shape& sh : kChainShapes) {
     std::mt19937_64 rng(7);
     std::vector<LayerBufs> w;
     for (int l = 0; l < sh.L; ++l) w.push_back(MakeLayer(sh, rng, false));
     for (int M : {1, 8}) {
-      Io io = MakeIo(sh, M, rng, 600, 680);
-      float off_us = 0.f;
-      for (int mode = 0; mode < 3; ++mode) {  // off, in the layer, across layers too
-        const float us = GraphMedianMs(st, reps, [&](cudaStream_t s) {
-                           EnqueueChain(sh, M, w, io, mode, false, s);
-                         }) * 1e3f / sh.L;
-        if (mode == 0) off_us = us;
-        const char* names[] = {"off", "in-layer", "all"};
-        std::printf("%-10s %2d %-10s %10.2f %10.3f\n", sh.name, M, names[mode], us, us / off_us);
-      }
+      const int lo = std::max(g_pos - 40, 0);
+      Io io = MakeIo(sh, M, rng, lo, std::max(g_pos + 40, lo));
+      fn(sh, M, w, io);
       FreeIo(io);
     }
     for (LayerBufs& l : w) FreeLayer(l);
   }
+}
+
+// L layers of distinct weights in one CUDA graph, the cache at position ~g_pos.
+int Bench(int reps) {
+  cudaStream_t st;
+  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  std::printf("%-10s %2s %-10s %10s %10s\n", "shape", "M", "pdl", "us/layer", "vs off");
+  ForEachChain([&](const Shape& sh, int M, const std::vector<LayerBufs>& w, const Io& io) {
+    float off_us = 0.f;
+    for (int mode = 0; mode < 3; ++mode) {  // off, in the layer, across layers too
+      const float us = GraphMedianMs(st, reps, [&](cudaStream_t s) {
+                         EnqueueChain(sh, M, w, io, mode, false, s);
+                       }) * 1e3f / sh.L;
+      if (mode == 0) off_us = us;
+      const char* names[] = {"off", "in-layer", "all"};
+      std::printf("%-10s %2d %-10s %10.2f %10.3f\n", sh.name, M, names[mode], us, us / off_us);
+    }
+  });
   return 0;
 }
 
@@ -446,87 +465,85 @@ int Timeline() {
   cudaStream_t st;
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
   std::vector<rjpdl::TimelineEvent> ev(rjpdl::kTimelineMax);
-  for (const Shape& sh : kChainShapes) {
-    std::mt19937_64 rng(7);
-    std::vector<LayerBufs> w;
-    for (int l = 0; l < sh.L; ++l) w.push_back(MakeLayer(sh, rng, false));
-    for (int M : {1, 8}) {
-      Io io = MakeIo(sh, M, rng, 600, 680);
-      for (int mode : {0, 2, 3}) {  // off, all edges, all edges with the combine folded
-        cudaGraph_t graph;
-        cudaGraphExec_t exec;
-        CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-        EnqueueChain(sh, M, w, io, mode == 3 ? 2 : mode, mode == 3, st);
-        CK(cudaStreamEndCapture(st, &graph));
-        CK(cudaGraphInstantiate(&exec, graph, 0));
-        for (int r = 0; r < 3; ++r) CK(cudaGraphLaunch(exec, st));
-        CK(cudaStreamSynchronize(st));
-        CK(rjpdl::TimelineClear());
-        CK(cudaGraphLaunch(exec, st));
-        CK(cudaStreamSynchronize(st));
-        unsigned n = 0;
-        CK(rjpdl::TimelineRead(ev.data(), &n));
-        CK(cudaGraphExecDestroy(exec));
-        CK(cudaGraphDestroy(graph));
-        std::sort(ev.begin(), ev.begin() + n,
-                  [](const rjpdl::TimelineEvent& a, const rjpdl::TimelineEvent& b) { return a.t0 < b.t0; });
-        struct Launch {
-          unsigned kind, grid, count = 0;
-          unsigned long long first0 = ~0ull, last2 = 0;
-          std::vector<unsigned long long> waits;
-        };
-        std::vector<Launch> ls;
-        for (unsigned i = 0; i < n; ++i) {
-          const rjpdl::TimelineEvent& e = ev[i];
-          if (ls.empty() || ls.back().kind != e.kind || ls.back().count == ls.back().grid)
-            ls.push_back(Launch{e.kind, e.grid});
-          Launch& L = ls.back();
-          ++L.count;
-          L.first0 = std::min(L.first0, e.t0);
-          L.last2 = std::max(L.last2, e.t2);
-          if (e.t1) L.waits.push_back(e.t1);
-        }
-        const int per = static_cast<int>(ls.size()) / sh.L;
-        std::printf("\n%s M=%d PDL %s: %u events, %zu launches (%d per layer)%s; %.2f us per layer\n",
-                    sh.name, M,
-                    mode == 0 ? "off" : mode == 2 ? "all edges (defaults)" : "all edges, combine folded",
-                    n, ls.size(), per,
-                    per * sh.L == static_cast<int>(ls.size()) ? "" : " -- NOT a multiple of the layers",
-                    (ls.back().last2 - ls.front().first0) * 1e-3 / sh.L);
-        if (per * sh.L != static_cast<int>(ls.size()) || n >= rjpdl::kTimelineMax) continue;
-        std::printf("%-3s %-10s %6s %9s %9s %9s %9s\n", "#", "kernel", "CTAs", "start", "waited",
-                    "adds", "after wait");
-        double total = 0;
-        for (int p = 0; p < per; ++p) {
-          double start = 0, waited = 0, adds = 0, after = 0;
-          int nl = 0;
-          for (int l = 1; l + 1 < sh.L; ++l) {
-            const int i = l * per + p;
-            const Launch& L = ls[i];
-            const double prev = static_cast<double>(ls[i - 1].last2);
-            std::vector<unsigned long long> wv = L.waits;
-            double med = static_cast<double>(L.first0);
-            if (!wv.empty()) {
-              std::nth_element(wv.begin(), wv.begin() + wv.size() / 2, wv.end());
-              med = static_cast<double>(wv[wv.size() / 2]);
-            }
-            start += static_cast<double>(L.first0) - prev;
-            waited += med - prev;
-            adds += static_cast<double>(L.last2) - prev;
-            after += static_cast<double>(L.last2) - med;
-            ++nl;
-          }
-          total += adds / nl;
-          std::printf("%-3d %-10s %6u %9.2f %9.2f %9.2f %9.2f\n", p, kinds[ls[p].kind < 8 ? ls[p].kind : 0],
-                      ls[p].grid, start / nl * 1e-3, waited / nl * 1e-3, adds / nl * 1e-3,
-                      after / nl * 1e-3);
-        }
-        std::printf("sum of adds %.2f us per layer\n", total * 1e-3);
+  ForEachChain([&](const Shape& sh, int M, const std::vector<LayerBufs>& w, const Io& io) {
+    for (int mode : {0, 2, 3}) {  // off, all edges, all edges with the combine folded
+      cudaGraph_t graph;
+      cudaGraphExec_t exec;
+      CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+      EnqueueChain(sh, M, w, io, mode == 3 ? 2 : mode, mode == 3, st);
+      CK(cudaStreamEndCapture(st, &graph));
+      CK(cudaGraphInstantiate(&exec, graph, 0));
+      for (int r = 0; r < 3; ++r) CK(cudaGraphLaunch(exec, st));
+      CK(cudaStreamSynchronize(st));
+      CK(rjpdl::TimelineClear(st));
+      CK(cudaGraphLaunch(exec, st));
+      CK(cudaStreamSynchronize(st));
+      unsigned n = 0;
+      CK(rjpdl::TimelineRead(ev.data(), &n));
+      const bool overflow = n > rjpdl::kTimelineMax;
+      n = std::min(n, rjpdl::kTimelineMax);
+      CK(cudaGraphExecDestroy(exec));
+      CK(cudaGraphDestroy(graph));
+      std::sort(ev.begin(), ev.begin() + n,
+                [](const rjpdl::TimelineEvent& a, const rjpdl::TimelineEvent& b) { return a.t0 < b.t0; });
+      struct Launch {
+        unsigned kind, grid, count = 0;
+        unsigned long long first0 = ~0ull, last2 = 0;
+        std::vector<unsigned long long> waits;
+      };
+      std::vector<Launch> ls;
+      for (unsigned i = 0; i < n; ++i) {
+        const rjpdl::TimelineEvent& e = ev[i];
+        if (ls.empty() || ls.back().kind != e.kind || ls.back().count == ls.back().grid)
+          ls.push_back(Launch{e.kind, e.grid});
+        Launch& L = ls.back();
+        ++L.count;
+        L.first0 = std::min(L.first0, e.t0);
+        L.last2 = std::max(L.last2, e.t2);
+        if (e.t1) L.waits.push_back(e.t1);
       }
-      FreeIo(io);
+      if (ls.empty()) {
+        std::printf("\n%s M=%d: no events recorded\n", sh.name, M);
+        continue;
+      }
+      const int per = static_cast<int>(ls.size()) / sh.L;
+      std::printf("\n%s M=%d PDL %s: %u events, %zu launches (%d per layer)%s; %.2f us per layer\n",
+                  sh.name, M,
+                  mode == 0 ? "off" : mode == 2 ? "default edges" : "default edges, combine folded",
+                  n, ls.size(), per,
+                  per * sh.L == static_cast<int>(ls.size()) ? "" : " -- NOT a multiple of the layers",
+                  (ls.back().last2 - ls.front().first0) * 1e-3 / sh.L);
+      if (overflow || per * sh.L != static_cast<int>(ls.size())) continue;
+      std::printf("%-3s %-10s %6s %9s %9s %9s %9s\n", "#", "kernel", "CTAs", "start", "waited",
+                  "adds", "after wait");
+      double total = 0;
+      for (int p = 0; p < per; ++p) {
+        double start = 0, waited = 0, adds = 0, after = 0;
+        int nl = 0;
+        for (int l = 1; l + 1 < sh.L; ++l) {
+          const int i = l * per + p;
+          const Launch& L = ls[i];
+          const double prev = static_cast<double>(ls[i - 1].last2);
+          std::vector<unsigned long long> wv = L.waits;
+          double med = static_cast<double>(L.first0);
+          if (!wv.empty()) {
+            std::nth_element(wv.begin(), wv.begin() + wv.size() / 2, wv.end());
+            med = static_cast<double>(wv[wv.size() / 2]);
+          }
+          start += static_cast<double>(L.first0) - prev;
+          waited += med - prev;
+          adds += static_cast<double>(L.last2) - prev;
+          after += static_cast<double>(L.last2) - med;
+          ++nl;
+        }
+        total += adds / nl;
+        std::printf("%-3d %-10s %6u %9.2f %9.2f %9.2f %9.2f\n", p, kinds[ls[p].kind < 8 ? ls[p].kind : 0],
+                    ls[p].grid, start / nl * 1e-3, waited / nl * 1e-3, adds / nl * 1e-3,
+                    after / nl * 1e-3);
+      }
+      std::printf("sum of adds %.2f us per layer\n", total * 1e-3);
     }
-    for (LayerBufs& l : w) FreeLayer(l);
-  }
+  });
   return 0;
 }
 
@@ -540,12 +557,19 @@ int main(int argc, char** argv) {
   if (mode == "placement") return Placement();
 #endif
 #ifdef RJ_TIMELINE
-  if (mode == "timeline") return Timeline();
+  if (mode == "timeline") {
+    if (argc > 2) g_pos = std::atoi(argv[2]);
+    return Timeline();
+  }
 #endif
   if (mode == "bench") {
     if (argc > 3) g_edges = std::atoi(argv[3]);
+    if (argc > 4) g_pos = std::atoi(argv[4]);
     return Bench(argc > 2 ? std::atoi(argv[2]) : 20);
   }
-  std::fprintf(stderr, "usage: %s check [quick] | bench [reps [pdl_edges]]\n", argv[0]);
+  std::fprintf(stderr,
+               "usage: %s check [quick] | bench [reps [pdl_edges [pos]]] | placement (-DRJATTN_TRACE)"
+               " | timeline [pos] (-DRJ_TIMELINE -rdc=true)\n",
+               argv[0]);
   return 2;
 }
