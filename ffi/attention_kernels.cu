@@ -9,20 +9,6 @@
 
 namespace rjattn {
 
-#ifdef RJATTN_TRACE
-// Checker builds only (-DRJATTN_TRACE; ffi/tests/layer_check placement): where and when each
-// live CTA of the partial kernel starts: {SM id, %globaltimer ns} per CTA of the last launch.
-constexpr int kTraceSlots = 4096;
-__device__ unsigned long long g_attn_trace[2 * kTraceSlots];
-cudaError_t ReadAttnTrace(unsigned long long* host, int ctas) {
-  return cudaMemcpyFromSymbol(host, g_attn_trace, sizeof(unsigned long long) * 2 *
-                                                      (ctas < kTraceSlots ? ctas : kTraceSlots));
-}
-cudaError_t ClearAttnTrace() {
-  static unsigned long long zeros[2 * kTraceSlots] = {};
-  return cudaMemcpyToSymbol(g_attn_trace, zeros, sizeof(zeros));
-}
-#endif
 
 namespace {
 
@@ -61,8 +47,7 @@ __device__ __forceinline__ int ClampPos(int p, int T) { return min(max(p, 0), T 
 
 // Output element d of one query head from its nc chunk partials (max, sum, unnormalized
 // P.V at base + c * stride): sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c, in chunk
-// order.  Reads through L2 (the partials were written by other CTAs of this grid or of
-// the previous one), eight chunks' loads at a time (one L2 round trip per chunk made the
+// order.  Reads through L2 (the partials were written by the previous grid), eight chunks' loads at a time (one L2 round trip per chunk made the
 // combine kernel take ~4.7 us at 11 chunks on an H100).  The same arithmetic, in the same
 // order, as one chunk at a time.
 template <int D>
@@ -124,20 +109,7 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
   const int raw_pos = a.positions[b];
   const int pos = ClampPos(raw_pos, T);
   const int t0 = c * kChunk;
-  if (t0 > pos) return;  // nothing visible in this chunk: the combine skips it, no count
-#ifdef RJATTN_TRACE
-  if (threadIdx.x == 0) {
-    const int cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-    unsigned smid;
-    unsigned long long ns;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
-    if (cta < kTraceSlots) {
-      g_attn_trace[2 * cta] = smid + 1;  // 0: no live CTA
-      g_attn_trace[2 * cta + 1] = ns;
-    }
-  }
-#endif
+  if (t0 > pos) return;  // nothing visible in this chunk; the combine kernel skips it
   const int n = min(kChunk, pos + 1 - t0);
   // A negative layer counts from the end (as XLA indexes); out of range is clamped.
   const int layer_raw = *a.layer;
@@ -334,33 +306,6 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
     part[threadIdx.x * (D + 2) + D] = mx[threadIdx.x];
     part[threadIdx.x * (D + 2) + D + 1] = sm[threadIdx.x];
   }
-  if (a.counters == nullptr) return;  // AttnCombineKernel merges
-
-  // ---- the last of the row's live chunks (for this kv head) merges them all ----
-  // The classic last-block pattern: every thread's partial stores are made visible
-  // device-wide before thread 0 counts this CTA; the CTA that counts last reads every
-  // chunk's partial through L2 (ld.cg: no stale L1 line) and leaves the counter at zero.
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned* cnt = a.counters + size_t(b) * a.Hkv + h;
-    const unsigned nc = static_cast<unsigned>(pos / kChunk + 1);  // CTAs past pos left early
-    last = atomicAdd(cnt, 1u) == nc - 1;
-    if (last) *cnt = 0u;  // every chunk of this pair has counted
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const int nc = pos / kChunk + 1;
-  const size_t stride = size_t(G) * (D + 2);
-  const float* pb = a.partial + (size_t(b) * a.Hkv + h) * C * stride;
-  for (int idx = threadIdx.x; idx < G * D; idx += kWarps * 32) {
-    const int g = idx / D, d = idx % D;
-    const float* base = pb + size_t(g) * (D + 2);
-    CombineOne<D>(base, stride, nc, d,
-                  static_cast<__nv_bfloat16*>(a.out) + (size_t(b) * a.Hq + h * G + g) * D + d);
-  }
 }
 
 // One CTA of D threads per (query head, row): out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c.
@@ -385,7 +330,7 @@ cudaError_t Launch(const DecodeAttentionArgs& a, cudaStream_t stream) {
   const cudaError_t err =
       a.B <= 2 ? rjpdl::Launch(AttnPartialKernel<D, G, 8>, grid, dim3(8 * 32), 0, stream, a.pdl, a)
                : rjpdl::Launch(AttnPartialKernel<D, G, 4>, grid, dim3(4 * 32), 0, stream, a.pdl, a);
-  if (err != cudaSuccess || a.counters != nullptr) return err;
+  if (err != cudaSuccess) return err;
   return rjpdl::Launch(AttnCombineKernel<D>, dim3(a.Hq, a.B), dim3(D), 0, stream, a.pdl, a);
 }
 

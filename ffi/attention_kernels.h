@@ -8,8 +8,6 @@
 //      them from shared memory), and every CTA writes its chunk's softmax partial (max,
 //      sum, unnormalized P.V) to a scratch.
 //   2. AttnCombineKernel, one CTA per (query head, row): merges the chunks' partials.
-//      With `counters` given, there is no second kernel: the last chunk CTA of each (row, kv
-//      head) to finish (an atomic count) merges that pair's partials itself.
 // Arithmetic follows the XLA composition of reset_jax.attention (rms_norm rounds to the
 // model dtype, then scales; RoPE in float32 rounded to bf16; scores and P.V in float32);
 // the probabilities stay float32 here (XLA rounds them to bf16 before P.V).
@@ -42,10 +40,6 @@ struct DecodeAttentionArgs {
   void* v_cache = nullptr;          // [L, B, T, Hkv, D] bf16
   void* out = nullptr;              // [B, Hq, D] bf16
   float* partial = nullptr;         // [B, Hkv, C, G, D + 2] float32 scratch, C = NumChunks(T)
-  // [B, Hkv] zeros, or nullptr.  Given: the combine runs inside the partial kernel (its last
-  // CTA per row and kv head), and the counters are zero again when the call ends, ready for
-  // the next one.  nullptr: a second kernel combines.
-  unsigned* counters = nullptr;
   int B = 0, Hq = 0, Hkv = 0, D = 0, L = 0, T = 0;
   float scale = 0.f, eps = 0.f;
   // Launch both kernels as programmatic dependents (ffi/pdl.cuh; sm_90+ only, the caller

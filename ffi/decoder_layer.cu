@@ -11,7 +11,7 @@ namespace {
 
 // Offsets of the intermediates inside the scratch buffer.
 struct Layout {
-  size_t r1, xn, qkv, partial, counters, att, o, gu, act, total;
+  size_t r1, xn, qkv, partial, att, o, gu, act, total;
 };
 
 Layout MakeLayout(int64_t M, int64_t D, int64_t F, int64_t Hq, int64_t Hkv, int64_t Dh,
@@ -29,7 +29,6 @@ Layout MakeLayout(int64_t M, int64_t D, int64_t F, int64_t Hq, int64_t Hkv, int6
   l.qkv = take(M * (Hq + 2 * Hkv) * Dh * bf);
   l.partial = take(size_t(M) * Hkv * rjattn::NumChunks(static_cast<int>(T)) * (Hq / Hkv) *
                    (Dh + 2) * sizeof(float));
-  l.counters = take(M * Hkv * sizeof(unsigned));  // the attention's chunk counts (zeroed)
   l.att = take(M * Hq * Dh * bf);
   l.o = take(M * D * bf);
   l.gu = take(M * 2 * F * bf);
@@ -134,13 +133,6 @@ cudaError_t LaunchDecoderLayer(const DecoderLayerArgs& a, cudaStream_t stream) {
        *gu = s + l.gu, *act = s + l.act;
   const int64_t wq = (Hq + 2 * Hkv) * Dh;
 
-  // The attention's per-(row, kv head) chunk counters start at zero; its last CTAs leave
-  // them zero, so a layer chained onto the previous one of the same call (pdl_first)
-  // needs no memset, which would sit between the kernels and break the chain.
-  if (!a.pdl_first && a.fold_combine)
-    if (cudaError_t e = cudaMemsetAsync(s + l.counters, 0, M * Hkv * sizeof(unsigned), stream);
-        e != cudaSuccess)
-      return e;
   // r1 = x + h; qkv = rmsnorm(r1) * ln1 @ Wqkv^T
   nvfp4::GemvArgs g = Gemv(a.qkv, a.x, qkv, M, wq, D, pdl_on && a.pdl_first);
   if (cudaError_t e = nvfp4::LaunchGemvAddNorm(g, a.h, a.ln1, a.eps, r1, xn, stream);
@@ -155,7 +147,6 @@ cudaError_t LaunchDecoderLayer(const DecoderLayerArgs& a, cudaStream_t stream) {
   t.qkv_stride = static_cast<int>(wq);
   t.out = att;
   t.partial = reinterpret_cast<float*>(s + l.partial);
-  if (a.fold_combine) t.counters = reinterpret_cast<unsigned*>(s + l.counters);
   t.pdl = pdlb(0);
   if (cudaError_t e = rjattn::LaunchDecodeAttention(t, stream); e != cudaSuccess) return e;
   // o = att @ Wo^T

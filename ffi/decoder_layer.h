@@ -51,20 +51,12 @@ struct DecoderLayerArgs {
   bool pdl = false;         // programmatic dependent launches inside the layer (sm_90+)
   int pdl_edges = -1;       // which kernels are launched as dependents (kPdl* bits);
                             // -1: DefaultPdlEdges(M)
-  bool fold_combine = false;  // true: the attention's combine runs in its partial kernel
-                              // (the last CTA per row and kv head; counters in the scratch).
-                              // Measured slower on an H100 (benchmarks/KERNEL_NOTES.md), so
-                              // off; layer_check timeline and attention_check exercise it.
-                              // The same for every layer of one scratch: a pdl_first layer
-                              // relies on the previous one having left the counters zero
   bool pdl_first = false;   // the layer's first kernel too: only when the kernel before it
-                            // on the stream follows the rules of pdl.cuh (a previous layer
-                            // of the same scratch); with fold_combine, false also makes the
-                            // layer zero the attention's chunk counters first (a memset)
+                            // on the stream follows the rules of pdl.cuh (a previous layer)
 };
 
 // Bits of DecoderLayerArgs::pdl_edges: the kernel launched as a dependent of the one before.
-constexpr int kPdlAttention = 1;  // the attention kernels
+constexpr int kPdlAttention = 1;  // both attention kernels
 constexpr int kPdlO = 2;
 constexpr int kPdlGateUp = 4;     // (the add + norm kernel too, at M > 2)
 constexpr int kPdlSwiGlu = 8;
@@ -80,7 +72,7 @@ int DefaultPdlEdges(int64_t M);
 size_t ScratchRoundUp(size_t bytes);
 
 // Bytes of scratch one call needs (intermediates: r1, the norm scratch, qkv, the attention
-// partials, chunk counters and output, o, gate+up, the SwiGLU output).
+// partials and output, o, gate+up, the SwiGLU output).
 size_t DecoderLayerScratchBytes(int64_t M, int64_t D, int64_t F, int64_t Hq, int64_t Hkv,
                                 int64_t Dh, int64_t T);
 

@@ -133,7 +133,6 @@ __device__ __forceinline__ uint32_t LoadScales(const uint8_t* p, bool pred, uint
 __device__ __forceinline__ uint4 LoadAct(const void* p) {
   return *reinterpret_cast<const uint4*>(p);
 }
-__device__ __forceinline__ uint4 LoadX(const __nv_bfloat16* p) { return LoadAct(p); }
 
 // ------------------------------------------------------------ arithmetic ----
 
@@ -321,8 +320,8 @@ __global__ void __launch_bounds__(W * 32) GemvKernel(const KParams p) {
     uint4 xa[kWords], xb[kWords];
 #pragma unroll
     for (int w = 0; w < kWords; ++w) {
-      xa[w] = LoadX(xrow0 + xoff + 8 * w);
-      if constexpr (NT == 2) xb[w] = LoadX(xrow1 + xoff + 8 * w);
+      xa[w] = LoadAct(xrow0 + xoff + 8 * w);
+      if constexpr (NT == 2) xb[w] = LoadAct(xrow1 + xoff + 8 * w);
     }
     // Word w of this lane's codes lies in the lane's block w / 2.
     uint32_t sp0[2], sp1[2];

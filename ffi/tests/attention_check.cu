@@ -125,30 +125,6 @@ bool Run(const Case& c, uint32_t seed, double* worst) {
   CK(cudaDeviceSynchronize());
   std::vector<uint16_t> out(nq), kc2(ncache), vc2(ncache);
   CK(cudaMemcpy(out.data(), dout, nq * 2, cudaMemcpyDeviceToHost));
-  // Again with the combine folded into the partial kernel (counters given): the same bits,
-  // and the counters back at zero after each of two calls.  (The new slot is rewritten
-  // with the same values.)
-  size_t fold_diff = 0, counters_left = 0;
-  {
-    unsigned* dcnt;
-    CK(cudaMalloc(&dcnt, size_t(c.B) * c.Hkv * sizeof(unsigned)));
-    CK(cudaMemset(dcnt, 0, size_t(c.B) * c.Hkv * sizeof(unsigned)));
-    rjattn::DecodeAttentionArgs f = a;
-    f.counters = dcnt;
-    for (int rep = 0; rep < 2; ++rep) {
-      CK(cudaMemset(dout, 0xFF, nq * 2));
-      CK(cudaMemset(dpart, 0xFF, npart * 4));
-      CK(rjattn::LaunchDecodeAttention(f, nullptr));
-      CK(cudaDeviceSynchronize());
-      std::vector<uint16_t> out2(nq);
-      std::vector<unsigned> cnt(size_t(c.B) * c.Hkv);
-      CK(cudaMemcpy(out2.data(), dout, nq * 2, cudaMemcpyDeviceToHost));
-      CK(cudaMemcpy(cnt.data(), dcnt, cnt.size() * sizeof(unsigned), cudaMemcpyDeviceToHost));
-      for (size_t i = 0; i < nq; ++i) fold_diff += out2[i] != out[i];
-      for (unsigned v : cnt) counters_left += v != 0;
-    }
-    CK(cudaFree(dcnt));
-  }
   CK(cudaMemcpy(kc2.data(), dkc, ncache * 2, cudaMemcpyDeviceToHost));
   CK(cudaMemcpy(vc2.data(), dvc, ncache * 2, cudaMemcpyDeviceToHost));
   for (void* p : {dq, dqn, dkn, dkc, dvc, dout}) CK(cudaFree(p));
@@ -219,12 +195,11 @@ bool Run(const Case& c, uint32_t seed, double* worst) {
   for (size_t i = 0; i < ncache; ++i) other_bad += (kc2[i] != kc[i]) + (vc2[i] != vc[i]);
   const double err = std::sqrt(num / den);
   *worst = std::max(*worst, err);
-  ok = err <= 5e-3 && slot_bad == 0 && other_bad == 0 && unwritten == 0 && fold_diff == 0 &&
-       counters_left == 0;
+  ok = err <= 5e-3 && slot_bad == 0 && other_bad == 0 && unwritten == 0;
   std::printf("%s B=%d Hq=%d Hkv=%d D=%d T=%d layer=%d norm=%d rel_err=%.2e slot_bad=%zu "
-              "other_changed=%zu unwritten=%zu folded_differs=%zu counters_left=%zu\n",
+              "other_changed=%zu unwritten=%zu\n",
               ok ? "ok  " : "FAIL", c.B, c.Hq, c.Hkv, D, c.T, c.layer, c.qk_norm, err, slot_bad,
-              other_bad, unwritten, fold_diff, counters_left);
+              other_bad, unwritten);
   return ok;
 }
 

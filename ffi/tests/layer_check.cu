@@ -3,7 +3,7 @@
 //   nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/layer_check.cu ffi/decoder_layer.cu \
 //        ffi/nvfp4_kernels.cu ffi/attention_kernels.cu -o layer_check
 //   ./layer_check check     # PDL chain == plain launches, bit for bit (poisoned outputs)
-//   ./layer_check placement  # (built with -DRJATTN_TRACE) where the attention CTAs run
+//   ./layer_check placement  # (built as for timeline) where the attention CTAs run
 //   ./layer_check timeline [pos]  # (built with -DRJ_TIMELINE -rdc=true) what each kernel adds
 //                                 # to a layer, cache at position ~pos (default 640)
 //   ./layer_check bench [reps [edges [pos]]]  # us per layer over L layers in one CUDA graph: PDL off / in
@@ -224,10 +224,8 @@ std::vector<uint8_t> Download(const void* p, size_t n) {
 }
 
 // Two layers in sequence (layer 1 reads layer 0's outputs), plain launches without PDL
-// against PDL chains (plain stream and CUDA graph, pdl_first on the second layer; in the
-// graph also with the attention's combine folded, whose counters the first layer zeroes and
-// the second finds zero again), each run from the same inputs with every output and the
-// scratch poisoned first.
+// against PDL chains (plain stream and CUDA graph, pdl_first on the second layer), each
+// run from the same inputs with every output and the scratch poisoned first.
 bool CheckShape(const Shape& sh, int M, uint64_t seed) {
   std::mt19937_64 rng(seed);
   LayerBufs w[2] = {MakeLayer(sh, rng, true), MakeLayer(sh, rng, true)};
@@ -238,27 +236,22 @@ bool CheckShape(const Shape& sh, int M, uint64_t seed) {
   const std::vector<uint8_t> kc0 = Download(io.kc, io.cache_bytes), vc0 = Download(io.vc, io.cache_bytes);
   cudaStream_t st;
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  auto enqueue = [&](bool pdl, bool fold) {
-    rjlayer::DecoderLayerArgs a0 = Args(sh, M, w[0], io, 0, io.x, io.h, xm, hm, pdl, false);
-    rjlayer::DecoderLayerArgs a1 = Args(sh, M, w[1], io, 1, xm, hm, io.x2, io.h2, pdl, pdl);
-    a0.fold_combine = a1.fold_combine = fold;
-    CK(rjlayer::LaunchDecoderLayer(a0, st));
-    CK(rjlayer::LaunchDecoderLayer(a1, st));
+  auto enqueue = [&](bool pdl) {
+    CK(rjlayer::LaunchDecoderLayer(Args(sh, M, w[0], io, 0, io.x, io.h, xm, hm, pdl, false), st));
+    CK(rjlayer::LaunchDecoderLayer(Args(sh, M, w[1], io, 1, xm, hm, io.x2, io.h2, pdl, pdl), st));
   };
-  // 0 plain, 1 PDL on the stream, 2 PDL in a graph, 3 the same with the attention's combine
-  // folded into its partial kernel (the same arithmetic: the same bits)
-  auto run = [&](int mode) {
+  auto run = [&](int mode) {  // 0 plain, 1 PDL on the stream, 2 PDL in a graph
     Upload(io.kc, kc0);
     Upload(io.vc, vc0);
     for (void* p : {xm, hm, io.x2, io.h2}) CK(cudaMemsetAsync(p, 0xFF, act, st));
     CK(cudaMemsetAsync(io.scratch, 0xFF, io.scratch_bytes, st));
     if (mode < 2) {
-      enqueue(mode == 1, false);
+      enqueue(mode == 1);
     } else {
       cudaGraph_t g;
       cudaGraphExec_t ge;
       CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-      enqueue(true, mode == 3);
+      enqueue(true);
       CK(cudaStreamEndCapture(st, &g));
       CK(cudaGraphInstantiate(&ge, g, 0));
       CK(cudaGraphLaunch(ge, st));
@@ -290,9 +283,9 @@ bool CheckShape(const Shape& sh, int M, uint64_t seed) {
   }
   int bad = 0;
   for (int rep = 0; rep < 10; ++rep)
-    for (int mode : {1, 2, 3}) bad += run(mode) != ref;
+    for (int mode : {1, 2}) bad += run(mode) != ref;
   const bool ok = bad == 0 && nonfinite == 0;
-  std::printf("%-10s M=%2d  non-finite outputs %d, PDL runs differing from plain %d/30  %s\n",
+  std::printf("%-10s M=%2d  non-finite outputs %d, PDL runs differing from plain %d/20  %s\n",
               sh.name, M, nonfinite, bad, ok ? "ok" : "FAIL");
   CK(cudaStreamDestroy(st));
   CK(cudaFree(xm));
@@ -336,17 +329,15 @@ const Shape kChainShapes[] = {{"qwen3-8b", 4096, 12288, 32, 8, 128, 36, 1024},
                               {"qwen3-32b", 5120, 25600, 64, 8, 128, 16, 1024}};
 
 // Enqueues the sh.L layers on s, activations ping-ponging between io's buffers: PDL off
-// (mode 0), inside each layer (1), or across layers too (2); `fold` puts the attention's
-// combine into its partial kernel.
+// (mode 0), inside each layer (1), or across layers too (2).
 void EnqueueChain(const Shape& sh, int M, const std::vector<LayerBufs>& w, const Io& io,
-                  int mode, bool fold, cudaStream_t s) {
+                  int mode, cudaStream_t s) {
   for (int l = 0; l < sh.L; ++l) {
     const bool even = l % 2 == 0;
-    rjlayer::DecoderLayerArgs la =
+    CK(rjlayer::LaunchDecoderLayer(
         Args(sh, M, w[l], io, l, even ? io.x : io.x2, even ? io.h : io.h2, even ? io.x2 : io.x,
-             even ? io.h2 : io.h, mode > 0, mode > 1 && l > 0);
-    la.fold_combine = fold;
-    CK(rjlayer::LaunchDecoderLayer(la, s));
+             even ? io.h2 : io.h, mode > 0, mode > 1 && l > 0),
+        s));
   }
 }
 
@@ -377,7 +368,7 @@ int Bench(int reps) {
     float off_us = 0.f;
     for (int mode = 0; mode < 3; ++mode) {  // off, in the layer, across layers too
       const float us = GraphMedianMs(st, reps, [&](cudaStream_t s) {
-                         EnqueueChain(sh, M, w, io, mode, false, s);
+                         EnqueueChain(sh, M, w, io, mode, s);
                        }) * 1e3f / sh.L;
       if (mode == 0) off_us = us;
       const char* names[] = {"off", "in-layer", "all"};
@@ -389,65 +380,6 @@ int Bench(int reps) {
 
 }  // namespace
 
-#ifdef RJATTN_TRACE
-namespace rjattn {
-cudaError_t ReadAttnTrace(unsigned long long* host, int ctas);
-cudaError_t ClearAttnTrace();
-}  // namespace rjattn
-
-namespace {
-
-// Where the attention partial kernel's live CTAs run, launched plainly and as a dependent
-// of the qkv GEMV (pdl_edges 30 vs 31): distinct SMs, the most CTAs on one SM, and the
-// spread of their start times.  Tests the reading in KERNEL_NOTES ("Fifth session"): a
-// dependent grid piles onto the first SMs that free up.
-int Placement() {
-  const Shape shapes[] = {{"qwen3-8b", 4096, 12288, 32, 8, 128, 2, 1024},
-                          {"qwen3-32b", 5120, 25600, 64, 8, 128, 2, 1024}};
-  cudaStream_t st;
-  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  std::printf("%-10s %2s %6s %6s %8s %10s %12s\n", "shape", "M", "edges", "CTAs", "SMs",
-              "max/SM", "start span us");
-  for (const Shape& sh : shapes) {
-    std::mt19937_64 rng(11);
-    LayerBufs w = MakeLayer(sh, rng, false);
-    for (int M : {1, 8}) {
-      Io io = MakeIo(sh, M, rng, 600, 680);
-      const int ctas = rjattn::NumChunks(sh.T) * sh.Hkv * M;
-      for (int edges : {30, 31}) {
-        g_edges = edges;
-        for (int rep = 0; rep < 3; ++rep) {  // the last of 3 launches (warm)
-          CK(rjattn::ClearAttnTrace());
-          CK(rjlayer::LaunchDecoderLayer(Args(sh, M, w, io, 0, io.x, io.h, io.x2, io.h2, true, false), st));
-          CK(cudaStreamSynchronize(st));
-        }
-        std::vector<unsigned long long> tr(2 * ctas);
-        CK(rjattn::ReadAttnTrace(tr.data(), ctas));
-        std::vector<int> per_sm(1024, 0);
-        unsigned long long t_min = ~0ull, t_max = 0;
-        int live = 0;
-        for (int c = 0; c < ctas; ++c) {
-          if (tr[2 * c] == 0) continue;
-          ++live;
-          ++per_sm[(tr[2 * c] - 1) % 1024];
-          t_min = std::min(t_min, tr[2 * c + 1]);
-          t_max = std::max(t_max, tr[2 * c + 1]);
-        }
-        const int sms = static_cast<int>(std::count_if(per_sm.begin(), per_sm.end(), [](int n) { return n > 0; }));
-        const int most = *std::max_element(per_sm.begin(), per_sm.end());
-        std::printf("%-10s %2d %6d %6d %8d %10d %12.2f\n", sh.name, M, edges, live, sms, most,
-                    live ? (t_max - t_min) * 1e-3 : 0.0);
-      }
-      g_edges = -1;
-      FreeIo(io);
-    }
-    FreeLayer(w);
-  }
-  return 0;
-}
-
-}  // namespace
-#endif
 
 #ifdef RJ_TIMELINE
 namespace {
@@ -466,11 +398,11 @@ int Timeline() {
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
   std::vector<rjpdl::TimelineEvent> ev(rjpdl::kTimelineMax);
   ForEachChain([&](const Shape& sh, int M, const std::vector<LayerBufs>& w, const Io& io) {
-    for (int mode : {0, 2, 3}) {  // off, all edges, all edges with the combine folded
+    for (int mode : {0, 2}) {  // PDL off, default edges within and across layers
       cudaGraph_t graph;
       cudaGraphExec_t exec;
       CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-      EnqueueChain(sh, M, w, io, mode == 3 ? 2 : mode, mode == 3, st);
+      EnqueueChain(sh, M, w, io, mode, st);
       CK(cudaStreamEndCapture(st, &graph));
       CK(cudaGraphInstantiate(&exec, graph, 0));
       for (int r = 0; r < 3; ++r) CK(cudaGraphLaunch(exec, st));
@@ -509,7 +441,7 @@ int Timeline() {
       const int per = static_cast<int>(ls.size()) / sh.L;
       std::printf("\n%s M=%d PDL %s: %u events, %zu launches (%d per layer)%s; %.2f us per layer\n",
                   sh.name, M,
-                  mode == 0 ? "off" : mode == 2 ? "default edges" : "default edges, combine folded",
+                  mode == 0 ? "off" : "default edges",
                   n, ls.size(), per,
                   per * sh.L == static_cast<int>(ls.size()) ? "" : " -- NOT a multiple of the layers",
                   (ls.back().last2 - ls.front().first0) * 1e-3 / sh.L);
@@ -547,16 +479,67 @@ int Timeline() {
   return 0;
 }
 
+
+// Where the attention partial kernel's live CTAs run (from the timeline: SM and start of
+// each CTA that got past its PDL wait; the chunks past the position leave before it),
+// launched plainly and as a dependent of the qkv GEMV (pdl_edges 30 vs 31): distinct SMs,
+// the most CTAs on one SM, and the spread of their start times.  Tests the reading in
+// KERNEL_NOTES ("Fifth session"): a dependent grid piles onto the first SMs that free up.
+int Placement() {
+  const Shape shapes[] = {{"qwen3-8b", 4096, 12288, 32, 8, 128, 2, 1024},
+                          {"qwen3-32b", 5120, 25600, 64, 8, 128, 2, 1024}};
+  cudaStream_t st;
+  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  std::vector<rjpdl::TimelineEvent> ev(rjpdl::kTimelineMax);
+  std::printf("%-10s %2s %6s %6s %8s %10s %12s\n", "shape", "M", "edges", "CTAs", "SMs",
+              "max/SM", "start span us");
+  for (const Shape& sh : shapes) {
+    std::mt19937_64 rng(11);
+    LayerBufs w = MakeLayer(sh, rng, false);
+    for (int M : {1, 8}) {
+      Io io = MakeIo(sh, M, rng, 600, 680);
+      for (int edges : {30, 31}) {
+        g_edges = edges;
+        for (int rep = 0; rep < 3; ++rep) {  // the last of 3 launches (warm)
+          CK(rjpdl::TimelineClear(st));
+          CK(rjlayer::LaunchDecoderLayer(Args(sh, M, w, io, 0, io.x, io.h, io.x2, io.h2, true, false), st));
+          CK(cudaStreamSynchronize(st));
+        }
+        unsigned n = 0;
+        CK(rjpdl::TimelineRead(ev.data(), &n));
+        n = std::min(n, rjpdl::kTimelineMax);
+        std::vector<int> per_sm(1024, 0);
+        unsigned long long t_min = ~0ull, t_max = 0;
+        int live = 0;
+        for (unsigned i = 0; i < n; ++i) {
+          const rjpdl::TimelineEvent& e = ev[i];
+          if (e.kind != 5 || e.t1 == 0) continue;  // attention partial CTAs that waited
+          ++live;
+          ++per_sm[e.smid % 1024];
+          t_min = std::min(t_min, e.t0);
+          t_max = std::max(t_max, e.t0);
+        }
+        const int sms = static_cast<int>(std::count_if(per_sm.begin(), per_sm.end(), [](int c) { return c > 0; }));
+        const int most = *std::max_element(per_sm.begin(), per_sm.end());
+        std::printf("%-10s %2d %6d %6d %8d %10d %12.2f\n", sh.name, M, edges, live, sms, most,
+                    live ? (t_max - t_min) * 1e-3 : 0.0);
+      }
+      g_edges = -1;
+      FreeIo(io);
+    }
+    FreeLayer(w);
+  }
+  return 0;
+}
+
 }  // namespace
 #endif
 
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "check";
   if (mode == "check") return Check(argc > 2 && std::string(argv[2]) == "quick");
-#ifdef RJATTN_TRACE
-  if (mode == "placement") return Placement();
-#endif
 #ifdef RJ_TIMELINE
+  if (mode == "placement") return Placement();
   if (mode == "timeline") {
     if (argc > 2) g_pos = std::atoi(argv[2]);
     return Timeline();
@@ -568,8 +551,8 @@ int main(int argc, char** argv) {
     return Bench(argc > 2 ? std::atoi(argv[2]) : 20);
   }
   std::fprintf(stderr,
-               "usage: %s check [quick] | bench [reps [pdl_edges [pos]]] | placement (-DRJATTN_TRACE)"
-               " | timeline [pos] (-DRJ_TIMELINE -rdc=true)\n",
+               "usage: %s check [quick] | bench [reps [pdl_edges [pos]]] | timeline [pos] | placement"
+               " (the last two built with -DRJ_TIMELINE -rdc=true)\n",
                argv[0]);
   return 2;
 }
