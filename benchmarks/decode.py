@@ -83,6 +83,20 @@ VARIANTS = {
         ("cuda", "xla"),
         {"fuse_attention": True, "fuse_decoder": "model"},
     ),
+    # the same with gate/up rows stacked: SwiGLU as its own kernel (A/B of the epilogue fold)
+    "cuda-w4a16-chain-model-stacked": (
+        "nvfp4",
+        "bf16",
+        ("cuda", "xla"),
+        {"fuse_attention": True, "fuse_decoder": "model", "interleave_gate_up": False},
+    ),
+    # NVFP4 lm_head too (not how NVFP4 checkpoints ship: they keep lm_head dense)
+    "cuda-w4a16-qhead-chain-model": (
+        "nvfp4",
+        "bf16",
+        ("cuda", "xla"),
+        {"exclude": (), "fuse_attention": True, "fuse_decoder": "model"},
+    ),
     "cuda-w4a16-chain-nopdl": (
         "nvfp4",
         "bf16",

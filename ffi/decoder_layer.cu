@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 
 #include "nvfp4_kernels.h"
+#include "nvfp4_kernels.cuh"  // SiluMul
 #include "pdl.cuh"
 
 namespace rjlayer {
@@ -37,13 +38,12 @@ Layout MakeLayout(int64_t M, int64_t D, int64_t F, int64_t Hq, int64_t Hkv, int6
   return l;
 }
 
-__device__ __forceinline__ float SiluMul(float g, float u) {
-  return g / (1.f + expf(-g)) * u;  // jax.nn.silu(g) * u in float32
-}
-
-// act[m, f] = bf16(silu(gu[m, f]) * gu[m, F + f]), 8 values per thread.
+// act[m, f] = bf16(silu(gate[m, f]) * up[m, f]), 8 values per thread; gate and up side by
+// side in gu ([M, 2F]: gate at f, up at F + f) or, `interleaved`, in alternating groups of
+// 8 (gate at 16 (f / 8) + f % 8, up 8 further).
 __global__ void __launch_bounds__(256) SwiGluKernel(const __nv_bfloat16* gu,
-                                                    __nv_bfloat16* act, int M, int F) {
+                                                    __nv_bfloat16* act, int M, int F,
+                                                    bool interleaved) {
   RJ_TIMELINE_SCOPE(7);
   rjpdl::PdlLaunchDependents();
   rjpdl::PdlWait();  // gate+up come from the previous kernel
@@ -52,15 +52,18 @@ __global__ void __launch_bounds__(256) SwiGluKernel(const __nv_bfloat16* gu,
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= M * per_row) return;
   const int m = i / per_row, f = (i - m * per_row) * 8;
-  const uint4 g = *reinterpret_cast<const uint4*>(gu + size_t(m) * 2 * F + f);
-  const uint4 u = *reinterpret_cast<const uint4*>(gu + size_t(m) * 2 * F + F + f);
+  const __nv_bfloat16* row = gu + size_t(m) * 2 * F;
+  const int gate_at = interleaved ? 2 * f : f, up_at = interleaved ? 2 * f + 8 : F + f;
+  const uint4 g = *reinterpret_cast<const uint4*>(row + gate_at);
+  const uint4 u = *reinterpret_cast<const uint4*>(row + up_at);
   const uint32_t gw[4] = {g.x, g.y, g.z, g.w}, uw[4] = {u.x, u.y, u.z, u.w};
   uint32_t o[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const float lo = SiluMul(__uint_as_float(gw[j] << 16), __uint_as_float(uw[j] << 16));
-    const float hi =
-        SiluMul(__uint_as_float(gw[j] & 0xFFFF0000u), __uint_as_float(uw[j] & 0xFFFF0000u));
+    const float lo =
+        nvfp4::SiluMul(__uint_as_float(gw[j] << 16), __uint_as_float(uw[j] << 16));
+    const float hi = nvfp4::SiluMul(__uint_as_float(gw[j] & 0xFFFF0000u),
+                                    __uint_as_float(uw[j] & 0xFFFF0000u));
     const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
     o[j] = *reinterpret_cast<const uint32_t*>(&p);
   }
@@ -153,20 +156,25 @@ cudaError_t LaunchDecoderLayer(const DecoderLayerArgs& a, cudaStream_t stream) {
   if (cudaError_t e = nvfp4::LaunchGemv(Gemv(a.o, att, o, M, D, Hq * Dh, pdlb(1)), stream);
       e != cudaSuccess)
     return e;
-  // x' = r1 + o; gu = rmsnorm(x') * ln2 @ Wgu^T
+  // x' = r1 + o; gu = rmsnorm(x') * ln2 @ Wgu^T, with SwiGLU in its epilogue where the
+  // rows are interleaved and the wide kernel serves (act written directly)
   g = Gemv(a.gate_up, r1, gu, M, 2 * F, D, pdlb(2));
+  g.swiglu = a.gate_up_interleaved && nvfp4::GemvSwiGluSupported(g);
+  if (g.swiglu) g.y = act;
   if (cudaError_t e = nvfp4::LaunchGemvAddNorm(g, o, a.ln2, a.eps, a.x_out, xn, stream);
       e != cudaSuccess)
     return e;
   // act = silu(gate) * up
-  const int64_t threads = M * (F / 8);
-  if (cudaError_t e = rjpdl::Launch(SwiGluKernel, dim3(static_cast<unsigned>((threads + 255) / 256)),
-                                    dim3(256), 0, stream, pdlb(3),
-                                    static_cast<const __nv_bfloat16*>(gu),
-                                    static_cast<__nv_bfloat16*>(act), static_cast<int>(M),
-                                    static_cast<int>(F));
-      e != cudaSuccess)
-    return e;
+  if (!g.swiglu) {
+    const int64_t threads = M * (F / 8);
+    if (cudaError_t e = rjpdl::Launch(SwiGluKernel, dim3(static_cast<unsigned>((threads + 255) / 256)),
+                                      dim3(256), 0, stream, pdlb(3),
+                                      static_cast<const __nv_bfloat16*>(gu),
+                                      static_cast<__nv_bfloat16*>(act), static_cast<int>(M),
+                                      static_cast<int>(F), a.gate_up_interleaved);
+        e != cudaSuccess)
+      return e;
+  }
   // h' = act @ Wdown^T
   return nvfp4::LaunchGemv(Gemv(a.down, act, a.h_out, M, D, F, pdlb(4)), stream);
 }

@@ -5,7 +5,7 @@
 //   att = decode_attention(qkv, cache, ...)                   (partial + combine kernels)
 //   o   = att @ Wo^T                                                              (GEMV)
 //   x'  = r1 + o;                   gu  = rmsnorm(x') * ln2 @ Wgu^T      (GEMV, add+norm)
-//   act = silu(gu[:, :F]) * gu[:, F:]                                     (SwiGLU kernel)
+//   act = silu(gate) * up                          (SwiGLU kernel, or the gate+up epilogue)
 //   h'  = act @ Wdown^T                                                           (GEMV)
 //
 // x' and h' are the next layer's x and h (h' is not yet added to x', as in
@@ -39,6 +39,11 @@ struct DecoderLayerArgs {
   const void* ln2 = nullptr;  // [D] bf16 post_attention_layernorm weight
   float eps = 0.f;            // both norms' epsilon
   Weight qkv, o, gate_up, down;  // [(Hq+2Hkv)Dh, D], [D, Hq Dh], [2F, D], [D, F]
+  // gate_up's row order: false, gate rows then up rows; true, alternating groups of 8
+  // (gate rows 8i..8i+7 at 16i.., the matching up rows at 16i+8..; nvfp4::GemvArgs::swiglu).
+  // Interleaved rows let the gate+up GEMV apply SwiGLU in its epilogue (one kernel fewer)
+  // wherever its wide path serves; the result is the same bits either way.
+  bool gate_up_interleaved = false;
   // Attention: cos, sin, positions, layer, k_cache, v_cache, q_norm, k_norm, B (= M),
   // Hq, Hkv, D (head width), L, T, scale, eps as in rjattn::DecodeAttentionArgs;
   // q/k/v/out/partial/pdl are filled in by the launcher.
@@ -59,7 +64,7 @@ struct DecoderLayerArgs {
 constexpr int kPdlAttention = 1;  // both attention kernels
 constexpr int kPdlO = 2;
 constexpr int kPdlGateUp = 4;     // (the add + norm kernel too, at M > 2)
-constexpr int kPdlSwiGlu = 8;
+constexpr int kPdlSwiGlu = 8;     // (no such kernel where SwiGLU runs in the gate+up epilogue)
 constexpr int kPdlDown = 16;
 
 // The measured choice (H100, Qwen3-8B / 32B layer chains; benchmarks/KERNEL_NOTES.md):

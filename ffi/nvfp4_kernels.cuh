@@ -49,6 +49,8 @@ struct KParams {
   float eps = 0.f;
   __nv_bfloat16* r_out = nullptr;     // [M, K]
   bool pdl = false;  // launched as a programmatic dependent (pdl.cuh)
+  // Wide kernel only: SwiGLU in the epilogue (GemvArgs::swiglu): y is [M, N / 2].
+  bool swiglu = false;
 };
 
 // Kernel parameters from the host API's arguments.
@@ -65,7 +67,15 @@ inline KParams ToKParams(const GemvArgs& a) {
   kp.N = static_cast<int>(a.N);
   kp.K = static_cast<int>(a.K);
   kp.pdl = a.pdl;
+  kp.swiglu = a.swiglu;
   return kp;
+}
+
+// jax.nn.silu(g) * u in float32 (the SwiGLU of the decoder's MLP; g and u hold bf16 values).
+__device__ __forceinline__ float SiluMul(float g, float u) { return g / (1.f + expf(-g)) * u; }
+
+__device__ __forceinline__ float RoundToBf16(float v) {
+  return __bfloat162float(__float2bfloat16_rn(v));
 }
 
 // ---------------------------------------------------------------- loads ----
@@ -760,6 +770,28 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
         if (m < M) red[parity][warp][m][g + ((r & 2) << 2)] = v;
       }
     __syncthreads();
+    if (p.swiglu) {
+      // Rows 0..7 of the tile are gate rows 8 * ctile + 0..7, rows 8..15 the up rows of the
+      // same outputs: each output is bf16(silu(bf16(gate)) * bf16(up)), exactly what the
+      // GEMV followed by the SwiGLU kernel computes.
+      const int F = N >> 1;
+      for (int idx = threadIdx.x; idx < 8 * M; idx += W * 32) {
+        const int row = idx & 7;
+        const int m = idx >> 3;
+        float gs = 0.f, us = 0.f;
+#pragma unroll
+        for (int w = 0; w < W; ++w) {
+          gs += red[parity][w][m][row];
+          us += red[parity][w][m][row + 8];
+        }
+        float scale = wscale;
+        if (p.xscale != nullptr) scale *= __ldg(p.xscale + m * p.xscale_stride);
+        p.y[static_cast<size_t>(m) * F + ctile * 8 + row] =
+            __float2bfloat16_rn(SiluMul(RoundToBf16(gs * scale), RoundToBf16(us * scale)));
+      }
+      parity ^= 1;
+      return;
+    }
     for (int idx = threadIdx.x; idx < 16 * M; idx += W * 32) {
       const int row = idx & 15;
       const int m = idx >> 4;

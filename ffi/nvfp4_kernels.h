@@ -27,6 +27,12 @@ struct GemvArgs {
   // Launch as a programmatic dependent of the previous kernel on the stream (ffi/pdl.cuh;
   // sm_90+ only: the caller checks the device).  The kernels wait for it before reading x.
   bool pdl = false;
+  // SwiGLU in the epilogue (the decoder MLP's gate+up projection; wide path only, N % 16
+  // == 0): the weight's rows alternate in groups of 8, gate rows 8i..8i+7 at rows
+  // 16i..16i+7 and the matching up rows at 16i+8..16i+15, and
+  //   y[M, N/2] (bf16) = bf16(silu(bf16(gate)) * bf16(up))   (silu in float32),
+  // the same bits as the GEMV followed by a SwiGLU kernel.
+  bool swiglu = false;
 };
 
 // Largest M one launch serves (two m16n8k16 column tiles).
@@ -35,6 +41,9 @@ constexpr int64_t kMaxM = 16;
 // Returns nullptr when the kernel can serve these arguments, else a static
 // message saying why (shape limits, pointer alignment).
 const char* GemvUnsupportedReason(const GemvArgs& a);
+
+// Whether a.swiglu can be served (the call would take the wide path and N % 16 == 0).
+bool GemvSwiGluSupported(const GemvArgs& a);
 
 // Launches the GEMV on `stream`; returns cudaGetLastError() after the launch.
 // variant 0 (the default) takes the wide path when UseWide(a), else the general

@@ -161,6 +161,9 @@ class LinearGroup(nnx.Module):
         ``("q_proj", "k_proj", "v_proj")``; static.
       sizes: each part's output width N_i; static.
       linears: one fused ``Linear`` ``[sum N_i, K]``, or one ``Linear`` per part.
+      interleaved: the fused gate/up weight's rows alternate between the two parts in
+        groups of ``decoder_layers.GATE_UP_GROUP`` (``interleave_gate_up``; set by
+        ``fuse_decoder``); static.
     """
 
     def __init__(self, names: Sequence[str], sizes: Sequence[int], linears: Sequence[Linear]):
@@ -170,18 +173,49 @@ class LinearGroup(nnx.Module):
             raise ValueError(f"{len(linears)} linear layers for parts {self.names}")
         self.fused = len(linears) == 1 and len(self.names) > 1
         self.linears = nnx.List(list(linears))
+        self.interleaved = False
+
+    def split(self, y: jax.Array) -> tuple[jax.Array, ...]:
+        """The fused matmul's ``[..., sum N_i]`` output -> one ``[..., N_i]`` per part."""
+        if self.interleaved:
+            return decoder_layers.deinterleave_gate_up(y)
+        return _split(y, self.sizes)
+
+    def can_interleave_rows(self) -> bool:
+        """Whether ``interleave_rows`` applies (see there)."""
+        g = decoder_layers.GATE_UP_GROUP
+        if not self.fused or len(self.sizes) != 2 or self.sizes[0] != self.sizes[1]:
+            return False
+        lin = self.linears[0]
+        return self.sizes[0] % g == 0 and lin.quantized and lin.bias is None
+
+    def interleave_rows(self) -> bool:
+        """Reorders a fused two-part NVFP4 weight (gate/up) into interleaved rows, in place.
+
+        Returns whether the group is interleaved now (it needs one fused NVFP4 weight,
+        two equal parts, each a multiple of ``GATE_UP_GROUP`` rows). The outputs of
+        ``__call__`` and ``packed`` do not change.
+        """
+        if self.interleaved:
+            return True
+        if not self.can_interleave_rows():
+            return False
+        lin = self.linears[0]
+        lin.weight.set_value(decoder_layers.interleave_gate_up(lin.weight.get_value()))
+        self.interleaved = True
+        return True
 
     def __call__(self, x: jax.Array, *, out_dtype=None) -> tuple[jax.Array, ...]:
         """``[..., K]`` -> one ``[..., N_i]`` per part."""
         if not self.fused:
             return tuple(lin(x, out_dtype=out_dtype) for lin in self.linears)
-        return _split(self.linears[0](x, out_dtype=out_dtype), self.sizes)  # [..., N_i] each
+        return self.split(self.linears[0](x, out_dtype=out_dtype))  # [..., N_i] each
 
     def packed(self, x: jax.Array) -> jax.Array:
         """``[..., K]`` -> ``[..., sum N_i]``: the parts side by side (one matmul when fused)."""
-        if self.fused:
+        if self.fused and not self.interleaved:
             return self.linears[0](x)
-        return jnp.concatenate([lin(x) for lin in self.linears], axis=-1)
+        return jnp.concatenate(self(x), axis=-1)
 
 
 class Embedding(nnx.Module):
@@ -457,7 +491,7 @@ class DecoderLayer(nnx.Module):
         y, x = add_rms_norm_matmul(x, h, self.post_attention_layernorm.weight.get_value(),
                                    self.post_attention_layernorm.eps, gu_lin.weight.get_value(),
                                    implementation=gu_lin.implementation)  # fmt: skip
-        gate, up = _split(y, self.mlp.gate_up.sizes)
+        gate, up = self.mlp.gate_up.split(y)
         return x, self.mlp.finish(gate, up), cache
 
     def chain_weights(self) -> LayerWeights | None:
@@ -566,6 +600,7 @@ def fuse_decoder(
     mode: str = "layer",
     *,
     pdl: bool = True,
+    interleave_gate_up: bool = True,
     implementation: str | Sequence[str] | None = None,
 ) -> int:
     """Runs decode steps through ``decoder_layers.decode_layers``: whole layers per custom call.
@@ -584,6 +619,10 @@ def fuse_decoder(
       mode: ``"layer"`` (one call per layer) or ``"model"`` (every layer in one call,
         so the kernels chain across layers too).
       pdl: programmatic dependent launches (False: plain launches, for A/B).
+      interleave_gate_up: reorder each layer's fused gate/up weight once, here, into
+        ``decoder_layers.interleave_gate_up``'s row order, so that the CUDA gate+up GEMV
+        applies SwiGLU in its epilogue (one kernel fewer per layer; every other path
+        splits its output accordingly; results unchanged). False keeps the stacked rows.
       implementation: ``decode_layers``' ``implementation`` (None: CUDA where it
         serves, else the per-layer path; ``"xla"``: the XLA composition for every step).
 
@@ -598,6 +637,9 @@ def fuse_decoder(
     fuse_norms(model)
     layers = model.model.layers
     ok = all(layer.chain_weights() is not None for layer in layers)
+    if ok and interleave_gate_up and all(ly.mlp.gate_up.can_interleave_rows() for ly in layers):
+        for layer in layers:
+            layer.mlp.gate_up.interleave_rows()
     impl = _static_implementation(implementation)
     model.decoder_chain = (mode, bool(pdl), impl) if ok else None
     return len(layers) if ok else 0
@@ -760,6 +802,8 @@ class CausalLM(nnx.Module):
             and (ly.self_attn.q_norm is None or ly.self_attn.q_norm.eps == attn_eps)
             for ly in layers
         )
+        interleaved = layers[0].mlp.gate_up.interleaved
+        same = same and all(ly.mlp.gate_up.interleaved == interleaved for ly in layers)
         x2 = x[:, 0]  # [B, D]
         if not same or (
             impl is None
@@ -773,7 +817,8 @@ class CausalLM(nnx.Module):
         for group in groups:
             x2, h, ck, cv = decoder_layers.decode_layers(
                 x2, h, cos[:, 0], sin[:, 0], positions[:, 0], ck, cv, group, start, eps=eps,
-                attn_eps=attn_eps, scale=attn.head_dim**-0.5, pdl=pdl, implementation=impl,
+                attn_eps=attn_eps, scale=attn.head_dim**-0.5, gate_up_interleaved=interleaved,
+                pdl=pdl, implementation=impl,
             )  # fmt: skip
             start += len(group)
         x = (x2 + h)[:, None]  # [B, 1, D]

@@ -596,6 +596,7 @@ def build_model(
     fuse_attention: bool = False,
     fuse_decoder: str | None = None,
     pdl: bool = True,
+    interleave_gate_up: bool = True,
 ) -> CausalLM:
     """A randomly initialized model (tests, benchmarks); same options as ``build_from_state_dict``.
 
@@ -606,7 +607,8 @@ def build_model(
     matmuls after them (``layers.fuse_norms``); ``fuse_attention=True`` runs each
     decode step's attention as one ``reset_jax.attention.decode_attention`` call
     (``layers.fuse_attention``); ``fuse_decoder="layer"`` or ``"model"`` runs decode
-    steps through whole-layer custom calls (``layers.fuse_decoder``, with ``pdl``).
+    steps through whole-layer custom calls (``layers.fuse_decoder``, with ``pdl`` and
+    ``interleave_gate_up``).
     """
     _check_options(quantize, activations)
     source = _RandomSource(seed, dtype, quantize, activations, implementation, exclude)
@@ -618,7 +620,7 @@ def build_model(
     if fuse_attention:
         fuse_attention_ops(model)
     if fuse_decoder is not None:
-        fuse_decoder_chain(model, fuse_decoder, pdl=pdl)
+        fuse_decoder_chain(model, fuse_decoder, pdl=pdl, interleave_gate_up=interleave_gate_up)
     return model
 
 

@@ -174,7 +174,52 @@ def cuda_unsupported_reason(
     return attention.cuda_unsupported_reason(probe, kv, kv, k_cache, q_norm, layers[0].k_norm)
 
 
-def _xla(x, h, cos, sin, positions, k_cache, v_cache, layers, first_layer, eps, attn_eps, scale):
+GATE_UP_GROUP = 8  # rows per group of an interleaved gate_up weight (decoder_layer.h)
+
+
+def interleave_gate_up(w: NVFP4Tensor) -> NVFP4Tensor:
+    """Reorders a stacked gate/up weight's rows into alternating groups of 8.
+
+    Rows ``[gate_0 .. gate_{F-1}, up_0 .. up_{F-1}]`` become ``[gate_0..7, up_0..7,
+    gate_8..15, up_8..15, ...]``: each 16-row tile of the CUDA GEMV then holds both
+    halves of 8 outputs, so the gate+up GEMV applies SwiGLU in its epilogue (one kernel
+    fewer per layer; the same bits). Exact (rows move with their block scales). Do it
+    once, when the model is built: under ``jit`` it is a copy of the whole weight.
+
+    Args:
+      w: NVFP4 ``[2F, D]``, gate rows then up rows, F a multiple of 8.
+
+    Returns:
+      NVFP4 ``[2F, D]`` in the interleaved order (``decode_layers(...,
+      gate_up_interleaved=True)``; ``deinterleave_gate_up`` undoes it on outputs).
+
+    Raises:
+      ValueError: a shape that is not ``[2F, D]`` with F a multiple of 8.
+    """
+    n = w.shape[0]
+    if w.packed.ndim != 2 or n % (2 * GATE_UP_GROUP):
+        raise ValueError(f"gate_up must be [2F, D] with F a multiple of {GATE_UP_GROUP}; got "
+                         f"{w.shape}")  # fmt: skip
+    g = GATE_UP_GROUP
+
+    def perm(a):  # [2F, c] -> [F/g, 2, g, c] (part, group) -> [2F, c]
+        return a.reshape(2, n // (2 * g), g, a.shape[-1]).transpose(1, 0, 2, 3).reshape(a.shape)
+
+    return NVFP4Tensor(perm(w.packed), perm(w.scales), w.global_scale, dtype=w.dtype)
+
+
+def deinterleave_gate_up(y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``[..., 2F]`` outputs of an interleaved gate_up weight -> ``(gate, up)``, ``[..., F]`` each."""
+    f2 = y.shape[-1]
+    g = GATE_UP_GROUP
+    y = y.reshape(*y.shape[:-1], f2 // (2 * g), 2, g)
+    return y[..., 0, :].reshape(*y.shape[:-3], f2 // 2), y[..., 1, :].reshape(
+        *y.shape[:-3], f2 // 2
+    )
+
+
+def _xla(x, h, cos, sin, positions, k_cache, v_cache, layers, first_layer, eps, attn_eps, scale,
+         gate_up_interleaved=False):  # fmt: skip
     """The composition of the separate ops, every one on XLA (the definition)."""
     ck, cv = k_cache, v_cache
     for i, w in enumerate(layers):
@@ -187,7 +232,7 @@ def _xla(x, h, cos, sin, positions, k_cache, v_cache, layers, first_layer, eps, 
         )  # fmt: skip
         o = api.matmul(att, w.o, implementation="xla")
         gu, x = add_rms_norm_matmul(r, o, w.post_norm, eps, w.gate_up, implementation="xla")
-        gate, up = jnp.split(gu, 2, axis=-1)
+        gate, up = deinterleave_gate_up(gu) if gate_up_interleaved else jnp.split(gu, 2, axis=-1)
         act = jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
         h = api.matmul(act.astype(gate.dtype), w.down, implementation="xla")
     return x, h, ck, cv
@@ -207,7 +252,7 @@ def scratch_bytes(m: int, d: int, f: int, hq: int, hkv: int, dh: int, t: int) ->
 
 
 def _cuda(x, h, cos, sin, positions, k_cache, v_cache, layers, first_layer, eps, attn_eps, scale,
-          pdl, pdl_edges, pdl_across):  # fmt: skip
+          gate_up_interleaved, pdl, pdl_edges, pdl_across):  # fmt: skip
     from reset_jax.nvfp4 import cuda
 
     cuda.ensure_registered()
@@ -246,7 +291,7 @@ def _cuda(x, h, cos, sin, positions, k_cache, v_cache, layers, first_layer, eps,
         eps=np.float32(eps), attn_eps=np.float32(attn_eps), scale=np.float32(scale),
         qk_norm=np.bool_(qk_norm), pdl=np.bool_(pdl),
         pdl_edges=np.int32(-1 if pdl_edges is None else pdl_edges),
-        pdl_across=np.bool_(pdl_across),
+        pdl_across=np.bool_(pdl_across), gate_up_interleaved=np.bool_(gate_up_interleaved),
     )  # fmt: skip
     return x_out, h_out, ck, cv
 
@@ -265,6 +310,7 @@ def decode_layers(
     eps: float,
     attn_eps: float | None = None,
     scale: float | None = None,
+    gate_up_interleaved: bool = False,
     pdl: bool = True,
     pdl_edges: int | None = None,
     pdl_across: bool = True,
@@ -294,6 +340,9 @@ def decode_layers(
       eps: the input / post-attention norms' epsilon.
       attn_eps: the q/k norms' epsilon (default ``eps``).
       scale: attention logit scale (default ``Dh ** -0.5``).
+      gate_up_interleaved: every layer's ``gate_up`` has its rows in alternating groups
+        of 8 (``interleave_gate_up``): the CUDA gate+up GEMV then applies SwiGLU in its
+        epilogue (one kernel fewer per layer). The result is the same either way.
       pdl: launch the CUDA kernels as programmatic dependents (sm_90+; no effect on
         the result).
       pdl_edges: which kernels (``PDL_*`` bits); None: the measured default.
@@ -311,6 +360,9 @@ def decode_layers(
     """
     layers = list(layers)
     _check_args(x, h, cos, sin, positions, k_cache, v_cache, layers, first_layer)
+    if gate_up_interleaved and layers[0].gate_up.shape[0] % (2 * GATE_UP_GROUP):
+        raise ValueError(f"gate_up_interleaved needs F a multiple of {GATE_UP_GROUP}; gate_up is "
+                         f"{layers[0].gate_up.shape}")  # fmt: skip
     dh = k_cache.shape[-1]
     attn_eps = eps if attn_eps is None else attn_eps
     scale = dh**-0.5 if scale is None else scale
@@ -319,7 +371,8 @@ def decode_layers(
         raise ValueError(
             f"implementation={implementation!r}: expected names from {IMPLEMENTATIONS}"
         )
-    args = (x, h, cos, sin, positions, k_cache, v_cache, layers, first_layer, eps, attn_eps, scale)
+    args = (x, h, cos, sin, positions, k_cache, v_cache, layers, first_layer, eps, attn_eps, scale,
+            bool(gate_up_interleaved))  # fmt: skip
     reasons = []
     for name in order:
         if name == "xla":
@@ -334,10 +387,13 @@ def decode_layers(
 
 
 __all__ = [
+    "GATE_UP_GROUP",
     "IMPLEMENTATIONS",
     "DecoderLayersUnavailableError",
     "LayerWeights",
     "cuda_unsupported_reason",
     "decode_layers",
+    "deinterleave_gate_up",
+    "interleave_gate_up",
     "scratch_bytes",
 ]

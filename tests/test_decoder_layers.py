@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from reset_jax import decode as dec
-from reset_jax import decoder_layers, sampling
+from reset_jax import decoder_layers, nvfp4, sampling
 from reset_jax.models import ModelConfig, build_model, fuse_decoder
 
 HAS_GPU = jax.default_backend() == "gpu"
@@ -141,6 +141,63 @@ def test_errors_name_the_problem():
     assert np.abs(np.asarray(ck2[1, :, 3])).sum() > 0 and not np.asarray(ck2[0]).any()
 
 
+def test_interleave_gate_up_moves_rows_in_groups_of_eight():
+    rng = np.random.default_rng(5)
+    f, k = 24, 64
+    w = nvfp4.quantize(jnp.asarray(rng.standard_normal((2 * f, k)), jnp.float32))
+    wi = decoder_layers.interleave_gate_up(w)
+    dense = np.asarray(nvfp4.dequantize(w, jnp.float32))
+    dense_i = np.asarray(nvfp4.dequantize(wi, jnp.float32))
+    for i in range(f // 8):  # tile i: gate rows 8i..8i+7, then the matching up rows
+        np.testing.assert_array_equal(dense_i[16 * i : 16 * i + 8], dense[8 * i : 8 * i + 8])
+        np.testing.assert_array_equal(
+            dense_i[16 * i + 8 : 16 * i + 16], dense[f + 8 * i : f + 8 * i + 8]
+        )
+    x = jnp.asarray(rng.standard_normal((3, k)), jnp.float32)
+    gate, up = decoder_layers.deinterleave_gate_up(nvfp4.matmul(x, wi, implementation="xla"))
+    y = nvfp4.matmul(x, w, implementation="xla")
+    np.testing.assert_array_equal(gate, y[:, :f])
+    np.testing.assert_array_equal(up, y[:, f:])
+    with pytest.raises(ValueError, match="F a multiple of 8"):
+        decoder_layers.interleave_gate_up(nvfp4.quantize(jnp.ones((2 * 12, k), jnp.float32)))
+
+
+def test_interleaved_gate_up_same_result_in_the_composition():
+    model = build_model(_config(), dtype=jnp.float32, seed=2, quantize="nvfp4", fuse_norms=True)
+    x, h, cos, sin, pos, ck, cv, w = _layer_args(model)
+    wi = [lw._replace(gate_up=decoder_layers.interleave_gate_up(lw.gate_up)) for lw in w]
+    a = decoder_layers.decode_layers(x, h, cos, sin, pos, ck, cv, w, eps=1e-6)
+    b = decoder_layers.decode_layers(x, h, cos, sin, pos, ck, cv, wi, eps=1e-6,
+                                     gate_up_interleaved=True)  # fmt: skip
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+    # Interleaved rows read as stacked ones give another (wrong) result: the flag matters.
+    c = decoder_layers.decode_layers(x, h, cos, sin, pos, ck, cv, wi, eps=1e-6)
+    assert not np.array_equal(np.asarray(a[1]), np.asarray(c[1]))
+
+
+def test_fuse_decoder_interleaves_gate_up_once():
+    config = _config()
+    plain = build_model(config, dtype=jnp.float32, seed=4, quantize="nvfp4", fuse_norms=True)
+    model = build_model(config, dtype=jnp.float32, seed=4, quantize="nvfp4", fuse_decoder="model")
+    stacked = build_model(config, dtype=jnp.float32, seed=4, quantize="nvfp4", fuse_decoder="model",
+                          interleave_gate_up=False)  # fmt: skip
+    gu = [ly.mlp.gate_up for ly in model.model.layers]
+    assert all(g.interleaved for g in gu) and not stacked.model.layers[0].mlp.gate_up.interleaved
+    assert not plain.model.layers[0].mlp.gate_up.interleaved
+    assert fuse_decoder(model, "model") == 3 and gu[0].interleaved  # idempotent
+    want = plain.model.layers[0].mlp.gate_up.linears[0].weight.get_value()
+    np.testing.assert_array_equal(
+        gu[0].linears[0].weight.get_value().packed,
+        decoder_layers.interleave_gate_up(want).packed,
+    )
+    # Every path through the group still sees (gate, up) and the parts side by side.
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, config.hidden_size)), jnp.float32)
+    for a, b in zip(gu[0](x), plain.model.layers[0].mlp.gate_up(x)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(gu[0].packed(x), plain.model.layers[0].mlp.gate_up.packed(x))
+
+
 def test_fuse_decoder_only_where_every_layer_fits():
     dense = build_model(_config(), dtype=jnp.float32)
     assert fuse_decoder(dense) == 0 and dense.decoder_chain is None
@@ -198,9 +255,11 @@ def test_cuda_chain_is_in_the_compiled_step():
 
 
 @gpu
+@pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("batch", [1, 8])
-def test_cuda_call_against_xla_composition(batch):
-    """One call of two layers, distinct epsilons, random norm weights, 5 attention chunks."""
+def test_cuda_call_against_xla_composition(batch, interleaved):
+    """One call of two layers, distinct epsilons, random norm weights, 5 attention chunks;
+    gate/up rows stacked, or interleaved (SwiGLU in the gate+up GEMV's epilogue)."""
     config = _config(head_dim=128, hidden=512)
     model = build_model(config, dtype=jnp.bfloat16, seed=7, quantize="nvfp4", fuse_norms=True)
     rng = np.random.default_rng(batch)
@@ -219,12 +278,15 @@ def test_cuda_call_against_xla_composition(batch):
     ang = np.asarray(pos)[:, None] * 10000.0 ** (-np.arange(64) / 64)
     cos, sin = jnp.asarray(np.cos(ang), jnp.float32), jnp.asarray(np.sin(ang), jnp.float32)
 
-    def run(impl):
+    def run(impl, w, inter=False):
         f = jax.jit(lambda *a: decoder_layers.decode_layers(
-            *a, w, 1, eps=1e-5, attn_eps=1e-3, implementation=impl))  # fmt: skip
+            *a, w, 1, eps=1e-5, attn_eps=1e-3, implementation=impl,
+            gate_up_interleaved=inter))  # fmt: skip
         return [np.asarray(o, np.float64) for o in f(x, h, cos, sin, pos, k_cache, v_cache)]
 
-    got, want = run("cuda"), run("xla")
+    wi = [lw._replace(gate_up=decoder_layers.interleave_gate_up(lw.gate_up)) for lw in w]
+    got = run("cuda", wi, True) if interleaved else run("cuda", w)
+    want = run("xla", w)
     for name, a, b in zip(("x", "h"), got[:2], want[:2]):
         err = np.linalg.norm(a - b) / np.linalg.norm(b)
         assert np.isfinite(a).all() and err <= 2e-2, (name, err)

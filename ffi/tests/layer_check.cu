@@ -2,12 +2,14 @@
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/layer_check.cu ffi/decoder_layer.cu \
 //        ffi/nvfp4_kernels.cu ffi/attention_kernels.cu -o layer_check
-//   ./layer_check check     # PDL chain == plain launches, bit for bit (poisoned outputs)
+//   ./layer_check check     # PDL chain == plain launches, bit for bit (poisoned outputs), and
+//                           # interleaved gate/up rows (SwiGLU in the GEMV) == stacked ones
 //   ./layer_check placement  # (built as for timeline) where the attention CTAs run
 //   ./layer_check timeline [pos]  # (built with -DRJ_TIMELINE -rdc=true) what each kernel adds
 //                                 # to a layer, cache at position ~pos (default 640)
 //   ./layer_check bench [reps [edges [pos]]]  # us per layer over L layers in one CUDA graph: PDL off / in
 //                           # the layer / across layers too (Qwen3-8B and -32B shapes)
+//   RJ_GU_INTERLEAVED=0 ./layer_check bench|timeline ...  # stacked gate/up rows (SwiGLU kernel)
 //
 // The kernels themselves are checked against float64 references by nvfp4_check and
 // attention_check; this checks the chain: that launching them as programmatic dependents
@@ -36,9 +38,19 @@ struct Shape {
   int D, F, Hq, Hkv, Dh, L, T;
 };
 
+// DecoderLayerArgs::gate_up_interleaved of the bench / timeline chains: environment
+// RJ_GU_INTERLEAVED (default 1, as the models build them; their pattern weights read the
+// same either way).
+bool GuInterleaved() {
+  const char* v = std::getenv("RJ_GU_INTERLEAVED");
+  return v ? std::atoi(v) != 0 : true;
+}
+bool g_interleaved = false;  // Args(): the layer's interleaved gate_up copy and flag
+
 // Device buffers of one layer's weights, norms and the shared cache / rope inputs.
 struct LayerBufs {
   rjlayer::Weight qkv, o, gu, down;
+  rjlayer::Weight gu_i;  // gu with its rows in alternating groups of 8 (gate, up); check only
   void *ln1, *ln2, *qn, *kn;
 };
 
@@ -47,6 +59,12 @@ T* DevAlloc(size_t bytes) {
   void* p;
   CK(cudaMalloc(&p, bytes));
   return static_cast<T*>(p);
+}
+
+std::vector<uint8_t> Download(const void* p, size_t n) {
+  std::vector<uint8_t> v(n);
+  CK(cudaMemcpy(v.data(), p, n, cudaMemcpyDeviceToHost));
+  return v;
 }
 
 void Upload(void* dst, const std::vector<uint8_t>& v) {
@@ -92,12 +110,36 @@ rjlayer::Weight MakeWeight(int64_t N, int64_t K, std::mt19937_64& rng, bool rand
   return w;
 }
 
+// A copy of w [2F, K] (gate rows, then up rows) with the rows in alternating groups of 8:
+// gate rows 8i..8i+7 at 16i.., up rows 8i..8i+7 at 16i+8.. (the models' layout).
+rjlayer::Weight InterleaveGateUp(const rjlayer::Weight& w, int64_t F, int64_t K) {
+  rjlayer::Weight o;
+  const std::vector<uint8_t> c = Download(w.codes, 2 * F * K / 2), s = Download(w.scales, 2 * F * K / 16);
+  std::vector<uint8_t> ci(c.size()), si(s.size());
+  for (int64_t r = 0; r < 2 * F; ++r) {  // r: the row in the stacked layout
+    const int64_t part = r / F, f = r % F, to = (f / 8) * 16 + part * 8 + f % 8;
+    std::memcpy(&ci[to * K / 2], &c[r * K / 2], K / 2);
+    std::memcpy(&si[to * K / 16], &s[r * K / 16], K / 16);
+  }
+  auto* cd = DevAlloc<uint8_t>(ci.size());
+  auto* sd = DevAlloc<uint8_t>(si.size());
+  auto* g = DevAlloc<float>(4);
+  Upload(cd, ci);
+  Upload(sd, si);
+  CK(cudaMemcpy(g, w.gscale, 4, cudaMemcpyDeviceToDevice));
+  o.codes = cd;
+  o.scales = sd;
+  o.gscale = g;
+  return o;
+}
+
 LayerBufs MakeLayer(const Shape& sh, std::mt19937_64& rng, bool random) {
   LayerBufs l;
   const int64_t wq = int64_t(sh.Hq + 2 * sh.Hkv) * sh.Dh;
   l.qkv = MakeWeight(wq, sh.D, rng, random);
   l.o = MakeWeight(sh.D, int64_t(sh.Hq) * sh.Dh, rng, random);
   l.gu = MakeWeight(2 * int64_t(sh.F), sh.D, rng, random);
+  l.gu_i = random ? InterleaveGateUp(l.gu, sh.F, sh.D) : l.gu;
   l.down = MakeWeight(sh.D, sh.F, rng, random);
   l.ln1 = DevAlloc<void>(2 * sh.D);
   l.ln2 = DevAlloc<void>(2 * sh.D);
@@ -111,7 +153,9 @@ LayerBufs MakeLayer(const Shape& sh, std::mt19937_64& rng, bool random) {
 }
 
 void FreeLayer(LayerBufs& l) {
-  for (rjlayer::Weight* w : {&l.qkv, &l.o, &l.gu, &l.down}) {
+  if (l.gu_i.codes == l.gu.codes) l.gu_i = {};
+  for (rjlayer::Weight* w : {&l.qkv, &l.o, &l.gu, &l.down, &l.gu_i}) {
+    if (w->codes == nullptr) continue;
     CK(cudaFree(const_cast<uint8_t*>(w->codes)));
     CK(cudaFree(const_cast<uint8_t*>(w->scales)));
     CK(cudaFree(const_cast<float*>(w->gscale)));
@@ -185,7 +229,8 @@ rjlayer::DecoderLayerArgs Args(const Shape& sh, int M, const LayerBufs& w, const
   a.eps = 1e-6f;
   a.qkv = w.qkv;
   a.o = w.o;
-  a.gate_up = w.gu;
+  a.gate_up = g_interleaved ? w.gu_i : w.gu;
+  a.gate_up_interleaved = g_interleaved;
   a.down = w.down;
   rjattn::DecodeAttentionArgs& t = a.attn;
   t.q_norm = w.qn;
@@ -215,12 +260,6 @@ rjlayer::DecoderLayerArgs Args(const Shape& sh, int M, const LayerBufs& w, const
   a.pdl_edges = g_edges;
   a.pdl_first = pdl_first;
   return a;
-}
-
-std::vector<uint8_t> Download(const void* p, size_t n) {
-  std::vector<uint8_t> v(n);
-  CK(cudaMemcpy(v.data(), p, n, cudaMemcpyDeviceToHost));
-  return v;
 }
 
 // Two layers in sequence (layer 1 reads layer 0's outputs), plain launches without PDL
@@ -284,9 +323,17 @@ bool CheckShape(const Shape& sh, int M, uint64_t seed) {
   int bad = 0;
   for (int rep = 0; rep < 10; ++rep)
     for (int mode : {1, 2}) bad += run(mode) != ref;
-  const bool ok = bad == 0 && nonfinite == 0;
-  std::printf("%-10s M=%2d  non-finite outputs %d, PDL runs differing from plain %d/20  %s\n",
-              sh.name, M, nonfinite, bad, ok ? "ok" : "FAIL");
+  // The same weights with gate/up rows interleaved (SwiGLU in the gate+up epilogue where
+  // the wide kernel serves, else the interleaved SwiGLU kernel): the same bits.
+  int bad_i = 0;
+  g_interleaved = true;
+  for (int rep = 0; rep < 2; ++rep)
+    for (int mode : {0, 2}) bad_i += run(mode) != ref;
+  g_interleaved = false;
+  const bool ok = bad == 0 && bad_i == 0 && nonfinite == 0;
+  std::printf("%-10s M=%2d  non-finite outputs %d, PDL runs differing from plain %d/20, "
+              "interleaved gate/up differing %d/4  %s\n",
+              sh.name, M, nonfinite, bad, bad_i, ok ? "ok" : "FAIL");
   CK(cudaStreamDestroy(st));
   CK(cudaFree(xm));
   CK(cudaFree(hm));
@@ -332,6 +379,7 @@ const Shape kChainShapes[] = {{"qwen3-8b", 4096, 12288, 32, 8, 128, 36, 1024},
 // (mode 0), inside each layer (1), or across layers too (2).
 void EnqueueChain(const Shape& sh, int M, const std::vector<LayerBufs>& w, const Io& io,
                   int mode, cudaStream_t s) {
+  g_interleaved = GuInterleaved();
   for (int l = 0; l < sh.L; ++l) {
     const bool even = l % 2 == 0;
     CK(rjlayer::LaunchDecoderLayer(
