@@ -331,7 +331,8 @@ cudaError_t Launch(const DecodeAttentionArgs& a, cudaStream_t stream) {
       a.B <= 2 ? rjpdl::Launch(AttnPartialKernel<D, G, 8>, grid, dim3(8 * 32), 0, stream, a.pdl, a)
                : rjpdl::Launch(AttnPartialKernel<D, G, 4>, grid, dim3(4 * 32), 0, stream, a.pdl, a);
   if (err != cudaSuccess) return err;
-  return rjpdl::Launch(AttnCombineKernel<D>, dim3(a.Hq, a.B), dim3(D), 0, stream, a.pdl, a);
+  return rjpdl::Launch(AttnCombineKernel<D>, dim3(a.Hq, a.B), dim3(D), 0, stream,
+                       a.pdl || a.pdl_combine, a);
 }
 
 }  // namespace

@@ -45,6 +45,10 @@ struct DecodeAttentionArgs {
   // Launch both kernels as programmatic dependents (ffi/pdl.cuh; sm_90+ only, the caller
   // checks the device): the partial kernel's cache loads overlap the previous kernel.
   bool pdl = false;
+  // Launch only the combine kernel as a programmatic dependent (of the partial kernel; sm_90+
+  // only, the caller checks the device): its small grid is resident and waiting when the
+  // partial kernel ends.
+  bool pdl_combine = false;
 };
 
 #ifdef __CUDACC__

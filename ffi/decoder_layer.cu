@@ -94,7 +94,9 @@ size_t ScratchRoundUp(size_t bytes) {
   return (bytes + kAlign - 1) / kAlign * kAlign;
 }
 
-int DefaultPdlEdges(int64_t M) { return M <= 2 ? kPdlO | kPdlGateUp | kPdlSwiGlu | kPdlDown : kPdlO | kPdlGateUp; }
+int DefaultPdlEdges(int64_t M) {
+  return M <= 2 ? kPdlO | kPdlGateUp | kPdlSwiGlu | kPdlDown : kPdlO | kPdlGateUp | kPdlAttnCombine;
+}
 
 size_t DecoderLayerScratchBytes(int64_t M, int64_t D, int64_t F, int64_t Hq, int64_t Hkv,
                                 int64_t Dh, int64_t T) {
@@ -151,6 +153,7 @@ cudaError_t LaunchDecoderLayer(const DecoderLayerArgs& a, cudaStream_t stream) {
   t.out = att;
   t.partial = reinterpret_cast<float*>(s + l.partial);
   t.pdl = pdlb(0);
+  t.pdl_combine = pdlb(5);
   if (cudaError_t e = rjattn::LaunchDecodeAttention(t, stream); e != cudaSuccess) return e;
   // o = att @ Wo^T
   if (cudaError_t e = nvfp4::LaunchGemv(Gemv(a.o, att, o, M, D, Hq * Dh, pdlb(1)), stream);

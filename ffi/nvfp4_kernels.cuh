@@ -642,17 +642,49 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
     const uint4* hg = reinterpret_cast<const uint4*>(p.h);
     const uint4* wg = reinterpret_cast<const uint4*>(p.nw);
     __shared__ float row_inv[NORM ? 16 : 1];
+    bool staged = false;
     if constexpr (NORM) {
       // 1/rms of every row of x + h, in a fixed order (the same in every CTA):
       // per-warp partial sums, then the warps' partials added in warp order.
       __shared__ float part[NORM ? W : 1][16];
-      for (int m = 0; m < M; ++m) {
-        float ss = 0.f;
-        for (int u = threadIdx.x; u < k8; u += W * 32)
-          ss = SumSquaresUnit(ResidualUnit(LoadAct(xg + m * k8 + u), LoadAct(hg + m * k8 + u)), ss);
+      // Per row m, thread t takes units u = t + j * W * 32 (j < nj) in both passes.  Where
+      // all of a thread's units fit in registers (M * nj <= kNormCache: M <= 2 at K = 4096,
+      // M = 1 at K = 5120), x + h and the norm weights are loaded once, in one round trip
+      // before the sums, and staged from registers: one L2 round trip fewer than the
+      // two-pass route below, and the same arithmetic in the same order (same bits).
+      constexpr int kNormCache = 4;
+      const int nj = (k8 + W * 32 - 1) / (W * 32);
+      uint4 xv[kNormCache], hv[kNormCache], wv[kNormCache];
+      if (M * nj <= kNormCache) {
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        if (lane == 0) part[warp][m] = ss;
+        for (int c = 0; c < kNormCache; ++c) {
+          const int m = c / nj, u = threadIdx.x + (c - m * nj) * W * 32;
+          if (c < M * nj && u < k8) {
+            xv[c] = LoadAct(xg + m * k8 + u);
+            hv[c] = LoadAct(hg + m * k8 + u);
+            wv[c] = __ldg(wg + u);
+          }
+        }
+#pragma unroll
+        for (int c = 0; c < kNormCache; ++c) xv[c] = ResidualUnit(xv[c], hv[c]);  // r
+        for (int m = 0; m < M; ++m) {
+          float ss = 0.f;
+#pragma unroll
+          for (int c = 0; c < kNormCache; ++c)
+            if (c / nj == m && threadIdx.x + (c - m * nj) * W * 32 < k8) ss = SumSquaresUnit(xv[c], ss);
+#pragma unroll
+          for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+          if (lane == 0) part[warp][m] = ss;
+        }
+      } else {
+        for (int m = 0; m < M; ++m) {
+          float ss = 0.f;
+          for (int u = threadIdx.x; u < k8; u += W * 32)
+            ss = SumSquaresUnit(ResidualUnit(LoadAct(xg + m * k8 + u), LoadAct(hg + m * k8 + u)), ss);
+#pragma unroll
+          for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+          if (lane == 0) part[warp][m] = ss;
+        }
       }
       __syncthreads();
       if (threadIdx.x < M) {
@@ -662,9 +694,21 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
         row_inv[threadIdx.x] = rsqrtf(ss / static_cast<float>(K) + p.eps);
       }
       __syncthreads();
+      if (M * nj <= kNormCache) {
+#pragma unroll
+        for (int c = 0; c < kNormCache; ++c) {
+          const int m = c / nj, u = threadIdx.x + (c - m * nj) * W * 32;
+          if (c < M * nj && u < k8) {
+            if (blockIdx.x == 0) reinterpret_cast<uint4*>(p.r_out)[m * k8 + u] = xv[c];
+            const int s = u >> 5, tt = (u >> 3) & 3, w = u & 7;
+            xs[((s * M + m) * 4 + tt) * 9 + w] = PermuteChunk(NormUnit(xv[c], row_inv[m], wv[c]));
+          }
+        }
+        staged = true;
+      }
     }
     constexpr int kBatch = NORM ? 2 : 8;  // NORM holds three loads per unit
-    for (int base = threadIdx.x; base < units; base += kBatch * W * 32) {
+    for (int base = threadIdx.x; !staged && base < units; base += kBatch * W * 32) {
       uint4 v[kBatch];
       uint4 hv[NORM ? kBatch : 1], wv[NORM ? kBatch : 1];
 #pragma unroll

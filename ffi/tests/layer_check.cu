@@ -348,8 +348,9 @@ int Check(bool quick) {
   const Shape gqa4 = {"gqa4-d64", 576, 1536, 16, 4, 64, 2, 200};
   const Shape q8b = {"qwen3-8b", 4096, 12288, 32, 8, 128, 2, 700};
   int failed = 0, total = 0;
-  // The default edges, then every kernel as a dependent (the benchmarks' "31").
-  for (int edges : {-1, 31}) {
+  // The default edges, every kernel as a dependent (the benchmarks' "31"), and the attention
+  // combine kernel too (63).
+  for (int edges : {-1, 31, 63}) {
   g_edges = edges;
   std::printf("pdl_edges %d\n", edges);
   for (int M : quick ? std::vector<int>{1, 3} : std::vector<int>{1, 2, 3, 8, 16}) {

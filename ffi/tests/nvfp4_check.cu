@@ -487,7 +487,11 @@ int Check(bool quick) {
       {1, 300, 4096, false, false, 0, false, 2}, {9, 47, 592, false, false, 0, false, 2},
       // the wide kernel with the norm forced, both n-tile widths (NT = 2 for M > 8)
       {12, 24576, 2048, false, false, 0, false, 3}, {16, 513, 1536, false, false, 0, false, 3},
-      {4, 100, 4096, false, false, 0, false, 3}};
+      {4, 100, 4096, false, false, 0, false, 3},
+      // the staged norm from registers (M * ceil(K / 2048) <= 4 units a thread) and the
+      // two-pass route past it: K = 5120 (3 units a row, the last partial) at M = 1 and 2
+      {1, 200, 5120, false, false, 0, false, 1}, {2, 200, 5120, false, false, 0, false, 1},
+      {4, 64, 2048, false, false, 0, false, 3}, {3, 64, 4096, false, false, 0, false, 3}};
   for (size_t j = 0; j < norm_cases.size(); ++j) {
     const Case& c = norm_cases[j];
     double err = 0;
