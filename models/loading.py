@@ -32,7 +32,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from reset_jax import nvfp4
+from reset_jax import decoder_layers, nvfp4
 from reset_jax.models.config import ModelConfig
 from reset_jax.models.layers import CausalLM, Embedding, Linear, LinearGroup, RMSNorm
 from reset_jax.models.layers import fuse_attention as fuse_attention_ops
@@ -759,7 +759,9 @@ def named_linears(model: CausalLM) -> list[tuple[str, Linear, tuple[int, int] | 
     """Every checkpoint linear layer as ``(name, Linear, rows)``.
 
     ``rows`` is the ``(start, stop)`` slice of a fused ``LinearGroup`` weight
-    that holds this layer, or None for a layer with a weight of its own.
+    that holds this layer, an int array of its row indices where the group's rows are
+    interleaved (``LinearGroup.interleaved``, set by ``fuse_decoder``), or None for a
+    layer with a weight of its own.
     """
     groups = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, LinearGroup)]
     inside = {(*path, "linears") for path, _ in groups}
@@ -767,7 +769,13 @@ def named_linears(model: CausalLM) -> list[tuple[str, Linear, tuple[int, int] | 
     for path, node in groups:
         parent = _module_name(path[:-1])
         names = [f"{parent}.{n}" for n in node.names]
-        if node.fused:
+        if node.fused and node.interleaved:
+            g, n = decoder_layers.GATE_UP_GROUP, sum(node.sizes)
+            order = np.arange(n).reshape(n // (2 * g), 2, g)  # [group, part, row]
+            out += [
+                (name, node.linears[0], order[:, i].reshape(-1)) for i, name in enumerate(names)
+            ]
+        elif node.fused:
             bounds = np.cumsum((0, *node.sizes)).tolist()
             out += [(n, node.linears[0], (bounds[i], bounds[i + 1])) for i, n in enumerate(names)]
         else:
@@ -787,7 +795,7 @@ def model_tensors(model: CausalLM) -> dict[str, np.ndarray]:
     """
     out: dict[str, np.ndarray] = {}
     for name, lin, rows in named_linears(model):
-        sl = slice(None) if rows is None else slice(*rows)
+        sl = slice(None) if rows is None else slice(*rows) if isinstance(rows, tuple) else rows
         w = lin.weight.get_value()
         if lin.quantized:
             out[f"{name}.weight"] = np.asarray(w.packed[sl])

@@ -1,9 +1,10 @@
 """Decode steps of whole decoder layers in one custom call, kernels chained with PDL.
 
 A decode step of a pre-norm decoder layer with NVFP4 W4A16 weights is, on the CUDA
-backend, seven kernels in a row (``ffi/decoder_layer.h``): the residual add + RMSNorm +
-q/k/v GEMV, the two decode-attention kernels, the o GEMV, the add + norm + gate/up GEMV,
-SwiGLU and the down GEMV. As separate XLA custom calls each kernel starts only once the
+backend, six or seven kernels in a row (``ffi/decoder_layer.h``): the residual add +
+RMSNorm + q/k/v GEMV, the two decode-attention kernels, the o GEMV, the add + norm +
+gate/up GEMV, SwiGLU (inside the gate/up GEMV's epilogue when the weight's rows are
+interleaved: ``interleave_gate_up``) and the down GEMV. As separate XLA custom calls each kernel starts only once the
 one before it has drained, and each GEMV pays its launch and its first DRAM round trip
 in full (``benchmarks/KERNEL_NOTES.md``). ``decode_layers`` runs one or more consecutive
 layers in a single custom call whose kernels, on sm_90+, are launched as programmatic

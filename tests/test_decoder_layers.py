@@ -16,7 +16,7 @@ from flax import nnx
 
 from reset_jax import decode as dec
 from reset_jax import decoder_layers, nvfp4, sampling
-from reset_jax.models import ModelConfig, build_model, fuse_decoder
+from reset_jax.models import ModelConfig, build_model, fuse_decoder, model_tensors
 
 HAS_GPU = jax.default_backend() == "gpu"
 gpu = pytest.mark.gpu
@@ -196,6 +196,11 @@ def test_fuse_decoder_interleaves_gate_up_once():
     for a, b in zip(gu[0](x), plain.model.layers[0].mlp.gate_up(x)):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(gu[0].packed(x), plain.model.layers[0].mlp.gate_up.packed(x))
+    # A checkpoint written from the interleaved model holds the original gate / up tensors.
+    want_t, got_t = model_tensors(plain), model_tensors(model)
+    assert want_t.keys() == got_t.keys()
+    for name in want_t:
+        np.testing.assert_array_equal(got_t[name], want_t[name], err_msg=name)
 
 
 def test_fuse_decoder_only_where_every_layer_fits():
