@@ -15,8 +15,8 @@
 // bf16, aliased to results 2 and 3; ln1 / ln2 [D] bf16; q_norm / k_norm [Dh] bf16 (read
 // only when qk_norm); NVFP4 weights as in nvfp4_ffi.cc: qkv [(Hq + 2 Hkv) Dh, D], o
 // [D, Hq Dh], gate_up [2F, D] (gate rows then up rows, or with `gate_up_interleaved` in
-// alternating groups of 8: DecoderLayerArgs::gate_up_interleaved), down [D, F]; scratch u8 of ResetJaxDecoderLayersScratch
-// bytes.  The layers' kernels run back to back on the stream; with `pdl`, on sm_90+,
+// alternating groups of 8: DecoderLayerArgs::gate_up_interleaved), down [D, F]; scratch
+// u8 of ResetJaxDecoderLayersScratch bytes.  The layers' kernels run back to back on the stream; with `pdl`, on sm_90+,
 // kernels are launched as programmatic dependents (decoder_layer.h), and with
 // `pdl_across` also each layer's first kernel after the previous layer's last.
 // No synchronisation, no allocation: command-buffer (CUDA graph) compatible.

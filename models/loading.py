@@ -770,11 +770,9 @@ def named_linears(model: CausalLM) -> list[tuple[str, Linear, tuple[int, int] | 
         parent = _module_name(path[:-1])
         names = [f"{parent}.{n}" for n in node.names]
         if node.fused and node.interleaved:
-            g, n = decoder_layers.GATE_UP_GROUP, sum(node.sizes)
-            order = np.arange(n).reshape(n // (2 * g), 2, g)  # [group, part, row]
-            out += [
-                (name, node.linears[0], order[:, i].reshape(-1)) for i, name in enumerate(names)
-            ]
+            # each part's rows: the same layout split as the group splits its outputs
+            parts = decoder_layers.deinterleave_gate_up(np.arange(sum(node.sizes)))
+            out += [(name, node.linears[0], rows) for name, rows in zip(names, parts)]
         elif node.fused:
             bounds = np.cumsum((0, *node.sizes)).tolist()
             out += [(n, node.linears[0], (bounds[i], bounds[i + 1])) for i, n in enumerate(names)]
