@@ -29,33 +29,32 @@ __device__ __forceinline__ float RoundBf16(float x) {
   return __bfloat162float(__float2bfloat16_rn(x));
 }
 
-// E consecutive bf16 of one lane: 8 bytes (D = 128) or 4 bytes (D = 64).
-template <int E>
-using LaneVec = std::conditional_t<E == 8, uint4, std::conditional_t<E == 4, uint2, uint32_t>>;
-
-template <int E>
-__device__ __forceinline__ void Unpack(const LaneVec<E>& v, float (&f)[E]) {
-  const uint32_t* w = reinterpret_cast<const uint32_t*>(&v);
-#pragma unroll
-  for (int i = 0; i < E / 2; ++i) {
-    f[2 * i] = __uint_as_float(w[i] << 16);
-    f[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-  }
-}
-
 __device__ __forceinline__ int ClampPos(int p, int T) { return min(max(p, 0), T - 1); }
 
 // Output element d of one query head from its nc chunk partials (max, sum, unnormalized
 // P.V at base + c * stride): sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c, in chunk
-// order.  Reads through L2 (the partials were written by the previous grid), eight chunks' loads at a time (one L2 round trip per chunk made the
-// combine kernel take ~4.7 us at 11 chunks on an H100).  The same arithmetic, in the same
-// order, as one chunk at a time.
+// order.  Reads through L2 (the partials were written by the previous grid), eight chunks'
+// loads at a time (one L2 round trip per chunk made the combine kernel take ~4.7 us at 11
+// chunks on an H100); the first eight chunks' max, sum and value in one round trip, kept in
+// registers for the sum (one round trip in all up to 8 chunks, i.e. position 511).  The
+// same arithmetic, in the same order, as one chunk at a time.
 template <int D>
 __device__ __forceinline__ void CombineOne(const float* base, size_t stride, int nc, int d,
                                            __nv_bfloat16* out) {
   constexpr int kBatch = 8;
+  float m0[kBatch], l0[kBatch], a0[kBatch];
+#pragma unroll
+  for (int j = 0; j < kBatch; ++j) {
+    const float* pc = base + j * stride;
+    const bool in = j < nc;
+    m0[j] = in ? __ldcg(pc + D) : -FLT_MAX;
+    l0[j] = in ? __ldcg(pc + D + 1) : 0.f;
+    a0[j] = in ? __ldcg(pc + d) : 0.f;
+  }
   float m = -FLT_MAX;
-  for (int c0 = 0; c0 < nc; c0 += kBatch) {
+#pragma unroll
+  for (int j = 0; j < kBatch; ++j) m = fmaxf(m, m0[j]);
+  for (int c0 = kBatch; c0 < nc; c0 += kBatch) {
     float mv[kBatch];
 #pragma unroll
     for (int j = 0; j < kBatch; ++j)
@@ -64,7 +63,15 @@ __device__ __forceinline__ void CombineOne(const float* base, size_t stride, int
     for (int j = 0; j < kBatch; ++j) m = fmaxf(m, mv[j]);
   }
   float l = 0.f, o = 0.f;
-  for (int c0 = 0; c0 < nc; c0 += kBatch) {
+#pragma unroll
+  for (int j = 0; j < kBatch; ++j) {
+    if (j < nc) {
+      const float w = expf(m0[j] - m);
+      l = fmaf(w, l0[j], l);
+      o = fmaf(w, a0[j], o);
+    }
+  }
+  for (int c0 = kBatch; c0 < nc; c0 += kBatch) {
     float mv[kBatch], lv[kBatch], av[kBatch];
 #pragma unroll
     for (int j = 0; j < kBatch; ++j) {
@@ -86,23 +93,71 @@ __device__ __forceinline__ void CombineOne(const float* base, size_t stride, int
   *out = __float2bfloat16_rn(o / l);
 }
 
+// One m16n8k16 bf16 tensor-core product with float32 accumulation: c += A B, A's rows 8..15
+// zero (a1 = a3 = 0: at most kMaxGroup = 8 query rows).  Fragment layouts (PTX ISA,
+// "mma.m16n8k16"): lane = 4 i + j holds a0 = A[i][2j, 2j + 1], a2 = A[i][2j + 8, 2j + 9],
+// b0 = B[2j, 2j + 1][i], b1 = B[2j + 8, 2j + 9][i], c0 / c1 = C[i][2j] / C[i][2j + 1].
+__device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+}
+
+// N consecutive bf16 of one lane (8, 4 or 2 bytes), and the bf16 pair {x[t], y[t]} of two
+// such vectors (x in the low half): a B fragment register of two cache slots.
+template <int N>
+using BfVec = std::conditional_t<N == 4, uint2, std::conditional_t<N == 2, uint32_t, uint16_t>>;
+
+template <int N>
+__device__ __forceinline__ uint32_t Pair(const BfVec<N>& x, const BfVec<N>& y, int t) {
+  if constexpr (N == 1) {
+    return uint32_t(x) | (uint32_t(y) << 16);
+  } else {
+    const uint32_t* xw = reinterpret_cast<const uint32_t*>(&x);
+    const uint32_t* yw = reinterpret_cast<const uint32_t*>(&y);
+    return __byte_perm(xw[t / 2], yw[t / 2], t % 2 ? 0x7632 : 0x5410);
+  }
+}
+
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
 // All global loads are issued first (cache rows of this chunk, the new rows, cos / sin),
-// so a CTA waits for memory about once. Scores: 8 lanes per slot (4 slots per warp
-// instruction, a 3-step shuffle sum); P.V: one warp per slot, lanes over D.
+// so a CTA waits for memory about once.  Both products run on tensor cores (mma.sync
+// m16n8k16, float32 accumulation; the G query rows padded to 16):
+// * scores S = Q K^T: warp w takes slots [w SPW, (w + 1) SPW) of the chunk, all D dims.  The
+//   dot product does not depend on the order of its terms' dims, so lane 4 i + j loads 16
+//   contiguous bytes of key slot i (dims 32 kb + 8 j .. + 8) and uses them as the B
+//   fragments of two k-steps, and the query fragments take the same dims (one 16-byte
+//   shared load each);
+// * P.V: warp w takes dims [w DW, (w + 1) DW) over all kChunk slots (no reduction across
+//   warps).  Lane 4 i + j loads DW / 8 contiguous dims of slots 2j, 2j + 1, 2j + 8, 2j + 9
+//   of each 16-slot k-step and pairs them per dim with a byte permute.  The float32
+//   probabilities enter as bf16 hi + lo (two products, ~2^-17 relative): float32 accuracy,
+//   as the FFMA kernel had.
 //
-// kWarps warps per CTA: 8 where the grid is small (B <= 2: fewer slots per warp shorten each
-// CTA's chain of dependent steps, 1 CTA per SM either way), 4 above (at B = 8 the live
-// CTAs outnumber the SMs' slots and 4-warp CTAs fit twice as many per SM).
+// kWarps warps per CTA: 8 where the grid is small (B <= 2: shorter chains per CTA, 1 CTA
+// per SM either way), 4 above (at B = 8 the live CTAs outnumber the SMs).
 template <int D, int G, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttentionArgs a) {
-  constexpr int E = D / 32;                       // elements per lane, warp-per-slot layout
-  constexpr int EK = D / 8;                       // elements per lane, 8-lanes-per-slot layout
-  constexpr int NK = EK / 8;                      // 16-byte loads per lane per key row
-  constexpr int SPW = kChunk / kWarps;            // slots per warp (contiguous)
-  constexpr int KG = SPW / 4;                     // key slot groups per warp
+  constexpr int E = D / 32;                       // elements per lane, warp-per-row prologue
+  constexpr int SPW = kChunk / kWarps;            // score slots per warp
+  constexpr int NTS = SPW / 8;                    // score n-tiles per warp
+  constexpr int KB = D / 32;                      // 32-dim blocks (two k-steps each)
+  constexpr int DW = D / kWarps;                  // P.V dims per warp
+  constexpr int NT = DW / 8;                      // P.V n-tiles per warp = dims per lane
+  constexpr int KS = kChunk / 16;                 // P.V k-steps
   constexpr int RPW = (G + 1 + kWarps - 1) / kWarps;  // new rows (G queries + key) per warp
-  const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  static_assert(NTS >= 1 && NT >= 1 && NT <= 4 && G <= 8, "tile shape");
+  using VVec = BfVec<NT>;
+  // The chunk is the slowest grid index: the live CTAs (chunks at or before pos) come first
+  // in launch order, the empty ones after them (they only read the position and leave).
+  const int h = blockIdx.x, b = blockIdx.y, c = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int gi = lane / 4, tj = lane % 4;  // fragment row / column group
   RJ_TIMELINE_SCOPE(5);
   rjpdl::PdlLaunchDependents();
   const int T = a.T;
@@ -117,40 +172,44 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
   // The new token's slot, if it lies in this chunk (else -1).
   const int new_slot = (raw_pos == pos && raw_pos >= t0 && raw_pos < t0 + kChunk) ? raw_pos : -1;
 
-  __shared__ __align__(16) float qs[G][D];         // rotated queries (bf16 values)
-  __shared__ __align__(16) __nv_bfloat16 kn[D];    // the new key (rotated) and value
+  __shared__ __align__(16) __nv_bfloat16 qs[G][D];  // rotated queries
+  __shared__ __align__(16) __nv_bfloat16 kn[D];     // the new key (rotated) and value
   __shared__ __align__(16) __nv_bfloat16 vn[D];
-  __shared__ float row[kWarps][D];                 // RoPE staging, one row per warp
-  __shared__ float sc[G][kChunk];                  // scores, then probabilities
+  __shared__ float row[kWarps][D];                  // RoPE staging, one row per warp
+  __shared__ __align__(16) float sc[G][kChunk];     // scores, then probabilities
   __shared__ float mx[G], sm[G];
-  __shared__ float red[kWarps][G][D];
 
   const size_t slot_stride = size_t(a.Hkv) * D;
   const size_t cache_off = (size_t(layer) * a.B + b) * size_t(T) * slot_stride + size_t(h) * D;
   const __nv_bfloat16* kc = static_cast<const __nv_bfloat16*>(a.k_cache) + cache_off;
   const __nv_bfloat16* vc = static_cast<const __nv_bfloat16*>(a.v_cache) + cache_off;
   // Slot pos is written by this call: the CTA holding it takes the new rows from shared
-  // memory instead of reading the cache (no other CTA reads that slot).
-  const int slot0 = warp * SPW;  // this warp's first slot in the chunk
+  // memory instead of reading the cache (no other CTA reads that slot).  Slots past n load
+  // as zeros (their probabilities are zero; the cache there may hold anything).
+  const int kslot0 = warp * SPW + gi;  // key slot of n-tile nt: kslot0 + 8 nt
+  const int vdim = warp * DW + gi * NT;  // this lane's first P.V dim
+  auto vslot = [&](int ks, int q) { return 16 * ks + 2 * tj + (q & 1) + (q & 2) * 4; };
 
   // ---- loads ----
-  uint4 kr[KG][NK];
+  uint4 kr[NTS][KB];
 #pragma unroll
-  for (int kg = 0; kg < KG; ++kg) {
-    const int j = slot0 + kg * 4 + lane / 8, t = t0 + j;
-    const uint4* src = reinterpret_cast<const uint4*>(kc + t * slot_stride + (lane % 8) * EK);
+  for (int nt = 0; nt < NTS; ++nt) {
+    const int j = kslot0 + 8 * nt, t = t0 + j;
+    const uint4* src = reinterpret_cast<const uint4*>(kc + t * slot_stride + 8 * tj);
 #pragma unroll
-    for (int u = 0; u < NK; ++u)
-      kr[kg][u] = (j < n && t != new_slot) ? __ldg(src + u) : make_uint4(0, 0, 0, 0);
+    for (int kb = 0; kb < KB; ++kb)
+      kr[nt][kb] = (j < n && t != new_slot) ? __ldg(src + 4 * kb) : make_uint4(0, 0, 0, 0);
   }
-  LaneVec<E> vr[SPW];
+  VVec vr[KS][4];
 #pragma unroll
-  for (int i = 0; i < SPW; ++i) {
-    const int j = slot0 + i, t = t0 + j;
-    vr[i] = (j < n && t != new_slot)
-                ? __ldg(reinterpret_cast<const LaneVec<E>*>(vc + t * slot_stride) + lane)
-                : LaneVec<E>{};
-  }
+  for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int j = vslot(ks, q), t = t0 + j;
+      vr[ks][q] = (j < n && t != new_slot)
+                      ? __ldg(reinterpret_cast<const VVec*>(vc + t * slot_stride + vdim))
+                      : VVec{};
+    }
   // Inputs of the whole call, not written by any kernel of the chain: read before the wait.
   const bool has_norm = a.q_norm != nullptr;
   float qw[E], kw[E], cs[E], sn[E];
@@ -203,7 +262,7 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
       const int d = lane * E + e;
       const float o = d < D / 2 ? __fmul_rn(x[i][e], cs[e]) - __fmul_rn(row[warp][d + D / 2], sn[e])
                                 : __fmul_rn(x[i][e], cs[e]) + __fmul_rn(row[warp][d - D / 2], sn[e]);
-      if (r < G) qs[r][d] = RoundBf16(o);
+      if (r < G) qs[r][d] = __float2bfloat16_rn(o);
       else kn[d] = __float2bfloat16_rn(o);
     }
     __syncwarp();
@@ -218,39 +277,33 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
     }
     // The new slot's registers come from shared memory.
 #pragma unroll
-    for (int kg = 0; kg < KG; ++kg)
-      if (t0 + slot0 + kg * 4 + lane / 8 == new_slot)
+    for (int nt = 0; nt < NTS; ++nt)
+      if (t0 + kslot0 + 8 * nt == new_slot)
 #pragma unroll
-        for (int u = 0; u < NK; ++u) kr[kg][u] = reinterpret_cast<const uint4*>(kn + (lane % 8) * EK)[u];
+        for (int kb = 0; kb < KB; ++kb) kr[nt][kb] = reinterpret_cast<const uint4*>(kn + 32 * kb + 8 * tj)[0];
 #pragma unroll
-    for (int i = 0; i < SPW; ++i)
-      if (t0 + slot0 + i == new_slot) vr[i] = reinterpret_cast<const LaneVec<E>*>(vn)[lane];
+    for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        if (t0 + vslot(ks, q) == new_slot) vr[ks][q] = *reinterpret_cast<const VVec*>(vn + vdim);
   }
 
-  // ---- scores: 8 lanes per slot, 4 slots per instruction ----
+  // ---- scores: S[g][slot] for this warp's slots (rows g >= G are zero padding) ----
+  uint4 qa[KB];
 #pragma unroll
-  for (int kg = 0; kg < KG; ++kg) {
-    const int j = slot0 + kg * 4 + lane / 8;
-    float kf[EK];
+  for (int kb = 0; kb < KB; ++kb)
+    qa[kb] = gi < G ? reinterpret_cast<const uint4*>(&qs[gi][32 * kb + 8 * tj])[0] : make_uint4(0, 0, 0, 0);
 #pragma unroll
-    for (int u = 0; u < NK; ++u) Unpack<8>(kr[kg][u], *reinterpret_cast<float(*)[8]>(kf + 8 * u));
+  for (int nt = 0; nt < NTS; ++nt) {
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      const float4* qv = reinterpret_cast<const float4*>(&qs[g][(lane % 8) * EK]);
-      float p = 0.f;
-#pragma unroll
-      for (int u = 0; u < EK / 4; ++u) {
-        const float4 q4 = qv[u];
-        p = fmaf(q4.x, kf[4 * u], p);
-        p = fmaf(q4.y, kf[4 * u + 1], p);
-        p = fmaf(q4.z, kf[4 * u + 2], p);
-        p = fmaf(q4.w, kf[4 * u + 3], p);
-      }
-      p += __shfl_xor_sync(0xffffffffu, p, 1);
-      p += __shfl_xor_sync(0xffffffffu, p, 2);
-      p += __shfl_xor_sync(0xffffffffu, p, 4);
-      if (lane % 8 == 0 && j < n) sc[g][j] = p * a.scale;
+    for (int kb = 0; kb < KB; ++kb) {
+      Mma(s, qa[kb].x, qa[kb].y, kr[nt][kb].x, kr[nt][kb].y);
+      Mma(s, qa[kb].z, qa[kb].w, kr[nt][kb].z, kr[nt][kb].w);
     }
+    if (gi < G)
+      *reinterpret_cast<float2*>(&sc[gi][warp * SPW + 8 * nt + 2 * tj]) =
+          make_float2(s[0] * a.scale, s[1] * a.scale);
   }
   __syncthreads();
 
@@ -271,36 +324,43 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
   }
   __syncthreads();
 
-  // ---- unnormalized P.V of this warp's slots (zeros past n), then the warps' sums ----
-  float acc[G][E];
+  // ---- unnormalized P.V for this warp's dims over the chunk (zeros past n) ----
+  float o[NT][4];
 #pragma unroll
-  for (int g = 0; g < G; ++g)
+  for (int t = 0; t < NT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
 #pragma unroll
-    for (int e = 0; e < E; ++e) acc[g][e] = 0.f;
+  for (int ks = 0; ks < KS; ++ks) {
+    uint32_t ph0 = 0, ph2 = 0, pl0 = 0, pl2 = 0;
+    if (gi < G) {
+      const float2 p0 = *reinterpret_cast<const float2*>(&sc[gi][16 * ks + 2 * tj]);
+      const float2 p2 = *reinterpret_cast<const float2*>(&sc[gi][16 * ks + 2 * tj + 8]);
+      const __nv_bfloat162 h0 = __floats2bfloat162_rn(p0.x, p0.y);
+      const __nv_bfloat162 h2 = __floats2bfloat162_rn(p2.x, p2.y);
+      ph0 = *reinterpret_cast<const uint32_t*>(&h0);
+      ph2 = *reinterpret_cast<const uint32_t*>(&h2);
+      pl0 = PackBf16(p0.x - __low2float(h0), p0.y - __high2float(h0));
+      pl2 = PackBf16(p2.x - __low2float(h2), p2.y - __high2float(h2));
+    }
 #pragma unroll
-  for (int i = 0; i < SPW; ++i) {
-    float vf[E];
-    Unpack<E>(vr[i], vf);
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      const float p = sc[g][slot0 + i];
-#pragma unroll
-      for (int e = 0; e < E; ++e) acc[g][e] = fmaf(p, vf[e], acc[g][e]);
+    for (int t = 0; t < NT; ++t) {
+      const uint32_t b0 = Pair<NT>(vr[ks][0], vr[ks][1], t);
+      const uint32_t b1 = Pair<NT>(vr[ks][2], vr[ks][3], t);
+      Mma(o[t], ph0, ph2, b0, b1);
+      Mma(o[t], pl0, pl2, b0, b1);
     }
   }
-#pragma unroll
-  for (int g = 0; g < G; ++g)
-#pragma unroll
-    for (int e = 0; e < E; ++e) red[warp][g][lane * E + e] = acc[g][e];
-  __syncthreads();
+  // Lane 4 i + j holds row i's dims w DW + 2 j NT + (e NT + t) in o[t][e], e = 0, 1.
   const int C = NumChunks(T);
   float* part = a.partial + ((size_t(b) * a.Hkv + h) * C + c) * size_t(G) * (D + 2);
-  for (int idx = threadIdx.x; idx < G * D; idx += kWarps * 32) {
-    const int g = idx / D, d = idx % D;
-    float s = 0.f;
+  if (gi < G) {
+    float* dst = part + gi * (D + 2) + warp * DW + 2 * tj * NT;
+    float v[2 * NT];
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) s += red[w][g][d];
-    part[g * (D + 2) + d] = s;
+    for (int e = 0; e < 2; ++e)
+#pragma unroll
+      for (int t = 0; t < NT; ++t) v[e * NT + t] = o[t][e];
+#pragma unroll
+    for (int u = 0; u < NT; ++u) reinterpret_cast<float2*>(dst)[u] = make_float2(v[2 * u], v[2 * u + 1]);
   }
   if (threadIdx.x < G) {
     part[threadIdx.x * (D + 2) + D] = mx[threadIdx.x];
@@ -313,12 +373,12 @@ template <int D>
 __global__ void __launch_bounds__(D) AttnCombineKernel(DecodeAttentionArgs a) {
   RJ_TIMELINE_SCOPE(6);
   rjpdl::PdlLaunchDependents();
-  rjpdl::PdlWait();  // the partials come from the previous kernel
-  RJ_TIMELINE_WAITED();
   const int qh = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
   const int G = a.Hq / a.Hkv, h = qh / G, g = qh % G;
   const int C = NumChunks(a.T);
-  const int nc = ClampPos(a.positions[b], a.T) / kChunk + 1;
+  const int nc = ClampPos(a.positions[b], a.T) / kChunk + 1;  // an input of the call
+  rjpdl::PdlWait();  // the partials come from the previous kernel
+  RJ_TIMELINE_WAITED();
   const size_t stride = size_t(G) * (D + 2);
   const float* base = a.partial + (size_t(b) * a.Hkv + h) * C * stride + size_t(g) * (D + 2);
   CombineOne<D>(base, stride, nc, d, static_cast<__nv_bfloat16*>(a.out) + (size_t(b) * a.Hq + qh) * D + d);
@@ -326,7 +386,7 @@ __global__ void __launch_bounds__(D) AttnCombineKernel(DecodeAttentionArgs a) {
 
 template <int D, int G>
 cudaError_t Launch(const DecodeAttentionArgs& a, cudaStream_t stream) {
-  const dim3 grid(NumChunks(a.T), a.Hkv, a.B);
+  const dim3 grid(a.Hkv, a.B, NumChunks(a.T));
   const cudaError_t err =
       a.B <= 2 ? rjpdl::Launch(AttnPartialKernel<D, G, 8>, grid, dim3(8 * 32), 0, stream, a.pdl, a)
                : rjpdl::Launch(AttnPartialKernel<D, G, 4>, grid, dim3(4 * 32), 0, stream, a.pdl, a);
@@ -343,7 +403,8 @@ const char* DecodeAttentionUnsupportedReason(const DecodeAttentionArgs& a) {
   if (a.Hq % a.Hkv != 0) return "query heads must be a multiple of kv heads";
   if (a.qkv_stride < (a.Hq + 2 * a.Hkv) * a.D) return "q/k/v row stride too small";
   if (a.Hq / a.Hkv > kMaxGroup) return "more than 8 query heads per kv head";
-  if (a.B > 65535 || a.Hkv > 65535) return "batch or kv heads above 65535";
+  if (a.B > 65535) return "batch above 65535";
+  if (NumChunks(a.T) > 65535) return "cache longer than 65535 * 64 slots";
   if ((a.q_norm == nullptr) != (a.k_norm == nullptr)) return "q_norm and k_norm go together";
   if (size_t(a.L) * a.B * a.T * a.Hkv * a.D >= (size_t(1) << 40)) return "cache too large";
   return nullptr;

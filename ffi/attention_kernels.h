@@ -9,8 +9,9 @@
 //      sum, unnormalized P.V) to a scratch.
 //   2. AttnCombineKernel, one CTA per (query head, row): merges the chunks' partials.
 // Arithmetic follows the XLA composition of reset_jax.attention (rms_norm rounds to the
-// model dtype, then scales; RoPE in float32 rounded to bf16; scores and P.V in float32);
-// the probabilities stay float32 here (XLA rounds them to bf16 before P.V).
+// model dtype, then scales; RoPE in float32 rounded to bf16; scores and P.V with float32
+// accumulation, here on tensor cores); the probabilities keep float32 accuracy here (they
+// enter P.V as a bf16 hi + lo pair; XLA rounds them to bf16 before P.V).
 #pragma once
 
 #include <cstdint>

@@ -105,18 +105,41 @@ namespace {
 // with the sum of squares in float32; K % 8 == 0, rows 16-byte aligned.
 // x and h are not __restrict__: nvcc would turn their loads into ld.global.nc, which a
 // programmatic dependent launch rules out (pdl.cuh: an earlier kernel writes them).
-__global__ void __launch_bounds__(256) AddRmsNormKernel(
+// A thread's first kRegUnits units of r stay in registers between the two passes and their
+// norm weights are read before the PDL wait (weights: no kernel of the chain writes them),
+// so up to K = 8 * 256 * kRegUnits (8192) the chain after the wait is one L2 round trip;
+// units past that are re-read (r recomputed, not re-read: no read-after-write through
+// global memory).  The sum runs over the units in the same order either way.
+constexpr int kAddNormThreads = 256;
+constexpr int kRegUnits = 4;
+
+__global__ void __launch_bounds__(kAddNormThreads) AddRmsNormKernel(
     const uint4* x, const uint4* h, const uint4* __restrict__ w,
     float eps, uint4* __restrict__ r_out, uint4* __restrict__ xn, int K) {
-  __shared__ float part[8];
+  __shared__ float part[kAddNormThreads / 32];
   RJ_TIMELINE_SCOPE(4);
   rjpdl::PdlLaunchDependents();
-  rjpdl::PdlWait();  // x and h come from earlier kernels (pdl.cuh)
-  RJ_TIMELINE_WAITED();
   const int units = K >> 3;  // 16-byte units of 8 values
   const size_t row = static_cast<size_t>(blockIdx.x) * units;
+  uint4 rr[kRegUnits], ww[kRegUnits];
+#pragma unroll
+  for (int i = 0; i < kRegUnits; ++i) {
+    const int u = threadIdx.x + i * kAddNormThreads;
+    ww[i] = u < units ? __ldg(w + u) : make_uint4(0, 0, 0, 0);
+  }
+  rjpdl::PdlWait();  // x and h come from earlier kernels (pdl.cuh)
+  RJ_TIMELINE_WAITED();
   float ss = 0.f;
-  for (int u = threadIdx.x; u < units; u += blockDim.x) {
+#pragma unroll
+  for (int i = 0; i < kRegUnits; ++i) {
+    const int u = threadIdx.x + i * kAddNormThreads;
+    if (u < units) {
+      rr[i] = ResidualUnit(LoadAct(x + row + u), LoadAct(h + row + u));
+      r_out[row + u] = rr[i];
+      ss = SumSquaresUnit(rr[i], ss);
+    }
+  }
+  for (int u = threadIdx.x + kRegUnits * kAddNormThreads; u < units; u += kAddNormThreads) {
     const uint4 r = ResidualUnit(LoadAct(x + row + u), LoadAct(h + row + u));
     r_out[row + u] = r;
     ss = SumSquaresUnit(r, ss);
@@ -126,10 +149,15 @@ __global__ void __launch_bounds__(256) AddRmsNormKernel(
   if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
   __syncthreads();
   float total = 0.f;
-  for (int i = 0; i < static_cast<int>(blockDim.x >> 5); ++i) total += part[i];
+#pragma unroll
+  for (int i = 0; i < kAddNormThreads / 32; ++i) total += part[i];
   const float inv = rsqrtf(total / static_cast<float>(K) + eps);
-  for (int u = threadIdx.x; u < units; u += blockDim.x) {
-    // r recomputed, not re-read: no read-after-write through global memory
+#pragma unroll
+  for (int i = 0; i < kRegUnits; ++i) {
+    const int u = threadIdx.x + i * kAddNormThreads;
+    if (u < units) xn[row + u] = NormUnit(rr[i], inv, ww[i]);
+  }
+  for (int u = threadIdx.x + kRegUnits * kAddNormThreads; u < units; u += kAddNormThreads) {
     const uint4 r = ResidualUnit(LoadAct(x + row + u), LoadAct(h + row + u));
     xn[row + u] = NormUnit(r, inv, __ldg(w + u));
   }
@@ -143,7 +171,7 @@ cudaError_t LaunchAddRmsNorm(const void* x, const void* h, const void* w, float 
     return cudaErrorInvalidValue;
   if (!Aligned(x, 16) || !Aligned(h, 16) || !Aligned(w, 16) || !Aligned(r, 16) || !Aligned(xn, 16))
     return cudaErrorMisalignedAddress;
-  return rjpdl::Launch(AddRmsNormKernel, dim3(static_cast<unsigned>(M)), dim3(256), 0, stream, pdl,
+  return rjpdl::Launch(AddRmsNormKernel, dim3(static_cast<unsigned>(M)), dim3(kAddNormThreads), 0, stream, pdl,
                        static_cast<const uint4*>(x), static_cast<const uint4*>(h),
                        static_cast<const uint4*>(w), eps, static_cast<uint4*>(r),
                        static_cast<uint4*>(xn), static_cast<int>(K));

@@ -184,6 +184,17 @@ def test_cuda_refusals_name_the_shape():
     q32 = ops["q"].astype(jnp.float32)
     why = attention.cuda_unsupported_reason(q32, ops["k"], ops["v"], ops["k_cache"])
     assert "q is float32" in why
+    # the grid limits, from shapes alone (nothing this large is allocated)
+    bf = jnp.bfloat16
+    q, kv = jax.ShapeDtypeStruct((1, 4, 64), bf), jax.ShapeDtypeStruct((1, 2, 64), bf)
+    long_cache = jax.ShapeDtypeStruct((1, 1, 64 * 65535 + 1, 2, 64), bf)
+    why = attention.cuda_unsupported_reason(q, kv, kv, long_cache)
+    assert "65536 cache chunks of 64" in why
+    wide_q = jax.ShapeDtypeStruct((65536, 4, 64), bf)
+    wide_kv = jax.ShapeDtypeStruct((65536, 2, 64), bf)
+    why = attention.cuda_unsupported_reason(wide_q, wide_kv, wide_kv,
+                                            jax.ShapeDtypeStruct((1, 65536, 8, 2, 64), bf))  # fmt: skip
+    assert "B = 65536 rows" in why
 
 
 def _config(arch="Qwen3ForCausalLM", **kw) -> ModelConfig:
