@@ -95,7 +95,8 @@ size_t ScratchRoundUp(size_t bytes) {
 }
 
 int DefaultPdlEdges(int64_t M) {
-  return M <= 2 ? kPdlO | kPdlGateUp | kPdlSwiGlu | kPdlDown : kPdlO | kPdlGateUp | kPdlAttnCombine;
+  return M <= 2 ? kPdlO | kPdlGateUp | kPdlSwiGlu | kPdlDown
+                : kPdlAttention | kPdlAttnCombine | kPdlO | kPdlGateUp;
 }
 
 size_t DecoderLayerScratchBytes(int64_t M, int64_t D, int64_t F, int64_t Hq, int64_t Hkv,

@@ -69,9 +69,10 @@ constexpr int kPdlDown = 16;
 constexpr int kPdlAttnCombine = 32;  // the attention combine kernel alone (after its partial)
 
 // The measured choice (H100, Qwen3-8B / 32B layer chains; benchmarks/KERNEL_NOTES.md):
-// the attention partial kernel never (a dependent small grid lands on the first SMs that
-// free up and loses its spread), its combine kernel at M > 2 (-2.9 / -1.0 us a layer at
-// M = 8; at M = 1 -0.9 for 8B but +3.0 for 32B), down only at M <= 2.
+// the attention kernels at M > 2 only (the tensor-core partial kernel, eighth session:
+// -2.1 / -2.3 us a layer at M = 8, position 384, 8B / 32B; at M = 1 +3 us: a dependent
+// small grid lands on the first SMs that free up and loses its spread), the combine alone
+// never at M <= 2 (+2.5 us for 32B), down only at M <= 2.
 int DefaultPdlEdges(int64_t M);
 
 // Sizes inside the scratch are rounded up to 256 bytes (so each intermediate starts
