@@ -140,7 +140,8 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
 //   as the FFMA kernel had.
 //
 // kWarps warps per CTA: 8 where the grid is small (B <= 2: shorter chains per CTA, 1 CTA
-// per SM either way), 4 above (at B = 8 the live CTAs outnumber the SMs).
+// per SM either way), 4 above (at B = 8 the live CTAs outnumber the SMs); re-measured with
+// this kernel (RESULTS.md run J8): either choice everywhere is slower somewhere.
 template <int D, int G, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttentionArgs a) {
   constexpr int E = D / 32;                       // elements per lane, warp-per-row prologue
