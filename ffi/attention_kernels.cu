@@ -136,8 +136,8 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
 // * P.V: warp w takes dims [w DW, (w + 1) DW) over all kChunk slots (no reduction across
 //   warps).  Lane 4 i + j loads DW / 8 contiguous dims of slots 2j, 2j + 1, 2j + 8, 2j + 9
 //   of each 16-slot k-step and pairs them per dim with a byte permute.  The float32
-//   probabilities enter as bf16 hi + lo (two products, ~2^-17 relative): float32 accuracy,
-//   as the FFMA kernel had.
+//   probabilities enter as bf16 hi + lo (two products, ~2^-17 relative): near-float32
+//   accuracy, close to the FFMA kernel's float32.
 //
 // kWarps warps per CTA: 8 where the grid is small (B <= 2: shorter chains per CTA, 1 CTA
 // per SM either way), 4 above (at B = 8 the live CTAs outnumber the SMs); re-measured with
@@ -405,7 +405,7 @@ const char* DecodeAttentionUnsupportedReason(const DecodeAttentionArgs& a) {
   if (a.qkv_stride < (a.Hq + 2 * a.Hkv) * a.D) return "q/k/v row stride too small";
   if (a.Hq / a.Hkv > kMaxGroup) return "more than 8 query heads per kv head";
   if (a.B > 65535) return "batch above 65535";
-  if (NumChunks(a.T) > 65535) return "cache longer than 65535 * 64 slots";
+  if (a.T > 65535 * kChunk) return "cache longer than 65535 * 64 slots";
   if ((a.q_norm == nullptr) != (a.k_norm == nullptr)) return "q_norm and k_norm go together";
   if (size_t(a.L) * a.B * a.T * a.Hkv * a.D >= (size_t(1) << 40)) return "cache too large";
   return nullptr;

@@ -2,7 +2,8 @@
 // write of the new key and value, and grouped-query attention over cache slots 0..pos.
 //
 // Two kernels per call ("split-KV" / flash decoding):
-//   1. AttnPartialKernel, one CTA per (chunk of kChunk slots, kv head, row): normalizes and
+//   1. AttnPartialKernel, one CTA per (kv head, row, chunk of kChunk slots; the chunk is the
+//      slowest grid index, so the live chunks launch first): normalizes and
 //      rotates the row's new query heads and key (recomputed by every CTA: ~1 KB), the CTA
 //      whose chunk holds slot pos writes the new key and value into the cache (and uses
 //      them from shared memory), and every CTA writes its chunk's softmax partial (max,
@@ -10,8 +11,8 @@
 //   2. AttnCombineKernel, one CTA per (query head, row): merges the chunks' partials.
 // Arithmetic follows the XLA composition of reset_jax.attention (rms_norm rounds to the
 // model dtype, then scales; RoPE in float32 rounded to bf16; scores and P.V with float32
-// accumulation, here on tensor cores); the probabilities keep float32 accuracy here (they
-// enter P.V as a bf16 hi + lo pair; XLA rounds them to bf16 before P.V).
+// accumulation, here on tensor cores); the probabilities keep near-float32 accuracy here
+// (they enter P.V as a bf16 hi + lo pair, ~2^-17 relative; XLA rounds them to bf16).
 #pragma once
 
 #include <cstdint>

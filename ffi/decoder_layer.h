@@ -70,9 +70,9 @@ constexpr int kPdlAttnCombine = 32;  // the attention combine kernel alone (afte
 
 // The measured choice (H100, Qwen3-8B / 32B layer chains; benchmarks/KERNEL_NOTES.md):
 // the attention kernels at M > 2 only (the tensor-core partial kernel, eighth session:
-// -2.1 / -2.3 us a layer at M = 8, position 384, 8B / 32B; at M = 1 +3 us: a dependent
+// -2.2 / -2.1 us a layer at M = 8, position 384, 8B / 32B; at M = 1 +3 us: a dependent
 // small grid lands on the first SMs that free up and loses its spread), the combine alone
-// never at M <= 2 (+2.5 us for 32B), down only at M <= 2.
+// never at M <= 2 (+2.4 us for 32B), down only at M <= 2.
 int DefaultPdlEdges(int64_t M);
 
 // Sizes inside the scratch are rounded up to 256 bytes (so each intermediate starts

@@ -108,8 +108,8 @@ namespace {
 // A thread's first kRegUnits units of r stay in registers between the two passes and their
 // norm weights are read before the PDL wait (weights: no kernel of the chain writes them),
 // so up to K = 8 * 256 * kRegUnits (8192) the chain after the wait is one L2 round trip;
-// units past that are re-read (r recomputed, not re-read: no read-after-write through
-// global memory).  The sum runs over the units in the same order either way.
+// units past that read x and h again (r is recomputed, not read back from r_out: no
+// read-after-write through global memory).  The sum runs over the units in the same order either way.
 constexpr int kAddNormThreads = 256;
 constexpr int kRegUnits = 4;
 

@@ -170,9 +170,11 @@ def cuda_unsupported_reason(q, k, v, k_cache, q_norm=None, k_norm=None) -> str |
     hkv = k.shape[1]
     if 0 in q.shape or 0 in k_cache.shape:
         return f"empty shape (q {q.shape}, cache {k_cache.shape})"
+    if b > 65535:
+        return f"B = {b} rows: the kernel's grid allows 65535"
     chunks = math.ceil(k_cache.shape[2] / CHUNK)  # the partial kernel's grid over the cache
-    if b > 65535 or chunks > 65535:
-        return f"B = {b} rows or {chunks} cache chunks of {CHUNK}: the kernel's grid allows 65535"
+    if chunks > 65535:
+        return f"{chunks} cache chunks of {CHUNK} slots: the kernel's grid allows 65535"
     if d not in (64, 128):
         return f"head width {d}; the kernel serves 64 and 128"
     if hq // hkv > MAX_GROUP:

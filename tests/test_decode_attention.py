@@ -189,12 +189,12 @@ def test_cuda_refusals_name_the_shape():
     q, kv = jax.ShapeDtypeStruct((1, 4, 64), bf), jax.ShapeDtypeStruct((1, 2, 64), bf)
     long_cache = jax.ShapeDtypeStruct((1, 1, 64 * 65535 + 1, 2, 64), bf)
     why = attention.cuda_unsupported_reason(q, kv, kv, long_cache)
-    assert "65536 cache chunks of 64" in why
+    assert "65536 cache chunks of 64 slots" in why
     wide_q = jax.ShapeDtypeStruct((65536, 4, 64), bf)
     wide_kv = jax.ShapeDtypeStruct((65536, 2, 64), bf)
     why = attention.cuda_unsupported_reason(wide_q, wide_kv, wide_kv,
                                             jax.ShapeDtypeStruct((1, 65536, 8, 2, 64), bf))  # fmt: skip
-    assert "B = 65536 rows" in why
+    assert "B = 65536 rows:" in why
 
 
 def _config(arch="Qwen3ForCausalLM", **kw) -> ModelConfig:

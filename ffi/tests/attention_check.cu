@@ -212,6 +212,11 @@ int main(int argc, char** argv) {
       {3, 64, 8, 128, 2, 65, 0, true},    {2, 28, 4, 128, 2, 130, 1, false},
       {5, 15, 5, 64, 2, 64, 1, false},    {1, 4, 4, 64, 1, 1, 0, true},
       {4, 16, 8, 128, 2, 300, 1, true},   {2, 10, 2, 64, 3, 129, 2, true},
+      // tensor-core tile shapes: G = 8 with D = 64 at 8 and 4 warps (2- and 4-byte value
+      // loads), G = 1 with D = 128 at 8 and 4 warps, G = 2 with D = 64 at 4 warps
+      {2, 16, 2, 64, 2, 130, 1, true},    {3, 16, 2, 64, 2, 200, 0, false},
+      {2, 8, 8, 128, 2, 190, 1, true},    {5, 8, 8, 128, 1, 70, 0, true},
+      {6, 8, 4, 64, 2, 257, 1, true},
   };
   if (!quick) cases.push_back({16, 12, 2, 128, 2, 1000, 1, false});
   int failed = 0;
