@@ -17,6 +17,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -243,11 +244,12 @@ def make_sampler(name: str):
 
 
 def compile_request(model, graphdef, params, batch: int, prompt_len: int, new_tokens: int,
-                    sampler):  # fmt: skip
+                    sampler, sync_every: int | None = None):  # fmt: skip
     """Compiles the prefill and decode loop for one request of random prompts.
 
     Prompts are ``[batch, prompt_len]`` token ids drawn with seed ``batch``; top-p
-    0.95, no stop ids, ``new_tokens`` to generate.
+    0.95, no stop ids, ``new_tokens`` to generate; ``sync_every`` as in
+    `decode.decode_loop` (None: its default).
 
     Returns:
       ``(new_cache, prefill, decode)``: ``new_cache()`` an empty cache,
@@ -265,7 +267,10 @@ def compile_request(model, graphdef, params, batch: int, prompt_len: int, new_to
     pre = dec.prefill.lower(graphdef, params, ids, lens, model.init_cache(b, max_len),
                             sampler, knobs, max_new=new_tokens).compile()  # fmt: skip
     state0 = pre(params, ids, lens, model.init_cache(b, max_len), sampler, knobs)
-    loop = dec.decode_loop.lower(graphdef, params, state0, sampler, knobs).compile()
+    sync = dec.DEFAULT_SYNC_EVERY if sync_every is None else sync_every
+    loop = dec.decode_loop.lower(
+        graphdef, params, state0, sampler, knobs, sync_every=sync
+    ).compile()
     return (
         lambda: model.init_cache(b, max_len),
         lambda cache: pre(params, ids, lens, cache, sampler, knobs),  # static args baked in
@@ -274,81 +279,91 @@ def compile_request(model, graphdef, params, batch: int, prompt_len: int, new_to
 
 
 def run_one(model_name: str, variant: str, batches: list[int], prompt_len: int, new_tokens: int,
-            repeats: int, samplers: list[str], logit_std: float = 0.0) -> dict:  # fmt: skip
+            repeats: int, samplers: list[str], logit_std: float = 0.0,
+            syncs: tuple[int | None, ...] = (None,)) -> dict:  # fmt: skip
     """Builds one model variant and times it; returns a JSON-able record.
+
+    Every batch is timed with every sampler and every ``sync_every`` in ``syncs``
+    (None: the library's default).
 
     logit_std > 0: random-weight shapes get their final norm scaled so that the
     logits have that std (``set_logit_std``); 0 keeps the raw random model.
     """
     import jax
 
+    from reset_jax import decode as dec
+
     model, graphdef, params, rec = build(model_name, variant, logit_std)
-    for b in batches:
-        for sampler_name in samplers:
-            sampler = make_sampler(sampler_name)
-            tc = time.perf_counter()
-            new_cache, prefill, decode = compile_request(
-                model, graphdef, params, b, prompt_len, new_tokens, sampler
+    syncs = [dec.DEFAULT_SYNC_EVERY if x is None else x for x in syncs]
+    for b, sampler_name, sync in itertools.product(batches, samplers, syncs):
+        sampler = make_sampler(sampler_name)
+        tc = time.perf_counter()
+        new_cache, prefill, decode = compile_request(
+            model, graphdef, params, b, prompt_len, new_tokens, sampler, sync
+        )
+        compile_s = time.perf_counter() - tc
+        prefill_t, decode_t, steps = [], [], None
+        for _ in range(repeats + 1):  # the first run warms up
+            cache = new_cache()
+            jax.block_until_ready(cache)
+            t1 = time.perf_counter()
+            st = prefill(cache)
+            jax.block_until_ready(st)
+            t2 = time.perf_counter()
+            st = decode(st)
+            jax.block_until_ready(st)
+            t3 = time.perf_counter()
+            prefill_t.append(t2 - t1)
+            decode_t.append(t3 - t2)
+            steps = int(st.step) - 1  # the loop ran step 1..N-1; prefill made token 0
+            lengths = np.asarray(st.lengths)
+            bad = np.asarray(st.error_step)
+        if (bad >= 0).any() or (lengths < new_tokens).any():
+            raise RuntimeError(
+                f"{model_name}/{variant}/B={b}: rows stopped early "
+                f"(lengths {lengths.tolist()}, bad-logit steps {bad.tolist()})"
             )
-            compile_s = time.perf_counter() - tc
-            prefill_t, decode_t, steps = [], [], None
-            for _ in range(repeats + 1):  # the first run warms up
-                cache = new_cache()
-                jax.block_until_ready(cache)
-                t1 = time.perf_counter()
-                st = prefill(cache)
-                jax.block_until_ready(st)
-                t2 = time.perf_counter()
-                st = decode(st)
-                jax.block_until_ready(st)
-                t3 = time.perf_counter()
-                prefill_t.append(t2 - t1)
-                decode_t.append(t3 - t2)
-                steps = int(st.step) - 1  # the loop ran step 1..N-1; prefill made token 0
-                lengths = np.asarray(st.lengths)
-                bad = np.asarray(st.error_step)
-            if (bad >= 0).any() or (lengths < new_tokens).any():
-                raise RuntimeError(
-                    f"{model_name}/{variant}/B={b}: rows stopped early "
-                    f"(lengths {lengths.tolist()}, bad-logit steps {bad.tolist()})"
-                )
-            ms_tok = 1e3 * float(np.median(decode_t[1:])) / steps
-            stats = jax.devices()[0].memory_stats() or {}
-            rec["results"].append(
-                dict(
-                    batch=b,
-                    sampler=sampler_name,
-                    prefill_ms=1e3 * float(np.median(prefill_t[1:])),
-                    decode_ms_per_token=ms_tok,
-                    tokens_per_s=b * 1e3 / ms_tok,
-                    steps=steps,
-                    compile_s=compile_s,
-                    peak_bytes=int(stats.get("peak_bytes_in_use", 0)),
-                )
+        ms_tok = 1e3 * float(np.median(decode_t[1:])) / steps
+        stats = jax.devices()[0].memory_stats() or {}
+        rec["results"].append(
+            dict(
+                batch=b,
+                sampler=sampler_name,
+                sync_every=sync,
+                prefill_ms=1e3 * float(np.median(prefill_t[1:])),
+                decode_ms_per_token=ms_tok,
+                tokens_per_s=b * 1e3 / ms_tok,
+                steps=steps,
+                compile_s=compile_s,
+                peak_bytes=int(stats.get("peak_bytes_in_use", 0)),
             )
-            print(json.dumps(rec["results"][-1]), file=sys.stderr, flush=True)
+        )
+        print(json.dumps(rec["results"][-1]), file=sys.stderr, flush=True)
     return rec
 
 
 def _table(records: list[dict]) -> str:
+    def key(x):  # records written before sync_every existed synced every step
+        return x["batch"], x["sampler"], x.get("sync_every", 1)
+
     base = {}
     for r in records:
         if r["variant"] == "bf16":
             for x in r["results"]:
-                base[(r["model"], x["batch"], x["sampler"])] = x
+                base[(r["model"], *key(x))] = x
     lines = [
-        "| model | variant | B | sampler | prefill ms | decode ms/tok | tok/s | × BF16 | weights GB | × BF16 bytes | peak GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | variant | B | sampler | sync | prefill ms | decode ms/tok | tok/s | × BF16 | weights GB | × BF16 bytes | peak GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     wbase = {r["model"]: r["weight_bytes"] for r in records if r["variant"] == "bf16"}
     for r in records:
         for x in r["results"]:
-            b = base.get((r["model"], x["batch"], x["sampler"]))
+            b = base.get((r["model"], *key(x)))
             sp = f"{b['decode_ms_per_token'] / x['decode_ms_per_token']:.2f}" if b else "-"
             wb = wbase.get(r["model"])
             wr = f"{r['weight_bytes'] / wb:.3f}" if wb else "-"
             lines.append(
-                f"| {r['model']} | {r['variant']} | {x['batch']} | {x['sampler']} | "
+                f"| {r['model']} | {r['variant']} | {x['batch']} | {x['sampler']} | {key(x)[2]} | "
                 f"{x['prefill_ms']:.1f} | {x['decode_ms_per_token']:.3f} | {x['tokens_per_s']:.1f} | "
                 f"{sp} | {r['weight_bytes'] / 1e9:.2f} | {wr} | {x['peak_bytes'] / 1e9:.1f} |"
             )
@@ -360,13 +375,13 @@ def _table(records: list[dict]) -> str:
     )
     # The sampler's cost: ReSET against a fixed temperature, same model/variant/batch.
     for r in records:
-        by = {(x["batch"], x["sampler"]): x for x in r["results"]}
-        for (bsz, s), x in sorted(by.items()):
-            if s == "reset" and (bsz, "fixed") in by:
-                f = by[(bsz, "fixed")]["decode_ms_per_token"]
+        by = {key(x): x for x in r["results"]}
+        for (bsz, s, sync), x in sorted(by.items()):
+            if s == "reset" and (bsz, "fixed", sync) in by:
+                f = by[(bsz, "fixed", sync)]["decode_ms_per_token"]
                 d = x["decode_ms_per_token"] - f
                 lines.append(
-                    f"\nReSET overhead {r['model']}/{r['variant']}/B={bsz}: "
+                    f"\nReSET overhead {r['model']}/{r['variant']}/B={bsz}/sync={sync}: "
                     f"{1e3 * d:+.1f} µs/token = {100 * d / f:+.2f}% of the step"
                 )
     return "\n".join(lines)
@@ -382,6 +397,12 @@ def main(argv=None):
         "--also-fixed",
         default="",
         help="variants that also run a fixed temperature (the ReSET overhead), e.g. cuda-w4a16",
+    )
+    p.add_argument(
+        "--sync-every",
+        default="",
+        help="decode steps per host check of the loop condition (decode.decode_loop; "
+        "default: its default); a list such as 1,8 times each",
     )
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=512)
@@ -400,10 +421,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     batches = [int(x) for x in a.batch.split(",")]
     samplers = a.samplers.split(",")
+    syncs = tuple(int(x) for x in a.sync_every.split(",")) if a.sync_every else (None,)
     if a.one:
         model, variant = a.one.split(":")
         rec = run_one(model, variant, batches, a.prompt_len, a.new_tokens, a.repeats, samplers,
-                      a.logit_std)  # fmt: skip
+                      a.logit_std, syncs)  # fmt: skip
         print("RECORD " + json.dumps(rec), flush=True)
         return
     records = []
@@ -417,7 +439,7 @@ def main(argv=None):
             cmd = [sys.executable, __file__, "--one", f"{model}:{variant}", "--batch", a.batch,
                    "--samplers", samplers_v, "--prompt-len", str(a.prompt_len),
                    "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats),
-                   "--logit-std", str(a.logit_std)]  # fmt: skip
+                   "--logit-std", str(a.logit_std), "--sync-every", a.sync_every]  # fmt: skip
             print(f"== {model} {variant}", file=sys.stderr, flush=True)
             # Each variant owns the GPU: let it use most of the memory (the BF16
             # Qwen3-32B shape needs ~66 GB of weights; JAX's default is 75 %).

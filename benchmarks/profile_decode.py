@@ -243,6 +243,12 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--logit-std", type=float, default=7.0)
+    p.add_argument(
+        "--sync-every",
+        type=int,
+        default=None,
+        help="as in decode.decode_loop (default: its default)",
+    )
     p.add_argument("--top", type=int, default=25, help="rows of the table")
     p.add_argument("--trace-dir", default="", help="keep the trace here (default: a temp folder)")
     p.add_argument("--json", default="")
@@ -256,7 +262,14 @@ def main(argv=None) -> None:
     model, graphdef, params, rec = bench.build(a.model, a.variant, a.logit_std)
     b = a.batch
     new_cache, prefill, decode = bench.compile_request(
-        model, graphdef, params, b, a.prompt_len, a.new_tokens, bench.make_sampler(a.sampler)
+        model,
+        graphdef,
+        params,
+        b,
+        a.prompt_len,
+        a.new_tokens,
+        bench.make_sampler(a.sampler),
+        a.sync_every,
     )
 
     def one_loop():

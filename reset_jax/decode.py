@@ -12,14 +12,24 @@ Three jitted entry points share one step function:
 * `prefill`: runs the (right-padded) prompts through the model, writes the
   cache, samples each row's first token from its last real position.
 * `decode_loop`: ``lax.while_loop`` of `decode_step` until every row is done
-  (stop id, new-token limit, full cache, or bad logits) or the buffer is full.
-* `decode`: both in one program, the path with no host round trip at all.
+  (stop id, new-token limit, full cache, bad logits, or the buffer is full).
+  Each iteration runs ``sync_every`` steps in an inner loop of fixed length.
+* `decode`: both in one program (no host transfer in between).
 
 `prefill` and `decode`, called with concrete prompt lengths, first run
 `check_prompt_lengths` (as `buckets` does): the one check that every prompt
 fits the cache, with the error that names the row.
 
 Benchmarks time `prefill` and `decode_loop` separately.
+
+Why ``sync_every``: on a GPU, XLA runs a ``while_loop`` whose trip count it
+cannot know by copying the loop condition to the host and waiting for it each
+iteration, so the GPU sits idle while the host reads it and launches the next
+body. A loop of fixed length needs no such wait (XLA's ``WhileThunk`` with a
+known trip count). The outer loop therefore checks for "every row done" once
+per ``sync_every`` steps; steps after the last row finished change nothing
+(every write is masked by the row's ``done``) and cost at most
+``sync_every - 1`` wasted steps per call.
 
 Shapes: B batch, P prompt bucket, T cache slots, N output buffer, V vocabulary.
 """
@@ -40,6 +50,7 @@ from flax import nnx, struct
 from reset_jax import sampling
 
 __all__ = [
+    "DEFAULT_SYNC_EVERY",
     "Buckets",
     "DecodeState",
     "SamplingKnobs",
@@ -57,6 +68,8 @@ __all__ = [
 # can check that a new request reused the compiled loop.
 trace_counts: collections.Counter[str] = collections.Counter()
 
+# Decode steps per host check of the loop condition (see the module docstring).
+DEFAULT_SYNC_EVERY = 8
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_BUCKET = 16
 _STOP_IDS_BUCKET = 8
@@ -230,8 +243,9 @@ class DecodeState:
     """Everything the loop carries; the host reads it once, at the end.
 
     Attributes:
-      step: ``[]`` int32, tokens generated so far by every still-active row
-        (the next column of the output buffers).
+      step: ``[]`` int32, decode steps taken while some row was active (the
+        next column of the output buffers; steps after every row finished do
+        not count).
       done: ``[B]`` bool.
       last_token: ``[B]`` int32, the newest token, fed to the next step.
       positions: ``[B]`` int32, the cache slot `last_token` is written to.
@@ -286,7 +300,10 @@ def _advance(
     active = ~state.done
     bad = token < 0  # the sampler's mark for NaN / all -inf logits
     ok = active & ~bad
-    col = state.step
+    n = state.tokens.shape[1]
+    # Past the last column every row is done (the buffer-full rule below), so the
+    # clamped column is only ever rewritten with its own values.
+    col = jnp.minimum(state.step, n - 1)
 
     def put(buf, value):
         return buf.at[:, col].set(jnp.where(active, value, buf[:, col]))
@@ -301,9 +318,11 @@ def _advance(
         | (lengths >= knobs.max_new_tokens)
         # The sequence (prompt + new tokens) now fills the cache.
         | (state.prompt_lens + lengths >= cache_len)
+        # The output buffer is full.
+        | (state.step + 1 >= n)
     )
     return state.replace(
-        step=state.step + 1,
+        step=state.step + jnp.any(active).astype(jnp.int32),
         done=state.done | (active & finished),
         last_token=jnp.where(ok, token, state.last_token),
         positions=state.positions + ok.astype(jnp.int32),
@@ -367,14 +386,27 @@ def decode_step(graphdef, params, state: DecodeState, sampler, knobs: SamplingKn
     return _advance(state.replace(cache=cache), logits, sampler, knobs)
 
 
-def _loop(graphdef, params, state, sampler, knobs):
+def _check_sync_every(sync_every: int) -> None:
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+        raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
+
+
+def _loop(graphdef, params, state, sampler, knobs, sync_every):
+    _check_sync_every(sync_every)
     n = state.tokens.shape[1]
 
     def cond(s):
         return (s.step < n) & ~jnp.all(s.done)
 
-    def body(s):
+    def step(s):
         return decode_step(graphdef, params, s, sampler, knobs)
+
+    def body(s):
+        if sync_every == 1:
+            return step(s)
+        # Static bounds: a loop of known trip count, which XLA runs without reading
+        # anything back to the host.
+        return jax.lax.fori_loop(0, sync_every, lambda _, s: step(s), s)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -390,7 +422,7 @@ def _checks_prompts(jitted):
     """
 
     @functools.wraps(jitted, updated=())
-    def entry(graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs, *, max_new):
+    def entry(graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs, *, max_new, **kw):
         try:
             lens = np.asarray(prompt_lens)
         except jax.errors.TracerArrayConversionError:  # under an outer jit: the caller checks
@@ -398,7 +430,7 @@ def _checks_prompts(jitted):
         if lens is not None:
             check_prompt_lengths(lens, knobs.max_new_tokens, cache.max_len)
         return jitted(
-            graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs, max_new=max_new
+            graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs, max_new=max_new, **kw
         )
 
     for name in ("lower", "trace", "eval_shape", "clear_cache"):
@@ -435,8 +467,8 @@ def prefill(graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs, *,
     return _prefill(graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs, max_new)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
-def decode_loop(graphdef, params, state, sampler, knobs):
+@functools.partial(jax.jit, static_argnames=("graphdef", "sync_every"), donate_argnames=("state",))
+def decode_loop(graphdef, params, state, sampler, knobs, *, sync_every=DEFAULT_SYNC_EVERY):
     """Run decode steps until every row is done or the buffer is full.
 
     Args:
@@ -445,22 +477,45 @@ def decode_loop(graphdef, params, state, sampler, knobs):
       state: the `DecodeState` from `prefill` (donated: its cache is updated in place).
       sampler: the same sampler passed to `prefill`.
       knobs: the same knobs passed to `prefill`.
+      sync_every: decode steps between two checks of "every row done" (static;
+        1 checks after every step). Larger values save the GPU's wait for the
+        host per step and may run up to ``sync_every - 1`` steps that change
+        nothing after the last row finished.
 
     Returns:
-      The final `DecodeState`.
+      The final `DecodeState`. Its records (``tokens``, ``entropies``,
+      ``temperatures``, ``lengths``, ``step``, ``done``, ``error_step``) are
+      the same for every ``sync_every``; the sampler state and the cache slot
+      after each finished row's last token may differ.
+
+    Raises:
+      ValueError: ``sync_every`` is not an int >= 1.
     """
     trace_counts["decode_loop"] += 1
-    return _loop(graphdef, params, state, sampler, knobs)
+    return _loop(graphdef, params, state, sampler, knobs, sync_every)
 
 
 @_checks_prompts
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new"), donate_argnames=("cache",))
-def decode(graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs, *, max_new):
-    """Prefill and decode in one program: no host round trip until it returns.
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "max_new", "sync_every"), donate_argnames=("cache",)
+)
+def decode(
+    graphdef,
+    params,
+    prompt_ids,
+    prompt_lens,
+    cache,
+    sampler,
+    knobs,
+    *,
+    max_new,
+    sync_every=DEFAULT_SYNC_EVERY,
+):
+    """Prefill and decode in one program, returning the final `DecodeState`.
 
-    Takes the arguments of `prefill` (and raises its `ValueError`); returns
-    the final `DecodeState`.
+    Takes the arguments of `prefill` (and raises its `ValueError`) and
+    `decode_loop`'s ``sync_every``.
     """
     trace_counts["decode"] += 1
     state = _prefill(graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs, max_new)
-    return _loop(graphdef, params, state, sampler, knobs)
+    return _loop(graphdef, params, state, sampler, knobs, sync_every)

@@ -146,7 +146,7 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
-def _compile(prefill_args: tuple, loop_args: tuple, max_new: int) -> float:
+def _compile(prefill_args: tuple, loop_args: tuple, max_new: int, sync_every: int) -> float:
     """Compile prefill and the decode loop ahead of the timed calls, side by side.
 
     The loop is lowered against prefill's output shapes, so both XLA compiles
@@ -158,7 +158,9 @@ def _compile(prefill_args: tuple, loop_args: tuple, max_new: int) -> float:
     """
     t0 = time.perf_counter()
     lowered_prefill = dec.prefill.lower(*prefill_args, max_new=max_new)
-    lowered_loop = dec.decode_loop.lower(*loop_args[:2], lowered_prefill.out_info, *loop_args[2:])
+    lowered_loop = dec.decode_loop.lower(
+        *loop_args[:2], lowered_prefill.out_info, *loop_args[2:], sync_every=sync_every
+    )
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         for f in [pool.submit(lowered.compile) for lowered in (lowered_prefill, lowered_loop)]:
             f.result()
@@ -178,6 +180,7 @@ def generate(
     chat: bool = True,
     max_cache_len: int | None = None,
     stop_ids: Sequence[int] | None = None,
+    sync_every: int = dec.DEFAULT_SYNC_EVERY,
 ) -> GenerationResult:
     """Generate continuations for a batch of prompts in one jitted loop.
 
@@ -201,6 +204,7 @@ def generate(
         prompt + `max_new_tokens` == `max_cache_len` decodes every new token.
       stop_ids: ids that end a row; default: the model's EOS ids and the
         tokenizer's EOS id.
+      sync_every: decode steps per check of "every row done" (`decode.decode_loop`).
 
     Returns:
       A `GenerationResult`.
@@ -241,10 +245,14 @@ def generate(
     prompt_lens = jax.numpy.asarray(np.asarray(lengths, np.int32))
     cache = model.init_cache(batch, sizes.cache_len)
     prefill_args = (graphdef, params, prompt_ids, prompt_lens, cache, sampler, knobs)
-    compile_s = _compile(prefill_args, (graphdef, params, sampler, knobs), sizes.max_new)
+    compile_s = _compile(
+        prefill_args, (graphdef, params, sampler, knobs), sizes.max_new, sync_every
+    )
     # buckets() above checked these lengths against this cache length.
     state, prefill_s = _timed(dec.prefill.unchecked, *prefill_args, max_new=sizes.max_new)
-    state, decode_s = _timed(dec.decode_loop, graphdef, params, state, sampler, knobs)
+    state, decode_s = _timed(
+        dec.decode_loop, graphdef, params, state, sampler, knobs, sync_every=sync_every
+    )
 
     out = jax.device_get(
         {

@@ -17,7 +17,7 @@ def test_decode_benchmark_tiny(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--models", "tiny",
            "--variants", "bf16,xla-w4a16,xla-w4a16-qall,cuda-w4a16-chain-model", "--batch", "1",
            "--samplers", "reset", "--also-fixed", "xla-w4a16", "--prompt-len", "8",
-           "--new-tokens", "6", "--repeats", "1", "--json", str(out)]  # fmt: skip
+           "--new-tokens", "6", "--repeats", "1", "--sync-every", "3", "--json", str(out)]  # fmt: skip
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -27,15 +27,17 @@ def test_decode_benchmark_tiny(tmp_path):
     for r in records.values():
         assert "error" not in r, r.get("error")
         for x in r["results"]:
+            # 5 loop steps in inner loops of 3: the sixth, after every row is done, is not counted.
             assert x["steps"] == 5 and x["decode_ms_per_token"] > 0 and x["tokens_per_s"] > 0
+            assert x["sync_every"] == 3
     # The fixed-temperature rows exist only where asked for.
     samplers = {(x["batch"], x["sampler"]) for x in records["xla-w4a16"]["results"]}
     assert samplers == {(1, "reset"), (1, "fixed")}
     # NVFP4 weights are smaller, and more so with the lm_head and embedding quantized too.
     wb = {v: r["weight_bytes"] for v, r in records.items()}
     assert wb["xla-w4a16-qall"] < wb["xla-w4a16"] < wb["bf16"]
-    assert "| tiny | xla-w4a16 | 1 | reset |" in res.stdout
-    assert "ReSET overhead tiny/xla-w4a16/B=1" in res.stdout
+    assert "| tiny | xla-w4a16 | 1 | reset | 3 |" in res.stdout
+    assert "ReSET overhead tiny/xla-w4a16/B=1/sync=3" in res.stdout
     # The random model's logits were scaled to the default std (7).
     assert all(r["logit_std"] == 7.0 and r["norm_scale"] > 0 for r in records.values())
 

@@ -3,6 +3,7 @@ greedy loop, stopping rules, ReSET records against `sampling.replay`, and no
 retracing when only request values change."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +81,17 @@ def naive_greedy(model, prompt, n):
 
 
 def run(
-    model, prompts, *, sampler, max_new, max_cache_len=None, stop_ids=(), top_p=1.0, top_k=0, seed=0
+    model,
+    prompts,
+    *,
+    sampler,
+    max_new,
+    max_cache_len=None,
+    stop_ids=(),
+    top_p=1.0,
+    top_k=0,
+    seed=0,
+    sync_every=dec.DEFAULT_SYNC_EVERY,
 ):
     """The combined `decode` entry point, returning the final state on the host."""
     sizes = dec.buckets([len(p) for p in prompts], max_new, max_cache_len)
@@ -100,6 +111,7 @@ def run(
         sampler,
         knobs,
         max_new=sizes.max_new,
+        sync_every=sync_every,
     )
     return jax.device_get(state.replace(cache=None))
 
@@ -263,6 +275,83 @@ def test_bad_logits_name_the_row(model):
     )
     with pytest.raises(BadLogitsError, match="row 2 at new token 0"):
         generate(broken, ToyTokenizer(), PROMPTS, chat=False, max_new_tokens=4, sampler=GREEDY)
+
+
+RECORDS = ("tokens", "entropies", "temperatures", "lengths", "step", "done", "error_step")
+
+
+@pytest.mark.parametrize("sync_every", [3, 5, 32])
+def test_sync_every_keeps_every_record(model, reference, sync_every):
+    # Rows end at different steps (a stop id, the cache, the limit), so the last inner
+    # loop runs steps after some or all rows are done; they must change nothing.
+    stop = next(t for t in reference[0][:6] if any(t not in r for r in reference[1:]))
+    rule = sampling.ReSETConfig.create(
+        t_high=1.0, t_low=0.3, tau0=3.0, window=4, nl_ids=range(0, 8), dnl_ids=range(8, 14)
+    )
+    cases = (
+        dict(sampler=GREEDY, max_new=12, max_cache_len=18, stop_ids=[stop]),
+        dict(sampler=rule, max_new=13, top_p=0.9, top_k=[0, 5, 0], seed=4),
+    )
+    for kw in cases:
+        one = run(model, PROMPTS, sync_every=1, **kw)
+        many = run(model, PROMPTS, sync_every=sync_every, **kw)
+        for name in RECORDS:
+            np.testing.assert_array_equal(getattr(many, name), getattr(one, name), err_msg=name)
+    assert one.lengths.tolist() == [13, 13, 13] and 0 < one.step <= 13
+
+
+def test_a_full_buffer_ends_the_loop_for_any_sync_every(model):
+    # A limit above the buffer (N = 16): the buffer ends every row at 16 tokens, and
+    # inner steps past the last column (sync_every = 6: 18 steps for 15) write nothing.
+    want = [naive_greedy(model, p, 16) for p in PROMPTS]
+    graphdef, params = nnx.split(model)
+    ids = np.zeros((3, 16), np.int32)
+    for i, p in enumerate(PROMPTS):
+        ids[i, : len(p)] = p
+    for sync_every in (1, 4, 6):
+        state = dec.decode(
+            graphdef,
+            params,
+            jnp.asarray(ids),
+            jnp.asarray([len(p) for p in PROMPTS], jnp.int32),
+            model.init_cache(3, 64),
+            GREEDY,
+            dec.make_knobs(3, max_new_tokens=40),
+            max_new=16,
+            sync_every=sync_every,
+        )
+        assert rows(jax.device_get(state)) == want, sync_every
+        assert int(state.step) == 16 and bool(state.done.all()), sync_every
+
+
+def test_the_loop_waits_for_the_host_once_per_sync_every_steps(model):
+    # XLA runs a while loop of known trip count without reading its condition back;
+    # the decode loop must be an outer data-dependent loop around such an inner loop.
+    graphdef, params = nnx.split(model)
+    knobs = dec.make_knobs(1, max_new_tokens=8)
+    args = (graphdef, params, jnp.zeros((1, 16), jnp.int32), jnp.asarray([3], jnp.int32))
+    state = dec.prefill.lower(*args, model.init_cache(1, 32), GREEDY, knobs, max_new=16).out_info
+
+    def loops(sync_every):
+        hlo = (
+            dec.decode_loop.lower(graphdef, params, state, GREEDY, knobs, sync_every=sync_every)
+            .compile()
+            .as_text()
+        )
+        found = {}
+        for line in hlo.splitlines():
+            name = re.search(
+                r' while\(.*op_name="jit\(decode_loop\)/(while(?:/body/while)?)"', line
+            )
+            if name:
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+                found[name.group(1)] = int(trips.group(1)) if trips else None
+        return found
+
+    assert loops(4) == {"while": None, "while/body/while": 4}
+    assert loops(1) == {"while": None}
+    with pytest.raises(ValueError, match="sync_every must be an int >= 1, got 0"):
+        loops(0)
 
 
 def test_buckets():
