@@ -75,7 +75,7 @@ cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream, int variant) {
   if (GemvUnsupportedReason(a) != nullptr) return cudaErrorInvalidValue;
   if (a.swiglu && (variant != 0 || !GemvSwiGluSupported(a))) return cudaErrorInvalidValue;
   const KParams kp = ToKParams(a);
-  if (variant == 0 && UseWideFor(kp)) return LaunchWideConfig<kWidePipeline, kWideWarps>(kp, stream);
+  if (variant == 0 && UseWideFor(kp)) return LaunchWideDefault<kWidePipeline, kWideWarps>(kp, stream);
   return LaunchGemvConfig<kPipeline, kWarps>(kp, UseVec16(a), stream);
 }
 

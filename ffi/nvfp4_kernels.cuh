@@ -876,6 +876,32 @@ inline bool WideOk(const KParams& kp) {
 }
 inline bool WideXs(const KParams& kp) { return WideXsBytes(kp.M, kp.K) <= kWideXsMaxBytes; }
 
+// Resident CTAs of one wide-kernel instantiation on the current device (0 if the query
+// fails). Resident CTAs per SM depend on the dynamic shared memory: cached per
+// (kernel, device, smem) so that a call costs no occupancy query on the host.
+template <int NT, int U, int W, bool XS, bool NORM = false>
+int WideSlots(const KParams& kp) {
+  auto kernel = WideGemvKernel<NT, U, W, XS, NORM>;
+  const int smem = XS ? static_cast<int>(WideXsBytes(kp.M, kp.K)) : 0;
+  struct Entry {
+    int device, smem, slots;
+  };
+  static thread_local Entry cache[16] = {};
+  static thread_local int next = 0;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  for (const Entry& e : cache)
+    if (e.slots > 0 && e.device == device && e.smem == smem) return e.slots;
+  int per_sm = 0, sms = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, W * 32, smem) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      per_sm < 1)
+    return 0;
+  cache[next] = {device, smem, per_sm * sms};
+  next = (next + 1) % 16;
+  return per_sm * sms;
+}
+
 template <int NT, int U, int W, bool XS, bool NORM = false>
 cudaError_t LaunchWideOne(const KParams& kp, cudaStream_t stream) {
   auto kernel = WideGemvKernel<NT, U, W, XS, NORM>;
@@ -895,34 +921,43 @@ cudaError_t LaunchWideOne(const KParams& kp, cudaStream_t stream) {
   }
   const int tiles = (kp.N + 15) / 16;
   int grid = tiles;
-  // Resident CTAs per SM depend on the dynamic shared memory: cached per
-  // (device, smem) so that a call costs no occupancy query on the host.
-  struct Entry {
-    int device, smem, slots;
-  };
-  static thread_local Entry cache[16] = {};
-  static thread_local int next = 0;
-  int device = 0;
-  int slots = 0;
-  if (cudaGetDevice(&device) == cudaSuccess) {
-    for (const Entry& e : cache)
-      if (e.slots > 0 && e.device == device && e.smem == smem) slots = e.slots;
-    int per_sm = 0, sms = 0;
-    if (slots == 0 &&
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, W * 32, smem) == cudaSuccess &&
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
-        per_sm > 0) {
-      slots = per_sm * sms;
-      cache[next] = {device, smem, slots};
-      next = (next + 1) % 16;
-    }
-  }
+  const int slots = WideSlots<NT, U, W, XS, NORM>(kp);
   if (slots > 0 && tiles > slots) {
     const int rounds = (tiles + slots - 1) / slots;
     grid = (tiles + rounds - 1) / rounds;
   }
   return rjpdl::Launch(kernel, dim3(grid), dim3(W * 32), static_cast<size_t>(smem), stream,
                        kp.pdl, kp);
+}
+
+// The library's wide launch at M <= 2 (the decode rows): W warps per CTA, or W / 2 where
+// halving the CTA gives every 16-row tile a resident CTA of its own and W warps do not
+// (Qwen3-32B o and down: 320 tiles on 264 slots of 8 warps or 528 of 4). The persistent
+// grid would otherwise run 160 CTAs of 2 tiles. Measured on an H100 (layer_check bench,
+// RESULTS.md run K5): -2.7 us a 32B layer at M = 1. Not for the fused-norm launch:
+// Qwen3-8B qkv (384 tiles) on 4-warp CTAs measured +1.6 us a layer in the PDL chain
+// (-0.3 without PDL), so LaunchGemvAddNorm keeps W warps.
+template <int NT, int U, int W, bool XS>
+cudaError_t LaunchWideFit(const KParams& kp, cudaStream_t stream) {
+  static_assert(W % 2 == 0, "W / 2 warps must be a whole number");
+  const int tiles = (kp.N + 15) / 16;
+  if (kp.M <= 2) {
+    const int wide = WideSlots<NT, U, W, XS>(kp);
+    const int narrow = WideSlots<NT, U, W / 2, XS>(kp);
+    if (wide > 0 && tiles > wide && tiles <= narrow) return LaunchWideOne<NT, U, W / 2, XS>(kp, stream);
+  }
+  return LaunchWideOne<NT, U, W, XS>(kp, stream);
+}
+
+// The library's default wide launch (LaunchWideFit); LaunchWideConfig below launches
+// exactly the configuration it is given (the checker's variants).
+template <int U, int W>
+cudaError_t LaunchWideDefault(const KParams& kp, cudaStream_t stream) {
+  const bool xs = WideXs(kp);
+  if (kp.M > 8) {
+    return xs ? LaunchWideOne<2, U, W, true>(kp, stream) : LaunchWideOne<2, U, W, false>(kp, stream);
+  }
+  return xs ? LaunchWideFit<1, U, W, true>(kp, stream) : LaunchWideFit<1, U, W, false>(kp, stream);
 }
 
 template <int U, int W>

@@ -443,6 +443,9 @@ int Check(bool quick) {
   cases.push_back({1, 37, 2560, false, false, 0, true});
   cases.push_back({9, 37, 4096, true, false, 0, true});
   cases.push_back({3, 21, 1056, false, false, 0, true});
+  // Tiles for 4-warp CTAs but not for 8 (LaunchWideFit): Qwen3-8B qkv's shape, 32B o at M = 2.
+  cases.push_back({1, 6144, 4096, false, false, 0});
+  cases.push_back({2, 5120, 8192, true, true, 0});
   cases.push_back({4, 300, 1024, false, false, 8});  // 8-byte aligned codes: 8-byte path
   cases.push_back({11, 45, 576, true, false, 8});
   int failed = 0;
@@ -491,7 +494,9 @@ int Check(bool quick) {
       // the staged norm from registers (M * ceil(K / 2048) <= 4 units a thread) and the
       // two-pass route past it: K = 5120 (3 units a row, the last partial) at M = 1 and 2
       {1, 200, 5120, false, false, 0, false, 1}, {2, 200, 5120, false, false, 0, false, 1},
-      {4, 64, 2048, false, false, 0, false, 3}, {3, 64, 4096, false, false, 0, false, 3}};
+      {4, 64, 2048, false, false, 0, false, 3}, {3, 64, 4096, false, false, 0, false, 3},
+      // Qwen3-8B qkv: 384 tiles, two rounds of 8-warp CTAs with the staged norm
+      {1, 6144, 4096, false, false, 0, false, 1}};
   for (size_t j = 0; j < norm_cases.size(); ++j) {
     const Case& c = norm_cases[j];
     double err = 0;
