@@ -2,8 +2,9 @@
 
 The rule is specified in ``shared/docs/reset-algorithm.md``; this module follows
 it decision for decision. Everything that runs per token is pure ``jnp``/``lax``
-over a batch of rows, so it runs inside the jitted decode loop with no host
-round trip.
+over a batch of rows, so it runs inside the jitted decode loop with no Python
+per token. (On a GPU, XLA reads back the one-byte predicate of each ``lax.cond``
+in `sample`; the ReSET rule itself has none.)
 
 Protocol (what the decode loop calls; both rules implement it)::
 
