@@ -9,7 +9,8 @@ loop, runs it once untraced for the wall-clock ms/token, then once under
 do untraced; CUPTI still reports each kernel node.
 
 Prints, per generated token: the wall time, the summed GPU kernel time, the
-time the GPU sat idle between kernels (launch gaps, host syncs), and the
+time the GPU sat idle between kernels (launch gaps, host syncs) and which
+kernels each idle gap sat between, and the
 kernels grouped by kind (NVFP4 GEMV, cuBLAS GEMM, XLA fusions by name,
 copies) and by the JAX source line of their HLO op, with counts per token;
 writes the whole account as JSON.
@@ -186,6 +187,39 @@ def outside_graphs(events, graphs, steps: int) -> dict | str:
     return {k: n / steps for k, n in (outside.most_common() + missing.most_common())}
 
 
+def _label(name: str, op: str, op_source: dict) -> str:
+    """A kernel's kind, with the last two parts of its JAX source path when known."""
+    src = op_source.get(op, "") or (op if "/" in op else "")
+    tail = "/".join(re.sub(r"\d+", "#", src.split(" = ")[0]).split("/")[-2:]) if src else ""
+    return kernel_kind(name) + (f" @{tail}" if tail else "")
+
+
+def gap_table(events, ops, op_source: dict, steps: int, min_ns: int = 500) -> list[dict]:
+    """Where the GPU sat idle: every gap of at least ``min_ns`` between kernels, grouped
+    by the kernel that ended last before it and the one that started after it.
+
+    ``events``, ``ops`` and ``op_source`` as for ``op_table``. Returns rows
+    ``{before, after, us_per_token, gaps_per_token, us_per_gap}`` sorted by time.
+    """
+    order = sorted(range(len(events)), key=lambda i: events[i][1])
+    by = collections.defaultdict(lambda: [0, 0])
+    last_i, last_end = None, None
+    for i in order:
+        _, start, dur = events[i]
+        if last_end is not None and start - last_end >= min_ns:
+            key = (
+                _label(events[last_i][0], ops[last_i], op_source),
+                _label(events[i][0], ops[i], op_source),
+            )
+            by[key][0] += start - last_end
+            by[key][1] += 1
+        if last_end is None or start + dur >= last_end:
+            last_i, last_end = i, start + dur
+    rows = [dict(before=b, after=a, us_per_token=t / 1e3 / steps, gaps_per_token=n / steps,
+                 us_per_gap=t / 1e3 / n) for (b, a), (t, n) in by.items()]  # fmt: skip
+    return sorted(rows, key=lambda r: -r["us_per_token"])
+
+
 def account(events, steps: int, wall_s: float) -> dict:
     """Per-token totals: kernel time, idle time and a table by kernel kind.
 
@@ -294,6 +328,7 @@ def main(argv=None) -> None:
     acc = account(events, steps, traced_wall)
     acc["outside_graphs_per_token"] = outside_graphs(events, graphs, steps)
     acc["ops"] = op_table(events, ops, op_source, steps)
+    acc["gaps"] = gap_table(events, ops, op_source, steps)
     acc["trace_stat_keys"] = keys
     acc.update(untraced_ms_per_token=1e3 * wall / steps, **{k: rec[k] for k in ("model", "variant", "device")},
                batch=b, sampler=a.sampler, xla_flags=os.environ["XLA_FLAGS"])  # fmt: skip
@@ -319,6 +354,13 @@ def main(argv=None) -> None:
     print("| op | µs/token | calls/token |\n|---|---|---|")
     for r in acc["ops"][: a.top]:
         print(f"| {r['op']} | {r['us_per_token']:.1f} | {r['calls_per_token']:.1f} |")
+    print("\nidle gaps >= 0.5 µs in the traced run, by the kernels around them")
+    print("| before | after | µs/token | gaps/token | µs/gap |\n|---|---|---|---|---|")
+    for r in acc["gaps"][: a.top]:
+        print(
+            f"| {r['before']} | {r['after']} | {r['us_per_token']:.1f} | "
+            f"{r['gaps_per_token']:.2f} | {r['us_per_gap']:.1f} |"
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(acc, f, indent=1)

@@ -165,6 +165,21 @@ def test_profile_op_table_merges_layers():
     ]
 
 
+def test_profile_gap_table_names_the_kernels_around_each_gap():
+    """Idle gaps group by the kernel that ended last before them and the one after."""
+    prof = _profile_module()
+    # a [0, 10) and b [2, 4) overlap: the gap after them runs from 10, not 4.
+    events = [("a", 0, 10_000), ("b", 2_000, 2_000), ("c", 13_000, 1_000), ("a", 14_200, 800),
+              ("c", 16_000, 1_000), ("b", 17_100, 100)]  # fmt: skip
+    ops = ["fusion.1", "", "", "fusion.1", "", ""]
+    source = {"fusion.1": "jit(decode_loop)/while/body/layers.3/sample/cond"}
+    rows = prof.gap_table(events, ops, source, steps=2)
+    a = "xla: a @sample/cond"
+    assert rows == [
+        dict(before=a, after="xla: c", us_per_token=2.0, gaps_per_token=1.0, us_per_gap=2.0),
+    ]  # 10 -> 13 and 15 -> 16; 14 -> 14.2 and 17 -> 17.1 are below 0.5 µs
+
+
 def test_topk_benchmark_checks_exactness(capsys):
     """benchmarks/topk.py compares the two-stage top-k with lax.top_k and fails on a mismatch."""
     import importlib.util
