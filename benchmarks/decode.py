@@ -185,8 +185,11 @@ def set_logit_std(model, target: float, seed: int = 0) -> float:
     return c
 
 
-def build(model_name: str, variant: str, logit_std: float = 0.0):
+def build(model_name: str, variant: str, logit_std: float = 0.0, num_layers: int | None = None):
     """Builds one model variant (random weights on the device for the named shapes).
+
+    ``num_layers`` replaces a named shape's layer count (0: embedding, final norm and
+    ``lm_head`` only -- what a decode step costs outside its layers).
 
     Returns:
       ``(model, graphdef, params, record)``: the nnx model, its split and a JSON-able
@@ -201,8 +204,15 @@ def build(model_name: str, variant: str, logit_std: float = 0.0):
     quantize, activations, implementation, *more = VARIANTS[variant]
     extra = more[0] if more else {}
     t0 = time.perf_counter()
+    if num_layers is not None and model_name not in HF_CONFIGS:
+        raise SystemExit(f"--num-layers: only for the random-weight shapes {sorted(HF_CONFIGS)}")
     if model_name in HF_CONFIGS:
-        config = ModelConfig.from_hf(HF_CONFIGS[model_name])
+        hf = HF_CONFIGS[model_name]
+        if num_layers is not None:
+            if num_layers < 0:
+                raise SystemExit(f"--num-layers must be >= 0, got {num_layers}")
+            hf = hf | {"num_hidden_layers": num_layers}
+        config = ModelConfig.from_hf(hf)
         # Random normal weights drawn and quantized on the device (seconds for 8B).
         model = build_model(config, dtype=jnp.bfloat16, quantize=quantize,
                             activations=activations, implementation=implementation,
@@ -227,7 +237,7 @@ def build(model_name: str, variant: str, logit_std: float = 0.0):
     weight_bytes = _tree_bytes(params)
     rec = dict(model=model_name, variant=variant, weight_bytes=weight_bytes, build_s=build_s,
                device=str(jax.devices()[0].device_kind), logit_std=logit_std,
-               norm_scale=norm_scale, results=[])  # fmt: skip
+               norm_scale=norm_scale, num_layers=config.num_layers, results=[])  # fmt: skip
     return model, graphdef, params, rec
 
 
@@ -280,7 +290,8 @@ def compile_request(model, graphdef, params, batch: int, prompt_len: int, new_to
 
 def run_one(model_name: str, variant: str, batches: list[int], prompt_len: int, new_tokens: int,
             repeats: int, samplers: list[str], logit_std: float = 0.0,
-            syncs: tuple[int | None, ...] = (None,)) -> dict:  # fmt: skip
+            syncs: tuple[int | None, ...] = (None,),
+            num_layers: int | None = None) -> dict:  # fmt: skip
     """Builds one model variant and times it; returns a JSON-able record.
 
     Every batch is timed with every sampler and every ``sync_every`` in ``syncs``
@@ -293,7 +304,7 @@ def run_one(model_name: str, variant: str, batches: list[int], prompt_len: int, 
 
     from reset_jax import decode as dec
 
-    model, graphdef, params, rec = build(model_name, variant, logit_std)
+    model, graphdef, params, rec = build(model_name, variant, logit_std, num_layers)
     syncs = [dec.DEFAULT_SYNC_EVERY if x is None else x for x in syncs]
     for b, sampler_name, sync in itertools.product(batches, samplers, syncs):
         sampler = make_sampler(sampler_name)
@@ -356,6 +367,12 @@ def _table(records: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     wbase = {r["model"]: r["weight_bytes"] for r in records if r["variant"] == "bf16"}
+
+    def model_cell(r):
+        named = HF_CONFIGS.get(r["model"], {}).get("num_hidden_layers")
+        layers = r.get("num_layers", named)
+        return r["model"] if layers == named else f"{r['model']} ({layers} layers)"
+
     for r in records:
         for x in r["results"]:
             b = base.get((r["model"], *key(x)))
@@ -363,7 +380,7 @@ def _table(records: list[dict]) -> str:
             wb = wbase.get(r["model"])
             wr = f"{r['weight_bytes'] / wb:.3f}" if wb else "-"
             lines.append(
-                f"| {r['model']} | {r['variant']} | {x['batch']} | {x['sampler']} | {key(x)[2]} | "
+                f"| {model_cell(r)} | {r['variant']} | {x['batch']} | {x['sampler']} | {key(x)[2]} | "
                 f"{x['prefill_ms']:.1f} | {x['decode_ms_per_token']:.3f} | {x['tokens_per_s']:.1f} | "
                 f"{sp} | {r['weight_bytes'] / 1e9:.2f} | {wr} | {x['peak_bytes'] / 1e9:.1f} |"
             )
@@ -404,6 +421,12 @@ def main(argv=None):
         help="decode steps per host check of the loop condition (decode.decode_loop; "
         "default: its default); a list such as 1,8 times each",
     )
+    p.add_argument(
+        "--num-layers",
+        type=int,
+        default=None,
+        help="replace the shape's layer count (0: embedding, norm, lm_head and sampler only)",
+    )
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
@@ -425,7 +448,7 @@ def main(argv=None):
     if a.one:
         model, variant = a.one.split(":")
         rec = run_one(model, variant, batches, a.prompt_len, a.new_tokens, a.repeats, samplers,
-                      a.logit_std, syncs)  # fmt: skip
+                      a.logit_std, syncs, a.num_layers)  # fmt: skip
         print("RECORD " + json.dumps(rec), flush=True)
         return
     records = []
@@ -440,6 +463,8 @@ def main(argv=None):
                    "--samplers", samplers_v, "--prompt-len", str(a.prompt_len),
                    "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats),
                    "--logit-std", str(a.logit_std), "--sync-every", a.sync_every]  # fmt: skip
+            if a.num_layers is not None:
+                cmd += ["--num-layers", str(a.num_layers)]
             print(f"== {model} {variant}", file=sys.stderr, flush=True)
             # Each variant owns the GPU: let it use most of the memory (the BF16
             # Qwen3-32B shape needs ~66 GB of weights; JAX's default is 75 %).

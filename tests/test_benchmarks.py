@@ -42,6 +42,23 @@ def test_decode_benchmark_tiny(tmp_path):
     assert all(r["logit_std"] == 7.0 and r["norm_scale"] > 0 for r in records.values())
 
 
+def test_decode_benchmark_without_layers(tmp_path):
+    """--num-layers 0 times what a step costs outside its layers (embedding, norm, lm_head)."""
+    out = tmp_path / "decode.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--models", "tiny",
+           "--variants", "bf16", "--batch", "1", "--prompt-len", "8", "--new-tokens", "4",
+           "--repeats", "1", "--num-layers", "0", "--json", str(out)]  # fmt: skip
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (rec,) = json.loads(out.read_text())
+    assert rec["num_layers"] == 0 and rec["results"][0]["steps"] == 3
+    # The tiny shape's two layers are gone from the weights: 64 * 512 * 2 (embedding and
+    # lm_head) + 64 (final norm) bf16 values.
+    assert rec["weight_bytes"] == 2 * (2 * 64 * 512 + 64)
+    assert "| tiny (0 layers) | bf16 | 1 | reset |" in res.stdout
+
+
 def test_set_logit_std_sets_the_logit_scale():
     import importlib.util
 
