@@ -293,6 +293,9 @@ def main(argv=None) -> None:
 
     import jax
 
+    from reset_jax import decode as dec
+
+    sync_every = dec.DEFAULT_SYNC_EVERY if a.sync_every is None else a.sync_every
     model, graphdef, params, rec = bench.build(a.model, a.variant, a.logit_std)
     b = a.batch
     new_cache, prefill, decode = bench.compile_request(
@@ -303,7 +306,7 @@ def main(argv=None) -> None:
         a.prompt_len,
         a.new_tokens,
         bench.make_sampler(a.sampler),
-        a.sync_every,
+        sync_every,
     )
 
     def one_loop():
@@ -331,9 +334,13 @@ def main(argv=None) -> None:
     acc["gaps"] = gap_table(events, ops, op_source, steps)
     acc["trace_stat_keys"] = keys
     acc.update(untraced_ms_per_token=1e3 * wall / steps, **{k: rec[k] for k in ("model", "variant", "device")},
-               batch=b, sampler=a.sampler, xla_flags=os.environ["XLA_FLAGS"])  # fmt: skip
+               batch=b, sampler=a.sampler, xla_flags=os.environ["XLA_FLAGS"],
+               sync_every=sync_every)  # fmt: skip
 
-    print(f"{a.model} {a.variant} B={b} {a.sampler} on {rec['device']}: {steps} steps")
+    print(
+        f"{a.model} {a.variant} B={b} {a.sampler} sync_every={sync_every} on {rec['device']}: "
+        f"{steps} steps"
+    )
     print(
         f"untraced {acc['untraced_ms_per_token']:.3f} ms/token; traced {acc['wall_ms_per_token']:.3f};"
         f" GPU span {acc['gpu_span_ms_per_token']:.3f}; kernels busy"

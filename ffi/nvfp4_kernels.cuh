@@ -876,6 +876,28 @@ inline bool WideOk(const KParams& kp) {
 }
 inline bool WideXs(const KParams& kp) { return WideXsBytes(kp.M, kp.K) <= kWideXsMaxBytes; }
 
+// Lets one wide-kernel instantiation use up to kWideXsMaxBytes of dynamic shared memory on
+// the current device (above 48 KB it must opt in, per device and kernel; idempotent if
+// raced). Both the occupancy query and the launch need it.
+template <int NT, int U, int W, bool XS, bool NORM = false>
+cudaError_t WideSmemOptIn() {
+  if constexpr (XS) {
+    static unsigned long long attr_set = 0;  // bit d: done on device d
+    int dev = 0;
+    if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
+    const unsigned long long bit = 1ull << (dev & 63);
+    if (!(attr_set & bit)) {
+      if (cudaError_t e = cudaFuncSetAttribute(WideGemvKernel<NT, U, W, XS, NORM>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               kWideXsMaxBytes);
+          e != cudaSuccess)
+        return e;
+      attr_set |= bit;
+    }
+  }
+  return cudaSuccess;
+}
+
 // Resident CTAs of one wide-kernel instantiation on the current device (0 if the query
 // fails). Resident CTAs per SM depend on the dynamic shared memory: cached per
 // (kernel, device, smem) so that a call costs no occupancy query on the host.
@@ -890,6 +912,7 @@ int WideSlots(const KParams& kp) {
   static thread_local int next = 0;
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (WideSmemOptIn<NT, U, W, XS, NORM>() != cudaSuccess) return 0;
   for (const Entry& e : cache)
     if (e.slots > 0 && e.device == device && e.smem == smem) return e.slots;
   int per_sm = 0, sms = 0;
@@ -906,19 +929,7 @@ template <int NT, int U, int W, bool XS, bool NORM = false>
 cudaError_t LaunchWideOne(const KParams& kp, cudaStream_t stream) {
   auto kernel = WideGemvKernel<NT, U, W, XS, NORM>;
   const int smem = XS ? static_cast<int>(WideXsBytes(kp.M, kp.K)) : 0;
-  if constexpr (XS) {
-    // Opting in to more than 48 KB of dynamic shared memory is per device.
-    static unsigned long long attr_set = 0;  // bit d: done on device d (idempotent if raced)
-    int dev = 0;
-    if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
-    const unsigned long long bit = 1ull << (dev & 63);
-    if (!(attr_set & bit)) {
-      const cudaError_t e =
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWideXsMaxBytes);
-      if (e != cudaSuccess) return e;
-      attr_set |= bit;
-    }
-  }
+  if (cudaError_t e = WideSmemOptIn<NT, U, W, XS, NORM>(); e != cudaSuccess) return e;
   const int tiles = (kp.N + 15) / 16;
   int grid = tiles;
   const int slots = WideSlots<NT, U, W, XS, NORM>(kp);
@@ -931,17 +942,24 @@ cudaError_t LaunchWideOne(const KParams& kp, cudaStream_t stream) {
 }
 
 // The library's wide launch at M <= 2 (the decode rows): W warps per CTA, or W / 2 where
-// halving the CTA gives every 16-row tile a resident CTA of its own and W warps do not
-// (Qwen3-32B o and down: 320 tiles on 264 slots of 8 warps or 528 of 4). The persistent
-// grid would otherwise run 160 CTAs of 2 tiles. Measured on an H100 (layer_check bench,
-// RESULTS.md run K5): -2.7 us a 32B layer at M = 1. Not for the fused-norm launch:
-// Qwen3-8B qkv (384 tiles) on 4-warp CTAs measured +1.6 us a layer in the PDL chain
-// (-0.3 without PDL), so LaunchGemvAddNorm keeps W warps.
+// halving the CTA gives every 16-row tile a resident CTA of its own and W warps do not.
+// Qwen3-32B o: 320 tiles on 264 slots of 8 warps or 528 of 4; the persistent grid would
+// otherwise run 160 CTAs of 2 tiles. Measured on an H100 (layer_check bench, RESULTS.md
+// run K5): -2.7 us a 32B layer at M = 1, all of it from o. The same rule sends the
+// Qwen3-8B qkv shape (384 tiles) to 4 warps where it runs as a plain GEMV (the unfused
+// model; -0.3 us a layer without PDL in K5, -4 % standalone in session 1).
+//  * Not for the fused-norm launch: 8B qkv with the staged norm on 4-warp CTAs measured
+//    +1.6 us a layer in the PDL chain, so LaunchGemvAddNorm keeps W warps.
+//  * Not where the staged activations exceed kWideFitMaxXsBytes: 32B down (57.6 KB at
+//    M = 1) would run 3 such CTAs an SM (396 slots >= 320 tiles). Standalone, session 1
+//    measured that -6 %; in the chain it is not measured yet, so it keeps W warps.
+constexpr int kWideFitMaxXsBytes = 48 * 1024;
+
 template <int NT, int U, int W, bool XS>
 cudaError_t LaunchWideFit(const KParams& kp, cudaStream_t stream) {
   static_assert(W % 2 == 0, "W / 2 warps must be a whole number");
   const int tiles = (kp.N + 15) / 16;
-  if (kp.M <= 2) {
+  if (kp.M <= 2 && (!XS || WideXsBytes(kp.M, kp.K) <= kWideFitMaxXsBytes)) {
     const int wide = WideSlots<NT, U, W, XS>(kp);
     const int narrow = WideSlots<NT, U, W / 2, XS>(kp);
     if (wide > 0 && tiles > wide && tiles <= narrow) return LaunchWideOne<NT, U, W / 2, XS>(kp, stream);

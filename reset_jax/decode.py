@@ -27,9 +27,11 @@ cannot know by copying the loop condition to the host and waiting for it each
 iteration, so the GPU sits idle while the host reads it and launches the next
 body. A loop of fixed length needs no such wait (XLA's ``WhileThunk`` with a
 known trip count). The outer loop therefore checks for "every row done" once
-per ``sync_every`` steps; steps after the last row finished change nothing
-(every write is masked by the row's ``done``) and cost at most
-``sync_every - 1`` wasted steps per call.
+per ``sync_every`` steps. Steps after the last row finished change no record
+(tokens, entropies, temperatures, lengths, step, done, error_step: those writes
+are masked by the row's ``done``; only the sampler state and the cache slot
+after each finished row's last token are rewritten); at most ``sync_every - 1``
+such steps run per call.
 
 Shapes: B batch, P prompt bucket, T cache slots, N output buffer, V vocabulary.
 """
@@ -246,7 +248,8 @@ class DecodeState:
       step: ``[]`` int32, decode steps taken while some row was active (the
         next column of the output buffers; steps after every row finished do
         not count).
-      done: ``[B]`` bool.
+      done: ``[B]`` bool: the row hit a stop id, its limit, a full cache or a
+        full output buffer, or its logits were unusable.
       last_token: ``[B]`` int32, the newest token, fed to the next step.
       positions: ``[B]`` int32, the cache slot `last_token` is written to.
       prompt_lens: ``[B]`` int32.
