@@ -42,6 +42,14 @@ def _enable_compile_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def resolve_dtype(name: str) -> Any:
     """The dtype a ``--dtype`` value names (``auto``: bfloat16 on GPU, float32 elsewhere)."""
     import jax
@@ -185,6 +193,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         chat=not args.no_chat,
         max_cache_len=args.max_cache_len,
+        **({} if args.sync_every is None else {"sync_every": args.sync_every}),
     )
     many = len(args.prompt) > 1
     for i, text in enumerate(result.texts):
@@ -291,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-cache-len", type=int, default=None, help="default: prompt + new tokens")
+    p.add_argument(
+        "--sync-every",
+        type=_positive_int,
+        default=None,
+        help="decode steps per check of 'every row done' (default 8; 1 stops right after the "
+        "last row's stop token, larger values wait less for the host)",
+    )
     p.add_argument("--quantize", choices=["nvfp4"], default=None, help="quantize weights to NVFP4")
     add_model_flags(p)
     p.add_argument("--sampler", choices=["reset", "fixed", "greedy"], default="reset")

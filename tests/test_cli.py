@@ -55,6 +55,12 @@ def test_generate_on_a_tiny_checkpoint(tiny_dir, capsys):
     assert "tokens/s" in out
     account = out.strip().splitlines()[-1]
     assert account.startswith("ReSET: ") and "at T_low=0.2" in account and "mean entropy" in account
+    # The loop's host check every step instead of every 8: the same tokens.
+    assert cli.main([*argv, "--sync-every", "1"]) == 0
+    assert capsys.readouterr().out.split("---")[0] == out.split("---")[0]
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--sync-every", "0"])
+    assert "--sync-every: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_fuse_flag_keeps_the_tokens(tiny_dir, capsys):
