@@ -71,9 +71,16 @@ bool GemvSwiGluSupported(const GemvArgs& a) {
   return a.N % 16 == 0 && GemvUnsupportedReason(a) == nullptr && UseWideFor(ToKParams(a));
 }
 
+namespace {
+// SwiGLU in the epilogue runs only on the library's default (variant 0) wide path.
+bool SwiGluRefused(const GemvArgs& a, int variant) {
+  return a.swiglu && (variant != 0 || !GemvSwiGluSupported(a));
+}
+}  // namespace
+
 cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream, int variant) {
   if (GemvUnsupportedReason(a) != nullptr) return cudaErrorInvalidValue;
-  if (a.swiglu && (variant != 0 || !GemvSwiGluSupported(a))) return cudaErrorInvalidValue;
+  if (SwiGluRefused(a, variant)) return cudaErrorInvalidValue;
   const KParams kp = ToKParams(a);
   if (variant == 0 && UseWideFor(kp)) return LaunchWideDefault<kWidePipeline, kWideWarps>(kp, stream);
   return LaunchGemvConfig<kPipeline, kWarps>(kp, UseVec16(a), stream);
@@ -182,7 +189,7 @@ cudaError_t LaunchGemvAddNorm(const GemvArgs& a, const void* h, const void* w, f
   if (GemvUnsupportedReason(a) != nullptr) return cudaErrorInvalidValue;
   if (!Aligned(h, 16) || !Aligned(w, 16) || !Aligned(r, 16) || !Aligned(xn, 16))
     return cudaErrorMisalignedAddress;
-  if (a.swiglu && (variant != 0 || !GemvSwiGluSupported(a))) return cudaErrorInvalidValue;
+  if (SwiGluRefused(a, variant)) return cudaErrorInvalidValue;
   KParams kp = ToKParams(a);
   // The wide path stages x, so the norm goes there. At M <= 2 only by default:
   // the staging sums each row's squares before any MMA starts (one L2 round
