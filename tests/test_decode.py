@@ -348,7 +348,13 @@ def test_the_loop_waits_for_the_host_once_per_sync_every_steps(model):
                 found[name.group(1)] = int(trips.group(1)) if trips else None
         return found
 
-    assert loops(4) == {"while": None, "while/body/while": 4}
+    # (XLA may unroll the short inner loop on some backends: then no inner loop at all,
+    # which needs no readback either; on the CPU it stays a loop. K1 in RESULTS.md saw
+    # the loop kept on an H100 for Qwen3-8B.)
+    got = loops(4)
+    assert got in ({"while": None, "while/body/while": 4}, {"while": None})
+    if jax.default_backend() == "cpu":
+        assert got == {"while": None, "while/body/while": 4}
     assert loops(1) == {"while": None}
     with pytest.raises(ValueError, match="sync_every must be an int >= 1, got 0"):
         loops(0)
