@@ -254,12 +254,12 @@ def make_sampler(name: str):
 
 
 def compile_request(model, graphdef, params, batch: int, prompt_len: int, new_tokens: int,
-                    sampler, sync_every: int | None = None):  # fmt: skip
+                    sampler, sync_every: int):  # fmt: skip
     """Compiles the prefill and decode loop for one request of random prompts.
 
     Prompts are ``[batch, prompt_len]`` token ids drawn with seed ``batch``; top-p
     0.95, no stop ids, ``new_tokens`` to generate; ``sync_every`` as in
-    `decode.decode_loop` (None: its default).
+    `decode.decode_loop`.
 
     Returns:
       ``(new_cache, prefill, decode)``: ``new_cache()`` an empty cache,
@@ -277,9 +277,8 @@ def compile_request(model, graphdef, params, batch: int, prompt_len: int, new_to
     pre = dec.prefill.lower(graphdef, params, ids, lens, model.init_cache(b, max_len),
                             sampler, knobs, max_new=new_tokens).compile()  # fmt: skip
     state0 = pre(params, ids, lens, model.init_cache(b, max_len), sampler, knobs)
-    sync = dec.DEFAULT_SYNC_EVERY if sync_every is None else sync_every
     loop = dec.decode_loop.lower(
-        graphdef, params, state0, sampler, knobs, sync_every=sync
+        graphdef, params, state0, sampler, knobs, sync_every=sync_every
     ).compile()
     return (
         lambda: model.init_cache(b, max_len),
