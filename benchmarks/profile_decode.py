@@ -283,6 +283,12 @@ def main(argv=None) -> None:
         default=None,
         help="as in decode.decode_loop (default: its default)",
     )
+    p.add_argument(
+        "--num-layers",
+        type=int,
+        default=None,
+        help="replace the shape's layer count, as in decode.py (0: no layers)",
+    )
     p.add_argument("--top", type=int, default=25, help="rows of the table")
     p.add_argument("--trace-dir", default="", help="keep the trace here (default: a temp folder)")
     p.add_argument("--json", default="")
@@ -296,7 +302,7 @@ def main(argv=None) -> None:
     from reset_jax import decode as dec
 
     sync_every = dec.DEFAULT_SYNC_EVERY if a.sync_every is None else a.sync_every
-    model, graphdef, params, rec = bench.build(a.model, a.variant, a.logit_std)
+    model, graphdef, params, rec = bench.build(a.model, a.variant, a.logit_std, a.num_layers)
     b = a.batch
     new_cache, prefill, decode = bench.compile_request(
         model,

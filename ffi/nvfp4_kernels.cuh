@@ -943,23 +943,22 @@ cudaError_t LaunchWideOne(const KParams& kp, cudaStream_t stream) {
 
 // The library's wide launch at M <= 2 (the decode rows): W warps per CTA, or W / 2 where
 // halving the CTA gives every 16-row tile a resident CTA of its own and W warps do not.
-// Qwen3-32B o: 320 tiles on 264 slots of 8 warps or 528 of 4; the persistent grid would
-// otherwise run 160 CTAs of 2 tiles. Measured on an H100 (layer_check bench, RESULTS.md
-// run K5): -2.7 us a 32B layer at M = 1, all of it from o. The same rule sends the
-// Qwen3-8B qkv shape (384 tiles) to 4 warps where it runs as a plain GEMV (the unfused
-// model; -0.3 us a layer without PDL in K5, -4 % standalone in session 1).
-//  * Not for the fused-norm launch: 8B qkv with the staged norm on 4-warp CTAs measured
-//    +1.6 us a layer in the PDL chain, so LaunchGemvAddNorm keeps W warps.
-//  * Not where the staged activations exceed kWideFitMaxXsBytes: 32B down (57.6 KB at
-//    M = 1) would run 3 such CTAs an SM (396 slots >= 320 tiles). Standalone, session 1
-//    measured that -6 %; in the chain it is not measured yet, so it keeps W warps.
-constexpr int kWideFitMaxXsBytes = 48 * 1024;
-
+// Qwen3-32B o and down: 320 tiles on 264 slots of 8 warps; 4-warp CTAs (528 slots for o,
+// 396 for down, whose 57.6 KB of staged activations allow 3 CTAs an SM) run one tile
+// each, where the persistent grid would otherwise run 160 CTAs of 2 tiles. Measured on an
+// H100 (layer_check bench, same run): -2.7 us a 32B layer at M = 1 from o (RESULTS.md run
+// K5), another -4.7 us from down (run L1). The same rule sends the Qwen3-8B qkv shape
+// (384 tiles) to 4 warps where it runs as a plain GEMV (the unfused model; -0.3 us a layer
+// without PDL in K5, -4 % standalone in session 1).
+//  * Not for the fused-norm launch (LaunchGemvAddNorm): 8B qkv with the staged norm on 4-warp CTAs
+//    measured +1.6 us a layer in the PDL chain (every CTA stages and normalises the rows),
+//    and on 16-warp CTAs (128 CTAs of 3 tiles, one per SM, instead of 192 of 2) +2.1 us
+//    (run L2).
 template <int NT, int U, int W, bool XS>
 cudaError_t LaunchWideFit(const KParams& kp, cudaStream_t stream) {
   static_assert(W % 2 == 0, "W / 2 warps must be a whole number");
   const int tiles = (kp.N + 15) / 16;
-  if (kp.M <= 2 && (!XS || WideXsBytes(kp.M, kp.K) <= kWideFitMaxXsBytes)) {
+  if (kp.M <= 2) {
     const int wide = WideSlots<NT, U, W, XS>(kp);
     const int narrow = WideSlots<NT, U, W / 2, XS>(kp);
     if (wide > 0 && tiles > wide && tiles <= narrow) return LaunchWideOne<NT, U, W / 2, XS>(kp, stream);
