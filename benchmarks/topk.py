@@ -1,6 +1,6 @@
-"""The sampler's batched top-k: two-stage path against ``lax.top_k`` (exactness and time).
+"""The sampler's top-k: the staged path against ``lax.top_k`` (exactness and time).
 
-Checks on the current backend that ``sampling._top_k_rows(..., two_stage=True)``
+Checks on the current backend that ``sampling._top_k_rows(..., staged=True)``
 returns exactly what ``lax.top_k`` returns (values, indices, tie order) on
 random logits, bf16 and integer ties, clustered values (the fallback), signed
 zeros and a NaN; then times both under ``jit`` (wall time per call including
@@ -41,21 +41,21 @@ def main(argv=None) -> int:
         "signed zeros": jnp.zeros((3, a.vocab)).at[:, ::3].set(-0.0),
         "NaN": z.at[2, 77].set(jnp.nan),
     }
-    two = jax.jit(functools.partial(sampling._top_k_rows, two_stage=True), static_argnums=1)
+    staged = jax.jit(functools.partial(sampling._top_k_rows, staged=True), static_argnums=1)
     ref = jax.jit(jax.lax.top_k, static_argnums=1)
     bad = 0
     print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind})")
     for name, x in cases.items():
-        (gv, gi), (wv, wi) = two(x, a.k), ref(x, a.k)
+        (gv, gi), (wv, wi) = staged(x, a.k), ref(x, a.k)
         same = np.array_equal(np.asarray(gi), np.asarray(wi)) and np.array_equal(
             np.asarray(gv), np.asarray(wv), equal_nan=True
         )
         bad += not same
         print(f"{name:14s} identical={same}")
-    print("| B | two-stage µs | lax.top_k µs |\n|---|---|---|")
+    print("| B | staged µs | lax.top_k µs |\n|---|---|---|")
     for b in (1, 2, 8):
         row = []
-        for fn in (two, ref):
+        for fn in (staged, ref):
             x = z[:b]
             fn(x, a.k)[0].block_until_ready()
             ts = []

@@ -3,8 +3,8 @@
 The rule is specified in ``shared/docs/reset-algorithm.md``; this module follows
 it decision for decision. Everything that runs per token is pure ``jnp``/``lax``
 over a batch of rows, so it runs inside the jitted decode loop with no Python
-per token. (On a GPU, XLA reads back the one-byte predicate of each ``lax.cond``
-in `sample`; the ReSET rule itself has none.)
+per token. (On a GPU, XLA reads back the one-byte predicate of the one ``lax.cond``
+`sample` has there, its exact fallback; the ReSET rule itself has none.)
 
 Protocol (what the decode loop calls; both rules implement it)::
 
@@ -738,60 +738,94 @@ def _sorted_descending(z: jax.Array) -> tuple[jax.Array, jax.Array]:
     return -neg, idx
 
 
-# Two-stage top-k for batched rows (see _top_k_rows).
+# Staged top-k (see _top_k_candidates).
 _TOPK_CHUNK = 128
 _TOPK_PER_CHUNK = 16
+_TOPK_MAX_STAGES = 2
 
 
-def _top_k_rows(
-    z: jax.Array, c: int, *, rows: jax.Array | None = None, two_stage: bool | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """``lax.top_k(z, c)`` for ``[B, V]`` rows, exactly, in two cheap stages on a GPU when B > 1.
+def _top_k_candidates(
+    z: jax.Array,
+    c: int,
+    *,
+    rows: jax.Array | None = None,
+    staged: bool | None = None,
+    max_stages: int = _TOPK_MAX_STAGES,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``lax.top_k(z, c)`` for ``[B, V]`` rows in cheap stages, and whether that is exact.
 
-    On a GPU, XLA runs a batched ``lax.top_k`` over a large vocabulary as a full
-    bitonic sort of every row (0.37 ms per decode step at B = 8, V = 151,936 on an
-    H100; a single row goes to cub and takes ~0.04 ms). Here each 128-wide chunk
-    of a row keeps its 16 best (one small sort), and ``lax.top_k`` runs over those
-    candidates. The result is the same as ``lax.top_k`` -- values, indices, and
-    equal values in index order (each chunk's top-k keeps them so, and the chunks
-    are in index order) -- whenever no chunk's 16th best reaches the row's c-th
-    best value: then nothing a chunk dropped could be in the top ``c``. When a
-    row in ``rows`` fails that test (values clustered in one chunk, fewer than
-    ``c`` finite values, NaNs), the whole batch falls back to ``lax.top_k`` under
-    ``lax.cond`` (that step then pays both).
+    On a GPU, XLA runs ``lax.top_k`` over a large vocabulary as a full sort of every
+    row: a bitonic sort at B > 1 (0.37 ms per decode step at B = 8, V = 151,936 on an
+    H100), cub's radix sort for one row (~0.06 ms in six launches outside the CUDA
+    graphs). Here each stage cuts the rows into 128-wide chunks and keeps each
+    chunk's 16 best (XLA's small top-k kernel), up to ``max_stages`` times while a
+    stage still shrinks the rows at least fourfold (V = 151,936: 18,992, then 2,384
+    candidates), and ``lax.top_k`` runs over what is left. Equal values keep index
+    order through every stage (a chunk's top-k keeps them so, and chunks are in
+    index order), so the result is ``lax.top_k``'s -- values, indices and tie order
+    -- whenever every chunk's 16th best is below the row's c-th best value: then
+    nothing a chunk dropped could be in the top ``c``. ``exact`` says whether that
+    holds for every row in ``rows`` (other rows may come back inexact); it is false
+    where a row's values cluster in one chunk, it has fewer than ``c`` finite
+    values, or a NaN. The caller decides what to do then (`_top_k_rows`: fall back
+    to ``lax.top_k``; `sample`: to its full sort).
 
-    On the CPU, XLA's batched small top-k is slow, so the plain ``lax.top_k`` runs
-    there unless ``two_stage`` says otherwise.
+    On the CPU, XLA's small batched top-k is slow, so ``lax.top_k`` runs directly
+    there (``exact`` true) unless ``staged`` says otherwise.
 
     Args:
       z: ``[B, V]`` float.
       c: ``1 <= c <= V``.
-      rows: ``[B]`` bool, the rows whose result is used (others may come back
-        inexact and never force the fallback); None: all rows.
-      two_stage: force the two-stage path on (True) or off (False); None: on for
-        a GPU backend.
+      rows: ``[B]`` bool, the rows whose result is used; None: all rows.
+      staged: force the stages on (True) or off (False); None: on for a GPU backend.
+      max_stages: most chunking stages.
 
     Returns:
-      ``(values [B, c], indices [B, c] int32)``, as ``lax.top_k``.
+      ``(values [B, c], indices [B, c] int32, exact)``, ``exact`` a bool scalar.
     """
     b, v = z.shape
     chunk, per = _TOPK_CHUNK, _TOPK_PER_CHUNK
-    n = -(-v // chunk)
-    if two_stage is None:
-        two_stage = jax.default_backend() == "gpu"  # z is a tracer here: no device
-    if not two_stage or b == 1 or n * per < 2 * c or v < 4 * n * per:
-        return tuple(jax.lax.top_k(z, c))
-    # Padding (-inf, indices >= V) is never chosen: V >= c real values tie or beat it
-    # and come first in index order.
-    zp = jnp.pad(z, ((0, 0), (0, n * chunk - v)), constant_values=-jnp.inf)
-    cv, ci = jax.lax.top_k(zp.reshape(b, n, chunk), per)  # [B, n, per], per chunk
-    gi = ci + (jnp.arange(n, dtype=jnp.int32) * chunk)[None, :, None]
-    vals, pos = jax.lax.top_k(cv.reshape(b, n * per), c)
-    idx = jnp.take_along_axis(gi.reshape(b, n * per), pos, axis=-1)
+    if staged is None:
+        staged = jax.default_backend() == "gpu"  # z is a tracer here: no device
+    cand, cidx, lasts = z, None, []
+    for _ in range(max_stages if staged else 0):
+        w = cand.shape[1]
+        n = -(-w // chunk)
+        if n * per < 2 * c or w < 4 * n * per:
+            break
+        # Padding (-inf, index V) sits after every real value of its row, so it is
+        # never chosen while V >= c real values tie or beat it.
+        pad = ((0, 0), (0, n * chunk - w))
+        cv, ci = jax.lax.top_k(
+            jnp.pad(cand, pad, constant_values=-jnp.inf).reshape(b, n, chunk), per
+        )
+        pos = (ci + (jnp.arange(n, dtype=jnp.int32) * chunk)[None, :, None]).reshape(b, n * per)
+        if cidx is not None:
+            pos = jnp.take_along_axis(jnp.pad(cidx, pad, constant_values=v), pos, axis=-1)
+        lasts.append(cv[:, :, -1])
+        cand, cidx = cv.reshape(b, n * per), pos
+    vals, pos = jax.lax.top_k(cand, c)
+    if cidx is None:
+        return vals, pos, jnp.asarray(True)
+    idx = jnp.take_along_axis(cidx, pos, axis=-1)
     # Exact iff every chunk's last kept value is below the c-th value (a dropped
-    # value equal to it could precede a kept one in index order); NaN: fall back.
-    row_exact = jnp.all(cv[:, :, -1] < vals[:, -1:], axis=-1) & ~jnp.any(jnp.isnan(vals), axis=-1)
+    # value equal to it could precede a kept one in index order); NaN: inexact.
+    row_exact = ~jnp.any(jnp.isnan(vals), axis=-1)
+    for last in lasts:
+        row_exact &= jnp.all(last < vals[:, -1:], axis=-1)
     exact = jnp.all(row_exact if rows is None else row_exact | ~rows)
+    return vals, idx, exact
+
+
+def _top_k_rows(
+    z: jax.Array, c: int, *, rows: jax.Array | None = None, staged: bool | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k(z, c)``, exactly: `_top_k_candidates`, falling back to ``lax.top_k``
+    under ``lax.cond`` where it is not exact (that step then pays both).
+
+    Args and the first two results as for `_top_k_candidates`.
+    """
+    vals, idx, exact = _top_k_candidates(z, c, rows=rows, staged=staged)
     return jax.lax.cond(exact, lambda: (vals, idx), lambda: tuple(jax.lax.top_k(z, c)))
 
 
@@ -839,10 +873,13 @@ def sample(
     top token; ``top_p >= 1`` is off. All parameters may differ per row.
 
     Cost: rows with both filters off draw from the full vocabulary with no sort.
-    Filtered rows look at the ``max_candidates`` best tokens (``lax.top_k``); only
-    when some row's kept set may reach beyond them (a large ``k``, or a nucleus
-    wider than the candidates) does the batch fall back to a full sort, via
-    ``lax.cond``, so the result is always exact.
+    Filtered rows look at the ``max_candidates`` best tokens (``lax.top_k``, in
+    stages on a GPU); only when some row's kept set may reach beyond them (a large
+    ``k``, or a nucleus wider than the candidates), or the staged top-k is not
+    exact, does the batch fall back to a full sort, via ``lax.cond``, so the result
+    is always exact. On a GPU that is the only ``lax.cond`` (one predicate read back
+    per call): the plain draw and the filtered one both run and each row picks its
+    own. On the CPU each runs only where some row needs it.
 
     Args:
       key: PRNG key.
@@ -871,8 +908,8 @@ def sample(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("max_candidates",))
-def _sample(key, logits, t, top_p, top_k, *, max_candidates):
+@functools.partial(jax.jit, static_argnames=("max_candidates", "branchless"))
+def _sample(key, logits, t, top_p, top_k, *, max_candidates, branchless=None):
     b, vocab = logits.shape
     valid = logits_valid(logits) & jnp.isfinite(t)
     greedy = t <= GREEDY_TEMPERATURE
@@ -881,6 +918,7 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates):
     k_eff = jnp.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
     plain = (k_eff >= vocab) & (top_p >= 1.0)
     drawn = valid & ~greedy
+    need = drawn & ~plain
     key_plain, key_filtered = jax.random.split(key)
     zero = jnp.zeros((b,), jnp.int32)
 
@@ -889,19 +927,27 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates):
 
     def draw_filtered():
         log_norm_all = jax.nn.logsumexp(z, axis=-1)
-        c = min(max_candidates, vocab)
-        vals, idx = _top_k_rows(z, c, rows=drawn & ~plain)
+        vals, idx, exact = _top_k_candidates(z, min(max_candidates, vocab), rows=need)
         token, fits = _sample_candidates(key_filtered, vals, idx, k_eff, top_p, log_norm_all, vocab)
 
         def full_sort():
             vals, idx = _sorted_descending(z)
             return _sample_candidates(key_filtered, vals, idx, k_eff, top_p, log_norm_all, vocab)[0]
 
-        need = drawn & ~plain
-        return jax.lax.cond(jnp.all(fits | ~need), lambda: token, full_sort).astype(jnp.int32)
+        ok = exact & jnp.all(fits | ~need)
+        return jax.lax.cond(ok, lambda: token, full_sort).astype(jnp.int32)
 
-    tok_plain = jax.lax.cond(jnp.any(drawn & plain), draw_plain, lambda: zero)
-    tok_filtered = jax.lax.cond(jnp.any(drawn & ~plain), draw_filtered, lambda: zero)
+    if branchless is None:
+        branchless = jax.default_backend() == "gpu"
+    if branchless:
+        # On a GPU every lax.cond reads its predicate back to the host each token
+        # (~15 us of idle GPU in a decode loop, H100), more than both draws cost, so
+        # both run for every row and the rows pick; the rare full sort keeps its cond.
+        tok_plain, tok_filtered = draw_plain(), draw_filtered()
+    else:
+        # On the CPU the plain draw over V is the expensive part: skip what no row uses.
+        tok_plain = jax.lax.cond(jnp.any(drawn & plain), draw_plain, lambda: zero)
+        tok_filtered = jax.lax.cond(jnp.any(need), draw_filtered, lambda: zero)
     token = jnp.where(
         greedy,
         jnp.argmax(logits, axis=-1).astype(jnp.int32),

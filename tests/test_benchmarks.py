@@ -198,7 +198,7 @@ def test_profile_gap_table_names_the_kernels_around_each_gap():
 
 
 def test_topk_benchmark_checks_exactness(capsys):
-    """benchmarks/topk.py compares the two-stage top-k with lax.top_k and fails on a mismatch."""
+    """benchmarks/topk.py compares the staged top-k with lax.top_k and fails on a mismatch."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("topk_bench", ROOT / "benchmarks" / "topk.py")
