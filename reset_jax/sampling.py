@@ -759,16 +759,16 @@ def _top_k_candidates(
     H100), cub's radix sort for one row (~0.06 ms in six launches outside the CUDA
     graphs). Here each stage cuts the rows into 128-wide chunks and keeps each
     chunk's 16 best (XLA's small top-k kernel), up to ``max_stages`` times while a
-    stage still shrinks the rows at least fourfold (V = 151,936: 18,992, then 2,384
-    candidates), and ``lax.top_k`` runs over what is left. Equal values keep index
+    stage still shrinks the rows at least fourfold and leaves enough candidates
+    (V = 151,936: 18,992, then 2,384), and ``lax.top_k`` runs over what is left. Equal values keep index
     order through every stage (a chunk's top-k keeps them so, and chunks are in
     index order), so the result is ``lax.top_k``'s -- values, indices and tie order
     -- whenever every chunk's 16th best is below the row's c-th best value: then
     nothing a chunk dropped could be in the top ``c``. ``exact`` says whether that
     holds for every row in ``rows`` (other rows may come back inexact); it is false
-    where a row's values cluster in one chunk, it has fewer than ``c`` finite
-    values, or a NaN. The caller decides what to do then (`_top_k_rows`: fall back
-    to ``lax.top_k``; `sample`: to its full sort).
+    where a row's values cluster in one chunk, a chunk's 16th best ties the c-th
+    value, the row has fewer than ``c`` finite values, or a NaN. The caller then
+    falls back to ``lax.top_k`` (`_top_k_rows`, and `sample` before its full sort).
 
     On the CPU, XLA's small batched top-k is slow, so ``lax.top_k`` runs directly
     there (``exact`` true) unless ``staged`` says otherwise.
@@ -788,12 +788,14 @@ def _top_k_candidates(
     if staged is None:
         staged = jax.default_backend() == "gpu"  # z is a tracer here: no device
     cand, cidx, lasts = z, None, []
-    for _ in range(max_stages if staged else 0):
+    for stage in range(max_stages if staged else 0):
         w = cand.shape[1]
         n = -(-w // chunk)
-        if n * per < 2 * c or w < 4 * n * per:
+        # A later stage must leave 4c candidates: at 2c (V = 32,000: 4,000 -> 512) random
+        # rows came out inexact a third of the time (CPU count, tenth-session review).
+        if n * per < (2 if stage == 0 else 4) * c or w < 4 * n * per:
             break
-        # Padding (-inf, index V) sits after every real value of its row, so it is
+        # Padding (-inf, indices >= V) sits after every real value of its row, so it is
         # never chosen while V >= c real values tie or beat it.
         pad = ((0, 0), (0, n * chunk - w))
         cv, ci = jax.lax.top_k(
@@ -874,11 +876,12 @@ def sample(
 
     Cost: rows with both filters off draw from the full vocabulary with no sort.
     Filtered rows look at the ``max_candidates`` best tokens (``lax.top_k``, in
-    stages on a GPU); only when some row's kept set may reach beyond them (a large
-    ``k``, or a nucleus wider than the candidates), or the staged top-k is not
-    exact, does the batch fall back to a full sort, via ``lax.cond``, so the result
-    is always exact. On a GPU that is the only ``lax.cond`` (one predicate read back
-    per call): the plain draw and the filtered one both run and each row picks its
+    stages on a GPU, falling back to ``lax.top_k`` where the stages are not exact);
+    only when some row's kept set may reach beyond them (a large ``k``, or a
+    nucleus wider than the candidates) does the batch fall back to a full sort,
+    so the result is always exact, and the same on every backend for one key. On
+    a GPU one ``lax.cond`` guards both fallbacks (one predicate read back per
+    call): the plain draw and the filtered one both run and each row picks its
     own. On the CPU each runs only where some row needs it.
 
     Args:
@@ -927,15 +930,26 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, branchless=None):
 
     def draw_filtered():
         log_norm_all = jax.nn.logsumexp(z, axis=-1)
-        vals, idx, exact = _top_k_candidates(z, min(max_candidates, vocab), rows=need)
+        c = min(max_candidates, vocab)
+        vals, idx, exact = _top_k_candidates(z, c, rows=need)
         token, fits = _sample_candidates(key_filtered, vals, idx, k_eff, top_p, log_norm_all, vocab)
 
         def full_sort():
             vals, idx = _sorted_descending(z)
             return _sample_candidates(key_filtered, vals, idx, k_eff, top_p, log_norm_all, vocab)[0]
 
+        def exact_candidates():  # the staged top-k was not exact: lax.top_k's, as on the CPU
+            vals, idx = jax.lax.top_k(z, c)
+            tok, fits = _sample_candidates(
+                key_filtered, vals, idx, k_eff, top_p, log_norm_all, vocab
+            )
+            return jax.lax.cond(jnp.all(fits | ~need), lambda: tok, full_sort)
+
+        # One predicate read per call; the branches behind it run only in the rare case,
+        # and give the tokens the CPU form (exact candidates first) gives.
         ok = exact & jnp.all(fits | ~need)
-        return jax.lax.cond(ok, lambda: token, full_sort).astype(jnp.int32)
+        fallback = lambda: jax.lax.cond(exact, full_sort, exact_candidates)  # noqa: E731
+        return jax.lax.cond(ok, lambda: token, fallback).astype(jnp.int32)
 
     if branchless is None:
         branchless = jax.default_backend() == "gpu"

@@ -756,6 +756,14 @@ def test_staged_top_k_is_lax_top_k():
         for name in ("clustered (fallback)", "NaN (fallback)"):
             x, c = cases[name]
             assert not bool(cand(x, c, staged=True, max_stages=stages)[2]), (name, stages)
+    # A second stage that drops what the first kept: 3 values of 50 in each of the 8
+    # first-stage chunks that make up one second-stage chunk (24 > 16 kept there).
+    x = z[:1]
+    for k in range(80, 88):
+        x = x.at[0, k * 128 : k * 128 + 3].set(50.0)
+    assert bool(cand(x, 256, staged=True, max_stages=1)[2])
+    assert not bool(cand(x, 256, staged=True, max_stages=2)[2])
+    np.testing.assert_array_equal(np.asarray(f(x, 256)[1]), np.asarray(jax.lax.top_k(x, 256)[1]))
     # Off (the CPU default) it is lax.top_k and always exact.
     v, i, exact = cand(z, 256, staged=False)
     assert bool(exact) and np.array_equal(np.asarray(i), np.asarray(jax.lax.top_k(z, 256)[1]))
@@ -776,45 +784,58 @@ def test_staged_top_k_is_lax_top_k():
 
 
 def test_branchless_sampler_draws_the_same_tokens():
-    """The GPU form of the sampler (both draws run, one lax.cond for the full sort, staged
-    top-k) gives the very tokens of the CPU form (a lax.cond per draw, lax.top_k), for
-    every kind of row: greedy, plain, top-p, top-k, a nucleus wider than the candidates
-    (the full sort), bad logits, and batches where no row needs one of the draws."""
+    """The GPU form of the sampler (both draws run, one lax.cond guarding the fallbacks,
+    staged top-k) gives the very tokens of the CPU form (a lax.cond per draw, lax.top_k),
+    for every kind of row: greedy, plain, top-p, top-k, bad logits, a nucleus wider than
+    the candidates (the full sort), values clustered in one chunk (the staged top-k is
+    not exact: lax.top_k's candidates), and batches where no row needs one of the draws."""
     rng = np.random.default_rng(11)
     v = 20000
-    logits = (rng.standard_normal((8, v)) * 6).astype(np.float32)
+    logits = (rng.standard_normal((9, v)) * 6).astype(np.float32)
     logits[5] = rng.standard_normal(v).astype(np.float32) * 0.01  # flat: nucleus > 256
     logits[6, 3] = np.nan
-    t = np.array([0.0, 0.7, 0.7, 1.0, 0.7, 1.0, 0.7, 0.5], np.float32)
-    top_p = np.array([1.0, 1.0, 0.9, 1.0, 0.5, 0.95, 0.9, 0.99], np.float32)
-    top_k = np.array([0, 0, 0, 5, 40, 0, 0, 300], np.int32)
+    # 46 equal best values, 30 of them in one 128-wide chunk (the staged top-k keeps 16
+    # there): its candidates still hold top_p = 0.6 of the mass, but not the right tokens.
+    logits[8, 640:670] = 40.0
+    logits[8, 1280:1296] = 40.0
+    t = np.array([0.0, 0.7, 0.7, 1.0, 0.7, 1.0, 0.7, 0.5, 1.0], np.float32)
+    top_p = np.array([1.0, 1.0, 0.9, 1.0, 0.5, 0.95, 0.9, 0.99, 0.6], np.float32)
+    top_k = np.array([0, 0, 0, 5, 40, 0, 0, 300, 0], np.int32)
     run = jax.jit(S._sample, static_argnames=("max_candidates", "branchless"))
     mixes = {
-        "all kinds": np.ones(8, bool),
-        "no filtered row": np.array([1, 1, 0, 0, 0, 0, 1, 0], bool),
-        "no plain row": np.array([0, 0, 1, 1, 1, 1, 0, 1], bool),
+        "all kinds": [0, 1, 2, 3, 4, 5, 6, 7, 8],
+        "candidates suffice": [0, 1, 2, 3, 4, 6],  # the fast path, no fallback
+        "clustered": [2, 8],  # the staged top-k is not exact, the candidates suffice
+        "no filtered row": [0, 1, 6],
+        "no plain row": [2, 3, 4, 5, 7],
     }
+    staged = jax.jit(
+        lambda *a, **k: _with_staged_top_k(S._sample.__wrapped__, *a, **k),
+        static_argnames=("max_candidates", "branchless"),
+    )
     for name, rows in mixes.items():
         x, args = logits[rows], (t[rows], top_p[rows], top_k[rows])
-        for seed in range(4):
+        for seed in range(8):
             key = jax.random.key(seed)
-            want = run(key, x, *args, max_candidates=256, branchless=False)
-            got = run(key, x, *args, max_candidates=256, branchless=True)
-            np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
-    # The branchless form with the staged top-k (a GPU's default) draws the same too.
-    with jax.default_device(jax.devices()[0]):
-        staged = functools.partial(S._top_k_candidates, staged=True)
-        orig = S._top_k_candidates
-        try:
-            S._top_k_candidates = staged
-            for seed in range(4):
-                key = jax.random.key(seed)
-                want = run(key, logits, t, top_p, top_k, max_candidates=256, branchless=False)
-                got = S._sample.__wrapped__(key, logits, t, top_p, top_k, max_candidates=256,
-                                            branchless=True)  # fmt: skip
-                np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-        finally:
-            S._top_k_candidates = orig
+            want = np.asarray(run(key, x, *args, max_candidates=256, branchless=False))
+            for form in (run, staged):
+                got = form(key, x, *args, max_candidates=256, branchless=True)
+                np.testing.assert_array_equal(np.asarray(got), want, err_msg=name)
+    # The staged top-k really is inexact on the clustered row and exact elsewhere.
+    cand = functools.partial(S._top_k_candidates, staged=True)
+    assert not bool(cand(jnp.asarray(logits[[8]]), 256)[2])
+    assert bool(cand(jnp.asarray(logits[[1, 2, 3, 4]]), 256)[2])
+
+
+def _with_staged_top_k(fn, *args, **kwargs):
+    """Calls ``fn`` (traced) with `sampling._top_k_candidates` forced to its staged form,
+    as on a GPU."""
+    orig = S._top_k_candidates
+    S._top_k_candidates = functools.partial(orig, staged=True)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        S._top_k_candidates = orig
 
 
 def test_plain_rows_draw_from_the_whole_vocabulary():

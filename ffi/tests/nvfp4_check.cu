@@ -443,9 +443,11 @@ int Check(bool quick) {
   cases.push_back({1, 37, 2560, false, false, 0, true});
   cases.push_back({9, 37, 4096, true, false, 0, true});
   cases.push_back({3, 21, 1056, false, false, 0, true});
-  // Tiles for 4-warp CTAs but not for 8 (LaunchWideFit): Qwen3-8B qkv's shape, 32B o at M = 2.
+  // Tiles for 4-warp CTAs but not for 8 (LaunchWideFit): Qwen3-8B qkv's shape, 32B o at M = 2,
+  // and 32B down at M = 1 (57.6 KB of staged activations: past the 48 KB opt-in).
   cases.push_back({1, 6144, 4096, false, false, 0});
   cases.push_back({2, 5120, 8192, true, true, 0});
+  cases.push_back({1, 5120, 25600, false, false, 0});
   cases.push_back({4, 300, 1024, false, false, 8});  // 8-byte aligned codes: 8-byte path
   cases.push_back({11, 45, 576, true, false, 8});
   int failed = 0;
