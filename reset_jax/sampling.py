@@ -760,11 +760,11 @@ def _top_k_candidates(
     graphs). Here each stage cuts the rows into 128-wide chunks and keeps each
     chunk's 16 best (XLA's small top-k kernel), up to ``max_stages`` times while a
     stage still shrinks the rows at least fourfold and leaves enough candidates
-    (V = 151,936: 18,992, then 2,384), and ``lax.top_k`` runs over what is left. Equal values keep index
-    order through every stage (a chunk's top-k keeps them so, and chunks are in
-    index order), so the result is ``lax.top_k``'s -- values, indices and tie order
-    -- whenever every chunk's 16th best is below the row's c-th best value: then
-    nothing a chunk dropped could be in the top ``c``. ``exact`` says whether that
+    (V = 151,936: 18,992, then 2,384), and ``lax.top_k`` runs over what is left.
+    Equal values keep index order through every stage (a chunk's top-k keeps them
+    so, and chunks are in index order), so the result is ``lax.top_k``'s -- values,
+    indices and tie order -- whenever every chunk's 16th best is below the row's
+    c-th best value: then nothing a chunk dropped could be in the top ``c``. ``exact`` says whether that
     holds for every row in ``rows`` (other rows may come back inexact); it is false
     where a row's values cluster in one chunk, a chunk's 16th best ties the c-th
     value, the row has fewer than ``c`` finite values, or a NaN. The caller then
@@ -956,7 +956,7 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, branchless=None):
     if branchless:
         # On a GPU every lax.cond reads its predicate back to the host each token
         # (~15 us of idle GPU in a decode loop, H100), more than both draws cost, so
-        # both run for every row and the rows pick; the rare full sort keeps its cond.
+        # both run for every row and the rows pick; only the rare fallbacks keep a cond.
         tok_plain, tok_filtered = draw_plain(), draw_filtered()
     else:
         # On the CPU the plain draw over V is the expensive part: skip what no row uses.
