@@ -143,6 +143,18 @@ def gpu_events(trace_dir: str, with_ops: bool = False):
     return events
 
 
+def _merged(text: str) -> str:
+    """``text`` up to any " = ", with every number replaced by "#" (layer indices and
+    numeric suffixes dropped, so the layers' kernels group together)."""
+    return re.sub(r"\d+", "#", text.split(" = ")[0])
+
+
+def _op_path(op: str, op_source: dict) -> str:
+    """The JAX source path of HLO op ``op`` (`_merged`), or "" if the trace has none."""
+    src = op_source.get(op, "") or (op if "/" in op else "")
+    return _merged(src) if src else ""
+
+
 def op_table(events, ops, op_source: dict, steps: int) -> list[dict]:
     """Kernel time per token grouped by the JAX source path of its HLO op.
 
@@ -159,8 +171,7 @@ def op_table(events, ops, op_source: dict, steps: int) -> list[dict]:
     for (name, _, d), op in zip(events, ops):
         # Without a source path the HLO op name ("fusion.12") says nothing once its
         # number is dropped: fall back to the kernel's kind.
-        src = op_source.get(op, "") or (op if "/" in op else "") or kernel_kind(name)
-        src = re.sub(r"\d+", "#", src.split(" = ")[0])[-110:]
+        src = (_op_path(op, op_source) or _merged(kernel_kind(name)))[-110:]
         by[src][0] += d
         by[src][1] += 1
     rows = [dict(op=k, us_per_token=t / 1e3 / steps, calls_per_token=n / steps)
@@ -189,8 +200,7 @@ def outside_graphs(events, graphs, steps: int) -> dict | str:
 
 def _label(name: str, op: str, op_source: dict) -> str:
     """A kernel's kind, with the last two parts of its JAX source path when known."""
-    src = op_source.get(op, "") or (op if "/" in op else "")
-    tail = "/".join(re.sub(r"\d+", "#", src.split(" = ")[0]).split("/")[-2:]) if src else ""
+    tail = "/".join(_op_path(op, op_source).split("/")[-2:])
     return kernel_kind(name) + (f" @{tail}" if tail else "")
 
 
