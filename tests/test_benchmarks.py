@@ -1,4 +1,4 @@
-"""The decode benchmark runs end to end on the CPU (toy shape), so it does not rot between GPU runs."""
+"""The benchmarks run end to end on the CPU (toy shapes), so they do not rot between GPU runs."""
 
 import json
 import os
@@ -6,9 +6,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_bench(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.mark.slow
@@ -60,16 +71,9 @@ def test_decode_benchmark_without_layers(tmp_path):
 
 
 def test_set_logit_std_sets_the_logit_scale():
-    import importlib.util
-
-    import jax
-    import jax.numpy as jnp
-
     from reset_jax.models import ModelConfig, build_model
 
-    spec = importlib.util.spec_from_file_location("bench_decode", ROOT / "benchmarks" / "decode.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench("decode")
     for quantize in (None, "nvfp4"):
         model = build_model(
             ModelConfig.from_hf(bench.HF_CONFIGS["tiny"]), dtype=jnp.float32, quantize=quantize
@@ -146,9 +150,6 @@ def test_profile_account_of_synthetic_kernels():
 def test_profile_reads_a_trace(tmp_path):
     """gpu_events reads the newest trace in a folder: on a GPU its kernels, on the CPU
     a clear error naming the lines it saw, not an empty table."""
-    import jax
-    import jax.numpy as jnp
-
     prof = _profile_module()
     f = jax.jit(lambda x: jnp.sin(x) @ x)
     x = jnp.ones((64, 64))
@@ -199,11 +200,37 @@ def test_profile_gap_table_names_the_kernels_around_each_gap():
 
 def test_topk_benchmark_checks_exactness(capsys):
     """benchmarks/topk.py compares the staged top-k with lax.top_k and fails on a mismatch."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("topk_bench", ROOT / "benchmarks" / "topk.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load_bench("topk")
     assert mod.main(["--reps", "1", "--vocab", "4096", "--k", "64"]) == 0
     out = capsys.readouterr().out
     assert out.count("identical=True") == 6 and "| 8 |" in out
+
+
+def test_sampler_cost_benchmark(tmp_path, capsys):
+    """benchmarks/sampler_cost.py times both rules (and the pieces) and reports ReSET - fixed."""
+    mod = _load_bench("sampler_cost")
+    out_json = tmp_path / "sc.json"
+    args = ["--batch", "1,2", "--vocab", "1024", "--iters", "2", "--rounds", "2", "--pieces"]
+    assert mod.main([*args, "--step-ms", "2.0,3.0", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    for b in (1, 2):
+        for name in ("fixed", "reset", "loop", "entropy", "top-k", "sample"):
+            assert f"| {b} | {name} |" in out
+    assert out.count("**reset − fixed**") == 2 and "% of a 3.0 ms step" in out
+    rec = json.loads(out_json.read_text())["us_per_step"]
+    assert sorted(rec) == ["1", "2"] and all(len(v) == 2 for v in rec["2"].values())
+    assert all(t > 0 for v in rec["1"].values() for t in v)
+    with pytest.raises(SystemExit):
+        mod.main(["--batch", "1,8", "--step-ms", "2.0"])  # one step time per batch size
+
+
+def test_sampler_cost_loop_runs_the_rule():
+    """The timed ReSET body is the decode loop's: step, sample, observe, with state carried."""
+    mod = _load_bench("sampler_cost")
+    body, state = mod.variants(2, 512, pieces=False)["reset"]
+    logits = 3.0 * jax.random.normal(jax.random.key(2), (2, 512))
+    run = jax.jit(body)
+    for i in range(3):
+        state, tok = run(jax.random.key(i), state, logits)
+        assert tok.shape == (2,) and bool(jnp.all((tok >= 0) & (tok < 512)))
+    assert state.count.tolist() == [3, 3] and state.num_generated.tolist() == [3, 3]

@@ -1,0 +1,165 @@
+"""What the sampler costs per decode step: ReSET against a fixed temperature, and its pieces.
+
+A decode step does, after the ``lm_head``: ``sampling.step`` (the token entropy,
+and for ReSET the temperature rule), ``sampling.sample`` (top-p / top-k draw) and
+``sampling.observe``. This times exactly that on ``[B, V]`` logits (std
+``--logit-std``, the decode benchmark's setting) in a jitted ``fori_loop`` of
+``--iters`` steps with the sampler state carried from step to step, so the loop
+runs what ``decode_loop`` runs per token, without the model. The variants are
+timed in interleaved rounds in one process; the table gives the median and the
+quartiles of the per-step time, and ReSET minus fixed, which is the ReSET rule's
+own cost (both rules compute the entropy: the decode loop records it).
+
+Pieces (``--pieces``) time one part each in the same loop: ``entropy``
+(``token_entropy``), ``top-k`` (the sampler's candidate top-k), ``sample``
+(``sample`` alone at a fixed temperature). A piece's time includes the loop's own
+cost, which the ``loop`` row measures.
+
+    python3 benchmarks/sampler_cost.py [--batch 1,8] [--pieces] [--step-ms 2.75,3.46]
+
+``--step-ms`` (one per batch size) prints ReSET minus fixed as a share of a decode
+step of that length (e.g. the NVFP4 step from ``benchmarks/decode.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from reset_jax import sampling
+
+
+def _rules(vocab: int) -> dict:
+    # Qwen's "\n" and ".\n\n" ids; any ids below the vocabulary do.
+    nl, dnl = min(198, vocab - 1), min(271, vocab - 1)
+    return {
+        "fixed": sampling.FixedTemperature.create(0.6),
+        "reset": sampling.ReSETConfig.create(t_low=0.1, tau0=0.55, nl_ids=[nl], dnl_ids=[dnl]),
+    }
+
+
+def _loop(body_fn, init_state, iters: int):
+    """A jitted loop of ``iters`` steps: ``(state, token) = body_fn(key, state, logits)``.
+
+    The logits change every step by a negligible amount that depends on the token,
+    so no step can be hoisted or skipped.
+    """
+
+    @jax.jit
+    def run(key, logits):
+        def body(i, c):
+            key, st, acc, x = c
+            key, sub = jax.random.split(key)
+            st, tok = body_fn(sub, st, x)
+            x = x.at[:, 0].add(tok.astype(jnp.float32) * 1e-30)
+            return key, st, acc + tok, x
+
+        acc = jnp.zeros((logits.shape[0],), jnp.int32)
+        return jax.lax.fori_loop(0, iters, body, (key, init_state, acc, logits))
+
+    return run
+
+
+def variants(batch: int, vocab: int, pieces: bool) -> dict:
+    """Name -> (body_fn, initial state) for one batch size."""
+    top_p = jnp.full((batch,), 0.95, jnp.float32)
+    top_k = jnp.zeros((batch,), jnp.int32)
+    out = {}
+    for name, rule in _rules(vocab).items():
+
+        def full(key, st, x, rule=rule):
+            st, temperature, _ = sampling.step(rule, st, x)
+            tok = sampling.sample(key, x, temperature, top_p=top_p, top_k=top_k)
+            return sampling.observe(rule, st, tok), tok
+
+        out[name] = (full, sampling.init_state(rule, batch))
+    if pieces:
+        t = jnp.full((batch,), 0.6, jnp.float32)
+        c = min(256, vocab)
+        zero = jnp.zeros((), jnp.int32)
+
+        def entropy(key, st, x):
+            return st, (sampling.token_entropy(x) > 1e30).astype(jnp.int32)
+
+        def top_k_piece(key, st, x):
+            _, idx, exact = sampling._top_k_candidates(x, c)
+            return st, idx[:, 0] + exact.astype(jnp.int32)
+
+        def sample(key, st, x):
+            return st, sampling.sample(key, x, t, top_p=top_p, top_k=top_k)
+
+        def loop_only(key, st, x):
+            return st, jnp.zeros((x.shape[0],), jnp.int32)
+
+        out.update(
+            {
+                "loop": (loop_only, zero),
+                "entropy": (entropy, zero),
+                "top-k": (top_k_piece, zero),
+                "sample": (sample, zero),
+            }
+        )
+    return out
+
+
+def measure(batch: int, vocab: int, iters: int, rounds: int, pieces: bool, logit_std: float):
+    """Per-step microseconds of every variant: ``{name: [rounds]}`` (after one warm-up run)."""
+    key = jax.random.key(0)
+    logits = logit_std * jax.random.normal(jax.random.key(1), (batch, vocab), jnp.float32)
+    runs = {n: _loop(fn, st, iters) for n, (fn, st) in variants(batch, vocab, pieces).items()}
+    for run in runs.values():
+        jax.block_until_ready(run(key, logits))
+    times = {n: [] for n in runs}
+    for _ in range(rounds):  # interleaved, so drifts hit every variant alike
+        for n, run in runs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(run(key, logits))
+            times[n].append(1e6 * (time.perf_counter() - t0) / iters)
+    return times
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--vocab", type=int, default=151_936)
+    p.add_argument("--iters", type=int, default=128, help="steps per timed loop")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved timed loops per variant")
+    p.add_argument("--logit-std", type=float, default=7.0)
+    p.add_argument("--pieces", action="store_true", help="also time entropy, top-k, sample")
+    p.add_argument("--step-ms", default=None, help="decode step ms per batch size (for the share)")
+    p.add_argument("--json", default=None, help="write the per-round times here")
+    a = p.parse_args(argv)
+    batches = [int(b) for b in a.batch.split(",")]
+    steps = [float(s) for s in a.step_ms.split(",")] if a.step_ms else []
+    if steps and len(steps) != len(batches):
+        p.error(f"--step-ms needs one value per batch size ({len(batches)})")
+    if a.iters < 1 or a.rounds < 1:
+        p.error("--iters and --rounds must be >= 1")
+    print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), V = {a.vocab}")
+    print("| B | variant | µs/step (median) | quartiles |\n|---|---|---|---|")
+    record = {}
+    for i, b in enumerate(batches):
+        times = measure(b, a.vocab, a.iters, a.rounds, a.pieces, a.logit_std)
+        record[b] = times
+        med = {n: float(np.median(v)) for n, v in times.items()}
+        for n, v in times.items():
+            q1, q3 = np.percentile(v, [25, 75])
+            print(f"| {b} | {n} | {med[n]:.2f} | {q1:.2f} – {q3:.2f} |")
+        extra = med["reset"] - med["fixed"]
+        share = (
+            f" = {100 * extra / (1e3 * steps[i]):.3f} % of a {steps[i]} ms step" if steps else ""
+        )
+        print(f"| {b} | **reset − fixed** | **{extra:+.2f}**{share} | |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"vocab": a.vocab, "iters": a.iters, "us_per_step": record}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
