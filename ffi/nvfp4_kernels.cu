@@ -82,7 +82,12 @@ cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream, int variant) {
   if (GemvUnsupportedReason(a) != nullptr) return cudaErrorInvalidValue;
   if (SwiGluRefused(a, variant)) return cudaErrorInvalidValue;
   const KParams kp = ToKParams(a);
-  if (variant == 0 && UseWideFor(kp)) return LaunchWideDefault<kWidePipeline, kWideWarps>(kp, stream);
+  if (variant == 2 && KPairOk(kp)) {  // the K-pair form wherever it can serve (checks)
+    return WideXs(kp) ? LaunchWideOne<1, kWidePipeline, kWideWarps, true, false, true>(kp, stream)
+                      : LaunchWideOne<1, kWidePipeline, kWideWarps, false, false, true>(kp, stream);
+  }
+  if ((variant == 0 || variant == 2) && UseWideFor(kp))
+    return LaunchWideDefault<kWidePipeline, kWideWarps>(kp, stream);
   return LaunchGemvConfig<kPipeline, kWarps>(kp, UseVec16(a), stream);
 }
 
@@ -194,14 +199,20 @@ cudaError_t LaunchGemvAddNorm(const GemvArgs& a, const void* h, const void* w, f
   // The wide path stages x, so the norm goes there. At M <= 2 only by default:
   // the staging sums each row's squares before any MMA starts (one L2 round
   // trip per row per CTA), a cost not yet measured at larger M. variant 2
-  // forces it wherever the wide kernel can run (checker coverage of NT = 2).
-  const bool wide = variant == 2 ? (WideOk(kp) && WideXs(kp)) : (variant == 0 && kp.M <= 2 && UseWideFor(kp));
+  // forces it wherever the wide kernel can run (checker coverage of NT = 2), variant 3
+  // too, in K pairs where M = 1 and K % 512 == 0.
+  const bool wide = variant >= 2 ? (WideOk(kp) && WideXs(kp)) : (variant == 0 && kp.M <= 2 && UseWideFor(kp));
   if (wide) {
     kp.h = static_cast<const __nv_bfloat16*>(h);
     kp.nw = static_cast<const __nv_bfloat16*>(w);
     kp.eps = eps;
     kp.r_out = static_cast<__nv_bfloat16*>(r);
     if (kp.M > 8) return LaunchWideOne<2, kWidePipeline, kWideWarps, true, true>(kp, stream);
+    // variant 3 (checks): 8-row tiles in K pairs wherever they serve. Not by default: the
+    // fused-norm shapes (Qwen3 qkv and gate+up) have K <= 5120, where they do not pay
+    // (KPairUnits; Qwen3-8B qkv +1.2 us a layer, RESULTS.md run M6).
+    if (variant == 3 && KPairOk(kp))
+      return LaunchWideOne<1, kWidePipeline, kWideWarps, true, true, true>(kp, stream);
     return LaunchWideOne<1, kWidePipeline, kWideWarps, true, true>(kp, stream);
   }
   if (cudaError_t e = LaunchAddRmsNorm(a.x, h, w, eps, r, xn, a.M, a.K, stream, a.pdl);

@@ -497,7 +497,9 @@ cudaError_t LaunchGemvConfig(const KParams& kp, bool vec16, cudaStream_t stream,
 //  * one flat loop over (tile, item) per warp with a U-deep rolling register
 //    pipeline that runs across tiles; every warp has the same number of items
 //    per tile (padded when K / 256 is not a multiple of W), so the per-tile
-//    __syncthreads is reached by all warps at the same iteration.
+//    __syncthreads is reached by all warps at the same iteration;
+//  * KP (M = 1): 8-row tiles whose MMA holds two items of the same rows (see
+//    WideGemvKernel), chosen by LaunchWideFit where that shortens the critical path.
 constexpr int kWideSubK = 256;
 constexpr int kWideXsMaxBytes = 96 * 1024;
 #ifndef RESET_JAX_WIDE_THREADS_PER_SM
@@ -561,9 +563,19 @@ __host__ __device__ constexpr int64_t WideXsBytes(int64_t M, int64_t K) {
   return (K / kWideSubK) * M * 4 * 9 * 16;
 }
 
-template <int NT, int U, int W, bool XS, bool NORM = false>
+// KP (K pairs, M = 1 only): 8-row tiles. The MMA's A rows 0..7 hold item 2q of the tile's
+// 8 weight rows and A rows 8..15 item 2q + 1 of the same rows; B column 0 holds the
+// activations of item 2q and column 1 those of item 2q + 1 (columns 2..7 are unused at
+// M = 1 anyway). D[g][0] + D[g + 8][1] is then row g's sum over both items: every load and
+// every MMA is as full as in the 16-row tiling, and a tile is half as long. Where a
+// 16-row tiling leaves CTAs with an uneven number of tiles, the 8-row tiles can balance
+// better (Qwen3-32B o: 320 16-row tiles on 264 slots of 8 warps, or 320 of 4 warps at 8
+// items a warp; 640 8-row tiles give 3 rounds of 2 pairs, 6). K % 512 == 0. When the
+// library takes it: KPairUnits.
+template <int NT, int U, int W, bool XS, bool NORM = false, bool KP = false>
 __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemvKernel(const KParams p) {
   static_assert(XS || !NORM, "the fused norm is applied while staging the activations");
+  static_assert(!KP || NT == 1, "K pairs are for one activation row");
   RJ_TIMELINE_SCOPE(NORM ? 3 : 2);
   constexpr int kAcc = NT == 1 ? 4 : 2;  // independent accumulator chains per n-tile
   extern __shared__ uint4 xs[];          // XS only
@@ -577,9 +589,10 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
   const int N = p.N;
   const int M = p.M;
   const int steps = K / kWideSubK;              // items per row
-  const int nw = (steps + W - 1) / W;           // items per warp per tile (all warps)
-  const int nreal = (steps - warp + W - 1) / W;  // of which real for this warp
-  const int tiles = (N + 15) >> 4;
+  const int wunits = KP ? steps / 2 : steps;    // work units per row (KP: item pairs)
+  const int nw = (wunits + W - 1) / W;          // units per warp per tile (all warps)
+  const int nreal = (wunits - warp + W - 1) / W;  // of which real for this warp
+  const int tiles = KP ? (N + 7) >> 3 : (N + 15) >> 4;
   const int my_tiles = blockIdx.x < tiles ? (tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
   const int total = my_tiles * nw;
   const uint32_t row_bytes = static_cast<uint32_t>(K) >> 1;
@@ -590,15 +603,25 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
   int ltile = blockIdx.x;
   int lj = 0;
   const uint8_t *c0, *c1, *s0, *s1;
+  constexpr uint32_t kUnitBytes = KP ? 256u : 128u;  // code bytes of a unit in one row
+  constexpr uint32_t kUnitScales = KP ? 32u : 16u;
   auto point = [&](int tile) {
-    const uint32_t r0 = static_cast<uint32_t>(min(tile * 16 + g, N - 1));
-    const uint32_t r1 = static_cast<uint32_t>(min(tile * 16 + g + 8, N - 1));
-    const uint32_t cofs = static_cast<uint32_t>(warp) * 128u + static_cast<uint32_t>(t) * 32u;
-    const uint32_t sofs = static_cast<uint32_t>(warp) * 16u + static_cast<uint32_t>(t) * 4u;
-    c0 = p.codes + (r0 * row_bytes + cofs);
-    c1 = p.codes + (r1 * row_bytes + cofs);
-    s0 = p.scales + (r0 * row_scales + sofs);
-    s1 = p.scales + (r1 * row_scales + sofs);
+    const uint32_t cofs = static_cast<uint32_t>(warp) * kUnitBytes + static_cast<uint32_t>(t) * 32u;
+    const uint32_t sofs = static_cast<uint32_t>(warp) * kUnitScales + static_cast<uint32_t>(t) * 4u;
+    if constexpr (KP) {  // one row, items 2q (A rows 0..7) and 2q + 1 (A rows 8..15)
+      const uint32_t r = static_cast<uint32_t>(min(tile * 8 + g, N - 1));
+      c0 = p.codes + (r * row_bytes + cofs);
+      c1 = c0 + 128;
+      s0 = p.scales + (r * row_scales + sofs);
+      s1 = s0 + 16;
+    } else {
+      const uint32_t r0 = static_cast<uint32_t>(min(tile * 16 + g, N - 1));
+      const uint32_t r1 = static_cast<uint32_t>(min(tile * 16 + g + 8, N - 1));
+      c0 = p.codes + (r0 * row_bytes + cofs);
+      c1 = p.codes + (r1 * row_bytes + cofs);
+      s0 = p.scales + (r0 * row_scales + sofs);
+      s1 = p.scales + (r1 * row_scales + sofs);
+    }
   };
   auto load_next = [&](WideBuf& b) {
     if (lj < nreal) {
@@ -609,10 +632,10 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
       b.s0 = Ld32Scales(s0, pol);
       b.s1 = Ld32Scales(s1, pol);
     }
-    c0 += W * 128;
-    c1 += W * 128;
-    s0 += W * 16;
-    s1 += W * 16;
+    c0 += W * kUnitBytes;
+    c1 += W * kUnitBytes;
+    s0 += W * kUnitScales;
+    s1 += W * kUnitScales;
     if (++lj == nw) {
       lj = 0;
       ltile += gridDim.x;
@@ -750,7 +773,8 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
       for (int r = 0; r < 4; ++r) acc[a][n][r] = 0.f;
 
   auto compute = [&](const WideBuf& b, int j) {
-    const int s = warp + j * W;  // item index within the row
+    // The item whose activations this lane's B column holds (KP: column g & 1 of pair q).
+    const int s = KP ? 2 * (warp + j * W) + (g & 1) : warp + j * W;
     // B chunk w of n-tile n: staged (XS) or loaded and permuted here.
     const uint4* xp[NT];
     if constexpr (XS) {
@@ -799,7 +823,7 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
   int ctile = blockIdx.x;
   int cj = 0;
   int parity = 0;
-  auto finish_tile = [&]() {
+  auto finish_tile16 = [&]() {
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -852,6 +876,35 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
     parity ^= 1;
   };
 
+  auto finish_tile = [&]() {
+    if constexpr (KP) {
+      // Row g's sum is D[g][0] (r = 0 on lanes t = 0) + D[g + 8][1] (r = 3 on the same lanes).
+      float v = 0.f;
+#pragma unroll
+      for (int a = 0; a < kAcc; ++a) {
+        v += acc[a][0][0] + acc[a][0][3];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[a][0][r] = 0.f;
+      }
+      if (t == 0) red[parity][warp][0][g] = v;
+      __syncthreads();
+      for (int row = threadIdx.x; row < 8; row += W * 32) {
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < W; ++w) sum += red[parity][w][0][row];
+        const int n_out = ctile * 8 + row;
+        if (n_out < N) {
+          float scale = wscale;
+          if (p.xscale != nullptr) scale *= __ldg(p.xscale);
+          p.y[n_out] = __float2bfloat16_rn(sum * scale);
+        }
+      }
+      parity ^= 1;
+    } else {
+      finish_tile16();
+    }
+  };
+
   for (int i0 = 0; i0 < total; i0 += U) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -879,7 +932,7 @@ inline bool WideXs(const KParams& kp) { return WideXsBytes(kp.M, kp.K) <= kWideX
 // Lets one wide-kernel instantiation use up to kWideXsMaxBytes of dynamic shared memory on
 // the current device (above 48 KB it must opt in, per device and kernel; idempotent if
 // raced). Both the occupancy query and the launch need it.
-template <int NT, int U, int W, bool XS, bool NORM = false>
+template <int NT, int U, int W, bool XS, bool NORM = false, bool KP = false>
 cudaError_t WideSmemOptIn() {
   if constexpr (XS) {
     static unsigned long long attr_set = 0;  // bit d: done on device d
@@ -887,7 +940,7 @@ cudaError_t WideSmemOptIn() {
     if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
     const unsigned long long bit = 1ull << (dev & 63);
     if (!(attr_set & bit)) {
-      if (cudaError_t e = cudaFuncSetAttribute(WideGemvKernel<NT, U, W, XS, NORM>,
+      if (cudaError_t e = cudaFuncSetAttribute(WideGemvKernel<NT, U, W, XS, NORM, KP>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                kWideXsMaxBytes);
           e != cudaSuccess)
@@ -901,9 +954,9 @@ cudaError_t WideSmemOptIn() {
 // Resident CTAs of one wide-kernel instantiation on the current device (0 if the query
 // fails). Resident CTAs per SM depend on the dynamic shared memory: cached per
 // (kernel, device, smem) so that a call costs no occupancy query on the host.
-template <int NT, int U, int W, bool XS, bool NORM = false>
+template <int NT, int U, int W, bool XS, bool NORM = false, bool KP = false>
 int WideSlots(const KParams& kp) {
-  auto kernel = WideGemvKernel<NT, U, W, XS, NORM>;
+  auto kernel = WideGemvKernel<NT, U, W, XS, NORM, KP>;
   const int smem = XS ? static_cast<int>(WideXsBytes(kp.M, kp.K)) : 0;
   struct Entry {
     int device, smem, slots;
@@ -912,7 +965,7 @@ int WideSlots(const KParams& kp) {
   static thread_local int next = 0;
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (WideSmemOptIn<NT, U, W, XS, NORM>() != cudaSuccess) return 0;
+  if (WideSmemOptIn<NT, U, W, XS, NORM, KP>() != cudaSuccess) return 0;
   for (const Entry& e : cache)
     if (e.slots > 0 && e.device == device && e.smem == smem) return e.slots;
   int per_sm = 0, sms = 0;
@@ -925,14 +978,14 @@ int WideSlots(const KParams& kp) {
   return per_sm * sms;
 }
 
-template <int NT, int U, int W, bool XS, bool NORM = false>
+template <int NT, int U, int W, bool XS, bool NORM = false, bool KP = false>
 cudaError_t LaunchWideOne(const KParams& kp, cudaStream_t stream) {
-  auto kernel = WideGemvKernel<NT, U, W, XS, NORM>;
+  auto kernel = WideGemvKernel<NT, U, W, XS, NORM, KP>;
   const int smem = XS ? static_cast<int>(WideXsBytes(kp.M, kp.K)) : 0;
-  if (cudaError_t e = WideSmemOptIn<NT, U, W, XS, NORM>(); e != cudaSuccess) return e;
-  const int tiles = (kp.N + 15) / 16;
+  if (cudaError_t e = WideSmemOptIn<NT, U, W, XS, NORM, KP>(); e != cudaSuccess) return e;
+  const int tiles = KP ? (kp.N + 7) / 8 : (kp.N + 15) / 16;
   int grid = tiles;
-  const int slots = WideSlots<NT, U, W, XS, NORM>(kp);
+  const int slots = WideSlots<NT, U, W, XS, NORM, KP>(kp);
   if (slots > 0 && tiles > slots) {
     const int rounds = (tiles + slots - 1) / slots;
     grid = (tiles + rounds - 1) / rounds;
@@ -954,6 +1007,35 @@ cudaError_t LaunchWideOne(const KParams& kp, cudaStream_t stream) {
 //    measured +1.6 us a layer in the PDL chain (every CTA stages and normalises the rows),
 //    and on 16-warp CTAs (128 CTAs of 3 tiles, one per SM, instead of 192 of 2) +2.1 us
 //    (run L2).
+// Work units on a warp's critical path in a wide launch: rounds of the evenly spread
+// persistent grid (slots resident CTAs; 0: unknown, one tile a CTA) times the units a warp
+// takes per tile. A unit is one item (16-row tiles) or one item pair (KP): the same loads
+// and MMAs a lane.
+inline int64_t WideCriticalUnits(int64_t tiles, int64_t slots, int64_t units_per_row, int W) {
+  const int64_t rounds = slots > 0 ? (tiles + slots - 1) / slots : 1;
+  return rounds * ((units_per_row + W - 1) / W);
+}
+
+// Whether the K-pair form (8-row tiles, WideGemvKernel's KP) can serve: one activation row,
+// no SwiGLU epilogue, K % 512 == 0 (whole item pairs), and the wide path itself.
+inline bool KPairOk(const KParams& kp) {
+  return kp.M == 1 && !kp.swiglu && kp.K % (2 * kWideSubK) == 0 && WideOk(kp);
+}
+
+// The K-pair launch's critical units (W warps), or -1 where the library does not take it:
+// it cannot serve, or a tile would give a warp fewer than 2 units. Then every unit is
+// followed by the tile's reduction across warps and its barrier, and the shorter critical
+// path does not pay: the fused-norm Qwen3-8B qkv (K = 4096: one pair a warp a tile; 3
+// tiles on the critical path instead of 2 of 16 rows, 4 units down to 3) measured +1.2 us a
+// layer with it, Qwen3-32B o (K = 8192, 2 pairs a warp) and down (K = 25600, 7) -6.9 us a
+// 32B layer together (RESULTS.md runs M6, M7).
+template <int U, int W, bool XS>
+int64_t KPairUnits(const KParams& kp) {
+  const int64_t pairs = kp.K / (2 * kWideSubK);
+  if (!KPairOk(kp) || pairs < 2 * W) return -1;
+  return WideCriticalUnits((kp.N + 7) / 8, WideSlots<1, U, W, XS, false, true>(kp), pairs, W);
+}
+
 template <int NT, int U, int W, bool XS>
 cudaError_t LaunchWideFit(const KParams& kp, cudaStream_t stream) {
   static_assert(W % 2 == 0, "W / 2 warps must be a whole number");
@@ -961,7 +1043,15 @@ cudaError_t LaunchWideFit(const KParams& kp, cudaStream_t stream) {
   if (kp.M <= 2) {
     const int wide = WideSlots<NT, U, W, XS>(kp);
     const int narrow = WideSlots<NT, U, W / 2, XS>(kp);
-    if (wide > 0 && tiles > wide && tiles <= narrow) return LaunchWideOne<NT, U, W / 2, XS>(kp, stream);
+    const bool fit = wide > 0 && tiles > wide && tiles <= narrow;
+    if constexpr (NT == 1) {  // K pairs where they shorten the critical path (KPairUnits)
+      const int64_t steps = kp.K / kWideSubK;
+      const int64_t units = fit ? WideCriticalUnits(tiles, narrow, steps, W / 2)
+                                : WideCriticalUnits(tiles, wide, steps, W);
+      const int64_t kpair = KPairUnits<U, W, XS>(kp);
+      if (kpair >= 0 && kpair < units) return LaunchWideOne<1, U, W, XS, false, true>(kp, stream);
+    }
+    if (fit) return LaunchWideOne<NT, U, W / 2, XS>(kp, stream);
   }
   return LaunchWideOne<NT, U, W, XS>(kp, stream);
 }

@@ -47,7 +47,9 @@ bool GemvSwiGluSupported(const GemvArgs& a);
 
 // Launches the GEMV on `stream`; returns cudaGetLastError() after the launch.
 // variant 0 (the default) takes the wide path when UseWide(a), else the general
-// kernel; variant 1 always takes the general kernel (for A/B benchmarks).
+// kernel; variant 1 always takes the general kernel (for A/B benchmarks); variant 2 the
+// wide kernel's K-pair form (8-row tiles) wherever it can serve (M = 1, K % 512 == 0),
+// else as variant 0 (checks).
 cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream, int variant = 0);
 
 // Whether the general kernel takes its 16-byte-load path for these arguments.
@@ -83,7 +85,8 @@ cudaError_t LaunchAddRmsNorm(const void* x, const void* h, const void* w, float 
 // each CTA stages its activations (CTA 0 writes r; xn is not written); otherwise
 // LaunchAddRmsNorm writes r and xn, then LaunchGemv reads xn.  variant 1 always
 // takes the second route, variant 2 the first wherever the wide kernel can run
-// (A/B checks).  h, w, r, xn 16-byte aligned.  a.pdl applies to every kernel it launches.
+// (A/B checks), variant 3 as 2 but in K pairs where M = 1 and K % 512 == 0.  h, w, r, xn
+// 16-byte aligned.  a.pdl applies to every kernel it launches.
 cudaError_t LaunchGemvAddNorm(const GemvArgs& a, const void* h, const void* w, float eps,
                               void* r, void* xn, cudaStream_t stream, int variant = 0);
 

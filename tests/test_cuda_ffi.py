@@ -124,6 +124,9 @@ SHAPES = [
     (1, 33, 512),
     (2, 100, 2560),
     (8, 15040, 256),
+    # M = 1 with long rows and more 16-row tiles than 8-warp CTA slots (282 on 264): the
+    # wide kernel in K pairs, 8-row tiles (KPairUnits in ffi/nvfp4_kernels.cuh).
+    (1, 4500, 8192),
 ]
 
 

@@ -175,7 +175,8 @@ struct Case {
   int code_misalign;  // byte offset of the codes pointer (forces the 8-byte path)
   bool odd_scales = false;  // negative scales everywhere, one NaN scale in row 0
   int add_norm = 0;  // LaunchGemvAddNorm (x = residual stream) with variant add_norm - 1:
-                     // 1 the library choice, 2 the unfused route, 3 the wide kernel forced
+                     // 1 the library choice, 2 the unfused route, 3 the wide kernel forced,
+                     // 4 the wide kernel in K pairs (8-row tiles) forced where it serves
 };
 
 struct Lcg {
@@ -463,6 +464,26 @@ int Check(bool quick) {
                   c.code_misalign ? " misaligned" : "", c.odd_scales ? " odd-scales" : "", err);
     failed += !ok;
   }
+  // The K-pair form (8-row tiles, M = 1, K % 512 == 0) forced: partial last tiles (N % 8),
+  // one partial tile (N < 8), staged activations and from global memory (K = 65536 does
+  // not fit the staging), padded warps (K / 512 not a multiple of 8), many tiles per CTA,
+  // negative and NaN scales, a per-row activation scale (W4A4).
+  const std::vector<Case> kpair_cases = {
+      {1, 6144, 4096, false, false, 0}, {1, 5, 1024, false, false, 0},
+      {1, 30001, 1024, false, false, 0}, {1, 37, 2560, false, false, 0, true},
+      {1, 5120, 25600, false, false, 0}, {1, 100, 65536, false, false, 0},
+      {1, 1003, 5120, true, true, 0},    {1, 24576, 4096, true, false, 0}};
+  for (size_t j = 0; j < kpair_cases.size(); ++j) {
+    const Case& c = kpair_cases[j];
+    double err = 0;
+    const bool ok = RunCase(c, 777 + j, &err, [](const nvfp4::GemvArgs& a, cudaStream_t st) {
+      return nvfp4::LaunchGemv(a, st, 2);
+    });
+    worst = std::max(worst, err);
+    std::printf("%s kpair M=%d N=%d K=%d %s%s rel_err=%.2e\n", ok ? "ok  " : "FAIL", c.M, c.N, c.K,
+                c.w4a4 ? "w4a4" : "w4a16", c.odd_scales ? " odd-scales" : "", err);
+    failed += !ok;
+  }
   // Every benchmark variant on multi-tile (persistent) shapes.
   const std::vector<Case> multi_full = {{1, 30001, 1024, false, false, 0}, {9, 12003, 576, true, true, 0},
                              {16, 5001, 2080, false, false, 0},  {1, 30001, 2560, false, false, 0},
@@ -497,17 +518,24 @@ int Check(bool quick) {
       // two-pass route past it: K = 5120 (3 units a row, the last partial) at M = 1 and 2
       {1, 200, 5120, false, false, 0, false, 1}, {2, 200, 5120, false, false, 0, false, 1},
       {4, 64, 2048, false, false, 0, false, 3}, {3, 64, 4096, false, false, 0, false, 3},
-      // Qwen3-8B qkv: 384 tiles, two rounds of 8-warp CTAs with the staged norm
-      {1, 6144, 4096, false, false, 0, false, 1}};
+      // Qwen3-8B qkv: 384 tiles, two rounds of 8-warp CTAs with the staged norm (K pairs
+      // by default at M = 1, see LaunchGemvAddNorm)
+      {1, 6144, 4096, false, false, 0, false, 1},
+      // the K-pair form forced: 8-row tiles, a partial one, the two-pass norm route (K = 12288)
+      {1, 6144, 4096, false, false, 0, false, 4}, {1, 300, 4096, false, false, 0, false, 4},
+      {1, 13, 1024, false, false, 0, false, 4},   {1, 4000, 12288, false, false, 0, false, 4}};
   for (size_t j = 0; j < norm_cases.size(); ++j) {
     const Case& c = norm_cases[j];
     double err = 0;
     const bool ok = RunCase(c, 4321 + j, &err);
     worst = std::max(worst, err);
     std::printf("%s add+norm+gemv (%s) M=%d N=%d K=%d wide=%d rel_err=%.2e\n", ok ? "ok  " : "FAIL",
-                c.add_norm == 1 ? "auto" : c.add_norm == 2 ? "unfused" : "wide forced", c.M, c.N,
-                c.K,
-                c.add_norm == 3 || (c.add_norm == 1 && c.M <= 2 &&
+                c.add_norm == 1   ? "auto"
+                : c.add_norm == 2 ? "unfused"
+                : c.add_norm == 3 ? "wide forced"
+                                  : "kpair forced",
+                c.M, c.N, c.K,
+                c.add_norm >= 3 || (c.add_norm == 1 && c.M <= 2 &&
                                     nvfp4::UseWide(nvfp4::GemvArgs{nullptr, nullptr, nullptr, nullptr,
                                                                    nullptr, false, nullptr, c.M, c.N, c.K})),
                 err);
