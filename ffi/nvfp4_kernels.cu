@@ -201,7 +201,7 @@ cudaError_t LaunchGemvAddNorm(const GemvArgs& a, const void* h, const void* w, f
   // trip per row per CTA), a cost not yet measured at larger M. variant 2
   // forces it wherever the wide kernel can run (checker coverage of NT = 2), variant 3
   // too, in K pairs where M = 1 and K % 512 == 0.
-  const bool wide = variant >= 2 ? (WideOk(kp) && WideXs(kp)) : (variant == 0 && kp.M <= 2 && UseWideFor(kp));
+  const bool wide = variant == 2 || variant == 3 ? (WideOk(kp) && WideXs(kp)) : (variant == 0 && kp.M <= 2 && UseWideFor(kp));
   if (wide) {
     kp.h = static_cast<const __nv_bfloat16*>(h);
     kp.nw = static_cast<const __nv_bfloat16*>(w);

@@ -994,19 +994,6 @@ cudaError_t LaunchWideOne(const KParams& kp, cudaStream_t stream) {
                        kp.pdl, kp);
 }
 
-// The library's wide launch at M <= 2 (the decode rows): W warps per CTA, or W / 2 where
-// halving the CTA gives every 16-row tile a resident CTA of its own and W warps do not.
-// Qwen3-32B o and down: 320 tiles on 264 slots of 8 warps; 4-warp CTAs (528 slots for o,
-// 396 for down, whose 57.6 KB of staged activations allow 3 CTAs an SM) run one tile
-// each, where the persistent grid would otherwise run 160 CTAs of 2 tiles. Measured on an
-// H100 (layer_check bench, same run): -2.7 us a 32B layer at M = 1 from o (RESULTS.md run
-// K5), another -4.7 us from down (run L1). The same rule sends the Qwen3-8B qkv shape
-// (384 tiles) to 4 warps where it runs as a plain GEMV (the unfused model; -0.3 us a layer
-// without PDL in K5, -4 % standalone in session 1).
-//  * Not for the fused-norm launch (LaunchGemvAddNorm): 8B qkv with the staged norm on 4-warp CTAs
-//    measured +1.6 us a layer in the PDL chain (every CTA stages and normalises the rows),
-//    and on 16-warp CTAs (128 CTAs of 3 tiles, one per SM, instead of 192 of 2) +2.1 us
-//    (run L2).
 // Work units on a warp's critical path in a wide launch: rounds of the evenly spread
 // persistent grid (slots resident CTAs; 0: unknown, one tile a CTA) times the units a warp
 // takes per tile. A unit is one item (16-row tiles) or one item pair (KP): the same loads
@@ -1036,6 +1023,21 @@ int64_t KPairUnits(const KParams& kp) {
   return WideCriticalUnits((kp.N + 7) / 8, WideSlots<1, U, W, XS, false, true>(kp), pairs, W);
 }
 
+// The library's wide launch at M <= 2 (the decode rows): W warps per CTA, or W / 2 where
+// halving the CTA gives every 16-row tile a resident CTA of its own and W warps do not.
+// Qwen3-32B o and down: 320 tiles on 264 slots of 8 warps; 4-warp CTAs (528 slots for o,
+// 396 for down, whose 57.6 KB of staged activations allow 3 CTAs an SM) run one tile
+// each, where the persistent grid would otherwise run 160 CTAs of 2 tiles. Measured on an
+// H100 (layer_check bench, same run): -2.7 us a 32B layer at M = 1 from o (RESULTS.md run
+// K5), another -4.7 us from down (run L1). The same rule sends the Qwen3-8B qkv shape
+// (384 tiles) to 4 warps where it runs as a plain GEMV (the unfused model; -0.3 us a layer
+// without PDL in K5, -4 % standalone in session 1).
+//  * At M = 1, 8-row tiles in K pairs (KP) instead, where KPairUnits says they shorten the
+//    critical path further: Qwen3-32B o and down (-6.9 us a 32B layer together, run M7).
+//  * Not for the fused-norm launch (LaunchGemvAddNorm): 8B qkv with the staged norm on 4-warp CTAs
+//    measured +1.6 us a layer in the PDL chain (every CTA stages and normalises the rows),
+//    and on 16-warp CTAs (128 CTAs of 3 tiles, one per SM, instead of 192 of 2) +2.1 us
+//    (run L2).
 template <int NT, int U, int W, bool XS>
 cudaError_t LaunchWideFit(const KParams& kp, cudaStream_t stream) {
   static_assert(W % 2 == 0, "W / 2 warps must be a whole number");

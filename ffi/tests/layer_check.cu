@@ -347,6 +347,9 @@ int Check(bool quick) {
   const Shape small = {"small", 1024, 3072, 16, 8, 128, 2, 300};
   const Shape gqa4 = {"gqa4-d64", 576, 1536, 16, 4, 64, 2, 200};
   const Shape q8b = {"qwen3-8b", 4096, 12288, 32, 8, 128, 2, 700};
+  // o and down with K = 8192 over 320 16-row tiles: at M = 1 both take K pairs (8-row
+  // tiles, KPairUnits), as Qwen3-32B's do.
+  const Shape q32ish = {"qwen3-32b-ish", 5120, 8192, 64, 8, 128, 2, 300};
   int failed = 0, total = 0;
   // The default edges, every kernel as a dependent (the benchmarks' "31"), and the attention
   // combine kernel too (63).
@@ -361,11 +364,14 @@ int Check(bool quick) {
       ++total;
     }
   }
-  if (!quick)
+  if (!quick) {
     for (int M : {1, 8}) {
       failed += !CheckShape(q8b, M, 300 + M);
       ++total;
     }
+    failed += !CheckShape(q32ish, 1, 401);
+    ++total;
+  }
   }
   g_edges = -1;
   std::printf("layer check: %d of %d cases failed\n", failed, total);

@@ -444,10 +444,13 @@ int Check(bool quick) {
   cases.push_back({1, 37, 2560, false, false, 0, true});
   cases.push_back({9, 37, 4096, true, false, 0, true});
   cases.push_back({3, 21, 1056, false, false, 0, true});
-  // Tiles for 4-warp CTAs but not for 8 (LaunchWideFit): Qwen3-8B qkv's shape, 32B o at M = 2,
-  // and 32B down at M = 1 (57.6 KB of staged activations: past the 48 KB opt-in).
+  // Tiles for 4-warp CTAs but not for 8 (LaunchWideFit, on a 132-SM H100): Qwen3-8B qkv's
+  // shape, 32B o at M = 2, and at M = 1 K = 22,272 (K / 256 odd, so no K pairs; 50 KB of
+  // staged activations: past the 48 KB opt-in). Qwen3-32B down at M = 1 (K = 25,600) takes
+  // K pairs (8-row tiles) by default.
   cases.push_back({1, 6144, 4096, false, false, 0});
   cases.push_back({2, 5120, 8192, true, true, 0});
+  cases.push_back({1, 4500, 22272, false, false, 0});
   cases.push_back({1, 5120, 25600, false, false, 0});
   cases.push_back({4, 300, 1024, false, false, 8});  // 8-byte aligned codes: 8-byte path
   cases.push_back({11, 45, 576, true, false, 8});
@@ -518,8 +521,8 @@ int Check(bool quick) {
       // two-pass route past it: K = 5120 (3 units a row, the last partial) at M = 1 and 2
       {1, 200, 5120, false, false, 0, false, 1}, {2, 200, 5120, false, false, 0, false, 1},
       {4, 64, 2048, false, false, 0, false, 3}, {3, 64, 4096, false, false, 0, false, 3},
-      // Qwen3-8B qkv: 384 tiles, two rounds of 8-warp CTAs with the staged norm (K pairs
-      // by default at M = 1, see LaunchGemvAddNorm)
+      // Qwen3-8B qkv: 384 tiles, two rounds of 8-warp CTAs with the staged norm (16-row
+      // tiles: the fused-norm launch takes K pairs only when forced, below)
       {1, 6144, 4096, false, false, 0, false, 1},
       // the K-pair form forced: 8-row tiles, a partial one, the two-pass norm route (K = 12288)
       {1, 6144, 4096, false, false, 0, false, 4}, {1, 300, 4096, false, false, 0, false, 4},
