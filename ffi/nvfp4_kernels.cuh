@@ -78,6 +78,12 @@ __device__ __forceinline__ float RoundToBf16(float v) {
   return __bfloat162float(__float2bfloat16_rn(v));
 }
 
+// The factor an output row m's f32 sum is scaled by: the weight's global scale (times
+// whatever constant the caller folded into `wscale`) and, in W4A4, row m's activation scale.
+__device__ __forceinline__ float OutputScale(const KParams& p, float wscale, int m) {
+  return p.xscale != nullptr ? wscale * __ldg(p.xscale + m * p.xscale_stride) : wscale;
+}
+
 // ---------------------------------------------------------------- loads ----
 
 __device__ __forceinline__ uint64_t EvictFirstPolicy() {
@@ -409,9 +415,7 @@ __global__ void __launch_bounds__(W * 32) GemvKernel(const KParams p) {
       const int row = tile * 16 + (ln >> 2) + ((r & 2) << 2);
       const int m = (r >> 2) * 8 + (ln & 3) * 2 + (r & 1);
       if (row < N && m < M) {
-        float scale = wscale;
-        if (p.xscale != nullptr) scale *= __ldg(p.xscale + m * p.xscale_stride);
-        p.y[static_cast<size_t>(m) * N + row] = __float2bfloat16_rn(sum * scale);
+        p.y[static_cast<size_t>(m) * N + row] = __float2bfloat16_rn(sum * OutputScale(p, wscale, m));
       }
     }
     parity ^= 1;
@@ -563,6 +567,9 @@ __host__ __device__ constexpr int64_t WideXsBytes(int64_t M, int64_t K) {
   return (K / kWideSubK) * M * 4 * 9 * 16;
 }
 
+// Weight tiles of N rows in the wide kernel: 16 rows each, 8 in K pairs (KP, below).
+__host__ __device__ constexpr int WideTiles(int N, bool kp) { return kp ? (N + 7) >> 3 : (N + 15) >> 4; }
+
 // KP (K pairs, M = 1 only): 8-row tiles. The MMA's A rows 0..7 hold item 2q of the tile's
 // 8 weight rows and A rows 8..15 item 2q + 1 of the same rows; B column 0 holds the
 // activations of item 2q and column 1 those of item 2q + 1 (columns 2..7 are unused at
@@ -592,7 +599,7 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
   const int wunits = KP ? steps / 2 : steps;    // work units per row (KP: item pairs)
   const int nw = (wunits + W - 1) / W;          // units per warp per tile (all warps)
   const int nreal = (wunits - warp + W - 1) / W;  // of which real for this warp
-  const int tiles = KP ? (N + 7) >> 3 : (N + 15) >> 4;
+  const int tiles = WideTiles(N, KP);
   const int my_tiles = blockIdx.x < tiles ? (tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
   const int total = my_tiles * nw;
   const uint32_t row_bytes = static_cast<uint32_t>(K) >> 1;
@@ -852,8 +859,7 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
           gs += red[parity][w][m][row];
           us += red[parity][w][m][row + 8];
         }
-        float scale = wscale;
-        if (p.xscale != nullptr) scale *= __ldg(p.xscale + m * p.xscale_stride);
+        const float scale = OutputScale(p, wscale, m);
         p.y[static_cast<size_t>(m) * F + ctile * 8 + row] =
             __float2bfloat16_rn(SiluMul(RoundToBf16(gs * scale), RoundToBf16(us * scale)));
       }
@@ -868,9 +874,7 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
       for (int w = 0; w < W; ++w) sum += red[parity][w][m][row];
       const int n_out = ctile * 16 + row;
       if (n_out < N) {
-        float scale = wscale;
-        if (p.xscale != nullptr) scale *= __ldg(p.xscale + m * p.xscale_stride);
-        p.y[static_cast<size_t>(m) * N + n_out] = __float2bfloat16_rn(sum * scale);
+        p.y[static_cast<size_t>(m) * N + n_out] = __float2bfloat16_rn(sum * OutputScale(p, wscale, m));
       }
     }
     parity ^= 1;
@@ -893,11 +897,7 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
 #pragma unroll
         for (int w = 0; w < W; ++w) sum += red[parity][w][0][row];
         const int n_out = ctile * 8 + row;
-        if (n_out < N) {
-          float scale = wscale;
-          if (p.xscale != nullptr) scale *= __ldg(p.xscale);
-          p.y[n_out] = __float2bfloat16_rn(sum * scale);
-        }
+        if (n_out < N) p.y[n_out] = __float2bfloat16_rn(sum * OutputScale(p, wscale, 0));
       }
       parity ^= 1;
     } else {
@@ -983,7 +983,7 @@ cudaError_t LaunchWideOne(const KParams& kp, cudaStream_t stream) {
   auto kernel = WideGemvKernel<NT, U, W, XS, NORM, KP>;
   const int smem = XS ? static_cast<int>(WideXsBytes(kp.M, kp.K)) : 0;
   if (cudaError_t e = WideSmemOptIn<NT, U, W, XS, NORM, KP>(); e != cudaSuccess) return e;
-  const int tiles = KP ? (kp.N + 7) / 8 : (kp.N + 15) / 16;
+  const int tiles = WideTiles(kp.N, KP);
   int grid = tiles;
   const int slots = WideSlots<NT, U, W, XS, NORM, KP>(kp);
   if (slots > 0 && tiles > slots) {
@@ -1020,7 +1020,7 @@ template <int U, int W, bool XS>
 int64_t KPairUnits(const KParams& kp) {
   const int64_t pairs = kp.K / (2 * kWideSubK);
   if (!KPairOk(kp) || pairs < 2 * W) return -1;
-  return WideCriticalUnits((kp.N + 7) / 8, WideSlots<1, U, W, XS, false, true>(kp), pairs, W);
+  return WideCriticalUnits(WideTiles(kp.N, true), WideSlots<1, U, W, XS, false, true>(kp), pairs, W);
 }
 
 // The library's wide launch at M <= 2 (the decode rows): W warps per CTA, or W / 2 where
@@ -1041,7 +1041,7 @@ int64_t KPairUnits(const KParams& kp) {
 template <int NT, int U, int W, bool XS>
 cudaError_t LaunchWideFit(const KParams& kp, cudaStream_t stream) {
   static_assert(W % 2 == 0, "W / 2 warps must be a whole number");
-  const int tiles = (kp.N + 15) / 16;
+  const int tiles = WideTiles(kp.N, false);
   if (kp.M <= 2) {
     const int wide = WideSlots<NT, U, W, XS>(kp);
     const int narrow = WideSlots<NT, U, W / 2, XS>(kp);
