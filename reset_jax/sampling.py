@@ -931,23 +931,26 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, branchless=None):
     def draw_filtered():
         log_norm_all = jax.nn.logsumexp(z, axis=-1)
         c = min(max_candidates, vocab)
+
+        def draw_from(vals, idx):  # (token, whether each row's kept set fits the candidates)
+            return _sample_candidates(key_filtered, vals, idx, k_eff, top_p, log_norm_all, vocab)
+
+        def all_fit(fits):  # every row that needs a filtered draw
+            return jnp.all(fits | ~need)
+
         vals, idx, exact = _top_k_candidates(z, c, rows=need)
-        token, fits = _sample_candidates(key_filtered, vals, idx, k_eff, top_p, log_norm_all, vocab)
+        token, fits = draw_from(vals, idx)
 
         def full_sort():
-            vals, idx = _sorted_descending(z)
-            return _sample_candidates(key_filtered, vals, idx, k_eff, top_p, log_norm_all, vocab)[0]
+            return draw_from(*_sorted_descending(z))[0]
 
         def exact_candidates():  # the staged top-k was not exact: lax.top_k's, as on the CPU
-            vals, idx = jax.lax.top_k(z, c)
-            tok, fits = _sample_candidates(
-                key_filtered, vals, idx, k_eff, top_p, log_norm_all, vocab
-            )
-            return jax.lax.cond(jnp.all(fits | ~need), lambda: tok, full_sort)
+            tok, fits = draw_from(*jax.lax.top_k(z, c))
+            return jax.lax.cond(all_fit(fits), lambda: tok, full_sort)
 
         # One predicate read per call; the branches behind it run only in the rare case,
         # and give the tokens the CPU form (exact candidates first) gives.
-        ok = exact & jnp.all(fits | ~need)
+        ok = exact & all_fit(fits)
         fallback = lambda: jax.lax.cond(exact, full_sort, exact_candidates)  # noqa: E731
         return jax.lax.cond(ok, lambda: token, fallback).astype(jnp.int32)
 
