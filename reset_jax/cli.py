@@ -79,7 +79,25 @@ def _load_model(args: argparse.Namespace, *, quantize: str | None) -> Any:
     return model
 
 
-FUSE_CHOICES = ("none", "norms", "attention", "all", "layers")
+FUSE_CHOICES = ("auto", "none", "norms", "attention", "all", "layers")
+
+
+def resolve_fuse(fuse: str, implementation: str | None = None, backend: str | None = None) -> str:
+    """What ``--fuse auto`` means here: ``"layers"`` on a GPU backend where the CUDA kernels
+    may serve (``implementation`` None or ``"cuda"``), else ``"none"`` (the CPU, or an
+    explicit Pallas / XLA request). Any other value is returned as given.
+
+    Args:
+      fuse: the ``--fuse`` flag.
+      implementation: the ``--implementation`` flag.
+      backend: ``jax.default_backend()`` when None.
+    """
+    if fuse != "auto":
+        return fuse
+    import jax
+
+    backend = jax.default_backend() if backend is None else backend
+    return "layers" if backend == "gpu" and implementation in (None, "cuda") else "none"
 
 
 def apply_fuse(model: Any, fuse: str, implementation: str | None = None) -> None:
@@ -87,7 +105,8 @@ def apply_fuse(model: Any, fuse: str, implementation: str | None = None) -> None
 
     Args:
       model: a ``reset_jax.models.CausalLM``.
-      fuse: ``"none"``, ``"norms"`` (``models.fuse_norms``), ``"attention"``
+      fuse: ``"auto"`` (`resolve_fuse`: ``"layers"`` on a GPU, else ``"none"``),
+        ``"none"``, ``"norms"`` (``models.fuse_norms``), ``"attention"``
         (``models.fuse_attention``), ``"all"`` (both) or ``"layers"`` (both, and every
         decode step's layers in one custom call: ``models.fuse_decoder(model, "model")``).
       implementation: the ``--implementation`` flag; ``"xla"`` keeps the attention
@@ -95,6 +114,9 @@ def apply_fuse(model: Any, fuse: str, implementation: str | None = None) -> None
     """
     if fuse not in FUSE_CHOICES:
         raise ValueError(f"--fuse {fuse!r}: expected one of {', '.join(FUSE_CHOICES)}")
+    if fuse == "auto":
+        fuse = resolve_fuse(fuse, implementation)
+        _log(f"--fuse auto: {fuse}")
     if fuse in ("norms", "all", "layers"):
         from reset_jax.models import fuse_norms
 
@@ -273,12 +295,13 @@ def add_model_flags(
     p.add_argument(
         "--fuse",
         choices=list(FUSE_CHOICES),
-        default="none",
+        default="auto",
         help="decode-speed fusions (GPU): norms = residual add + RMSNorm inside the NVFP4 "
         "matmul (W4A16 layers), attention = q/k norm + RoPE + cache write + attention as one "
         "call, all = both, layers = both and every decode step's layers in one custom call "
         "(kernels chained with programmatic dependent launch on sm_90+); results match up to "
-        "float32 summation order and rounding (default: none)",
+        "float32 summation order and rounding (default: auto = layers on a GPU unless "
+        "--implementation asks for pallas or xla, none elsewhere)",
     )
 
 

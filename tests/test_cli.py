@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 import torch
 import transformers
@@ -84,6 +85,26 @@ def test_fuse_flag_keeps_the_tokens(tiny_dir, capsys):
     captured = capsys.readouterr()
     assert "decode steps through all 2 layers in one custom call" in captured.err
     assert text(plain) == text(captured.out)
+
+
+def test_fuse_auto(tiny_dir, capsys):
+    """``--fuse auto`` (the default) is ``layers`` on a GPU unless Pallas or XLA is asked
+    for, and ``none`` on the CPU."""
+    assert cli.build_parser().parse_args(["generate", "--prompt", "x"]).fuse == "auto"
+    assert cli.resolve_fuse("auto", None, "gpu") == "layers"
+    assert cli.resolve_fuse("auto", "cuda", "gpu") == "layers"
+    assert cli.resolve_fuse("auto", "pallas", "gpu") == "none"
+    assert cli.resolve_fuse("auto", "xla", "gpu") == "none"
+    assert cli.resolve_fuse("auto", None, "cpu") == "none"
+    assert cli.resolve_fuse("attention", None, "cpu") == "attention"
+    argv = ["generate", "--model", str(tiny_dir), "--prompt", "the cat sat", "--quantize", "nvfp4",
+            "--dtype", "float32", "--sampler", "greedy", "--max-new-tokens", "3"]  # fmt: skip
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    if jax.default_backend() == "gpu":
+        assert "--fuse auto: layers" in err and "decode steps through all 2 layers" in err
+    else:
+        assert "--fuse auto: none" in err and "fused add + norm" not in err
 
 
 def test_errors_are_one_line(tiny_dir, capsys):

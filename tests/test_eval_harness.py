@@ -490,7 +490,7 @@ def test_eval_commands_take_generate_model_flags():
     assert eval_cli.make_backend(args).dtype == auto
     args = parser.parse_args(["calibrate", "--data", "x.jsonl", "--dtype", "float16"])
     assert eval_cli.make_backend(args).dtype == "float16" and args.activations == "bf16"
-    assert eval_cli.make_backend(args).fuse == "none"  # --fuse reaches the loaded models
+    assert eval_cli.make_backend(args).fuse == "auto"  # --fuse reaches the loaded models
     args = parser.parse_args(["eval", "--data", "x.jsonl", "--out", "o", "--fuse", "attention"])
     assert eval_cli.make_backend(args).fuse == "attention"
     with pytest.raises(ValueError, match="--fuse 'fast'"):
