@@ -58,7 +58,7 @@ bool UseWideFor(const KParams& kp) {
       return false;
     if (device >= 0 && device < 64) sm_count[device] = sms;
   }
-  const int64_t tiles = (kp.N + 15) / 16;
+  const int64_t tiles = WideTiles(kp.N, false);  // 16-row tiles
   const int64_t slots = 2 * static_cast<int64_t>(sms);  // resident wide CTAs (registers)
   return 4 * static_cast<int64_t>(kp.M) * slots <= 9 * tiles;
 }
