@@ -2,7 +2,7 @@
 # Everything the CUDA kernel needs checked on a GPU machine, in one go:
 #   build (CMake through pip, and the standalone checkers with nvcc), the checkers (GEMV
 #   and decode attention against float64 references, the PDL layer chain against plain
-#   launches, and its per-kernel timeline), compute-sanitizer memcheck (all three) + racecheck (GEMV, attention), the
+#   launches, and its per-kernel timeline), the cost of a kernel boundary (boundary_bench), compute-sanitizer memcheck (all three) + racecheck (GEMV, attention), the
 #   kernel-variant micro-benchmark, the GPU tests, and benchmarks/kernels.py.
 # Usage (repository root, on the GPU machine):  bash ffi/tests/run_gpu_checks.sh [outdir]
 # Logs go to outdir (default $OUT or /tmp/nvfp4_gpu_checks); a short summary is printed.
@@ -36,6 +36,9 @@ nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I ffi ffi/tests/layer_check.cu ffi/de
 nvcc -std=c++17 -O3 -arch=sm_90 -rdc=true -I ffi -DRJ_TIMELINE ffi/tests/layer_check.cu ffi/decoder_layer.cu \
   ffi/nvfp4_kernels.cu ffi/attention_kernels.cu -o /tmp/layer_timeline > "$LOG/build_layer_timeline.log" 2>&1 || { echo "timeline build failed"; exit 1; }
 
+nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/boundary_bench.cu -o /tmp/boundary_bench \
+  > "$LOG/build_boundary_bench.log" 2>&1 || { echo "boundary bench build failed"; exit 1; }
+
 echo "== layer chain";  /tmp/layer_check check > "$LOG/layer.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/layer.log"
 echo "== layer memcheck";  compute-sanitizer --tool memcheck /tmp/layer_check check quick > "$LOG/layer_memcheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/layer_memcheck.log"
 echo "== layer timeline"; /tmp/layer_timeline timeline > "$LOG/layer_timeline.log" 2>&1; echo "rc=$?"; grep "us per layer" "$LOG/layer_timeline.log" | grep -v "^sum"
@@ -45,6 +48,7 @@ echo "== attention racecheck"; compute-sanitizer --tool racecheck /tmp/attention
 echo "== checker";    /tmp/nvfp4_check check > "$LOG/check.log" 2>&1; echo "rc=$?"; grep -E "FAIL|check:" "$LOG/check.log" | tail -5
 echo "== memcheck";   compute-sanitizer --tool memcheck /tmp/nvfp4_check check quick > "$LOG/memcheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/memcheck.log"
 echo "== racecheck";  compute-sanitizer --tool racecheck /tmp/nvfp4_check check quick > "$LOG/racecheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/racecheck.log"
+echo "== boundary";   /tmp/boundary_bench 32 20 > "$LOG/boundary.log" 2>&1; echo "rc=$?"
 echo "== variants";   /tmp/nvfp4_check bench 12 > "$LOG/harness_bench.log" 2>&1; echo "rc=$?"
 echo "== pytest";     PYTHONPATH=$ROOT $PY -m pytest -q -p no:cacheprovider tests/test_cuda_ffi.py tests/test_nvfp4_matmul.py tests/test_decode_attention.py tests/test_decoder_layers.py > "$LOG/pytest.log" 2>&1; echo "rc=$?"; tail -3 "$LOG/pytest.log"
 echo "== benchmark";  PYTHONPATH=$ROOT $PY benchmarks/kernels.py --m 1,2,4,8,16 --m-other 1,8 --out "$LOG/kernels.json" > "$LOG/kernels.log" 2>&1; echo "rc=$?"
