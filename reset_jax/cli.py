@@ -75,7 +75,7 @@ def _load_model(args: argparse.Namespace, *, quantize: str | None) -> Any:
     model = from_pretrained(
         args.model, dtype=dtype, quantize=quantize, activations=args.activations, **kwargs
     )
-    apply_fuse(model, args.fuse, args.implementation)
+    apply_fuse(model, getattr(args, "fuse", "none"), args.implementation)
     return model
 
 
@@ -137,7 +137,8 @@ def apply_fuse(model: Any, fuse: str, implementation: str | None = None) -> None
             _log(f"decode steps through all {n} layers in one custom call (CUDA where it "
                  "serves the step, else the per-layer path)")  # fmt: skip
         else:
-            _log("--fuse layers: not every layer is NVFP4 W4A16 without bias; per-layer path")
+            _log("decode steps keep the per-layer path (one call for all layers needs every "
+                 "layer NVFP4 W4A16 without bias)")  # fmt: skip
 
 
 def _sampler(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, str]:
@@ -253,7 +254,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def add_model_flags(
-    p: argparse.ArgumentParser, *, model: bool = True, activations: bool = True
+    p: argparse.ArgumentParser, *, model: bool = True, activations: bool = True, fuse: bool = True
 ) -> None:
     """The flags that choose and load a model, shared by every subcommand that loads one.
 
@@ -262,6 +263,7 @@ def add_model_flags(
       model: add ``--model`` (``quantize`` takes its checkpoint as a positional).
       activations: add ``--activations`` (``eval`` takes the activation format
         from each configuration name instead).
+      fuse: add ``--fuse`` (``quantize`` writes the weights as loaded: no decode fusions).
     """
     from reset_jax.hub import DEFAULT_MODEL, KNOWN_MODELS
 
@@ -292,6 +294,8 @@ def add_model_flags(
         default=None,
         help="NVFP4 matmul backend (default: the first of cuda, pallas, xla that serves)",
     )
+    if not fuse:
+        return
     p.add_argument(
         "--fuse",
         choices=list(FUSE_CHOICES),
@@ -354,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", help="checkpoint path or model name")
     p.add_argument("dst", help="output directory")
-    add_model_flags(p, model=False)
+    add_model_flags(p, model=False, fuse=False)
     p.set_defaults(func=_cmd_quantize)
 
     try:

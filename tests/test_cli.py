@@ -68,7 +68,7 @@ def test_fuse_flag_keeps_the_tokens(tiny_dir, capsys):
     """``--fuse all`` (on the CPU: the same compositions) generates the same greedy text."""
     argv = ["generate", "--model", str(tiny_dir), "--prompt", "the cat sat", "--quantize", "nvfp4",
             "--dtype", "float32", "--sampler", "greedy", "--max-new-tokens", "5"]  # fmt: skip
-    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--fuse", "none"]) == 0  # the default, auto, fuses on a GPU
     plain = capsys.readouterr().out
     assert cli.main([*argv, "--fuse", "all"]) == 0
     captured = capsys.readouterr()
@@ -157,6 +157,8 @@ def test_readme_command_on_the_default_model():
 
 def test_quantize_writes_a_loadable_nvfp4_checkpoint(tiny_dir, tmp_path, capsys):
     out = tmp_path / "nvfp4"
+    # quantize writes the weights as loaded: it has no --fuse (no decode fusions to apply)
+    assert "fuse" not in vars(cli.build_parser().parse_args(["quantize", "a", "b"]))
     assert cli.main(["quantize", str(tiny_dir), str(out), "--dtype", "float32"]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())

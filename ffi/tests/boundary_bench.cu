@@ -16,7 +16,8 @@
 //   acq-rel  one kernel; a counter that grows through the launch: arrive with
 //            red.release.gpu, wait with ld.acquire.gpu for (phase + 1) * grid arrivals
 //   none     one kernel, no synchronisation between phases: the work alone
-// Printed: us per phase, and what a boundary costs over `none`.
+// Printed: us per phase, what a boundary costs over `none`, and whether every phase read the
+// values of the phase before it (exit status 1 if a synchronised variant did not).
 //
 // Build and run (repository root, on the GPU machine):
 //   nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/boundary_bench.cu -o /tmp/boundary_bench
@@ -85,7 +86,7 @@ __device__ __forceinline__ void Boundary(unsigned* sync, int phase) {
   __syncthreads();  // this CTA's writes of the phase are issued
   if constexpr (MODE == 3) {
     // Arrive with a release reduction, wait with acquire loads until every CTA of this phase
-    // has arrived: no fence instructions, no reset, one hot address.
+    // has arrived: no explicit __threadfence, no reset, one hot address.
     if (threadIdx.x == 0) {
       RedRelease(sync, 1u);
       const unsigned target = (static_cast<unsigned>(phase) + 1) * gridDim.x;
@@ -169,42 +170,61 @@ int main(int argc, char** argv) {
   const dim3 g(grid), b(kThreads);
   std::printf("%-8s %-8s %-8s %10s %14s\n", "work us", "ragged", "variant", "us/phase",
               "boundary us");
+  int failed = 0;
   for (double work_us : {2.0, 8.0}) {
     for (double jitter_us : {0.0, 0.1}) {
       const long long work = static_cast<long long>(work_us * khz * 1e-3);
       const long long jitter = static_cast<long long>(jitter_us * khz * 1e-3);
       auto fused = [&](auto kernel) {
         return [&, kernel](cudaStream_t s) {
+          CK(cudaMemsetAsync(buf, 0, 2 * grid * sizeof(unsigned), s));
           CK(cudaMemsetAsync(sync, 0, grid * sizeof(unsigned), s));
           CK(rjpdl::Launch(kernel, g, b, kSmemBytes, s, false, buf, sync, phases, work, jitter));
         };
       };
       auto chain = [&](bool with_pdl) {
         return [&, with_pdl](cudaStream_t s) {
+          CK(cudaMemsetAsync(buf, 0, 2 * grid * sizeof(unsigned), s));
           CK(cudaMemsetAsync(sync, 0, grid * sizeof(unsigned), s));  // the same graph shape
           for (int p = 0; p < phases; ++p)
             CK(rjpdl::Launch(PhaseKernel, g, b, kSmemBytes, s, with_pdl && p > 0, buf, p, work,
                              jitter));
         };
       };
-      const float none = GraphMedianMs(st, reps, fused(FusedKernel<2>)) * 1e3f / phases;
-      struct Row {
-        const char* name;
-        float us;
+      // After the last replay, every CTA's value in the final half is `phases` if every phase
+      // read what the phase before it wrote (a synchronisation that let a CTA run ahead would
+      // leave a smaller value somewhere). `none` has no synchronisation: reported, not failed.
+      auto stale = [&]() {
+        std::vector<unsigned> h(grid);
+        CK(cudaMemcpy(h.data(), buf + (phases & 1) * grid, grid * sizeof(unsigned),
+                      cudaMemcpyDeviceToHost));
+        int n = 0;
+        for (unsigned v : h) n += v != static_cast<unsigned>(phases);
+        return n;
       };
-      const Row rows[] = {{"plain", GraphMedianMs(st, reps, chain(false)) * 1e3f / phases},
-                          {"pdl", GraphMedianMs(st, reps, chain(pdl)) * 1e3f / phases},
-                          {"counter", GraphMedianMs(st, reps, fused(FusedKernel<0>)) * 1e3f / phases},
-                          {"flags", GraphMedianMs(st, reps, fused(FusedKernel<1>)) * 1e3f / phases},
-                          {"acq-rel", GraphMedianMs(st, reps, fused(FusedKernel<3>)) * 1e3f / phases},
-                          {"none", none}};
-      for (const Row& r : rows)
-        std::printf("%-8.1f %-8s %-8s %10.3f %14.3f\n", work_us,
-                    jitter_us > 0 ? "1.5 us" : "no", r.name, r.us, r.us - none);
+      const float none = GraphMedianMs(st, reps, fused(FusedKernel<2>)) * 1e3f / phases;
+      const int none_stale = stale();
+      auto row = [&](const char* name, float us, int n_stale, bool synced) {
+        if (synced && n_stale) ++failed;
+        std::printf("%-8.1f %-8s %-8s %10.3f %14.3f  %s\n", work_us,
+                    jitter_us > 0 ? "1.5 us" : "no", name, us, us - none,
+                    n_stale == 0 ? "values ok" : synced ? "STALE VALUES (FAIL)" : "values stale");
+      };
+      auto run = [&](const char* name, auto enqueue) {
+        const float us = GraphMedianMs(st, reps, enqueue) * 1e3f / phases;
+        row(name, us, stale(), true);
+      };
+      run("plain", chain(false));
+      run("pdl", chain(pdl));
+      run("counter", fused(FusedKernel<0>));
+      run("flags", fused(FusedKernel<1>));
+      run("acq-rel", fused(FusedKernel<3>));
+      row("none", none, none_stale, false);
     }
   }
   CK(cudaFree(buf));
   CK(cudaFree(sync));
   CK(cudaStreamDestroy(st));
-  return 0;
+  if (failed) std::printf("%d variant runs left stale values\n", failed);
+  return failed ? 1 : 0;
 }

@@ -215,8 +215,9 @@ class JaxBackend:
       chat: apply the tokenizer's chat template to each prompt.
       implementation: NVFP4 matmul backend(s) (``"cuda"``, ``"pallas"``,
         ``"xla"``); None lets ``reset_jax.nvfp4.matmul`` choose.
-      fuse: the CLI's ``--fuse`` (``"none"``, ``"norms"``, ``"attention"``, ``"all"``, ``"layers"``),
-        applied to every model loaded (``reset_jax.cli.apply_fuse``).
+      fuse: the CLI's ``--fuse`` (``"auto"``, ``"none"``, ``"norms"``, ``"attention"``, ``"all"``,
+        ``"layers"``), applied to every model loaded (``reset_jax.cli.apply_fuse``; the CLI's
+        default ``"auto"`` fuses on a GPU, so evaluations there run the fused decode path).
     """
 
     model: str = "smollm2-135m-instruct"
