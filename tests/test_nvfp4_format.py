@@ -450,6 +450,18 @@ def test_bad_input_errors(w, gs, err, match):
             fmt.quantize_activations(w, gs)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_non_finite_jax_arrays_are_counted_on_device(dtype):
+    """A jax.Array is checked where it lives (no host copy); the error counts the bad values."""
+    w = jnp.ones((4, 64), dtype).at[1, 3].set(jnp.nan).at[2, 5].set(-jnp.inf).at[3, 0].set(jnp.inf)
+    with pytest.raises(ValueError, match=r"shape \(4, 64\) has 3 non-finite"):
+        fmt.quantize(w)
+    with pytest.raises(ValueError, match="3 non-finite"):
+        fmt.quantize_activations(w)
+    q = fmt.quantize(jnp.ones((4, 64), dtype))  # finite: no error
+    assert q.shape == (4, 64)
+
+
 def test_matmul_argument_errors():
     q = fmt.quantize(np.ones((8, 32), F32))
     x = jnp.ones((3, 32), jnp.bfloat16)
