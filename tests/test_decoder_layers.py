@@ -243,6 +243,43 @@ def test_cuda_chain_matches_per_layer_cuda_path(batch, mode, pdl, family):
     assert (tok_a == tok_b).mean() >= 0.9
 
 
+def _default_model_shape_config():
+    """SmolLM2-135M-Instruct's layer shapes (the README's main command), two layers."""
+    return ModelConfig.from_hf(
+        dict(
+            architectures=["LlamaForCausalLM"], vocab_size=257, hidden_size=576,
+            intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9,
+            num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=10000.0,
+            max_position_embeddings=256, tie_word_embeddings=True,
+        )
+    )  # fmt: skip
+
+
+@gpu
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cuda_chain_on_the_default_model_shape(batch):
+    """The default model's layers, which `reset-jax generate --quantize nvfp4` chains on a GPU
+    by default: D = 576 (K % 256 != 0, so the general GEMV path inside the chain), head width
+    64, three query heads a kv head."""
+    config = _default_model_shape_config()
+    plain, chained = _models(config, jnp.bfloat16, dict(mode="model"),
+                             implementation=("cuda", "xla"))  # fmt: skip
+    x, *_, ck, _, w = _layer_args(chained, batch)
+    assert decoder_layers.cuda_unsupported_reason(x.astype(jnp.bfloat16), ck, w) is None
+    ids = jnp.asarray(np.random.default_rng(batch).integers(0, 257, (batch, 6)), jnp.int32)
+    tok_a, hid_a = _decode(plain, ids, new=8)
+    tok_b, hid_b = _decode(chained, ids, new=8)
+    err = np.linalg.norm(hid_b - hid_a) / np.linalg.norm(hid_a)
+    assert np.isfinite(hid_b).all() and err <= 1e-2, err
+    assert (tok_a == tok_b).mean() >= 0.9
+
+
+def test_default_model_shape_chains():
+    """On any backend: `fuse_decoder` switches every layer of the default model's shape to the
+    chained call (the GPU test above checks what that call computes)."""
+    _models(_default_model_shape_config(), jnp.float32, dict(mode="model"))  # asserts all layers
+
+
 @gpu
 def test_cuda_chain_is_in_the_compiled_step():
     config = _config(head_dim=128, hidden=256)
