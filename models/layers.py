@@ -12,7 +12,7 @@ them back into the checkpoint's names.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import jax
@@ -666,6 +666,16 @@ class WeightSource(Protocol):
         ...
 
 
+def layer_progress(n: int, desc: str | None) -> Iterable[int]:
+    """``range(n)``, with a tqdm bar named ``desc`` on an interactive terminal (building or
+    loading a large model's layers takes a while; None: no bar)."""
+    if desc is None:
+        return range(n)
+    from tqdm import tqdm  # the text bar: tqdm.auto's notebook widget needs ipywidgets
+
+    return tqdm(range(n), desc=desc, unit="layer", disable=None, leave=False)
+
+
 class DecoderModel(nnx.Module):
     """Embedding, decoder layers and the final norm (the Hugging Face ``model.`` subtree)."""
 
@@ -674,7 +684,8 @@ class DecoderModel(nnx.Module):
         d, dh, f = c.hidden_size, c.head_dim, c.intermediate_size
         self.embed_tokens = Embedding(source.tensor("model.embed_tokens.weight", (c.vocab_size, d)))
         layers = []
-        for i in range(c.num_layers):
+        # A source may name the work for a progress bar (``progress``, a str).
+        for i in layer_progress(c.num_layers, getattr(source, "progress", None)):
             p = f"model.layers.{i}"
 
             def norm(name: str, width: int, p=p) -> RMSNorm:

@@ -372,6 +372,7 @@ class _CheckpointSource:
         self.exclude = tuple(exclude)
         self.origin = origin
         self.used: set[str] = set()
+        self.progress = "quantizing layers" if quantize else "loading layers"
 
     def _get(self, name: str, shape: tuple[int, ...] | None, what: str = "") -> np.ndarray:
         if name not in self.tensors:
@@ -471,6 +472,7 @@ class _RandomSource:
         self.kwargs = dict(activations=activations, implementation=implementation)
         self.exclude = tuple(exclude)
         self.count = 0
+        self.progress = "building random layers"
 
     def _normal(self, shape, std: float, mean: float = 0.0) -> jax.Array:
         self.count += 1

@@ -280,6 +280,29 @@ def test_default_model_shape_chains():
     _models(_default_model_shape_config(), jnp.float32, dict(mode="model"))  # asserts all layers
 
 
+def test_building_layers_shows_progress_on_a_terminal(monkeypatch):
+    """Building (or loading) a model's layers shows a tqdm bar where stderr is a terminal,
+    and prints nothing where it is not (logs, CI)."""
+    import io
+    import sys
+
+    from reset_jax.models.layers import layer_progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    build_model(_config(), dtype=jnp.float32, seed=1)
+    assert "building random layers:   0%|" in err.getvalue() and "0/3" in err.getvalue()
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    build_model(_config(), dtype=jnp.float32, seed=1)
+    assert log.getvalue() == ""
+    assert layer_progress(2, None) == range(2)
+
+
 @gpu
 def test_cuda_chain_is_in_the_compiled_step():
     config = _config(head_dim=128, hidden=256)
