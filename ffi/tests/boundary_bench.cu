@@ -58,16 +58,21 @@ __device__ __forceinline__ void WriteMine(unsigned* buf, int phase, unsigned v) 
   buf[((phase + 1) & 1) * gridDim.x + blockIdx.x] = v + 1;
 }
 
-// One phase as a kernel (plain and pdl).
-__global__ void __launch_bounds__(kThreads) PhaseKernel(unsigned* buf, int phase, long long work,
-                                                        long long jitter) {
-  rjpdl::PdlLaunchDependents();
-  rjpdl::PdlWait();
+// One phase's work: read another CTA's value of the phase before, spin, write this CTA's.
+__device__ __forceinline__ void Phase(unsigned* buf, int phase, long long work, long long jitter) {
   unsigned v = 0;
   if (threadIdx.x == 0) v = ReadPrev(buf, phase);
   Spin(Cycles(work, jitter));
   __syncthreads();
   if (threadIdx.x == 0) WriteMine(buf, phase, v);
+}
+
+// One phase as a kernel (plain and pdl).
+__global__ void __launch_bounds__(kThreads) PhaseKernel(unsigned* buf, int phase, long long work,
+                                                        long long jitter) {
+  rjpdl::PdlLaunchDependents();
+  rjpdl::PdlWait();
+  Phase(buf, phase, work, jitter);
 }
 
 __device__ __forceinline__ unsigned LdAcquire(const unsigned* p) {
@@ -127,11 +132,7 @@ template <int MODE>  // 0 counter, 1 flags, 2 none, 3 acquire/release counter
 __global__ void __launch_bounds__(kThreads) FusedKernel(unsigned* buf, unsigned* sync, int phases,
                                                         long long work, long long jitter) {
   for (int p = 0; p < phases; ++p) {
-    unsigned v = 0;
-    if (threadIdx.x == 0) v = ReadPrev(buf, p);
-    Spin(Cycles(work, jitter));
-    __syncthreads();
-    if (threadIdx.x == 0) WriteMine(buf, p, v);
+    Phase(buf, p, work, jitter);
     if constexpr (MODE != 2) Boundary<MODE>(sync, p);
   }
 }
@@ -175,17 +176,19 @@ int main(int argc, char** argv) {
     for (double jitter_us : {0.0, 0.1}) {
       const long long work = static_cast<long long>(work_us * khz * 1e-3);
       const long long jitter = static_cast<long long>(jitter_us * khz * 1e-3);
+      auto zero = [&](cudaStream_t s) {  // every graph starts so (the same shape in all)
+        CK(cudaMemsetAsync(buf, 0, 2 * grid * sizeof(unsigned), s));
+        CK(cudaMemsetAsync(sync, 0, grid * sizeof(unsigned), s));
+      };
       auto fused = [&](auto kernel) {
         return [&, kernel](cudaStream_t s) {
-          CK(cudaMemsetAsync(buf, 0, 2 * grid * sizeof(unsigned), s));
-          CK(cudaMemsetAsync(sync, 0, grid * sizeof(unsigned), s));
+          zero(s);
           CK(rjpdl::Launch(kernel, g, b, kSmemBytes, s, false, buf, sync, phases, work, jitter));
         };
       };
       auto chain = [&](bool with_pdl) {
         return [&, with_pdl](cudaStream_t s) {
-          CK(cudaMemsetAsync(buf, 0, 2 * grid * sizeof(unsigned), s));
-          CK(cudaMemsetAsync(sync, 0, grid * sizeof(unsigned), s));  // the same graph shape
+          zero(s);
           for (int p = 0; p < phases; ++p)
             CK(rjpdl::Launch(PhaseKernel, g, b, kSmemBytes, s, with_pdl && p > 0, buf, p, work,
                              jitter));
