@@ -185,6 +185,39 @@ def set_logit_std(model, target: float, seed: int = 0) -> float:
     return c
 
 
+def apply_build_options(model, extra: dict, implementation=None) -> None:
+    """Applies a variant's ``build_model`` options to a loaded checkpoint (in place).
+
+    The same steps ``build_model`` takes after drawing random weights, in its order:
+    the NVFP4 embedding, folded norms, one-call attention, whole-layer calls.
+    ``exclude`` is a load option (``from_pretrained``) and is skipped here.
+
+    Args:
+      model: a ``CausalLM`` from ``from_pretrained``.
+      extra: the variant's options (``VARIANTS[name][3]``).
+      implementation: the variant's NVFP4 backend(s), for the embedding.
+    """
+    from reset_jax import models
+
+    known = {"exclude", "quantize_embedding", "fuse_norms", "fuse_attention", "fuse_decoder",
+             "pdl", "interleave_gate_up"}  # fmt: skip
+    if unknown := set(extra) - known:
+        raise SystemExit(f"build options {sorted(unknown)} are not handled for checkpoints")
+    if extra.get("quantize_embedding"):
+        models.quantize_embedding(model, implementation)
+    if extra.get("fuse_norms"):
+        models.fuse_norms(model)
+    if extra.get("fuse_attention"):
+        models.fuse_attention(model)
+    if extra.get("fuse_decoder") is not None:
+        models.fuse_decoder(
+            model,
+            extra["fuse_decoder"],
+            pdl=extra.get("pdl", True),
+            interleave_gate_up=extra.get("interleave_gate_up", True),
+        )
+
+
 def build(model_name: str, variant: str, logit_std: float = 0.0, num_layers: int | None = None):
     """Builds one model variant (random weights on the device for the named shapes).
 
@@ -218,15 +251,15 @@ def build(model_name: str, variant: str, logit_std: float = 0.0, num_layers: int
                             activations=activations, implementation=implementation,
                             **extra)  # fmt: skip
     else:
-        if extra:
-            raise SystemExit(f"{variant}: only for the random-weight shapes {sorted(HF_CONFIGS)}")
         model = from_pretrained(
             model_name,
             dtype=jnp.bfloat16,
             quantize=quantize,
             activations=activations,
             implementation=implementation,
+            **{k: v for k, v in extra.items() if k == "exclude"},
         )
+        apply_build_options(model, extra, implementation)
         config = model.config
     norm_scale = None
     if logit_std > 0 and model_name in HF_CONFIGS:

@@ -70,6 +70,31 @@ def test_decode_benchmark_without_layers(tmp_path):
     assert "| tiny (0 layers) | bf16 | 1 | reset |" in res.stdout
 
 
+def test_checkpoint_variants_get_the_random_shapes_build_options():
+    """decode.py's chained / fused / all-NVFP4 variants on a loaded checkpoint (the default
+    model) take the steps build_model takes for the random shapes."""
+    from reset_jax.models import ModelConfig, build_model
+
+    bench = _load_bench("decode")
+    config = ModelConfig.from_hf(bench.HF_CONFIGS["tiny"])
+    kw = dict(dtype=jnp.float32, quantize="nvfp4", implementation="xla")
+    for variant in ("cuda-w4a16-chain-model", "cuda-w4a16-fnorm-fattn", "xla-w4a16-qall"):
+        extra = bench.VARIANTS[variant][3]
+        loaded = build_model(config, **kw, exclude=extra.get("exclude", ("lm_head",)))
+        bench.apply_build_options(loaded, extra, "xla")
+        want = build_model(config, **kw, **extra)
+        assert loaded.decoder_chain == want.decoder_chain, variant
+        got_layers, want_layers = loaded.model.layers, want.model.layers
+        for a, b in zip(got_layers, want_layers, strict=True):
+            assert a.fused_norms == b.fused_norms, variant
+            assert a.self_attn.decode_impl == b.self_attn.decode_impl, variant
+            assert a.mlp.gate_up.interleaved == b.mlp.gate_up.interleaved, variant
+        emb = type(loaded.model.embed_tokens).__name__
+        assert emb == type(want.model.embed_tokens).__name__, variant
+    with pytest.raises(SystemExit, match="not handled"):
+        bench.apply_build_options(loaded, {"seed": 1})
+
+
 def test_set_logit_std_sets_the_logit_scale():
     from reset_jax.models import ModelConfig, build_model
 
