@@ -16,6 +16,7 @@ import torch
 from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jax import lax
 from reference import torch_nvfp4 as ref
 
 from reset_jax.nvfp4 import format as fmt
@@ -179,6 +180,29 @@ def test_div_rn_is_correctly_rounded():
     got = np.asarray(jax.jit(fmt.div_rn)(a, b))
     np.testing.assert_array_equal(bits(got), bits(a / b))
     np.testing.assert_array_equal(bits(fmt.div_rn(F32(3.0), F32(2688.0))), bits(F32(3) / F32(2688)))
+
+
+def test_div_rn_corrects_quotient_estimates_off_by_one(monkeypatch):
+    """div_rn estimates each 12-bit digit with a float32 division, which on a GPU is
+    approximate; an estimate one unit off either way must still give the IEEE quotient."""
+    rng = np.random.default_rng(7)
+    n = 200_000
+    a = (np.exp2(rng.integers(-40, 41, n)) * rng.uniform(1, 2, n)).astype(F32)
+    b = (np.exp2(rng.integers(-40, 41, n)) * rng.uniform(1, 2, n)).astype(F32)
+    k = rng.integers(1, 2**24, n).astype(F32)
+    a[: n // 2] = (
+        (b * k)[: n // 2].view(np.int32) + rng.integers(-2, 3, n // 2, dtype=np.int32)
+    ).view(F32)
+    floor = jnp.floor
+
+    def off_by_one(x):  # +1 or -1 (never below 0), chosen by a low bit of the estimate
+        y = floor(x)
+        flip = (lax.bitcast_convert_type(x, jnp.uint32) >> 3) & 1
+        return jnp.maximum(y + jnp.where(flip == 1, 1.0, -1.0).astype(y.dtype), 0)
+
+    monkeypatch.setattr(jnp, "floor", off_by_one)
+    got = np.asarray(jax.jit(lambda u, v: fmt.div_rn(u, v))(a, b))  # a fresh trace
+    np.testing.assert_array_equal(bits(got), bits(a / b))
 
 
 # --------------------------------------------------------------------------
