@@ -46,5 +46,10 @@ def _load(path: str) -> Any:
     if p.is_dir():
         return AutoTokenizer.from_pretrained(p)
     if p.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        # GGUF vocabularies are BPE, whose text must come back unchanged: some transformers
+        # versions convert them with clean_up_tokenization_spaces=True and then ignore it
+        # with a warning on every load; asking for False gives the same text everywhere.
+        return AutoTokenizer.from_pretrained(
+            p.parent, gguf_file=p.name, clean_up_tokenization_spaces=False
+        )
     raise ValueError(f"{path}: expected a checkpoint directory or a .gguf file")

@@ -104,6 +104,14 @@ def test_greedy_continuation_matches_transformers(ours, theirs, tokenizer, promp
     print(f"default model greedy: {res.texts[0]!r}; {res.timing}")
 
 
+def test_gguf_tokenizer_returns_text_unchanged(tokenizer):
+    # BPE decoding must not "clean up" spaces before punctuation (and no transformers
+    # version should warn about it on every load).
+    assert tokenizer.clean_up_tokenization_spaces is False
+    text = "12 * 7 = 84 , so : yes !"
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+
+
 def test_reset_config_for_the_default_tokenizer(tokenizer):
     rule = reset_config_for(tokenizer, t_low=0.1, tau0=0.5)
     nl, dnl = np.asarray(rule.nl_ids), np.asarray(rule.dnl_ids)
