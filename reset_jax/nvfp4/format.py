@@ -26,9 +26,10 @@ Every division above is IEEE float32 division (correctly rounded), and JAX
 cannot be asked for one: XLA's simplifier rewrites ``a / b`` by a constant or
 broadcast ``b`` into ``a * (1/b)`` (two roundings; about a fifth of quotients
 then differ in the last bit), and XLA on NVIDIA GPUs divides with the
-approximate ``div.full.f32``. So the two scale quotients use ``div_rn`` (a float
-estimate corrected by exact integer arithmetic) and the codes use ``encode_e2m1_scaled``, which decides each
-rounding boundary exactly without dividing. A CUDA kernel gets the same bits
+approximate ``div.full.f32``. So the two scale quotients use ``div_rn`` (float
+estimates corrected by exact integer arithmetic) and the codes use
+``encode_e2m1_scaled``, which decides each rounding boundary exactly without
+dividing. A CUDA kernel gets the same bits
 from a plain ``/`` compiled with nvcc's default ``-prec-div=true`` (or
 ``__fdiv_rn``), never ``__fdividef`` or ``--use_fast_math``.
 
