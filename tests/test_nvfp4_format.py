@@ -166,16 +166,21 @@ def test_division_free_encoding_equals_ieee_division():
     np.testing.assert_array_equal(got, (x / d).astype(E2M1).view(np.uint8))
 
 
+def _division_operands(seed: int, n: int, exp_range: int, k_bits: int, ulps: int):
+    """Random positive float32 ``a, b``; half of ``a`` within ``ulps`` of ``b * k`` (k an
+    integer below ``2**k_bits``): quotients next to exact ones, the hardest to round."""
+    rng = np.random.default_rng(seed)
+    e = (-exp_range, exp_range + 1)
+    a = (np.exp2(rng.integers(*e, n)) * rng.uniform(1, 2, n)).astype(F32)
+    b = (np.exp2(rng.integers(*e, n)) * rng.uniform(1, 2, n)).astype(F32)
+    k = rng.integers(1, 2**k_bits, n).astype(F32)
+    near = rng.integers(-ulps, ulps + 1, n // 2, dtype=np.int32)
+    a[: n // 2] = ((b * k)[: n // 2].view(np.int32) + near).view(F32)
+    return a, b
+
+
 def test_div_rn_is_correctly_rounded():
-    rng = np.random.default_rng(6)
-    n = 100_000
-    a = (np.exp2(rng.integers(-60, 61, n)) * rng.uniform(1, 2, n)).astype(F32)
-    b = (np.exp2(rng.integers(-60, 61, n)) * rng.uniform(1, 2, n)).astype(F32)
-    # Quotients one ulp either side of b * k: the hardest cases for rounding.
-    k = rng.integers(1, 2**20, n).astype(F32)
-    a[: n // 2] = (
-        (b * k)[: n // 2].view(np.int32) + rng.integers(-1, 2, n // 2, dtype=np.int32)
-    ).view(F32)
+    a, b = _division_operands(6, 100_000, 60, 20, 1)
     a[:10] = 0
     got = np.asarray(jax.jit(fmt.div_rn)(a, b))
     np.testing.assert_array_equal(bits(got), bits(a / b))
@@ -185,14 +190,7 @@ def test_div_rn_is_correctly_rounded():
 def test_div_rn_corrects_quotient_estimates_off_by_one(monkeypatch):
     """div_rn estimates each 12-bit digit with a float32 division, which on a GPU is
     approximate; an estimate one unit off either way must still give the IEEE quotient."""
-    rng = np.random.default_rng(7)
-    n = 200_000
-    a = (np.exp2(rng.integers(-40, 41, n)) * rng.uniform(1, 2, n)).astype(F32)
-    b = (np.exp2(rng.integers(-40, 41, n)) * rng.uniform(1, 2, n)).astype(F32)
-    k = rng.integers(1, 2**24, n).astype(F32)
-    a[: n // 2] = (
-        (b * k)[: n // 2].view(np.int32) + rng.integers(-2, 3, n // 2, dtype=np.int32)
-    ).view(F32)
+    a, b = _division_operands(7, 200_000, 40, 24, 2)
     floor = jnp.floor
 
     def off_by_one(x):  # +1 or -1 (never below 0), chosen by a low bit of the estimate
