@@ -269,7 +269,8 @@ def build(model_name: str, variant: str, logit_std: float = 0.0, num_layers: int
     build_s = time.perf_counter() - t0
     weight_bytes = _tree_bytes(params)
     rec = dict(model=model_name, variant=variant, weight_bytes=weight_bytes, build_s=build_s,
-               device=str(jax.devices()[0].device_kind), logit_std=logit_std,
+               device=str(jax.devices()[0].device_kind),
+               logit_std=logit_std if model_name in HF_CONFIGS else None,
                norm_scale=norm_scale, num_layers=config.num_layers, results=[])  # fmt: skip
     return model, graphdef, params, rec
 
@@ -416,12 +417,15 @@ def _table(records: list[dict]) -> str:
                 f"{x['prefill_ms']:.1f} | {x['decode_ms_per_token']:.3f} | {x['tokens_per_s']:.1f} | "
                 f"{sp} | {r['weight_bytes'] / 1e9:.2f} | {wr} | {x['peak_bytes'] / 1e9:.1f} |"
             )
-    stds = {r.get("logit_std") for r in records}
-    lines.append(
-        f"\nRandom-weight logits scaled to std {stds.pop()} (final norm; 0 = raw)"
-        if len(stds) == 1
-        else f"\nlogit std per record: {[(r['variant'], r.get('logit_std')) for r in records]}"
-    )
+    # Checkpoints keep their own logits (logit_std None); random shapes are scaled.
+    stds = {r.get("logit_std") for r in records} - {None}
+    if len(stds) == 1:
+        lines.append(f"\nRandom-weight logits scaled to std {stds.pop()} (final norm; 0 = raw)")
+    elif stds:
+        scaled = [
+            (r["variant"], r.get("logit_std")) for r in records if r.get("logit_std") is not None
+        ]
+        lines.append(f"\nlogit std per random-weight record: {scaled}")
     # The sampler's cost: ReSET against a fixed temperature, same model/variant/batch.
     for r in records:
         by = {key(x): x for x in r["results"]}
@@ -471,6 +475,7 @@ def main(argv=None):
         "full-vocabulary sort in the sampler every token)",
     )
     p.add_argument("--json", default="decode.json")
+    p.add_argument("--plot", default="", help="also draw tokens/s per variant into this PNG")
     p.add_argument("--logs", default="", help="folder for each variant process's stderr (XLA logs)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: MODEL:VARIANT in this process
     a = p.parse_args(argv)
@@ -515,6 +520,11 @@ def main(argv=None):
             Path(a.json).write_text(json.dumps(records, indent=1))
     Path(a.json).write_text(json.dumps(records, indent=1))
     print(_table([r for r in records if "results" in r]))
+    if a.plot and any("results" in r for r in records):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from plots import plot_decode
+
+        print(f"wrote {plot_decode(records, a.plot)}")
     for r in records:
         if "error" in r:
             print(f"FAILED {r['model']}/{r['variant']}: {r['error'][-300:]}")

@@ -115,6 +115,7 @@ def main(argv=None) -> int:
         "results are returned)",
     )
     p.add_argument("--hlo-stats", action="store_true", help="note command-buffer use of each jit")
+    p.add_argument("--plot", default="", help="also draw the table into this PNG (plots.py)")
     args = p.parse_args(argv)
     timings = [v for v in args.timing.split(",") if v]
 
@@ -264,6 +265,11 @@ def main(argv=None) -> int:
             json.dump(result, fh, indent=1)
         if final:
             print(f"wrote {out}")
+            if args.plot:
+                sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+                from plots import plot_kernels
+
+                print(f"wrote {plot_kernels(result, args.plot)}")
 
     for sname, (n, k) in shapes.items():
         fp4_bytes = n * k // 2 + n * k // 16

@@ -28,7 +28,8 @@ def test_decode_benchmark_tiny(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--models", "tiny",
            "--variants", "bf16,xla-w4a16,xla-w4a16-qall,cuda-w4a16-chain-model", "--batch", "1",
            "--samplers", "reset", "--also-fixed", "xla-w4a16", "--prompt-len", "8",
-           "--new-tokens", "6", "--repeats", "1", "--sync-every", "3", "--json", str(out)]  # fmt: skip
+           "--new-tokens", "6", "--repeats", "1", "--sync-every", "3", "--json", str(out),
+           "--plot", str(tmp_path / "decode.png")]  # fmt: skip
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -51,6 +52,55 @@ def test_decode_benchmark_tiny(tmp_path):
     assert "ReSET overhead tiny/xla-w4a16/B=1/sync=3" in res.stdout
     # The random model's logits were scaled to the default std (7).
     assert all(r["logit_std"] == 7.0 and r["norm_scale"] > 0 for r in records.values())
+    assert "Random-weight logits scaled to std 7.0" in res.stdout
+    png = (tmp_path / "decode.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def _kernel_rows():
+    """kernels.py-shaped rows: two projections (one L2-resident), four backends, M 1 and 8."""
+    rows = []
+    for shape, l2, base in (("a.qkv", False, 20.0), ("b.o", True, 3.0)):
+        for m in (1, 8):
+            for impl, us in (("bf16", base), ("cuda", base / 2), ("pallas", base / 1.2)):
+                if m == 8 and impl == "pallas":
+                    continue
+                r = dict(shape=shape, M=m, impl=impl, us=us * (1.2 if m == 8 else 1.0),
+                         l2_resident=l2)  # fmt: skip
+                r["speedup_vs_bf16"] = base * (1.2 if m == 8 else 1.0) / r["us"]
+                rows.append(r)
+    rows.append(dict(shape="a.qkv", M=1, impl="xla", error="out of memory"))  # no "us": skipped
+    return rows
+
+
+def test_plots_draw_the_kernel_and_decode_tables(tmp_path):
+    plots = _load_bench("plots")
+    k = plots.plot_kernels({"device": "test GPU", "rows": _kernel_rows()}, tmp_path / "k.png")
+    d = plots.plot_decode(
+        [
+            dict(model="m", variant="bf16", results=[
+                dict(batch=1, sampler="reset", decode_ms_per_token=2.0, tokens_per_s=500.0),
+                dict(batch=1, sampler="fixed", decode_ms_per_token=1.9, tokens_per_s=526.0)]),
+            dict(model="m", variant="cuda", results=[
+                dict(batch=1, sampler="reset", decode_ms_per_token=1.0, tokens_per_s=1000.0)]),
+            dict(model="m", variant="broken", error="x"),
+        ],
+        tmp_path / "d.png",
+    )  # fmt: skip
+    for path in (k, d):
+        data = open(path, "rb").read()
+        assert data.startswith(b"\x89PNG") and len(data) > 10_000
+    with pytest.raises(ValueError, match="no M = 1 rows"):
+        plots.plot_kernels(
+            {"rows": [r for r in _kernel_rows() if r["impl"] == "bf16"]}, tmp_path / "x.png"
+        )
+    with pytest.raises(ValueError, match="no decode records"):
+        plots.plot_decode([dict(model="m", variant="bf16", error="x")], tmp_path / "y.png")
+    # The saved H100 runs draw too (the figures in benchmarks/figures come from them).
+    data_dir = ROOT / "benchmarks" / "data"
+    assert plots.main(["--kernels", str(data_dir / "kernels_O2_h100.json"), "--decode",
+                       str(data_dir / "decode_smollm2_O3_h100.json"), "--out", str(tmp_path)]) == 0  # fmt: skip
+    assert (tmp_path / "kernels.png").is_file() and (tmp_path / "decode.png").is_file()
 
 
 def test_decode_benchmark_without_layers(tmp_path):
