@@ -404,7 +404,9 @@ def _table(records: list[dict]) -> str:
     def model_cell(r):
         named = HF_CONFIGS.get(r["model"], {}).get("num_hidden_layers")
         layers = r.get("num_layers", named)
-        return r["model"] if layers == named else f"{r['model']} ({layers} layers)"
+        if named is None or layers == named:  # a checkpoint, or a shape at its own depth
+            return r["model"]
+        return f"{r['model']} ({layers} layers)"
 
     for r in records:
         for x in r["results"]:

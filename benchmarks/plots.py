@@ -44,7 +44,8 @@ def plot_kernels(data: Mapping, path: str | os.PathLike) -> str:
     """Draws ``kernels.py``'s JSON (its ``rows``) into one PNG with two panels.
 
     Left: speedup over bf16 at M = 1 per projection (``rows[i]["shape"]``) and backend
-    (``impl``), from each row's ``speedup_vs_bf16``; L2-resident shapes are marked.
+    (``impl``), from each row's ``speedup_vs_bf16``; L2-resident shapes are marked. Where
+    rows carry several ``timing`` modes, the first is drawn.
     Right: CUDA time at every M divided by its M = 1 time, one line per projection
     whose weights stream from DRAM (L2-resident shapes are left out).
 
@@ -60,6 +61,9 @@ def plot_kernels(data: Mapping, path: str | os.PathLike) -> str:
       ValueError: no M = 1 row has a speedup to draw.
     """
     rows = [r for r in data.get("rows", []) if "us" in r]
+    # kernels.py --timing may hold several timings of each row: draw the first.
+    timings = list(dict.fromkeys(r.get("timing") for r in rows))
+    rows = [r for r in rows if r.get("timing") == timings[0]] if timings else rows
     m1 = [r for r in rows if r["M"] == 1 and r["impl"] != "bf16" and "speedup_vs_bf16" in r]
     if not m1:
         raise ValueError("no M = 1 rows with a speedup over bf16 in the kernel JSON")
@@ -84,7 +88,8 @@ def plot_kernels(data: Mapping, path: str | os.PathLike) -> str:
     ax.set_xticks(range(len(shapes)))
     ax.set_xticklabels([s + (" (L2)" if s in l2 else "") for s in shapes], rotation=35, ha="right")
     ax.set_ylabel("speedup over bf16 x @ W.T (M = 1)")
-    ax.set_title(f"NVFP4 backends per projection, {data.get('device', '')}")
+    title = f"NVFP4 backends per projection, {data.get('device', '')}"
+    ax.set_title(title + (f" [{timings[0]}]" if timings and timings[0] else ""))
     ax.legend(fontsize=8, ncol=2)
 
     # The M target is about streaming weights from DRAM: L2-resident shapes are left out.
@@ -112,8 +117,9 @@ def plot_decode(records: Sequence[Mapping], path: str | os.PathLike) -> str:
     """Draws ``decode.py``'s JSON (a list of records) into one PNG: tokens/s per bar.
 
     One panel per model; bars grouped by batch size, one per variant, each labelled
-    with its speedup over the model's ``bf16`` variant at the same batch size and sampler
-    (the first sampler of each record is drawn: ``reset`` where present).
+    with its speedup over the model's ``bf16`` variant at the same batch size, sampler and
+    ``sync_every`` (where a model has a ``bf16`` record). One sampler is drawn (``reset``
+    where present) and one ``sync_every`` (the first a result of that sampler has).
 
     Args:
       records: ``decode.py``'s records (``model``, ``variant``, ``results``: dicts with
@@ -135,38 +141,38 @@ def plot_decode(records: Sequence[Mapping], path: str | os.PathLike) -> str:
     for ax, model in zip(axes, models, strict=True):
         mine = [r for r in recs if r["model"] == model]
         variants = list(dict.fromkeys(r["variant"] for r in mine))
-        sampler = (
-            "reset" if any(x["sampler"] == "reset" for r in mine for x in r["results"]) else None
-        )
+        results = [(r["variant"], x) for r in mine for x in r["results"]]
+        samplers = [x["sampler"] for _, x in results]
+        sampler = "reset" if "reset" in samplers else samplers[0]
+        results = [(v, x) for v, x in results if x["sampler"] == sampler]
+        sync = results[0][1].get("sync_every")
         cell = {}
-        for r in mine:
-            for x in r["results"]:
-                if sampler is None or x["sampler"] == sampler:
-                    cell.setdefault((r["variant"], x["batch"]), x)
+        for v, x in results:
+            if x.get("sync_every") == sync:
+                cell.setdefault((v, x["batch"]), x)
         batches = sorted({b for (_, b) in cell})
         width = 0.8 / len(variants)
+        has_base = any(v == "bf16" for (v, _) in cell)
         for j, v in enumerate(variants):
+            labelled = False
             for i, b in enumerate(batches):
                 x = cell.get((v, b))
                 if x is None:
                     continue
                 pos = i + (j - (len(variants) - 1) / 2) * width
-                ax.bar(pos, x["tokens_per_s"], width, color=f"C{j}", label=v if i == 0 else None)
+                label = None if labelled else v
+                ax.bar(pos, x["tokens_per_s"], width, color=f"C{j}", label=label)
+                labelled = True
                 base = cell.get(("bf16", b))
                 if base is not None:
                     ratio = base["decode_ms_per_token"] / x["decode_ms_per_token"]
-                    ax.text(
-                        pos,
-                        x["tokens_per_s"],
-                        f"{ratio:.2f}×",
-                        ha="center",
-                        va="bottom",
-                        fontsize=7,
-                    )
+                    y = x["tokens_per_s"]
+                    ax.text(pos, y, f"{ratio:.2f}×", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(batches)))
         ax.set_xticklabels([f"batch {b}" for b in batches])
         ax.set_ylabel("decode tokens/s")
-        ax.set_title(f"{model} ({sampler or 'all samplers'}; labels: × bf16)")
+        what = sampler + (f", sync every {sync}" if sync is not None else "")
+        ax.set_title(f"{model} ({what}{'; labels: × bf16' if has_base else ''})")
         ax.legend(fontsize=7)
     return _save(fig, path)
 

@@ -57,6 +57,25 @@ def test_decode_benchmark_tiny(tmp_path):
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
+def test_decode_table_of_a_checkpoint_and_a_random_shape():
+    """A checkpoint's record (no logit scaling, its own depth) next to a scaled random shape."""
+    bench = _load_bench("decode")
+
+    def rec(model, variant, ms, std, layers):
+        x = dict(batch=1, sampler="reset", sync_every=8, prefill_ms=1.0, decode_ms_per_token=ms,
+                 tokens_per_s=1e3 / ms, peak_bytes=10**9)  # fmt: skip
+        return dict(model=model, variant=variant, weight_bytes=10**9, logit_std=std,
+                    num_layers=layers, results=[x])  # fmt: skip
+
+    ckpt = [rec("smollm2-135m-instruct", "bf16", 1.2, None, 30),
+            rec("smollm2-135m-instruct", "cuda", 0.8, None, 30)]  # fmt: skip
+    table = bench._table(ckpt)
+    assert "| smollm2-135m-instruct | cuda | 1 | reset | 8 |" in table  # no "(30 layers)"
+    assert "| 1.50 |" in table and "logit" not in table
+    table = bench._table([*ckpt, rec("qwen3-8b", "bf16", 6.0, 7.0, 36)])
+    assert "Random-weight logits scaled to std 7.0" in table
+
+
 def _kernel_rows():
     """kernels.py-shaped rows: two projections (one L2-resident), four backends, M 1 and 8."""
     rows = []
@@ -139,8 +158,8 @@ def test_checkpoint_variants_get_the_random_shapes_build_options():
             assert a.fused_norms == b.fused_norms, variant
             assert a.self_attn.decode_impl == b.self_attn.decode_impl, variant
             assert a.mlp.gate_up.interleaved == b.mlp.gate_up.interleaved, variant
-        emb = type(loaded.model.embed_tokens).__name__
-        assert emb == type(want.model.embed_tokens).__name__, variant
+        emb, want_emb = loaded.model.embed_tokens, want.model.embed_tokens
+        assert emb.quantized == want_emb.quantized, variant
     with pytest.raises(SystemExit, match="not handled"):
         bench.apply_build_options(loaded, {"seed": 1})
 
