@@ -185,39 +185,6 @@ def set_logit_std(model, target: float, seed: int = 0) -> float:
     return c
 
 
-def apply_build_options(model, extra: dict, implementation=None) -> None:
-    """Applies a variant's ``build_model`` options to a loaded checkpoint (in place).
-
-    The same steps ``build_model`` takes after drawing random weights, in its order:
-    the NVFP4 embedding, folded norms, one-call attention, whole-layer calls.
-    ``exclude`` is a load option (``from_pretrained``) and is skipped here.
-
-    Args:
-      model: a ``CausalLM`` from ``from_pretrained``.
-      extra: the variant's options (``VARIANTS[name][3]``).
-      implementation: the variant's NVFP4 backend(s), for the embedding.
-    """
-    from reset_jax import models
-
-    known = {"exclude", "quantize_embedding", "fuse_norms", "fuse_attention", "fuse_decoder",
-             "pdl", "interleave_gate_up"}  # fmt: skip
-    if unknown := set(extra) - known:
-        raise SystemExit(f"build options {sorted(unknown)} are not handled for checkpoints")
-    if extra.get("quantize_embedding"):
-        models.quantize_embedding(model, implementation)
-    if extra.get("fuse_norms"):
-        models.fuse_norms(model)
-    if extra.get("fuse_attention"):
-        models.fuse_attention(model)
-    if extra.get("fuse_decoder") is not None:
-        models.fuse_decoder(
-            model,
-            extra["fuse_decoder"],
-            pdl=extra.get("pdl", True),
-            interleave_gate_up=extra.get("interleave_gate_up", True),
-        )
-
-
 def build(model_name: str, variant: str, logit_std: float = 0.0, num_layers: int | None = None):
     """Builds one model variant (random weights on the device for the named shapes).
 
@@ -232,7 +199,7 @@ def build(model_name: str, variant: str, logit_std: float = 0.0, num_layers: int
     import jax.numpy as jnp
     from flax import nnx
 
-    from reset_jax.models import ModelConfig, build_model, from_pretrained
+    from reset_jax.models import ModelConfig, apply_build_options, build_model, from_pretrained
 
     quantize, activations, implementation, *more = VARIANTS[variant]
     extra = more[0] if more else {}
@@ -251,6 +218,8 @@ def build(model_name: str, variant: str, logit_std: float = 0.0, num_layers: int
                             activations=activations, implementation=implementation,
                             **extra)  # fmt: skip
     else:
+        # The random shapes' options: ``exclude`` at load time, the rest on the loaded model.
+        rest = {k: v for k, v in extra.items() if k != "exclude"}
         model = from_pretrained(
             model_name,
             dtype=jnp.bfloat16,
@@ -259,7 +228,7 @@ def build(model_name: str, variant: str, logit_std: float = 0.0, num_layers: int
             implementation=implementation,
             **{k: v for k, v in extra.items() if k == "exclude"},
         )
-        apply_build_options(model, extra, implementation)
+        apply_build_options(model, implementation=implementation, **rest)
         config = model.config
     norm_scale = None
     if logit_std > 0 and model_name in HF_CONFIGS:

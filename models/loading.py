@@ -615,6 +615,44 @@ def build_model(
     _check_options(quantize, activations)
     source = _RandomSource(seed, dtype, quantize, activations, implementation, exclude)
     model = MODEL_CLASSES[config.family](config, source)
+    return apply_build_options(
+        model,
+        implementation=implementation,
+        quantize_embedding=quantize_embedding,
+        fuse_norms=fuse_norms,
+        fuse_attention=fuse_attention,
+        fuse_decoder=fuse_decoder,
+        pdl=pdl,
+        interleave_gate_up=interleave_gate_up,
+    )
+
+
+def apply_build_options(
+    model: CausalLM,
+    *,
+    implementation: str | Sequence[str] | None = None,
+    quantize_embedding: bool = False,
+    fuse_norms: bool = False,
+    fuse_attention: bool = False,
+    fuse_decoder: str | None = None,
+    pdl: bool = True,
+    interleave_gate_up: bool = True,
+) -> CausalLM:
+    """``build_model``'s options that act on a built model, for a model built any way.
+
+    In ``build_model``'s order: the NVFP4 embedding, folded norms, one-call attention,
+    whole-layer calls (see ``build_model`` for each). A loaded checkpoint
+    (``from_pretrained``) gets the same variants as a random model this way.
+
+    Args:
+      model: a ``CausalLM`` (changed in place).
+      implementation: NVFP4 backend(s) for the quantized embedding's tied output layer.
+      quantize_embedding, fuse_norms, fuse_attention, fuse_decoder, pdl,
+        interleave_gate_up: as in ``build_model``.
+
+    Returns:
+      ``model``.
+    """
     if quantize_embedding:
         quantize_embedding_table(model, implementation)
     if fuse_norms:

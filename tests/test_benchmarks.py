@@ -141,8 +141,9 @@ def test_decode_benchmark_without_layers(tmp_path):
 
 def test_checkpoint_variants_get_the_random_shapes_build_options():
     """decode.py's chained / fused / all-NVFP4 variants on a loaded checkpoint (the default
-    model) take the steps build_model takes for the random shapes."""
-    from reset_jax.models import ModelConfig, build_model
+    model) take the steps build_model takes for the random shapes: ``exclude`` at load time,
+    the rest through ``models.apply_build_options``, as ``decode.build`` splits them."""
+    from reset_jax.models import ModelConfig, apply_build_options, build_model
 
     bench = _load_bench("decode")
     config = ModelConfig.from_hf(bench.HF_CONFIGS["tiny"])
@@ -150,7 +151,8 @@ def test_checkpoint_variants_get_the_random_shapes_build_options():
     for variant in ("cuda-w4a16-chain-model", "cuda-w4a16-fnorm-fattn", "xla-w4a16-qall"):
         extra = bench.VARIANTS[variant][3]
         loaded = build_model(config, **kw, exclude=extra.get("exclude", ("lm_head",)))
-        bench.apply_build_options(loaded, extra, "xla")
+        rest = {k: v for k, v in extra.items() if k != "exclude"}
+        assert apply_build_options(loaded, implementation="xla", **rest) is loaded
         want = build_model(config, **kw, **extra)
         assert loaded.decoder_chain == want.decoder_chain, variant
         got_layers, want_layers = loaded.model.layers, want.model.layers
@@ -160,8 +162,8 @@ def test_checkpoint_variants_get_the_random_shapes_build_options():
             assert a.mlp.gate_up.interleaved == b.mlp.gate_up.interleaved, variant
         emb, want_emb = loaded.model.embed_tokens, want.model.embed_tokens
         assert emb.quantized == want_emb.quantized, variant
-    with pytest.raises(SystemExit, match="not handled"):
-        bench.apply_build_options(loaded, {"seed": 1})
+    with pytest.raises(TypeError, match="seed"):  # an option it does not handle
+        apply_build_options(loaded, seed=1)
 
 
 def test_set_logit_std_sets_the_logit_scale():
