@@ -113,18 +113,24 @@ def plot_kernels(data: Mapping, path: str | os.PathLike) -> str:
     return _save(fig, path)
 
 
-def plot_decode(records: Sequence[Mapping], path: str | os.PathLike) -> str:
+def plot_decode(
+    records: Sequence[Mapping],
+    path: str | os.PathLike,
+    baselines: Sequence[str] = ("bf16", "bf16-fattn"),
+) -> str:
     """Draws ``decode.py``'s JSON (a list of records) into one PNG: tokens/s per bar.
 
     One panel per model; bars grouped by batch size, one per variant, each labelled
-    with its speedup over the model's ``bf16`` variant at the same batch size, sampler and
-    ``sync_every`` (where a model has a ``bf16`` record). One sampler is drawn (``reset``
-    where present) and one ``sync_every`` (the first a result of that sampler has).
+    with its speedup over the model's faster ``baselines`` variant at the same batch size
+    (where a model has one). One sampler is drawn (``reset`` where present) and one
+    ``sync_every`` (the first a result of that sampler has); the plain anchor's greedy
+    rows (``decode.py``'s anchor variants) are drawn beside it.
 
     Args:
       records: ``decode.py``'s records (``model``, ``variant``, ``results``: dicts with
         ``batch``, ``sampler``, ``decode_ms_per_token``, ``tokens_per_s``).
       path: the PNG to write.
+      baselines: the dense variants the labels divide by (the faster at each batch).
 
     Returns:
       the path written.
@@ -144,15 +150,20 @@ def plot_decode(records: Sequence[Mapping], path: str | os.PathLike) -> str:
         results = [(r["variant"], x) for r in mine for x in r["results"]]
         samplers = [x["sampler"] for _, x in results]
         sampler = "reset" if "reset" in samplers else samplers[0]
-        results = [(v, x) for v, x in results if x["sampler"] == sampler]
-        sync = results[0][1].get("sync_every")
+        # "greedy": the plain anchor step (decode.py's anchor variants), drawn beside any sampler
+        results = [(v, x) for v, x in results if x["sampler"] in (sampler, "greedy")]
+        sync = next((x.get("sync_every") for _, x in results if x["sampler"] == sampler), None)
         cell = {}
         for v, x in results:
-            if x.get("sync_every") == sync:
+            if x.get("sync_every") in (sync, None):
                 cell.setdefault((v, x["batch"]), x)
         batches = sorted({b for (_, b) in cell})
         width = 0.8 / len(variants)
-        has_base = any(v == "bf16" for (v, _) in cell)
+        # × bf16 labels: against the faster dense variant at each batch size
+        bases, used = {}, {}
+        for (v, b), x in cell.items():
+            if v in baselines and (b not in bases or x["decode_ms_per_token"] < bases[b]):
+                bases[b], used[b] = x["decode_ms_per_token"], v
         for j, v in enumerate(variants):
             labelled = False
             for i, b in enumerate(batches):
@@ -163,16 +174,16 @@ def plot_decode(records: Sequence[Mapping], path: str | os.PathLike) -> str:
                 label = None if labelled else v
                 ax.bar(pos, x["tokens_per_s"], width, color=f"C{j}", label=label)
                 labelled = True
-                base = cell.get(("bf16", b))
-                if base is not None:
-                    ratio = base["decode_ms_per_token"] / x["decode_ms_per_token"]
+                if b in bases:
+                    ratio = bases[b] / x["decode_ms_per_token"]
                     y = x["tokens_per_s"]
                     ax.text(pos, y, f"{ratio:.2f}×", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(batches)))
         ax.set_xticklabels([f"batch {b}" for b in batches])
         ax.set_ylabel("decode tokens/s")
         what = sampler + (f", sync every {sync}" if sync is not None else "")
-        ax.set_title(f"{model} ({what}{'; labels: × bf16' if has_base else ''})")
+        over = "/".join(sorted(set(used.values())))
+        ax.set_title(f"{model} ({what}{f'; labels: × {over}' if over else ''})")
         ax.legend(fontsize=7)
     return _save(fig, path)
 

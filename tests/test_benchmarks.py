@@ -102,6 +102,11 @@ def test_plots_draw_the_kernel_and_decode_tables(tmp_path):
                 dict(batch=1, sampler="fixed", decode_ms_per_token=1.9, tokens_per_s=526.0)]),
             dict(model="m", variant="cuda", results=[
                 dict(batch=1, sampler="reset", decode_ms_per_token=1.0, tokens_per_s=1000.0)]),
+            dict(model="m", variant="bf16-fattn", results=[
+                dict(batch=1, sampler="reset", decode_ms_per_token=1.5, tokens_per_s=667.0)]),
+            dict(model="m", variant="anchor-fused", results=[
+                dict(batch=1, sampler="greedy", sync_every=None, decode_ms_per_token=1.6,
+                     tokens_per_s=625.0)]),
             dict(model="m", variant="broken", error="x"),
         ],
         tmp_path / "d.png",
@@ -137,6 +142,100 @@ def test_decode_benchmark_without_layers(tmp_path):
     # lm_head) + 64 (final norm) bf16 values.
     assert rec["weight_bytes"] == 2 * (2 * 64 * 512 + 64)
     assert "| tiny (0 layers) | bf16 | 1 | reset |" in res.stdout
+
+
+def _llama_tiny():
+    return dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=64,
+                intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+                max_position_embeddings=512, tie_word_embeddings=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", ["qwen3", "llama"])
+@pytest.mark.parametrize("layout", ["kn", "nk", "nk-fused"])
+def test_anchor_step_computes_the_library_model(shape, layout):
+    """The plain step of benchmarks/anchor.py is the same model as the library's, so timing
+    one against the other compares implementations of one computation: its logits, one
+    token at a time through its cache, equal the library's uncached forward (float32)."""
+    from reset_jax.models import ModelConfig, build_model
+
+    anchor = _load_bench("anchor")
+    hf = _load_bench("decode").HF_CONFIGS["tiny"] if shape == "qwen3" else _llama_tiny()
+    config = ModelConfig.from_hf(hf)
+    model = build_model(config, dtype=jnp.float32, seed=3)
+    b, s = 2, 7
+    ids = jax.random.randint(jax.random.key(1), (b, s), 0, config.vocab_size)
+    want = model(ids)  # [B, S, V]
+    params = anchor.anchor_params(model, layout)
+    step = anchor.make_step(config, layout, logits=True)
+    cache = anchor.init_cache(config, b, 12, jnp.float32)  # random: slots > pos are masked
+    pos, got = jnp.asarray(0, jnp.int32), []
+    for t in range(s):
+        cache, logits, pos = step(params, cache, ids[:, t].astype(jnp.int32), pos)
+        got.append(logits)
+    got = jnp.stack(got, axis=1)
+    assert int(pos) == s
+    scale = float(jnp.max(jnp.abs(want)))
+    assert float(jnp.max(jnp.abs(got - want))) < 1e-4 * scale
+    # The greedy step takes the argmax of the same logits.
+    greedy = anchor.make_step(config, layout)
+    cache = anchor.init_cache(config, b, 12, jnp.float32)
+    _, tok, _ = greedy(params, cache, ids[:, 0].astype(jnp.int32), jnp.asarray(0, jnp.int32))
+    assert (tok == jnp.argmax(want[:, 0], axis=-1)).all()
+
+
+def test_anchor_rejects_what_it_does_not_implement():
+    from reset_jax.models import ModelConfig, build_model
+
+    anchor = _load_bench("anchor")
+    config = ModelConfig.from_hf(_load_bench("decode").HF_CONFIGS["tiny"])
+    model = build_model(config, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="layout"):
+        anchor.anchor_params(model, "kk")
+    quantized = build_model(config, dtype=jnp.float32, quantize="nvfp4", implementation="xla")
+    with pytest.raises(ValueError, match="dense weights"):
+        anchor.anchor_params(quantized)
+
+
+def test_decode_benchmark_times_the_anchor_beside_the_library():
+    """decode.py's anchor variants: a greedy record in the run_one format, and a
+    "× anchor" column that divides the faster anchor's time by each row's."""
+    bench = _load_bench("decode")
+    rec = bench.run_one("tiny", "anchor-nt", [1, 2], prompt_len=4, new_tokens=5, repeats=1,
+                        samplers=["reset"])  # fmt: skip
+    assert rec["variant"] == "anchor-nt" and rec["layout"] == "nk"
+    assert [x["batch"] for x in rec["results"]] == [1, 2]
+    for x in rec["results"]:
+        assert x["sampler"] == "greedy" and x["steps"] == 4 and x["prefill_ms"] is None
+        assert x["decode_ms_per_token"] > 0
+    # the anchor's weights: the bf16 model's minus nothing (q/k/v split, same bytes)
+    bf16 = bench.build("tiny", "bf16")[3]
+    assert rec["weight_bytes"] == bf16["weight_bytes"]
+
+    def fake(variant, ms, sampler="reset"):
+        x = dict(batch=1, sampler=sampler, sync_every=8, prefill_ms=1.0, decode_ms_per_token=ms,
+                 tokens_per_s=1e3 / ms, peak_bytes=10**9)  # fmt: skip
+        return dict(model="m", variant=variant, weight_bytes=10**9, results=[x])
+
+    table = bench._table([fake("anchor", 5.0, "greedy") | {"layout": "kn"},
+                          fake("anchor-nt", 4.0, "greedy"), fake("bf16", 5.0),
+                          fake("cuda", 2.0)])  # fmt: skip
+    assert "× anchor |" in table.splitlines()[0]
+    assert "| m | cuda | 1 | reset | 8 | 1.0 | 2.000 | 500.0 | 2.50 | 2.00 |" in table
+    assert "| m | bf16 | 1 | reset | 8 | 1.0 | 5.000 | 200.0 | 1.00 | 0.80 |" in table
+    assert "× anchor" not in bench._table([fake("bf16", 5.0)])
+    # × BF16 divides by the faster dense variant, and the table says which one it was.
+    table = bench._table([fake("bf16", 5.0), fake("bf16-fattn", 4.0), fake("cuda", 2.0)])
+    assert "| m | cuda | 1 | reset | 8 | 1.0 | 2.000 | 500.0 | 2.00 |" in table
+    assert "| m | bf16 | 1 | reset | 8 | 1.0 | 5.000 | 200.0 | 0.80 |" in table
+    assert "against the faster BF16 variant: m/B=1/reset: bf16-fattn" in table
+    assert "faster BF16" not in bench._table([fake("bf16", 5.0), fake("bf16-fattn", 6.0)])
+
+
+def test_tree_bytes_counts_a_shared_array_once():
+    bench = _load_bench("decode")
+    a, b = jnp.zeros((4, 8), jnp.bfloat16), jnp.zeros((3,), jnp.float32)
+    assert bench._tree_bytes({"embed": a, "lm_head": a, "norm": b}) == 64 + 12
 
 
 def test_checkpoint_variants_get_the_random_shapes_build_options():
