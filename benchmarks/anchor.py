@@ -11,9 +11,10 @@ can be made in one run on one card instead of against a number from another day:
   layout); ``layout="nk"``: ``[N, K]`` and ``h @ W.T`` (PyTorch's, and the library's);
   ``layout="nk-fused"``: the same with q/k/v and gate/up concatenated into one matmul
   each, as the library does (fewer, longer matrix-vector products);
-* a Python loop over the layers, unrolled under ``jax.jit``; one cache array per layer
-  ``[B, T, Hkv, Dh]``, written with ``lax.dynamic_update_slice`` and donated, so XLA
-  updates it in place;
+* a Python loop over the layers, unrolled under ``jax.jit``; one cache array per layer,
+  head-major ``[B, Hkv, T, Dh]`` so that both attention products are batched over
+  (b, kv head) with no transpose of the cache at any batch size, written with
+  ``lax.dynamic_update_slice`` and donated, so XLA updates it in place;
 * every matmul plain ``@`` in the weights' dtype (float32 accumulation, bf16 result: an
   M = 1 product asked for a float32 result runs 3-13 % slower on an H100);
 * attention over all T slots with a ``t <= pos`` mask, float32 softmax;
@@ -35,7 +36,7 @@ LAYOUTS = ("kn", "nk", "nk-fused")
 
 
 def anchor_params(model, layout: str = "kn") -> dict:
-    """Plain arrays from a dense library ``CausalLM`` (a Qwen3 / Qwen2 / Llama shape).
+    """Plain arrays from a dense library ``CausalLM`` (a Qwen3 or Llama shape, no biases).
 
     Args:
       model: a ``reset_jax.models.CausalLM`` with dense weights.
@@ -106,7 +107,7 @@ def make_step(config, layout: str = "kn", logits: bool = False):
 
     Returns:
       ``step(params, cache, tokens, pos) -> (cache, next_tokens, pos + 1)`` with
-      ``cache`` a tuple of per-layer ``(k, v)``, each ``[B, T, Hkv, Dh]`` (donated),
+      ``cache`` a tuple of per-layer ``(k, v)``, each ``[B, Hkv, T, Dh]`` (donated),
       ``tokens`` ``[B]`` int32 and ``pos`` an int32 scalar (the slot written this step);
       with ``logits=True``, ``(cache, logits [B, V], pos + 1)``.
     """
@@ -144,7 +145,7 @@ def make_step(config, layout: str = "kn", logits: bool = False):
         cos, sin = jnp.cos(ang) * factor, jnp.sin(ang) * factor
         new_cache = []
         for p, (ck, cv) in zip(params["layers"], cache, strict=True):
-            t = ck.shape[1]
+            t = ck.shape[2]
             h = rms(x, p["ln1"])
             if "qkv" in p:
                 q, k, v = jnp.split(mm(h, p["qkv"]), [hq * dh, (hq + hkv) * dh], axis=-1)
@@ -154,14 +155,14 @@ def make_step(config, layout: str = "kn", logits: bool = False):
             if "q_norm" in p:
                 q, k = rms(q, p["q_norm"]), rms(k, p["k_norm"])
             q, k = rope(q, cos, sin), rope(k, cos, sin)
-            ck = lax.dynamic_update_slice(ck, k[:, None].astype(ck.dtype), (0, pos, 0, 0))
-            cv = lax.dynamic_update_slice(cv, v[:, None].astype(cv.dtype), (0, pos, 0, 0))
+            ck = lax.dynamic_update_slice(ck, k[:, :, None].astype(ck.dtype), (0, 0, pos, 0))
+            cv = lax.dynamic_update_slice(cv, v[:, :, None].astype(cv.dtype), (0, 0, pos, 0))
             new_cache.append((ck, cv))
             qg = q.reshape(b, hkv, hq // hkv, dh)
-            s = jnp.einsum("bkgd,btkd->bkgt", qg, ck, preferred_element_type=jnp.float32)
+            s = jnp.einsum("bkgd,bktd->bkgt", qg, ck, preferred_element_type=jnp.float32)
             s = jnp.where(jnp.arange(t) <= pos, s * dh**-0.5, -jnp.inf)
             a = jax.nn.softmax(s, axis=-1).astype(x.dtype)
-            o = jnp.einsum("bkgt,btkd->bkgd", a, cv, preferred_element_type=jnp.float32)
+            o = jnp.einsum("bkgt,bktd->bkgd", a, cv, preferred_element_type=jnp.float32)
             x = x + mm(o.astype(x.dtype).reshape(b, hq * dh), p["o"])
             h = rms(x, p["ln2"])
             if "gate_up" in p:
@@ -179,11 +180,11 @@ def make_step(config, layout: str = "kn", logits: bool = False):
 
 
 def init_cache(config, batch: int, max_len: int, dtype, seed: int = 0) -> tuple:
-    """Per-layer ``(k, v)`` ``[B, T, Hkv, Dh]``, random normal (the cost of reading a full cache)."""
+    """Per-layer ``(k, v)`` ``[B, Hkv, T, Dh]``, random normal (the cost of reading a full cache)."""
     import jax
 
     c = config
-    shape = (batch, max_len, c.num_kv_heads, c.head_dim)
+    shape = (batch, c.num_kv_heads, max_len, c.head_dim)
     keys = jax.random.split(jax.random.key(seed), 2 * c.num_layers)
     return tuple(
         (

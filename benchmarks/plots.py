@@ -148,14 +148,14 @@ def plot_decode(
         mine = [r for r in recs if r["model"] == model]
         variants = list(dict.fromkeys(r["variant"] for r in mine))
         results = [(r["variant"], x) for r in mine for x in r["results"]]
-        samplers = [x["sampler"] for _, x in results]
-        sampler = "reset" if "reset" in samplers else samplers[0]
+        samplers = [x["sampler"] for _, x in results if x["sampler"] != "greedy"]
+        sampler = "reset" if "reset" in samplers else (samplers or ["greedy"])[0]
         # "greedy": the plain anchor step (decode.py's anchor variants), drawn beside any sampler
         results = [(v, x) for v, x in results if x["sampler"] in (sampler, "greedy")]
         sync = next((x.get("sync_every") for _, x in results if x["sampler"] == sampler), None)
         cell = {}
         for v, x in results:
-            if x.get("sync_every") in (sync, None):
+            if x.get("sync_every") == sync or x["sampler"] == "greedy":
                 cell.setdefault((v, x["batch"]), x)
         batches = sorted({b for (_, b) in cell})
         width = 0.8 / len(variants)
@@ -171,7 +171,7 @@ def plot_decode(
                 if x is None:
                     continue
                 pos = i + (j - (len(variants) - 1) / 2) * width
-                label = None if labelled else v
+                label = None if labelled else v + (" (greedy)" if x["sampler"] == "greedy" else "")
                 ax.bar(pos, x["tokens_per_s"], width, color=f"C{j}", label=label)
                 labelled = True
                 if b in bases:

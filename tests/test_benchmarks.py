@@ -221,6 +221,8 @@ def test_decode_benchmark_times_the_anchor_beside_the_library():
                           fake("anchor-nt", 4.0, "greedy"), fake("bf16", 5.0),
                           fake("cuda", 2.0)])  # fmt: skip
     assert "× anchor |" in table.splitlines()[0]
+    assert "against the faster plain step" in table and "m/B=1: anchor-nt" in table
+    assert rec["logit_std"] is None  # the greedy step's logits are not scaled
     assert "| m | cuda | 1 | reset | 8 | 1.0 | 2.000 | 500.0 | 2.50 | 2.00 |" in table
     assert "| m | bf16 | 1 | reset | 8 | 1.0 | 5.000 | 200.0 | 1.00 | 0.80 |" in table
     assert "× anchor" not in bench._table([fake("bf16", 5.0)])
@@ -228,7 +230,7 @@ def test_decode_benchmark_times_the_anchor_beside_the_library():
     table = bench._table([fake("bf16", 5.0), fake("bf16-fattn", 4.0), fake("cuda", 2.0)])
     assert "| m | cuda | 1 | reset | 8 | 1.0 | 2.000 | 500.0 | 2.00 |" in table
     assert "| m | bf16 | 1 | reset | 8 | 1.0 | 5.000 | 200.0 | 0.80 |" in table
-    assert "against the faster BF16 variant: m/B=1/reset: bf16-fattn" in table
+    assert "against the faster BF16 variant: m/B=1/reset/sync=8: bf16-fattn" in table
     assert "faster BF16" not in bench._table([fake("bf16", 5.0), fake("bf16-fattn", 6.0)])
 
 
