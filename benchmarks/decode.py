@@ -7,11 +7,13 @@ is its own. Per batch size: prefill time, decode ms/token over the steady state
 (the jitted `lax.while_loop` of `reset_jax.decode`, timed as a whole and divided
 by the steps it ran, median over repeats), tokens/s, weight bytes and peak GPU
 memory; ReSET against a fixed temperature on the same loop gives the sampler's
-cost. Prints a table with speedups over BF16 and writes JSON.
+cost. Prints a table with speedups over the faster BF16 path (plain, or with the
+fused attention op) and over the issue's plain anchor step (``anchor.py``), and
+writes JSON.
 
 Usage:
-  python benchmarks/decode.py --models qwen3-8b --variants bf16,cuda-w4a16 --batch 1,8 \
-      --json /tmp/decode.json
+  python benchmarks/decode.py --models qwen3-8b --batch 1,8 --json /tmp/decode.json
+  python benchmarks/decode.py --models qwen3-8b --variants anchor-fused,bf16-fattn,cuda-w4a16-chain-model
 """
 
 from __future__ import annotations
@@ -112,6 +114,12 @@ VARIANTS = {
     ),
 }
 
+
+# One run of everything the issue's table compares (a long run: the XLA rows decode slowly).
+DEFAULT_VARIANTS = (
+    "anchor-fused,bf16,bf16-fattn,cuda-w4a16-chain-model,cuda-w4a16,cuda-w4a4,"
+    "pallas-w4a16,pallas-w4a4,xla-w4a16,xla-w4a4"
+)
 
 # The dense variants "× BF16" divides by: the faster of them per model, batch and sampler.
 BF16_BASELINES = ("bf16", "bf16-fattn")
@@ -498,7 +506,12 @@ def _table(records: list[dict]) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", default="qwen3-8b")
-    p.add_argument("--variants", default="bf16,cuda-w4a16,cuda-w4a4")
+    p.add_argument(
+        "--variants",
+        default=DEFAULT_VARIANTS,
+        help="comma-separated; the default is the issue's table: the plain anchor, both BF16 "
+        "paths, NVFP4 through the chain, and W4A16 / W4A4 through CUDA, Pallas and XLA",
+    )
     p.add_argument("--batch", default="1,8")
     p.add_argument("--samplers", default="reset", help="reset, fixed or both (reset,fixed)")
     p.add_argument(

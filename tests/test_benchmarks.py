@@ -234,6 +234,17 @@ def test_decode_benchmark_times_the_anchor_beside_the_library():
     assert "faster BF16" not in bench._table([fake("bf16", 5.0), fake("bf16-fattn", 6.0)])
 
 
+def test_decode_default_variants_are_the_issues_table():
+    """With no --variants, decode.py runs every backend and activation format the issue
+    compares, beside the plain anchor and both BF16 paths; every name is one it knows."""
+    bench = _load_bench("decode")
+    names = bench.DEFAULT_VARIANTS.split(",")
+    assert all(v in bench.VARIANTS or v in bench.ANCHORS for v in names)
+    for impl in ("cuda", "pallas", "xla"):
+        assert {f"{impl}-w4a16", f"{impl}-w4a4"} <= set(names)
+    assert {"anchor-fused", *bench.BF16_BASELINES, "cuda-w4a16-chain-model"} <= set(names)
+
+
 def test_tree_bytes_counts_a_shared_array_once():
     bench = _load_bench("decode")
     a, b = jnp.zeros((4, 8), jnp.bfloat16), jnp.zeros((3,), jnp.float32)
