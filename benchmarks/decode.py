@@ -425,23 +425,22 @@ def _table(records: list[dict]) -> str:
     def key(x):  # records written before sync_every existed synced every step
         return x["batch"], x["sampler"], x.get("sync_every", 1)
 
+    def fastest(variants, where) -> dict:
+        """``{where(r, x): (ms/token, variant)}``: the fastest result of ``variants`` there."""
+        best = {}
+        for r in records:
+            if r["variant"] in variants:
+                for x in r["results"]:
+                    k, ms = where(r, x), x["decode_ms_per_token"]
+                    if k not in best or ms < best[k][0]:
+                        best[k] = (ms, r["variant"])
+        return best
+
     # × BF16 divides by the faster dense row (plain, or with the fused attention op that
     # `reset-jax generate` runs on a GPU) of the same model, batch, sampler and sync.
-    base, base_name = {}, {}
-    for r in records:
-        if r["variant"] in BF16_BASELINES:
-            for x in r["results"]:
-                k = (r["model"], *key(x))
-                if k not in base or x["decode_ms_per_token"] < base[k]["decode_ms_per_token"]:
-                    base[k], base_name[k] = x, r["variant"]
+    base = fastest(BF16_BASELINES, lambda r, x: (r["model"], *key(x)))
     # The plain step (benchmarks/anchor.py): the faster layout per model and batch.
-    anchors = {}
-    for r in records:
-        if r["variant"] in ANCHORS:
-            for x in r["results"]:
-                k = (r["model"], x["batch"])
-                if k not in anchors or x["decode_ms_per_token"] < anchors[k][0]:
-                    anchors[k] = (x["decode_ms_per_token"], r["variant"])
+    anchors = fastest(ANCHORS, lambda r, x: (r["model"], x["batch"]))
     head = "| model | variant | B | sampler | sync | prefill ms | decode ms/tok | tok/s | × BF16 |"
     rule = "|---|---|---|---|---|---|---|---|---|"
     if anchors:
@@ -460,7 +459,7 @@ def _table(records: list[dict]) -> str:
         for x in r["results"]:
             ms = x["decode_ms_per_token"]
             b = base.get((r["model"], *key(x)))
-            sp = f"{b['decode_ms_per_token'] / ms:.2f}" if b else "-"
+            sp = f"{b[0] / ms:.2f}" if b else "-"
             if anchors:
                 a = anchors.get((r["model"], x["batch"]))
                 sp += f" | {a[0] / ms:.2f}" if a else " | -"
@@ -473,8 +472,8 @@ def _table(records: list[dict]) -> str:
                 f"{pre} | {ms:.3f} | {x['tokens_per_s']:.1f} | "
                 f"{sp} | {r['weight_bytes'] / 1e9:.2f} | {wr} | {x['peak_bytes'] / 1e9:.1f} |"
             )
-    names = [f"{k[0]}/B={k[1]}/{k[2]}/sync={k[3]}: {v}" for k, v in sorted(base_name.items())]
-    if any(v != "bf16" for v in base_name.values()):
+    names = [f"{k[0]}/B={k[1]}/{k[2]}/sync={k[3]}: {v}" for k, (_, v) in sorted(base.items())]
+    if any(v != "bf16" for _, v in base.values()):
         lines.append("\n× BF16 is against the faster BF16 variant: " + "; ".join(names))
     if anchors:
         which = [f"{m}/B={b}: {v}" for (m, b), (_, v) in sorted(anchors.items())]
