@@ -117,6 +117,8 @@ const char* DecoderLayerUnsupportedReason(const DecoderLayerArgs& a) {
     return "buffers must be 16-byte aligned";
   for (const Weight* w : {&a.qkv, &a.o, &a.gate_up, &a.down})
     if (!w->codes || !w->scales || !w->gscale) return "null weight buffer";
+  for (int v : {a.qkv_norm_variant, a.gate_up_norm_variant})
+    if (v < 0 || v > 4) return "add + norm variants must be in 0..4";
   if (a.scratch_bytes < DecoderLayerScratchBytes(a.M, a.D, a.F, t.Hq, t.Hkv, t.D, t.T))
     return "scratch too small";
   rjattn::DecodeAttentionArgs probe = t;
@@ -141,7 +143,8 @@ cudaError_t LaunchDecoderLayer(const DecoderLayerArgs& a, cudaStream_t stream) {
 
   // r1 = x + h; qkv = rmsnorm(r1) * ln1 @ Wqkv^T
   nvfp4::GemvArgs g = Gemv(a.qkv, a.x, qkv, M, wq, D, pdl_on && a.pdl_first);
-  if (cudaError_t e = nvfp4::LaunchGemvAddNorm(g, a.h, a.ln1, a.eps, r1, xn, stream);
+  if (cudaError_t e = nvfp4::LaunchGemvAddNorm(g, a.h, a.ln1, a.eps, r1, xn, stream,
+                                               a.qkv_norm_variant);
       e != cudaSuccess)
     return e;
   // attention (writes the new key and value into the cache)
@@ -163,9 +166,11 @@ cudaError_t LaunchDecoderLayer(const DecoderLayerArgs& a, cudaStream_t stream) {
   // x' = r1 + o; gu = rmsnorm(x') * ln2 @ Wgu^T, with SwiGLU in its epilogue where the
   // rows are interleaved and the wide kernel serves (act written directly)
   g = Gemv(a.gate_up, r1, gu, M, 2 * F, D, pdlb(2));
-  g.swiglu = a.gate_up_interleaved && nvfp4::GemvSwiGluSupported(g);
+  const int gu_variant = a.gate_up_norm_variant;
+  g.swiglu = a.gate_up_interleaved && (gu_variant == 0 || gu_variant == 4) &&
+             nvfp4::GemvSwiGluSupported(g);
   if (g.swiglu) g.y = act;
-  if (cudaError_t e = nvfp4::LaunchGemvAddNorm(g, o, a.ln2, a.eps, a.x_out, xn, stream);
+  if (cudaError_t e = nvfp4::LaunchGemvAddNorm(g, o, a.ln2, a.eps, a.x_out, xn, stream, gu_variant);
       e != cudaSuccess)
     return e;
   // act = silu(gate) * up

@@ -44,6 +44,10 @@ struct DecoderLayerArgs {
   // Interleaved rows let the gate+up GEMV apply SwiGLU in its epilogue (one kernel fewer)
   // wherever its wide path serves; the result is the same bits either way.
   bool gate_up_interleaved = false;
+  // nvfp4::LaunchGemvAddNorm's variant for the qkv and the gate+up GEMV (0: the library's
+  // choice; others for A/B benchmarks; SwiGLU in the gate+up epilogue only with 0 and 4).
+  int qkv_norm_variant = 0;
+  int gate_up_norm_variant = 0;
   // Attention: cos, sin, positions, layer, k_cache, v_cache, q_norm, k_norm, B (= M),
   // Hq, Hkv, D (head width), L, T, scale, eps as in rjattn::DecodeAttentionArgs;
   // q/k/v/out/partial/pdl are filled in by the launcher.

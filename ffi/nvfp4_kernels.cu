@@ -194,14 +194,18 @@ cudaError_t LaunchGemvAddNorm(const GemvArgs& a, const void* h, const void* w, f
   if (GemvUnsupportedReason(a) != nullptr) return cudaErrorInvalidValue;
   if (!Aligned(h, 16) || !Aligned(w, 16) || !Aligned(r, 16) || !Aligned(xn, 16))
     return cudaErrorMisalignedAddress;
-  if (SwiGluRefused(a, variant)) return cudaErrorInvalidValue;
+  if (a.swiglu && ((variant != 0 && variant != 4) || !GemvSwiGluSupported(a)))
+    return cudaErrorInvalidValue;
   KParams kp = ToKParams(a);
   // The wide path stages x, so the norm goes there. At M <= 2 only by default:
-  // the staging sums each row's squares before any MMA starts (one L2 round
-  // trip per row per CTA), a cost not yet measured at larger M. variant 2
-  // forces it wherever the wide kernel can run (checker coverage of NT = 2), variant 3
-  // too, in K pairs where M = 1 and K % 512 == 0.
-  const bool wide = variant == 2 || variant == 3 ? (WideOk(kp) && WideXs(kp)) : (variant == 0 && kp.M <= 2 && UseWideFor(kp));
+  // the staging sums each row's squares before any MMA starts. variant 4 folds it
+  // wherever the GEMV alone would take the wide path, at any M; variant 2 forces it
+  // wherever the wide kernel can run (checker coverage of NT = 2), variant 3 too, in K
+  // pairs where M = 1 and K % 512 == 0.
+  bool wide = false;
+  if (variant == 2 || variant == 3) wide = WideOk(kp) && WideXs(kp);
+  if (variant == 0) wide = kp.M <= 2 && UseWideFor(kp);
+  if (variant == 4) wide = UseWideFor(kp);
   if (wide) {
     kp.h = static_cast<const __nv_bfloat16*>(h);
     kp.nw = static_cast<const __nv_bfloat16*>(w);

@@ -561,6 +561,12 @@ __device__ __forceinline__ uint4 PermuteChunk(uint4 c) {
                     Prmt(c.y, c.w, 0x7632u));
 }
 
+// Index (in 16-byte units) of activation unit u (values 8u..8u+7) of row m in the staged
+// activations (XS): item s = u / 32, lane t = u / 8 % 4, chunk w = u % 8 of that lane.
+__device__ __forceinline__ int XsUnit(int u, int m, int M) {
+  return (((u >> 5) * M + m) * 4 + ((u >> 3) & 3)) * 9 + (u & 7);
+}
+
 // Shared-memory bytes of the staged activations (XS): 9 16-byte units per
 // (item, row, lane) of which 8 are used; the ninth spreads the lanes over banks.
 __host__ __device__ constexpr int64_t WideXsBytes(int64_t M, int64_t K) {
@@ -664,28 +670,24 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
   const int mb0 = g < M ? g : 0;
   const int mb1 = g + 8 < M ? g + 8 : 0;
   if constexpr (XS) {
-    // Eight loads in flight per thread before their stores: the staging runs once
-    // per CTA, while the first weight loads above are already on their way.
     const int k8 = K >> 3;  // 16-byte units per row
     const int units = M * k8;
     const uint4* xg = reinterpret_cast<const uint4*>(p.x);
     const uint4* hg = reinterpret_cast<const uint4*>(p.h);
     const uint4* wg = reinterpret_cast<const uint4*>(p.nw);
     __shared__ float row_inv[NORM ? 16 : 1];
-    bool staged = false;
     if constexpr (NORM) {
-      // 1/rms of every row of x + h, in a fixed order (the same in every CTA):
-      // per-warp partial sums, then the warps' partials added in warp order.
-      __shared__ float part[NORM ? W : 1][16];
-      // Per row m, thread t takes units u = t + j * W * 32 (j < nj) in both passes.  Where
-      // all of a thread's units fit in registers (M * nj <= kNormCache: M <= 2 at K = 4096,
-      // M = 1 at K = 5120), x + h and the norm weights are loaded once, in one round trip
-      // before the sums, and staged from registers: one L2 round trip fewer than the
-      // two-pass route below, and the same arithmetic in the same order (same bits).
+      // 1/rms of every row of x + h, in a fixed order (the same in every CTA).
+      // Per row m, thread t takes units u = t + j * W * 32 (j < nj).  Where all of a thread's
+      // units fit in registers (M * nj <= kNormCache: M <= 2 at K = 4096, M = 1 at K =
+      // 5120), x + h and the norm weights are loaded once, in one round trip before the
+      // sums (per-warp partial sums, then the warps' partials added in warp order), and
+      // staged from registers.
       constexpr int kNormCache = 4;
       const int nj = (k8 + W * 32 - 1) / (W * 32);
-      uint4 xv[kNormCache], hv[kNormCache], wv[kNormCache];
       if (M * nj <= kNormCache) {
+        __shared__ float part[W][16];
+        uint4 xv[kNormCache], hv[kNormCache], wv[kNormCache];
 #pragma unroll
         for (int c = 0; c < kNormCache; ++c) {
           const int m = c / nj, u = threadIdx.x + (c - m * nj) * W * 32;
@@ -706,65 +708,84 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
           for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
           if (lane == 0) part[warp][m] = ss;
         }
-      } else {
-        for (int m = 0; m < M; ++m) {
+        __syncthreads();
+        if (threadIdx.x < M) {
           float ss = 0.f;
-          for (int u = threadIdx.x; u < k8; u += W * 32)
-            ss = SumSquaresUnit(ResidualUnit(LoadAct(xg + m * k8 + u), LoadAct(hg + m * k8 + u)), ss);
 #pragma unroll
-          for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-          if (lane == 0) part[warp][m] = ss;
+          for (int w = 0; w < W; ++w) ss += part[w][threadIdx.x];
+          row_inv[threadIdx.x] = rsqrtf(ss / static_cast<float>(K) + p.eps);
         }
-      }
-      __syncthreads();
-      if (threadIdx.x < M) {
-        float ss = 0.f;
-#pragma unroll
-        for (int w = 0; w < W; ++w) ss += part[w][threadIdx.x];
-        row_inv[threadIdx.x] = rsqrtf(ss / static_cast<float>(K) + p.eps);
-      }
-      __syncthreads();
-      if (M * nj <= kNormCache) {
+        __syncthreads();
 #pragma unroll
         for (int c = 0; c < kNormCache; ++c) {
           const int m = c / nj, u = threadIdx.x + (c - m * nj) * W * 32;
           if (c < M * nj && u < k8) {
             if (blockIdx.x == 0) reinterpret_cast<uint4*>(p.r_out)[m * k8 + u] = xv[c];
-            const int s = u >> 5, tt = (u >> 3) & 3, w = u & 7;
-            xs[((s * M + m) * 4 + tt) * 9 + w] = PermuteChunk(NormUnit(xv[c], row_inv[m], wv[c]));
+            xs[XsUnit(u, m, M)] = PermuteChunk(NormUnit(xv[c], row_inv[m], wv[c]));
           }
         }
-        staged = true;
-      }
-    }
-    constexpr int kBatch = NORM ? 2 : 8;  // NORM holds three loads per unit
-    for (int base = threadIdx.x; !staged && base < units; base += kBatch * W * 32) {
-      uint4 v[kBatch];
-      uint4 hv[NORM ? kBatch : 1], wv[NORM ? kBatch : 1];
+      } else {
+        // Larger M * K: r = bf16(x + h) is staged first (kRound units of x and h in flight
+        // per thread: one L2 round trip per kRound * W * 32 units), then each row's sum of
+        // squares is read back from shared memory by one warp (lanes over the row's units,
+        // then a shuffle tree), then every unit is normalised in place.  The norm is
+        // elementwise, so it applies to the permuted chunk with the weights permuted alike.
+        constexpr int kRound = 4;
+        for (int base = threadIdx.x; base < units; base += kRound * W * 32) {
+          uint4 xv[kRound], hv[kRound];
 #pragma unroll
-      for (int e = 0; e < kBatch; ++e) {
-        const int i = base + e * W * 32;
-        if (i < units) {
-          v[e] = LoadAct(xg + i);
-          if constexpr (NORM) {
-            hv[e] = LoadAct(hg + i);
-            wv[e] = __ldg(wg + i % k8);
+          for (int e = 0; e < kRound; ++e) {
+            const int i = base + e * W * 32;
+            if (i < units) {
+              xv[e] = LoadAct(xg + i);
+              hv[e] = LoadAct(hg + i);
+            }
+          }
+#pragma unroll
+          for (int e = 0; e < kRound; ++e) {
+            const int i = base + e * W * 32;
+            if (i < units) {
+              const int m = i / k8;
+              const uint4 r = ResidualUnit(xv[e], hv[e]);
+              if (blockIdx.x == 0) reinterpret_cast<uint4*>(p.r_out)[i] = r;
+              xs[XsUnit(i - m * k8, m, M)] = PermuteChunk(r);
+            }
           }
         }
-      }
+        __syncthreads();
+        for (int m = warp; m < M; m += W) {
+          float ss = 0.f;
+          for (int u = lane; u < k8; u += 32) ss = SumSquaresUnit(xs[XsUnit(u, m, M)], ss);
 #pragma unroll
-      for (int e = 0; e < kBatch; ++e) {
-        const int i = base + e * W * 32;
-        if (i < units) {
+          for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+          if (lane == 0) row_inv[m] = rsqrtf(ss / static_cast<float>(K) + p.eps);
+        }
+        __syncthreads();
+#pragma unroll 4
+        for (int i = threadIdx.x; i < units; i += W * 32) {
           const int m = i / k8, u = i - m * k8;
-          const int s = u >> 5, tt = (u >> 3) & 3, w = u & 7;
-          uint4 c = v[e];
-          if constexpr (NORM) {
-            const uint4 r = ResidualUnit(c, hv[e]);
-            if (blockIdx.x == 0) reinterpret_cast<uint4*>(p.r_out)[i] = r;
-            c = NormUnit(r, row_inv[m], wv[e]);
+          const int at = XsUnit(u, m, M);
+          xs[at] = NormUnit(xs[at], row_inv[m], PermuteChunk(__ldg(wg + u)));
+        }
+      }
+    } else {
+      // Eight loads in flight per thread before their stores: the staging runs once
+      // per CTA, while the first weight loads above are already on their way.
+      constexpr int kBatch = 8;
+      for (int base = threadIdx.x; base < units; base += kBatch * W * 32) {
+        uint4 v[kBatch];
+#pragma unroll
+        for (int e = 0; e < kBatch; ++e) {
+          const int i = base + e * W * 32;
+          if (i < units) v[e] = LoadAct(xg + i);
+        }
+#pragma unroll
+        for (int e = 0; e < kBatch; ++e) {
+          const int i = base + e * W * 32;
+          if (i < units) {
+            const int m = i / k8;
+            xs[XsUnit(i - m * k8, m, M)] = PermuteChunk(v[e]);
           }
-          xs[((s * M + m) * 4 + tt) * 9 + w] = PermuteChunk(c);
         }
       }
     }
@@ -929,25 +950,29 @@ inline bool WideOk(const KParams& kp) {
 }
 inline bool WideXs(const KParams& kp) { return WideXsBytes(kp.M, kp.K) <= kWideXsMaxBytes; }
 
-// Lets one wide-kernel instantiation use up to kWideXsMaxBytes of dynamic shared memory on
-// the current device (above 48 KB it must opt in, per device and kernel; idempotent if
-// raced). Both the occupancy query and the launch need it.
-template <int NT, int U, int W, bool XS, bool NORM = false, bool KP = false>
-cudaError_t WideSmemOptIn() {
-  if constexpr (XS) {
-    static unsigned long long attr_set = 0;  // bit d: done on device d
-    int dev = 0;
-    if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
-    const unsigned long long bit = 1ull << (dev & 63);
-    if (!(attr_set & bit)) {
-      if (cudaError_t e = cudaFuncSetAttribute(WideGemvKernel<NT, U, W, XS, NORM, KP>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               kWideXsMaxBytes);
-          e != cudaSuccess)
-        return e;
-      attr_set |= bit;
-    }
-  }
+// Lets a wide kernel use up to kWideXsMaxBytes of dynamic shared memory on the current
+// device (above 48 KB it must opt in, per device and kernel handle). Remembered per (handle,
+// device) and thread. Callers pass the handle they launch or query: each translation unit
+// that instantiates a kernel template holds its own host handle for it (ffi/tests/
+// nvfp4_check compiles this header in two units), so an opt-in made through one unit's
+// handle does not cover a launch through the other's ("invalid argument" above 48 KB).
+inline cudaError_t WideSmemOptIn(const void* kernel) {
+  struct Done {
+    const void* kernel;
+    int device;
+  };
+  static thread_local Done done[64] = {};
+  static thread_local int next = 0;
+  int dev = 0;
+  if (cudaError_t e = cudaGetDevice(&dev); e != cudaSuccess) return e;
+  for (const Done& d : done)
+    if (d.kernel == kernel && d.device == dev) return cudaSuccess;
+  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           kWideXsMaxBytes);
+      e != cudaSuccess)
+    return e;
+  done[next] = {kernel, dev};
+  next = (next + 1) % 64;
   return cudaSuccess;
 }
 
@@ -965,7 +990,7 @@ int WideSlots(const KParams& kp) {
   static thread_local int next = 0;
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (WideSmemOptIn<NT, U, W, XS, NORM, KP>() != cudaSuccess) return 0;
+  if (XS && WideSmemOptIn(reinterpret_cast<const void*>(kernel)) != cudaSuccess) return 0;
   for (const Entry& e : cache)
     if (e.slots > 0 && e.device == device && e.smem == smem) return e.slots;
   int per_sm = 0, sms = 0;
@@ -982,7 +1007,10 @@ template <int NT, int U, int W, bool XS, bool NORM = false, bool KP = false>
 cudaError_t LaunchWideOne(const KParams& kp, cudaStream_t stream) {
   auto kernel = WideGemvKernel<NT, U, W, XS, NORM, KP>;
   const int smem = XS ? static_cast<int>(WideXsBytes(kp.M, kp.K)) : 0;
-  if (cudaError_t e = WideSmemOptIn<NT, U, W, XS, NORM, KP>(); e != cudaSuccess) return e;
+  if (XS) {
+    if (cudaError_t e = WideSmemOptIn(reinterpret_cast<const void*>(kernel)); e != cudaSuccess)
+      return e;
+  }
   const int tiles = WideTiles(kp.N, KP);
   int grid = tiles;
   const int slots = WideSlots<NT, U, W, XS, NORM, KP>(kp);

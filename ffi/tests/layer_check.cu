@@ -10,6 +10,10 @@
 //   ./layer_check bench [reps [edges [pos]]]  # us per layer over L layers in one CUDA graph: PDL off / in
 //                           # the layer / across layers too (Qwen3-8B and -32B shapes)
 //   RJ_GU_INTERLEAVED=0 ./layer_check bench|timeline ...  # stacked gate/up rows (SwiGLU kernel)
+//   RJ_NORM_VARIANTS="q,g;q,g" ./layer_check bench ...  # LaunchGemvAddNorm variants of the
+//                           # qkv and gate+up GEMVs, side by side (DecoderLayerArgs; default
+//                           # 0,0; timeline takes one pair)
+//   RJ_BENCH_M=1,2,8 ./layer_check bench|timeline ...  # the rows benchmarked (default 1,8)
 //
 // The kernels themselves are checked against float64 references by nvfp4_check and
 // attention_check; this checks the chain: that launching them as programmatic dependents
@@ -46,6 +50,23 @@ bool GuInterleaved() {
   return v ? std::atoi(v) != 0 : true;
 }
 bool g_interleaved = false;  // Args(): the layer's interleaved gate_up copy and flag
+
+// DecoderLayerArgs::{qkv,gate_up}_norm_variant of every layer Args() builds.
+int g_norm_q = 0, g_norm_g = 0;
+
+// Comma-separated integers of an environment variable, or `fallback` when it is unset.
+std::vector<int> EnvInts(const char* name, std::vector<int> fallback) {
+  const char* v = std::getenv(name);
+  if (!v) return fallback;
+  std::vector<int> out;
+  for (const char* p = v; *p;) {
+    char* end = nullptr;
+    out.push_back(static_cast<int>(std::strtol(p, &end, 10)));
+    if (end == p) break;
+    p = *end == ',' ? end + 1 : end;
+  }
+  return out;
+}
 
 // Device buffers of one layer's weights, norms and the shared cache / rope inputs.
 struct LayerBufs {
@@ -231,6 +252,8 @@ rjlayer::DecoderLayerArgs Args(const Shape& sh, int M, const LayerBufs& w, const
   a.o = w.o;
   a.gate_up = g_interleaved ? w.gu_i : w.gu;
   a.gate_up_interleaved = g_interleaved;
+  a.qkv_norm_variant = g_norm_q;
+  a.gate_up_norm_variant = g_norm_g;
   a.down = w.down;
   rjattn::DecodeAttentionArgs& t = a.attn;
   t.q_norm = w.qn;
@@ -312,6 +335,27 @@ bool CheckShape(const Shape& sh, int M, uint64_t seed) {
     return out;
   };
   const std::vector<uint8_t> ref = run(0);
+  // Other add + norm variants: the same outputs as the library's choice up to the norm's
+  // float32 summation order (relative RMS difference over every output and the cache).
+  double vs_default = 0.0;
+  if (g_norm_q != 0 || g_norm_g != 0) {
+    const int q = g_norm_q, gu = g_norm_g;
+    g_norm_q = g_norm_g = 0;
+    const std::vector<uint8_t> def = run(0);
+    g_norm_q = q;
+    g_norm_g = gu;
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i + 1 < ref.size(); i += 2) {
+      uint16_t a, b;
+      std::memcpy(&a, &ref[i], 2);
+      std::memcpy(&b, &def[i], 2);
+      const double d = double(FloatFromBf16(a)) - FloatFromBf16(b);
+      num += d * d;
+      den += double(FloatFromBf16(b)) * FloatFromBf16(b);
+    }
+    vs_default = std::sqrt(num / std::max(den, 1e-30));
+    if (!(vs_default <= 1e-2)) vs_default = std::max(vs_default, 1.0);  // NaN -> fail
+  }
   // The plain run itself: every output written and finite (the poison is NaN).
   int nonfinite = 0;
   for (size_t i = 0; i < 4 * act; i += 2) {
@@ -330,10 +374,11 @@ bool CheckShape(const Shape& sh, int M, uint64_t seed) {
   for (int rep = 0; rep < 2; ++rep)
     for (int mode : {0, 2}) bad_i += run(mode) != ref;
   g_interleaved = false;
-  const bool ok = bad == 0 && bad_i == 0 && nonfinite == 0;
-  std::printf("%-10s M=%2d  non-finite outputs %d, PDL runs differing from plain %d/20, "
-              "interleaved gate/up differing %d/4  %s\n",
-              sh.name, M, nonfinite, bad, bad_i, ok ? "ok" : "FAIL");
+  const bool ok = bad == 0 && bad_i == 0 && nonfinite == 0 && vs_default <= 1e-2;
+  std::printf("%-10s M=%2d norm %d,%d  non-finite outputs %d, PDL runs differing from plain "
+              "%d/20, interleaved gate/up differing %d/4, vs norm 0,0 %.1e  %s\n",
+              sh.name, M, g_norm_q, g_norm_g, nonfinite, bad, bad_i, vs_default,
+              ok ? "ok" : "FAIL");
   CK(cudaStreamDestroy(st));
   CK(cudaFree(xm));
   CK(cudaFree(hm));
@@ -374,6 +419,23 @@ int Check(bool quick) {
   }
   }
   g_edges = -1;
+  // The add + norm folded into the wide GEMVs at M > 2 (variant 4; SwiGLU in the gate+up
+  // epilogue kept) and the wide kernel forced for qkv too (2), default edges.
+  const int variants[][2] = {{0, 4}, {2, 4}, {2, 2}};
+  for (const auto& v : variants) {
+    g_norm_q = v[0];
+    g_norm_g = v[1];
+    for (int M : quick ? std::vector<int>{3, 8} : std::vector<int>{2, 3, 8, 16}) {
+      failed += !CheckShape(small, M, 500 + M);
+      ++total;
+    }
+    if (!quick) {
+      failed += !CheckShape(q8b, 8, 608);
+      failed += !CheckShape(q32ish, 8, 708);
+      total += 2;
+    }
+  }
+  g_norm_q = g_norm_g = 0;
   std::printf("layer check: %d of %d cases failed\n", failed, total);
   return failed ? 1 : 0;
 }
@@ -396,7 +458,7 @@ void EnqueueChain(const Shape& sh, int M, const std::vector<LayerBufs>& w, const
   }
 }
 
-// Calls fn(shape, M, weights, io) for each benchmarked chain at M = 1 and 8 (weights and
+// Calls fn(shape, M, weights, io) for each benchmarked chain at M = 1 and 8 (or RJ_BENCH_M; weights and
 // buffers made once per shape / per M, freed afterwards).
 template <typename Fn>
 void ForEachChain(Fn&& fn) {
@@ -404,7 +466,7 @@ void ForEachChain(Fn&& fn) {
     std::mt19937_64 rng(7);
     std::vector<LayerBufs> w;
     for (int l = 0; l < sh.L; ++l) w.push_back(MakeLayer(sh, rng, false));
-    for (int M : {1, 8}) {
+    for (int M : EnvInts("RJ_BENCH_M", {1, 8})) {
       const int lo = std::max(g_pos - 40, 0);
       Io io = MakeIo(sh, M, rng, lo, std::max(g_pos + 40, lo));
       fn(sh, M, w, io);
@@ -414,20 +476,38 @@ void ForEachChain(Fn&& fn) {
   }
 }
 
-// L layers of distinct weights in one CUDA graph, the cache at position ~g_pos.
+// L layers of distinct weights in one CUDA graph, the cache at position ~g_pos: PDL off, in
+// the layer and across layers, for each pair of add + norm variants in RJ_NORM_VARIANTS
+// ("q,g[;q,g...]", default the library's "0,0"), side by side on the same buffers.
 int Bench(int reps) {
   cudaStream_t st;
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  std::printf("%-10s %2s %-10s %10s %10s\n", "shape", "M", "pdl", "us/layer", "vs off");
+  std::vector<std::vector<int>> pairs;
+  const char* env = std::getenv("RJ_NORM_VARIANTS");
+  for (std::string rest = env ? env : "0,0"; !rest.empty();) {
+    const size_t cut = rest.find(';');
+    const std::string one = rest.substr(0, cut);
+    const int q = std::atoi(one.c_str());
+    const size_t comma = one.find(',');
+    pairs.push_back({q, comma == std::string::npos ? 0 : std::atoi(one.c_str() + comma + 1)});
+    rest = cut == std::string::npos ? "" : rest.substr(cut + 1);
+  }
+  std::printf("%-10s %2s %-5s %-10s %10s %10s\n", "shape", "M", "norm", "pdl", "us/layer",
+              "vs off");
   ForEachChain([&](const Shape& sh, int M, const std::vector<LayerBufs>& w, const Io& io) {
-    float off_us = 0.f;
-    for (int mode = 0; mode < 3; ++mode) {  // off, in the layer, across layers too
-      const float us = GraphMedianMs(st, reps, [&](cudaStream_t s) {
-                         EnqueueChain(sh, M, w, io, mode, s);
-                       }) * 1e3f / sh.L;
-      if (mode == 0) off_us = us;
-      const char* names[] = {"off", "in-layer", "all"};
-      std::printf("%-10s %2d %-10s %10.2f %10.3f\n", sh.name, M, names[mode], us, us / off_us);
+    for (const std::vector<int>& v : pairs) {
+      g_norm_q = v[0];
+      g_norm_g = v[1];
+      float off_us = 0.f;
+      for (int mode = 0; mode < 3; ++mode) {  // off, in the layer, across layers too
+        const float us = GraphMedianMs(st, reps, [&](cudaStream_t s) {
+                           EnqueueChain(sh, M, w, io, mode, s);
+                         }) * 1e3f / sh.L;
+        if (mode == 0) off_us = us;
+        const char* names[] = {"off", "in-layer", "all"};
+        std::printf("%-10s %2d %d,%-3d %-10s %10.2f %10.3f\n", sh.name, M, g_norm_q, g_norm_g,
+                    names[mode], us, us / off_us);
+      }
     }
   });
   return 0;
@@ -592,6 +672,11 @@ int Placement() {
 
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "check";
+  if (mode == "timeline") {  // bench reads its own list of pairs
+    const std::vector<int> nv = EnvInts("RJ_NORM_VARIANTS", {0, 0});
+    g_norm_q = nv.empty() ? 0 : nv[0];
+    g_norm_g = nv.size() > 1 ? nv[1] : 0;
+  }
   if (mode == "check") return Check(argc > 2 && std::string(argv[2]) == "quick");
 #ifdef RJ_TIMELINE
   if (mode == "placement") return Placement();

@@ -176,7 +176,8 @@ struct Case {
   bool odd_scales = false;  // negative scales everywhere, one NaN scale in row 0
   int add_norm = 0;  // LaunchGemvAddNorm (x = residual stream) with variant add_norm - 1:
                      // 1 the library choice, 2 the unfused route, 3 the wide kernel forced,
-                     // 4 the wide kernel in K pairs (8-row tiles) forced where it serves
+                     // 4 the wide kernel in K pairs (8-row tiles) forced where it serves,
+                     // 5 the wide kernel wherever the GEMV alone takes it, at any M
 };
 
 struct Lcg {
@@ -518,15 +519,23 @@ int Check(bool quick) {
       {12, 24576, 2048, false, false, 0, false, 3}, {16, 513, 1536, false, false, 0, false, 3},
       {4, 100, 4096, false, false, 0, false, 3},
       // the staged norm from registers (M * ceil(K / 2048) <= 4 units a thread) and the
-      // two-pass route past it: K = 5120 (3 units a row, the last partial) at M = 1 and 2
+      // shared-memory route past it: K = 5120 (3 units a row, the last partial) at M = 1 and 2
       {1, 200, 5120, false, false, 0, false, 1}, {2, 200, 5120, false, false, 0, false, 1},
       {4, 64, 2048, false, false, 0, false, 3}, {3, 64, 4096, false, false, 0, false, 3},
       // Qwen3-8B qkv: 384 tiles, two rounds of 8-warp CTAs with the staged norm (16-row
       // tiles: the fused-norm launch takes K pairs only when forced, below)
       {1, 6144, 4096, false, false, 0, false, 1},
-      // the K-pair form forced: 8-row tiles, a partial one, the two-pass norm route (K = 12288)
+      // the K-pair form forced: 8-row tiles, a partial one, the shared-memory norm route (K = 12288)
       {1, 6144, 4096, false, false, 0, false, 4}, {1, 300, 4096, false, false, 0, false, 4},
-      {1, 13, 1024, false, false, 0, false, 4},   {1, 4000, 12288, false, false, 0, false, 4}};
+      {1, 13, 1024, false, false, 0, false, 4},   {1, 4000, 12288, false, false, 0, false, 4},
+      // the fold at any M where the GEMV is wide (staged r, sums and norm in shared memory):
+      // Qwen3-8B gate+up at M = 8 and qkv at M = 3, 32B qkv at M = 2 (the default route,
+      // K = 5120: 2.5 units a thread), a partial round of units with the wide kernel
+      // forced (M * K / 8 not a multiple of 1024), and a shape the wide path does not take
+      // at M = 8 (the unfused route)
+      {8, 24576, 4096, false, false, 0, false, 5}, {3, 6144, 4096, false, false, 0, false, 5},
+      {2, 10240, 5120, false, false, 0, false, 1}, {5, 2000, 2304, false, false, 0, false, 3},
+      {8, 300, 4096, false, false, 0, false, 5}};
   for (size_t j = 0; j < norm_cases.size(); ++j) {
     const Case& c = norm_cases[j];
     double err = 0;
@@ -536,9 +545,11 @@ int Check(bool quick) {
                 c.add_norm == 1   ? "auto"
                 : c.add_norm == 2 ? "unfused"
                 : c.add_norm == 3 ? "wide forced"
-                                  : "kpair forced",
+                : c.add_norm == 4 ? "kpair forced"
+                                  : "wide any M",
                 c.M, c.N, c.K,
-                c.add_norm >= 3 || (c.add_norm == 1 && c.M <= 2 &&
+                c.add_norm == 3 || c.add_norm == 4 ||
+                    ((c.add_norm == 1 && c.M <= 2 || c.add_norm == 5) &&
                                     nvfp4::UseWide(nvfp4::GemvArgs{nullptr, nullptr, nullptr, nullptr,
                                                                    nullptr, false, nullptr, c.M, c.N, c.K})),
                 err);
