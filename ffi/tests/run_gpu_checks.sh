@@ -4,7 +4,7 @@
 #   and decode attention against float64 references, the PDL layer chain against plain
 #   launches, and its per-kernel timeline), compute-sanitizer memcheck (all three) +
 #   racecheck (GEMV, attention), the cost of a kernel boundary (boundary_bench), the
-#   kernel-variant micro-benchmark, the GPU tests, and benchmarks/kernels.py.
+#   memory side of a persistent layer (stream_probe), the kernel-variant micro-benchmark, the GPU tests, and benchmarks/kernels.py.
 # Usage (repository root, on the GPU machine):  bash ffi/tests/run_gpu_checks.sh [outdir]
 # Logs go to outdir (default $OUT or /tmp/nvfp4_gpu_checks); a short summary is printed.
 set -u
@@ -39,6 +39,8 @@ nvcc -std=c++17 -O3 -arch=sm_90 -rdc=true -I ffi -DRJ_TIMELINE ffi/tests/layer_c
 
 nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/boundary_bench.cu -o /tmp/boundary_bench \
   > "$LOG/build_boundary_bench.log" 2>&1 || { echo "boundary bench build failed"; exit 1; }
+nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/stream_probe.cu -o /tmp/stream_probe \
+  > "$LOG/build_stream_probe.log" 2>&1 || { echo "stream probe build failed"; exit 1; }
 
 echo "== layer chain";  /tmp/layer_check check > "$LOG/layer.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/layer.log"
 echo "== layer memcheck";  compute-sanitizer --tool memcheck /tmp/layer_check check quick > "$LOG/layer_memcheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/layer_memcheck.log"
@@ -49,9 +51,10 @@ echo "== attention racecheck"; compute-sanitizer --tool racecheck /tmp/attention
 echo "== checker";    /tmp/nvfp4_check check > "$LOG/check.log" 2>&1; echo "rc=$?"; grep -E "FAIL|check:" "$LOG/check.log" | tail -5
 echo "== memcheck";   compute-sanitizer --tool memcheck /tmp/nvfp4_check check quick > "$LOG/memcheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/memcheck.log"
 echo "== racecheck";  compute-sanitizer --tool racecheck /tmp/nvfp4_check check quick > "$LOG/racecheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/racecheck.log"
-# (its persistent variants spin until every CTA is resident: the timeout names a GPU shared
+# (their persistent grids spin until every CTA is resident: a timeout names a GPU shared
 # with another process)
 echo "== boundary";   timeout 300 /tmp/boundary_bench 32 20 > "$LOG/boundary.log" 2>&1; echo "rc=$?"; tail -n +2 "$LOG/boundary.log"
+echo "== stream";     timeout 120 /tmp/stream_probe 36 5000 "$LOG/stream_trace.txt" > "$LOG/stream_probe.log" 2>&1; echo "rc=$?"; tail -n +2 "$LOG/stream_probe.log"
 echo "== variants";   /tmp/nvfp4_check bench 12 > "$LOG/harness_bench.log" 2>&1; echo "rc=$?"
 echo "== pytest";     PYTHONPATH=$ROOT $PY -m pytest -q -p no:cacheprovider tests/test_cuda_ffi.py tests/test_nvfp4_matmul.py tests/test_decode_attention.py tests/test_decoder_layers.py > "$LOG/pytest.log" 2>&1; echo "rc=$?"; tail -3 "$LOG/pytest.log"
 echo "== benchmark";  PYTHONPATH=$ROOT $PY benchmarks/kernels.py --m 1,2,4,8,16 --m-other 1,8 --out "$LOG/kernels.json" > "$LOG/kernels.log" 2>&1; echo "rc=$?"
