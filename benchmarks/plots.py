@@ -113,6 +113,15 @@ def plot_kernels(data: Mapping, path: str | os.PathLike) -> str:
     return _save(fig, path)
 
 
+def cards(records: Sequence[Mapping]) -> str:
+    """The GPUs ``records`` (``decode.py``'s) ran on, as one title string ("" if none says).
+
+    Records of several cards (runs on different machines drawn together) list each once,
+    in order of appearance, joined by " / ".
+    """
+    return " / ".join(dict.fromkeys(r["device"] for r in records if r.get("device")))
+
+
 def plot_decode(
     records: Sequence[Mapping],
     path: str | os.PathLike,
@@ -124,7 +133,8 @@ def plot_decode(
     with its speedup over the model's faster ``baselines`` variant at the same batch size
     (where a model has one). One sampler is drawn (``reset`` where present) and one
     ``sync_every`` (the first a result of that sampler has); the plain anchor's greedy
-    rows (``decode.py``'s anchor variants) are drawn beside it.
+    rows (``decode.py``'s anchor variants) are drawn beside it. The title names the
+    card(s) the records ran on (``cards``).
 
     Args:
       records: ``decode.py``'s records (``model``, ``variant``, ``results``: dicts with
@@ -183,7 +193,11 @@ def plot_decode(
         ax.set_ylabel("decode tokens/s")
         what = sampler + (f", sync every {sync}" if sync is not None else "")
         over = "/".join(sorted(set(used.values())))
-        ax.set_title(f"{model} ({what}{f'; labels: × {over}' if over else ''})")
+        on = cards(mine)
+        ax.set_title(
+            f"{model}{f' on {on}' if on else ''} ({what}{f'; labels: × {over}' if over else ''})",
+            fontsize=9,
+        )
         ax.legend(fontsize=7)
     return _save(fig, path)
 

@@ -118,6 +118,9 @@ def test_plots_draw_the_kernel_and_decode_tables(tmp_path):
         plots.plot_kernels(
             {"rows": [r for r in _kernel_rows() if r["impl"] == "bf16"]}, tmp_path / "x.png"
         )
+    assert plots.cards([dict(device="NVIDIA H200"), dict(), dict(device="NVIDIA H100"),
+                        dict(device="NVIDIA H200")]) == "NVIDIA H200 / NVIDIA H100"  # fmt: skip
+    assert plots.cards([dict(model="m")]) == ""
     with pytest.raises(ValueError, match="no decode records"):
         plots.plot_decode([dict(model="m", variant="bf16", error="x")], tmp_path / "y.png")
     # The saved H100 runs draw too (the figures in benchmarks/figures come from them).
