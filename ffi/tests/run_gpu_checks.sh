@@ -55,6 +55,7 @@ echo "== racecheck";  compute-sanitizer --tool racecheck /tmp/nvfp4_check check 
 # with another process)
 echo "== boundary";   timeout 300 /tmp/boundary_bench 32 20 > "$LOG/boundary.log" 2>&1; echo "rc=$?"; tail -n +2 "$LOG/boundary.log"
 echo "== stream";     timeout 120 /tmp/stream_probe 36 5000 "$LOG/stream_trace.txt" > "$LOG/stream_probe.log" 2>&1; echo "rc=$?"; tail -n +2 "$LOG/stream_probe.log"
+echo "== stream gemv"; timeout 120 /tmp/stream_probe gemv 36 5000 > "$LOG/stream_gemv.log" 2>&1; echo "rc=$?"; tail -n +2 "$LOG/stream_gemv.log"
 echo "== variants";   /tmp/nvfp4_check bench 12 > "$LOG/harness_bench.log" 2>&1; echo "rc=$?"
 echo "== pytest";     PYTHONPATH=$ROOT $PY -m pytest -q -p no:cacheprovider tests/test_cuda_ffi.py tests/test_nvfp4_matmul.py tests/test_decode_attention.py tests/test_decoder_layers.py > "$LOG/pytest.log" 2>&1; echo "rc=$?"; tail -3 "$LOG/pytest.log"
 echo "== benchmark";  PYTHONPATH=$ROOT $PY benchmarks/kernels.py --m 1,2,4,8,16 --m-other 1,8 --out "$LOG/kernels.json" > "$LOG/kernels.log" 2>&1; echo "rc=$?"

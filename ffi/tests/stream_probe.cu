@@ -8,6 +8,7 @@
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/stream_probe.cu -o stream_probe
 //   ./stream_probe [layers [attention_ns [trace_file]]]
+//   ./stream_probe gemv [layers [attention_ns]]   # with the GEMVs' arithmetic (below)
 //
 // The ring has 12 slots of 16 KB; the producer keeps at most `inflight` copies in flight
 // (12, 6, 4, 2): the rest of the ring holds landed slots, which is what lets the stream
@@ -21,17 +22,22 @@
 //   stop     grid barriers, the producer waits at each one too: every phase starts its
 //            weight stream cold, as each kernel of a chain does (PDL only overlaps a
 //            kernel's launch and its first loads with the previous kernel's tail).
-// The consumers do no arithmetic (they XOR the slot's words), so this bounds the memory
-// side only: a real kernel must also dequantize and multiply at the stream's rate.
-// Every CUDA call is checked; the consumers' XOR of all bytes is compared with the host's.
+// In these modes the consumers do no arithmetic (they XOR the slot's words), so they bound
+// the memory side only; every CUDA call is checked and the consumers' XOR of all bytes is
+// compared with the host's. `gemv` mode (below) adds the GEMVs' arithmetic, checked against a
+// float64 reference, and times the arithmetic alone on a zeroed ring.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <random>
+#include <string>
 #include <vector>
 
 #include <cuda_runtime.h>
 
+#include "nvfp4_kernels.cuh"  // the wide GEMV's decode, scales, MMA and staging layout
 #include "tests/host_util.h"
 
 namespace {
@@ -229,9 +235,340 @@ __global__ void ReadKernel(const uint4* p, size_t n, unsigned* sink) {
   atomicXor(sink, acc);
 }
 
+
+// ---------------------------------------------------------------------------------------
+// `gemv` mode: the same stream, with the arithmetic. Each phase is a real NVFP4 GEMV at M = 1
+// (y = x . W^T, the wide kernel's E2M1 decode, scale moves and mma.sync), its weights stored
+// item-major: item (tile, s) = 16 rows x 256 K, its 16 x 128 code bytes then its 16 x 16
+// scale bytes (2304 bytes), the items of a tile in K order, the tiles in row order. A ring
+// slot holds IPS items (one bulk copy; 64 items in the ring); consumer warp w computes items
+// w, w + W, ... of a slot,
+// each lane reading its code words and scales from the slot exactly as the wide kernel's
+// lanes read them from global memory. Each phase stages its x once (the wide kernel's
+// layout) after the grid barrier; a tile's sums are reduced over the warps and written as
+// bf16. Checked against a float64 reference of the last layer.
+constexpr int kItemBytes = 16 * 128 + 16 * 16;
+constexpr int kRingBytes = 147456;  // 64 items: 8 slots of 8 items or 4 of 16
+constexpr int kMaxK = 12288;
+constexpr int kXsBytes = kMaxK / 256 * 4 * 9 * 16;       // nvfp4::WideXsBytes(1, kMaxK)
+
+struct GemvPlan {
+  int N[kPhases], K[kPhases];  // N = 0: the attention phase
+  long long offset[kPhases];   // of each phase's weights inside a layer
+  long long layer_bytes;
+  int layers;
+  long long attention_ns;
+  const __nv_bfloat16* x[kPhases];  // [K] inputs
+  __nv_bfloat16* y[kPhases];        // [N] outputs (each layer overwrites them)
+  float gscale[kPhases];
+  // Timing only: no copies; the consumers compute on a zeroed ring without waiting for it
+  // (the arithmetic's own rate; the outputs are not checked).
+  bool compute_only;
+};
+
+template <int W>
+__device__ __forceinline__ void ConsumerSyncW() {
+  asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory");
+}
+
+// W consumer warps, IPS items a slot (IPS / W items per warp and slot, unrolled).
+template <int W, int IPS>
+__global__ void __launch_bounds__(32 * (W + 1), 1)
+    GemvLayerKernel(const uint8_t* w, GemvPlan plan, unsigned* barrier) {
+  static_assert(IPS % W == 0, "every warp takes the same number of items of a slot");
+  constexpr int kItemsPerSlot = IPS;
+  constexpr int kSlotBytes = kItemBytes * IPS;
+  constexpr int kGemvSlots = kRingBytes / kSlotBytes;
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* ring = smem;
+  uint4* xs = reinterpret_cast<uint4*>(smem + kRingBytes);
+  __shared__ uint64_t full[kGemvSlots], empty[kGemvSlots];
+  __shared__ float red[2][W][16];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kGemvSlots; ++s) {
+      MbarInit(&full[s], 1);
+      MbarInit(&empty[s], W);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  if (plan.compute_only)
+    for (int i = threadIdx.x; i < kRingBytes / 16; i += blockDim.x)
+      reinterpret_cast<uint4*>(ring)[i] = make_uint4(0, 0, 0, 0);
+  __syncthreads();
+  const int G = gridDim.x, cta = blockIdx.x;
+  if (warp == W) {  // producer: the last warp's first lane
+    if (lane != 0 || plan.compute_only) return;
+    long long issued = 0;
+    for (int l = 0; l < plan.layers; ++l)
+      for (int p = 0; p < kPhases; ++p) {
+        if (plan.N[p] == 0) continue;
+        const int tiles = plan.N[p] / 16, S = plan.K[p] / 256;
+        const uint8_t* base = w + l * plan.layer_bytes + plan.offset[p];
+        for (int tile = cta; tile < tiles; tile += G)
+          for (int q = 0; q < S / kItemsPerSlot; ++q) {
+            const int slot = static_cast<int>(issued % kGemvSlots);
+            if (issued >= kGemvSlots) MbarWait(&empty[slot], ((issued / kGemvSlots) - 1) & 1);
+            MbarExpectTx(&full[slot], kSlotBytes);
+            BulkCopy(ring + static_cast<size_t>(slot) * kSlotBytes,
+                     base + (static_cast<long long>(tile) * S + q * kItemsPerSlot) * kItemBytes,
+                     kSlotBytes, &full[slot]);
+            ++issued;
+          }
+      }
+    return;
+  }
+  const int g = lane >> 2, t = lane & 3;
+  long long consumed = 0;
+  int parity = 0;
+  for (int l = 0; l < plan.layers; ++l)
+    for (int p = 0; p < kPhases; ++p) {
+      const unsigned k = static_cast<unsigned>(l * kPhases + p);
+      if (k > 0) {  // grid barrier of the consumers (thread 0 arrives for the CTA)
+        ConsumerSyncW<W>();
+        if (threadIdx.x == 0) {
+          __threadfence();
+          atomicAdd(barrier, 1u);
+          while (LoadAcquire(barrier) < k * static_cast<unsigned>(G)) {
+          }
+        }
+        ConsumerSyncW<W>();
+      }
+      const int N = plan.N[p], K = plan.K[p];
+      if (N == 0) {
+        if (threadIdx.x == 0) {
+          const unsigned long long t0 = Now();
+          while (Now() - t0 < static_cast<unsigned long long>(plan.attention_ns)) {
+          }
+        }
+        continue;
+      }
+      for (int u = threadIdx.x; u < K / 8; u += W * 32)
+        xs[nvfp4::XsUnit(u, 0, 1)] = nvfp4::PermuteChunk(nvfp4::LoadAct(plan.x[p] + 8 * u));
+      ConsumerSyncW<W>();
+      const int S = K / 256;
+      const float ws = plan.gscale[p] * 256.f;
+      for (int tile = cta; tile < N / 16; tile += G) {
+        float acc[4][4];
+#pragma unroll
+        for (int a = 0; a < 4; ++a)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) acc[a][r] = 0.f;
+        for (int q = 0; q < S / kItemsPerSlot; ++q) {
+          const int slot = static_cast<int>(consumed % kGemvSlots);
+          if (!plan.compute_only) MbarWait(&full[slot], (consumed / kGemvSlots) & 1);
+          const uint8_t* sl = ring + static_cast<size_t>(slot) * kSlotBytes;
+#pragma unroll
+          for (int j = 0; j < IPS / W; ++j) {
+            const int it = warp + j * W;
+            const uint8_t* item = sl + it * kItemBytes;
+            nvfp4::WideBuf b;
+            const uint4 c0 = *reinterpret_cast<const uint4*>(item + g * 128 + t * 32);
+            const uint4 c1 = *reinterpret_cast<const uint4*>(item + g * 128 + t * 32 + 16);
+            const uint4 c2 = *reinterpret_cast<const uint4*>(item + (g + 8) * 128 + t * 32);
+            const uint4 c3 = *reinterpret_cast<const uint4*>(item + (g + 8) * 128 + t * 32 + 16);
+            b.r0[0] = c0.x; b.r0[1] = c0.y; b.r0[2] = c0.z; b.r0[3] = c0.w;
+            b.r0[4] = c1.x; b.r0[5] = c1.y; b.r0[6] = c1.z; b.r0[7] = c1.w;
+            b.r1[0] = c2.x; b.r1[1] = c2.y; b.r1[2] = c2.z; b.r1[3] = c2.w;
+            b.r1[4] = c3.x; b.r1[5] = c3.y; b.r1[6] = c3.z; b.r1[7] = c3.w;
+            b.s0 = *reinterpret_cast<const uint32_t*>(item + 2048 + g * 16 + t * 4);
+            b.s1 = *reinterpret_cast<const uint32_t*>(item + 2048 + (g + 8) * 16 + t * 4);
+            const uint4* xp = xs + ((q * kItemsPerSlot + it) * 4 + t) * 9;  // XsUnit, M = 1
+            uint32_t sa[4], sb[4];
+            nvfp4::WideScales(b.s0, sa[0], sa[2]);
+            nvfp4::WideScales(b.s1, sb[0], sb[2]);
+#pragma unroll
+            for (int c = 0; c < 8; ++c) {
+              const int blk = c >> 1;
+              const uint32_t pa = sa[blk & 2], pb = sb[blk & 2];
+              const uint32_t ka = (blk & 1) ? nvfp4::SplatHi(pa) : nvfp4::SplatLo(pa);
+              const uint32_t kb = (blk & 1) ? nvfp4::SplatHi(pb) : nvfp4::SplatLo(pb);
+              uint32_t d0[4], d1[4];
+              nvfp4::DecodeE2M1x8(b.r0[c], d0);
+              nvfp4::DecodeE2M1x8(b.r1[c], d1);
+              const uint4 x = xp[c];
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                const uint32_t a[4] = {nvfp4::MulBf16x2(d0[2 * h], ka), nvfp4::MulBf16x2(d1[2 * h], kb),
+                                       nvfp4::MulBf16x2(d0[2 * h + 1], ka),
+                                       nvfp4::MulBf16x2(d1[2 * h + 1], kb)};
+                nvfp4::Mma16816(acc[(c * 2 + h) % 4], a, h == 0 ? x.x : x.z, h == 0 ? x.y : x.w);
+              }
+            }
+          }
+          __syncwarp();
+          if (lane == 0 && !plan.compute_only) MbarArrive(&empty[slot]);
+          ++consumed;
+        }
+        // Column 0 of D is the one activation row: rows g (r = 0) and g + 8 (r = 2), t = 0.
+        if (t == 0) {
+          float v0 = 0.f, v2 = 0.f;
+#pragma unroll
+          for (int a = 0; a < 4; ++a) {
+            v0 += acc[a][0];
+            v2 += acc[a][2];
+          }
+          red[parity][warp][g] = v0;
+          red[parity][warp][g + 8] = v2;
+        }
+        ConsumerSyncW<W>();
+        if (threadIdx.x < 16) {
+          float sum = 0.f;
+#pragma unroll
+          for (int v = 0; v < W; ++v) sum += red[parity][v][threadIdx.x];
+          plan.y[p][tile * 16 + threadIdx.x] = __float2bfloat16_rn(sum * ws);
+        }
+        parity ^= 1;
+      }
+    }
+}
+
+// E2M1 and E4M3 values on the host (the format's definitions).
+double HostE2M1(unsigned c) {
+  static const double v[8] = {0, 0.5, 1, 1.5, 2, 3, 4, 6};
+  return (c & 8 ? -1 : 1) * v[c & 7];
+}
+double HostE4M3(unsigned b) {
+  const int e = (b >> 3) & 15, m = b & 7;
+  const double mag = e == 0 ? std::ldexp(m / 8.0, -6) : std::ldexp(1 + m / 8.0, e - 7);
+  return (b & 0x80) ? -mag : mag;
+}
+
+int GemvMain(int layers, long long attention_ns) {
+  GemvPlan plan{};
+  const int Ns[kPhases] = {6144, 0, 4096, 24576, 4096}, Ks[kPhases] = {4096, 0, 4096, 4096, 12288};
+  long long at = 0;
+  for (int p = 0; p < kPhases; ++p) {
+    plan.N[p] = Ns[p];
+    plan.K[p] = Ks[p];
+    plan.offset[p] = at;
+    at += static_cast<long long>(Ns[p]) / 16 * (Ks[p] / 256) * kItemBytes;
+  }
+  plan.layer_bytes = at;
+  plan.layers = layers;
+  plan.attention_ns = attention_ns;
+  int dev = 0, sms = 0;
+  CK(cudaGetDevice(&dev));
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  // One layer's bytes made on the host (codes random, scales in [2^-4, 2^1)), uploaded to
+  // every layer's place: the layers read distinct addresses, so nothing stays in L2.
+  std::vector<uint8_t> layer(static_cast<size_t>(plan.layer_bytes));
+  uint32_t s = 777u;
+  for (size_t i = 0; i < layer.size(); ++i) {
+    s = s * 1664525u + 1013904223u;
+    const uint8_t r = static_cast<uint8_t>(s >> 24);
+    layer[i] = i % kItemBytes >= 2048 ? static_cast<uint8_t>(0x18 + r % 40) : r;
+  }
+  uint8_t* w = nullptr;
+  unsigned* barrier = nullptr;
+  CK(cudaMalloc(&w, layer.size() * layers));
+  CK(cudaMalloc(&barrier, 4));
+  for (int l = 0; l < layers; ++l)
+    CK(cudaMemcpy(w + static_cast<size_t>(l) * layer.size(), layer.data(), layer.size(), cudaMemcpyHostToDevice));
+  std::vector<std::vector<uint16_t>> xh(kPhases);
+  std::vector<__nv_bfloat16*> xd(kPhases, nullptr), yd(kPhases, nullptr);
+  std::mt19937_64 rng(5);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int p = 0; p < kPhases; ++p) {
+    if (!Ns[p]) continue;
+    xh[p].resize(Ks[p]);
+    for (auto& v : xh[p]) v = Bf16FromFloat(nd(rng));
+    CK(cudaMalloc(&xd[p], Ks[p] * 2));
+    CK(cudaMalloc(&yd[p], Ns[p] * 2));
+    CK(cudaMemcpy(xd[p], xh[p].data(), Ks[p] * 2, cudaMemcpyHostToDevice));
+    plan.x[p] = xd[p];
+    plan.y[p] = yd[p];
+    plan.gscale[p] = 1.f / std::sqrt(static_cast<float>(Ks[p]));
+  }
+  // float64 reference of every phase (the last layer's weights are `layer`).
+  double e2m1[16], e4m3[256];
+  for (unsigned c = 0; c < 16; ++c) e2m1[c] = HostE2M1(c);
+  for (unsigned b = 0; b < 256; ++b) e4m3[b] = HostE4M3(b);
+  std::vector<std::vector<double>> ref(kPhases);
+  for (int p = 0; p < kPhases; ++p) {
+    if (!Ns[p]) continue;
+    const int S = Ks[p] / 256;
+    ref[p].assign(Ns[p], 0.0);
+    for (int n = 0; n < Ns[p]; ++n) {
+      const int tile = n / 16, row = n % 16;
+      double acc = 0;
+      for (int it = 0; it < S; ++it) {
+        const uint8_t* item = layer.data() + plan.offset[p] + (static_cast<size_t>(tile) * S + it) * kItemBytes;
+        for (int j = 0; j < 256; ++j) {
+          const uint8_t byte = item[row * 128 + j / 2];
+          const double wv = e2m1[j & 1 ? byte >> 4 : byte & 15] * e4m3[item[2048 + row * 16 + j / 16]];
+          acc += wv * FloatFromBf16(xh[p][it * 256 + j]);
+        }
+      }
+      ref[p][n] = acc * plan.gscale[p];
+    }
+  }
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  std::printf("gemv mode: %d layers of %.1f MB (Qwen3-8B NVFP4, item-major), attention %lld ns\n", layers,
+              plan.layer_bytes / 1e6, attention_ns);
+  std::printf("%-8s %-10s %12s %10s %12s\n", "warps", "items/slot", "us/layer", "TB/s", "rel RMS err");
+  int failed = 0;
+  auto run = [&](auto kernel, int W, int ips, bool compute_only) {
+    plan.compute_only = compute_only;
+    const size_t smem = static_cast<size_t>(kRingBytes) + kXsBytes;
+    CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    std::vector<float> ts;
+    double worst = 0;
+    for (int r = 0; r < 8; ++r) {
+      CK(cudaMemset(barrier, 0, 4));
+      for (int p = 0; p < kPhases; ++p)
+        if (Ns[p]) CK(cudaMemset(yd[p], 0xFF, Ns[p] * 2));  // NaN poison
+      CK(cudaEventRecord(e0));
+      kernel<<<sms, 32 * (W + 1), smem>>>(w, plan, barrier);
+      CK(cudaGetLastError());
+      CK(cudaEventRecord(e1));
+      CK(cudaEventSynchronize(e1));
+      float ms = 0;
+      CK(cudaEventElapsedTime(&ms, e0, e1));
+      if (r > 0) ts.push_back(ms);
+      for (int p = 0; p < kPhases; ++p) {
+        if (!Ns[p]) continue;
+        std::vector<uint16_t> y(Ns[p]);
+        CK(cudaMemcpy(y.data(), yd[p], Ns[p] * 2, cudaMemcpyDeviceToHost));
+        double num = 0, den = 0;
+        for (int n = 0; n < Ns[p]; ++n) {
+          const double d = FloatFromBf16(y[n]) - ref[p][n];
+          num += d * d;
+          den += ref[p][n] * ref[p][n];
+        }
+        const double err = std::sqrt(num / den);
+        worst = err == err ? std::max(worst, err) : 1e30;
+      }
+    }
+    const float ms = Median(ts);
+    const bool ok = compute_only || worst <= 5e-3;
+    failed += !ok;
+    std::printf("%-8d %-10d %12.2f %10.2f %12.2e %s\n", W, ips, ms * 1e3 / layers,
+                layer.size() * layers / (ms * 1e-3) / 1e12, worst,
+                compute_only ? "arithmetic only (not checked)" : ok ? "ok" : "FAIL");
+  };
+  // (items a slot <= items a tile row: 16 at K = 4096)
+  for (const bool compute_only : {false, true}) {
+    run(GemvLayerKernel<4, 8>, 4, 8, compute_only);
+    run(GemvLayerKernel<8, 8>, 8, 8, compute_only);
+    run(GemvLayerKernel<8, 16>, 8, 16, compute_only);
+    run(GemvLayerKernel<16, 16>, 16, 16, compute_only);
+  }
+  for (int p = 0; p < kPhases; ++p) {
+    if (xd[p]) CK(cudaFree(xd[p]));
+    if (yd[p]) CK(cudaFree(yd[p]));
+  }
+  CK(cudaFree(w));
+  CK(cudaFree(barrier));
+  return failed ? 1 : 0;
+}
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "gemv")
+    return GemvMain(argc > 2 ? std::atoi(argv[2]) : 36, argc > 3 ? std::atoll(argv[3]) : 5000);
   const int layers = argc > 1 ? std::atoi(argv[1]) : 36;
   const long long attention_ns = argc > 2 ? std::atoll(argv[2]) : 5000;
   // Qwen3-8B: D 4096, F 12288, Hq 32, Hkv 8, Dh 128; NVFP4 bytes = N * K * (1/2 + 1/16).
