@@ -79,6 +79,7 @@ bool SwiGluRefused(const GemvArgs& a, int variant) {
 }  // namespace
 
 cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream, int variant) {
+  if (variant < 0 || variant > 2) return cudaErrorInvalidValue;
   if (GemvUnsupportedReason(a) != nullptr) return cudaErrorInvalidValue;
   if (SwiGluRefused(a, variant)) return cudaErrorInvalidValue;
   const KParams kp = ToKParams(a);
@@ -191,6 +192,7 @@ cudaError_t LaunchAddRmsNorm(const void* x, const void* h, const void* w, float 
 
 cudaError_t LaunchGemvAddNorm(const GemvArgs& a, const void* h, const void* w, float eps,
                               void* r, void* xn, cudaStream_t stream, int variant) {
+  if (variant < 0 || variant > 4) return cudaErrorInvalidValue;
   if (GemvUnsupportedReason(a) != nullptr) return cudaErrorInvalidValue;
   if (!Aligned(h, 16) || !Aligned(w, 16) || !Aligned(r, 16) || !Aligned(xn, 16))
     return cudaErrorMisalignedAddress;

@@ -549,7 +549,7 @@ int Check(bool quick) {
                                   : "wide any M",
                 c.M, c.N, c.K,
                 c.add_norm == 3 || c.add_norm == 4 ||
-                    ((c.add_norm == 1 && c.M <= 2 || c.add_norm == 5) &&
+                    (((c.add_norm == 1 && c.M <= 2) || c.add_norm == 5) &&
                                     nvfp4::UseWide(nvfp4::GemvArgs{nullptr, nullptr, nullptr, nullptr,
                                                                    nullptr, false, nullptr, c.M, c.N, c.K})),
                 err);

@@ -226,6 +226,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// The grid barriers spin until every CTA has arrived, so all `ctas` CTAs must be resident at
+// once (one an SM here). Checks that the kernel fits one CTA an SM at `smem` bytes; another
+// tenant on the GPU can still hang the run (run it under `timeout`).
+template <typename Kernel>
+void CheckCoResident(Kernel kernel, int threads, size_t smem, int ctas, int sms) {
+  int per_sm = 0;
+  CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  if (per_sm * sms < ctas) {
+    std::fprintf(stderr, "%d CTAs of %d threads and %zu bytes of shared memory cannot all be "
+                         "resident (%d an SM, %d SMs)\n", ctas, threads, smem, per_sm, sms);
+    std::exit(2);
+  }
+}
+
 __global__ void ReadKernel(const uint4* p, size_t n, unsigned* sink) {
   unsigned acc = 0;
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
@@ -514,6 +528,7 @@ int GemvMain(int layers, long long attention_ns) {
     plan.compute_only = compute_only;
     const size_t smem = static_cast<size_t>(kRingBytes) + kXsBytes;
     CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    CheckCoResident(kernel, 32 * (W + 1), smem, sms, sms);
     std::vector<float> ts;
     double worst = 0;
     for (int r = 0; r < 8; ++r) {
@@ -640,11 +655,13 @@ int main(int argc, char** argv) {
               "TB/s", "check");
   int failed = !rd.second;
   const char* names[] = {"stream", "ahead", "stop"};
-  const int chunk = 16384, slots = 12;  // a 192 KB ring
+  constexpr int chunk = 16384, slots = 12;  // a 192 KB ring
   plan.chunk = chunk;
   plan.slots = slots;
+  static_assert(slots <= 32, "ProbeKernel keeps 32 mbarrier pairs");
   const size_t smem = static_cast<size_t>(chunk) * slots;
   CK(cudaFuncSetAttribute(ProbeKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  CheckCoResident(ProbeKernel, kThreads, smem, sms, sms);
   for (const int inflight : {12, 6, 4, 2}) {
     plan.inflight = inflight;
     for (int mode = 0; mode < 3; ++mode) {
@@ -657,8 +674,9 @@ int main(int argc, char** argv) {
   }
   // One traced launch per mode (ring of 12, 4 in flight): CTA 0's events in the middle
   // layer, written to the file named by argv[3] (default stream_trace.txt): mode, kind,
-  // phase, time in ns from the layer's first event.
-  {
+  // phase, time in ns from the layer's first event. Needs a layer after the traced one (the
+  // consumers copy the events out at the end, after the producer's last record).
+  if (layers >= 3) {
     Event* trace = nullptr;
     CK(cudaMalloc(&trace, sizeof(Event) * kMaxEvents));
     const char* path = argc > 3 ? argv[3] : "stream_trace.txt";
