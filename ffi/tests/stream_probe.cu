@@ -226,6 +226,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// SMs of the current device.
+int SmCount() {
+  int dev = 0, sms = 0;
+  CK(cudaGetDevice(&dev));
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return sms;
+}
+
 // The grid barriers spin until every CTA has arrived, so all `ctas` CTAs must be resident at
 // once (one an SM here). Checks that the kernel fits one CTA an SM at `smem` bytes; another
 // tenant on the GPU can still hang the run (run it under `timeout`).
@@ -461,9 +469,7 @@ int GemvMain(int layers, long long attention_ns) {
   plan.layer_bytes = at;
   plan.layers = layers;
   plan.attention_ns = attention_ns;
-  int dev = 0, sms = 0;
-  CK(cudaGetDevice(&dev));
-  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int sms = SmCount();
   // One layer's bytes made on the host (codes random, scales in [2^-4, 2^1)), uploaded to
   // every layer's place: the layers read distinct addresses, so nothing stays in L2.
   std::vector<uint8_t> layer(static_cast<size_t>(plan.layer_bytes));
@@ -599,9 +605,9 @@ int main(int argc, char** argv) {
   plan.layer_bytes = at;
   plan.layers = layers;
   plan.attention_ns = attention_ns;
-  int dev = 0, sms = 0;
+  const int sms = SmCount();
+  int dev = 0;
   CK(cudaGetDevice(&dev));
-  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, dev));
   const size_t total = static_cast<size_t>(plan.layer_bytes) * layers;
