@@ -166,11 +166,11 @@ cudaError_t LaunchDecoderLayer(const DecoderLayerArgs& a, cudaStream_t stream) {
   // x' = r1 + o; gu = rmsnorm(x') * ln2 @ Wgu^T, with SwiGLU in its epilogue where the
   // rows are interleaved and the wide kernel serves (act written directly)
   g = Gemv(a.gate_up, r1, gu, M, 2 * F, D, pdlb(2));
-  const int gu_variant = a.gate_up_norm_variant;
-  g.swiglu = a.gate_up_interleaved && (gu_variant == 0 || gu_variant == 4) &&
-             nvfp4::GemvSwiGluSupported(g);
+  g.swiglu =
+      a.gate_up_interleaved && nvfp4::GemvAddNormSwiGluSupported(g, a.gate_up_norm_variant);
   if (g.swiglu) g.y = act;
-  if (cudaError_t e = nvfp4::LaunchGemvAddNorm(g, o, a.ln2, a.eps, a.x_out, xn, stream, gu_variant);
+  if (cudaError_t e = nvfp4::LaunchGemvAddNorm(g, o, a.ln2, a.eps, a.x_out, xn, stream,
+                                               a.gate_up_norm_variant);
       e != cudaSuccess)
     return e;
   // act = silu(gate) * up

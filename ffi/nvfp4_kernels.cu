@@ -190,14 +190,17 @@ cudaError_t LaunchAddRmsNorm(const void* x, const void* h, const void* w, float 
                        static_cast<uint4*>(xn), static_cast<int>(K));
 }
 
+bool GemvAddNormSwiGluSupported(const GemvArgs& a, int variant) {
+  return (variant == 0 || variant == 4) && GemvSwiGluSupported(a);
+}
+
 cudaError_t LaunchGemvAddNorm(const GemvArgs& a, const void* h, const void* w, float eps,
                               void* r, void* xn, cudaStream_t stream, int variant) {
   if (variant < 0 || variant > 4) return cudaErrorInvalidValue;
   if (GemvUnsupportedReason(a) != nullptr) return cudaErrorInvalidValue;
   if (!Aligned(h, 16) || !Aligned(w, 16) || !Aligned(r, 16) || !Aligned(xn, 16))
     return cudaErrorMisalignedAddress;
-  if (a.swiglu && ((variant != 0 && variant != 4) || !GemvSwiGluSupported(a)))
-    return cudaErrorInvalidValue;
+  if (a.swiglu && !GemvAddNormSwiGluSupported(a, variant)) return cudaErrorInvalidValue;
   KParams kp = ToKParams(a);
   // The wide path stages x, so the norm goes there. At M <= 2 only by default:
   // the staging sums each row's squares before any MMA starts. variant 4 folds it

@@ -87,10 +87,14 @@ cudaError_t LaunchAddRmsNorm(const void* x, const void* h, const void* w, float 
 // takes the second route, variant 2 the first wherever the wide kernel can run
 // (A/B checks), variant 3 as 2 but in K pairs where M = 1 and K % 512 == 0, variant 4
 // the first wherever LaunchGemv alone would take the wide path (UseWide), at any M.
-// a.swiglu only with variants 0 and 4; another variant number is an invalid value.  h, w, r, xn 16-byte aligned.  a.pdl applies to
-// every kernel it launches.
+// a.swiglu only where GemvAddNormSwiGluSupported; another variant number is an invalid
+// value.  h, w, r, xn 16-byte aligned.  a.pdl applies to every kernel it launches.
 cudaError_t LaunchGemvAddNorm(const GemvArgs& a, const void* h, const void* w, float eps,
                               void* r, void* xn, cudaStream_t stream, int variant = 0);
+
+// Whether LaunchGemvAddNorm(a, ..., variant) can apply a.swiglu: variants 0 and 4, where
+// GemvSwiGluSupported(a).
+bool GemvAddNormSwiGluSupported(const GemvArgs& a, int variant);
 
 }  // namespace nvfp4
 
