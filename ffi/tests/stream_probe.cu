@@ -96,21 +96,24 @@ __device__ __forceinline__ unsigned long long Now() {
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
-// The consumer warps only (named barrier 1; the producer runs on).
+// The W consumer warps only (named barrier 1; the producer warp runs on).
+template <int W>
 __device__ __forceinline__ void ConsumerSync() {
-  asm volatile("bar.sync 1, %0;" ::"n"(kConsumerWarps * 32) : "memory");
+  asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory");
 }
 
-// All consumers of all CTAs: arrive, then wait until `target` arrivals are counted.
-__device__ void GridBarrier(unsigned* count, unsigned target) {
-  ConsumerSync();
-  if (threadIdx.x == 32) {
+// All consumers of all CTAs: `arriver` (one consumer thread of the CTA) arrives for the CTA,
+// then every consumer waits until `target` arrivals are counted.
+template <int W>
+__device__ void GridBarrier(unsigned* count, unsigned target, unsigned arriver) {
+  ConsumerSync<W>();
+  if (threadIdx.x == arriver) {
     __threadfence();
     atomicAdd(count, 1u);
     while (LoadAcquire(count) < target) {
     }
   }
-  ConsumerSync();
+  ConsumerSync<W>();
 }
 
 // Events of CTA 0 in the traced layer (`trace` non-null): what happened when. Kept in
@@ -188,7 +191,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int p = 0; p < kPhases; ++p) {
       const unsigned k = static_cast<unsigned>(l * kPhases + p);
       const bool traced = trace && cta == 0 && l == trace_layer && ct == 0;
-      if (plan.mode != 0 && k > 0) GridBarrier(barrier, k * static_cast<unsigned>(G));
+      if (plan.mode != 0 && k > 0)  // consumers are warps 1..: thread 32 arrives
+        GridBarrier<kConsumerWarps>(barrier, k * static_cast<unsigned>(G), 32);
       if (traced) Record(sev, &sn, 3, p);
       const long long bytes = plan.bytes[p];
       if (bytes == 0) {  // attention: hold the consumers
@@ -288,11 +292,6 @@ struct GemvPlan {
   bool compute_only;
 };
 
-template <int W>
-__device__ __forceinline__ void ConsumerSyncW() {
-  asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory");
-}
-
 // W consumer warps, IPS items a slot (IPS / W items per warp and slot, unrolled). REDUCE
 // false (timing only, with compute_only): no per-tile reduction over the warps (no block
 // barrier per tile), what the tiles' reductions cost by difference.
@@ -348,16 +347,8 @@ __global__ void __launch_bounds__(32 * (W + 1), 1)
   for (int l = 0; l < plan.layers; ++l)
     for (int p = 0; p < kPhases; ++p) {
       const unsigned k = static_cast<unsigned>(l * kPhases + p);
-      if (k > 0) {  // grid barrier of the consumers (thread 0 arrives for the CTA)
-        ConsumerSyncW<W>();
-        if (threadIdx.x == 0) {
-          __threadfence();
-          atomicAdd(barrier, 1u);
-          while (LoadAcquire(barrier) < k * static_cast<unsigned>(G)) {
-          }
-        }
-        ConsumerSyncW<W>();
-      }
+      if (k > 0)  // consumers are warps 0..W-1: thread 0 arrives
+        GridBarrier<W>(barrier, k * static_cast<unsigned>(G), 0);
       const int N = plan.N[p], K = plan.K[p];
       if (N == 0) {
         if (threadIdx.x == 0) {
@@ -369,7 +360,7 @@ __global__ void __launch_bounds__(32 * (W + 1), 1)
       }
       for (int u = threadIdx.x; u < K / 8; u += W * 32)
         xs[nvfp4::XsUnit(u, 0, 1)] = nvfp4::PermuteChunk(nvfp4::LoadAct(plan.x[p] + 8 * u));
-      ConsumerSyncW<W>();
+      ConsumerSync<W>();
       const int S = K / 256;
       const float ws = plan.gscale[p] * 256.f;
       for (int tile = cta; tile < N / 16; tile += G) {
@@ -440,7 +431,7 @@ __global__ void __launch_bounds__(32 * (W + 1), 1)
           red[parity][warp][g] = v0;
           red[parity][warp][g + 8] = v2;
         }
-        ConsumerSyncW<W>();
+        ConsumerSync<W>();
         if (threadIdx.x < 16) {
           float sum = 0.f;
 #pragma unroll
