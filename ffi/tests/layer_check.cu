@@ -54,27 +54,53 @@ bool g_interleaved = false;  // Args(): the layer's interleaved gate_up copy and
 // DecoderLayerArgs::{qkv,gate_up}_norm_variant of every layer Args() builds.
 int g_norm_q = 0, g_norm_g = 0;
 
-// Comma-separated integers in [lo, hi] of an environment variable, or `fallback` when it is
-// unset; anything else in it ends the program with a message (exit code 2).
-std::vector<int> EnvInts(const char* name, std::vector<int> fallback, int lo, int hi) {
-  const char* v = std::getenv(name);
-  if (!v) return fallback;
+// Comma-separated integers in [lo, hi] (`text`, part of environment variable `name`);
+// anything else ends the program with a message (exit code 2).
+std::vector<int> ParseInts(const char* name, const std::string& text, int lo, int hi) {
   std::vector<int> out;
-  for (const char* p = v; *p;) {
+  for (const char* p = text.c_str(); *p;) {
     char* end = nullptr;
     const long x = std::strtol(p, &end, 10);
     if (end == p || x < lo || x > hi || (*end != ',' && *end != '\0')) {
-      std::fprintf(stderr, "%s=%s: want comma-separated integers in %d..%d\n", name, v, lo, hi);
+      std::fprintf(stderr, "%s: \"%s\": want comma-separated integers in %d..%d\n", name,
+                   text.c_str(), lo, hi);
       std::exit(2);
     }
     out.push_back(static_cast<int>(x));
     p = *end == ',' ? end + 1 : end;
   }
   if (out.empty()) {
-    std::fprintf(stderr, "%s is empty\n", name);
+    std::fprintf(stderr, "%s: empty\n", name);
     std::exit(2);
   }
   return out;
+}
+
+// ParseInts of environment variable `name`, or `fallback` when it is unset.
+std::vector<int> EnvInts(const char* name, std::vector<int> fallback, int lo, int hi) {
+  const char* v = std::getenv(name);
+  return v ? ParseInts(name, v, lo, hi) : fallback;
+}
+
+// RJ_NORM_VARIANTS: (qkv, gate+up) LaunchGemvAddNorm variant pairs "q,g[;q,g...]" (default
+// the library's "0,0").
+std::vector<std::vector<int>> NormVariantPairs() {
+  const char* env = std::getenv("RJ_NORM_VARIANTS");
+  std::vector<std::vector<int>> pairs;
+  for (std::string rest = env ? env : "0,0"; !rest.empty();) {
+    const size_t cut = rest.find(';');
+    pairs.push_back(ParseInts("RJ_NORM_VARIANTS", rest.substr(0, cut), 0, 4));
+    if (pairs.back().size() != 2) {
+      std::fprintf(stderr, "RJ_NORM_VARIANTS: want pairs \"q,g\" separated by ';'\n");
+      std::exit(2);
+    }
+    rest = cut == std::string::npos ? "" : rest.substr(cut + 1);
+  }
+  if (pairs.empty()) {
+    std::fprintf(stderr, "RJ_NORM_VARIANTS: empty\n");
+    std::exit(2);
+  }
+  return pairs;
 }
 
 // Device buffers of one layer's weights, norms and the shared cache / rope inputs.
@@ -470,8 +496,8 @@ void EnqueueChain(const Shape& sh, int M, const std::vector<LayerBufs>& w, const
   }
 }
 
-// Calls fn(shape, M, weights, io) for each benchmarked chain at M = 1 and 8 (or RJ_BENCH_M; weights and
-// buffers made once per shape / per M, freed afterwards).
+// Calls fn(shape, M, weights, io) for each benchmarked chain at M = 1 and 8 (or RJ_BENCH_M;
+// weights and buffers made once per shape / per M, freed afterwards).
 template <typename Fn>
 void ForEachChain(Fn&& fn) {
   for (const Shape& sh : kChainShapes) {
@@ -489,21 +515,12 @@ void ForEachChain(Fn&& fn) {
 }
 
 // L layers of distinct weights in one CUDA graph, the cache at position ~g_pos: PDL off, in
-// the layer and across layers, for each pair of add + norm variants in RJ_NORM_VARIANTS
-// ("q,g[;q,g...]", default the library's "0,0"), side by side on the same buffers.
+// the layer and across layers, for each pair of add + norm variants (NormVariantPairs), side
+// by side on the same buffers.
 int Bench(int reps) {
+  const std::vector<std::vector<int>> pairs = NormVariantPairs();
   cudaStream_t st;
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  std::vector<std::vector<int>> pairs;
-  const char* env = std::getenv("RJ_NORM_VARIANTS");
-  for (std::string rest = env ? env : "0,0"; !rest.empty();) {
-    const size_t cut = rest.find(';');
-    const std::string one = rest.substr(0, cut);
-    const int q = std::atoi(one.c_str());
-    const size_t comma = one.find(',');
-    pairs.push_back({q, comma == std::string::npos ? 0 : std::atoi(one.c_str() + comma + 1)});
-    rest = cut == std::string::npos ? "" : rest.substr(cut + 1);
-  }
   std::printf("%-10s %2s %-5s %-10s %10s %10s\n", "shape", "M", "norm", "pdl", "us/layer",
               "vs off");
   ForEachChain([&](const Shape& sh, int M, const std::vector<LayerBufs>& w, const Io& io) {
@@ -684,10 +701,10 @@ int Placement() {
 
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "check";
-  if (mode == "timeline") {  // bench reads its own list of pairs
-    const std::vector<int> nv = EnvInts("RJ_NORM_VARIANTS", {0, 0}, 0, 4);
-    g_norm_q = nv.empty() ? 0 : nv[0];
-    g_norm_g = nv.size() > 1 ? nv[1] : 0;
+  if (mode == "timeline") {  // the first pair (bench takes every pair)
+    const std::vector<int> first = NormVariantPairs().front();
+    g_norm_q = first[0];
+    g_norm_g = first[1];
   }
   if (mode == "check") return Check(argc > 2 && std::string(argv[2]) == "quick");
 #ifdef RJ_TIMELINE
