@@ -86,6 +86,13 @@ VARIANTS = {
         ("cuda", "xla"),
         {"fuse_attention": True, "fuse_decoder": "model"},
     ),
+    # the same with the codes in their natural order (A/B of the MMA word order's decode)
+    "cuda-w4a16-chain-model-natural": (
+        "nvfp4",
+        "bf16",
+        ("cuda", "xla"),
+        {"fuse_attention": True, "fuse_decoder": "model", "code_order": "natural"},
+    ),
     # the same with gate/up rows stacked: SwiGLU as its own kernel (A/B of the epilogue fold)
     "cuda-w4a16-chain-model-stacked": (
         "nvfp4",

@@ -77,6 +77,7 @@ nvfp4::GemvArgs Gemv(const Weight& w, const void* x, void* y, int64_t M, int64_t
   g.codes = w.codes;
   g.scales = w.scales;
   g.wscale = w.gscale;
+  g.codes_order = w.codes_order;
   g.y = y;
   g.M = M;
   g.N = N;

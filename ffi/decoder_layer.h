@@ -30,6 +30,7 @@ struct Weight {  // an NVFP4 weight [N, K]
   const uint8_t* codes = nullptr;   // [N, K/2]
   const uint8_t* scales = nullptr;  // [N, K/16] e4m3
   const float* gscale = nullptr;    // scalar
+  int codes_order = 0;              // nvfp4::GemvArgs::codes_order
 };
 
 struct DecoderLayerArgs {

@@ -7,7 +7,7 @@
 //                         o codes/scales/global, ln2, gate_up codes/scales/global,
 //                         down codes/scales/global;
 //                         eps, attn_eps, scale, qk_norm, pdl, pdl_edges, pdl_across,
-//                         gate_up_interleaved)
+//                         gate_up_interleaved, codes_order)
 //       -> (x_out, h_out, k_cache', v_cache', scratch)
 // Shapes: x, h, x_out, h_out [M, D] bf16 (h: the previous layer's MLP output, not yet
 // added to x; zeros before the first layer); cos / sin [M, Dh/2] f32; positions [M] s32;
@@ -15,7 +15,8 @@
 // bf16, aliased to results 2 and 3; ln1 / ln2 [D] bf16; q_norm / k_norm [Dh] bf16 (read
 // only when qk_norm); NVFP4 weights as in nvfp4_ffi.cc: qkv [(Hq + 2 Hkv) Dh, D], o
 // [D, Hq Dh], gate_up [2F, D] (gate rows then up rows, or with `gate_up_interleaved` in
-// alternating groups of 8: DecoderLayerArgs::gate_up_interleaved), down [D, F]; scratch
+// alternating groups of 8: DecoderLayerArgs::gate_up_interleaved), down [D, F], every
+// weight's code words in codes_order (nvfp4::GemvArgs::codes_order); scratch
 // u8 of ResetJaxDecoderLayersScratch bytes.  The layers' kernels run back to back on the stream; with `pdl`, on sm_90+,
 // kernels are launched as programmatic dependents (decoder_layer.h), and with
 // `pdl_across` also each layer's first kernel after the previous layer's last.
@@ -82,7 +83,9 @@ ffi::Error DecoderLayersImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuff
                              ffi::Result<ffi::AnyBuffer> v_cache_out,
                              ffi::Result<ffi::AnyBuffer> scratch, float eps, float attn_eps,
                              float scale, bool qk_norm, bool pdl, int32_t pdl_edges,
-                             bool pdl_across, bool gate_up_interleaved) {
+                             bool pdl_across, bool gate_up_interleaved, int32_t codes_order) {
+  if (codes_order != 0 && codes_order != 1)
+    return Invalid("codes_order must be 0 (natural) or 1 (MMA word order), got " + std::to_string(codes_order));
   const auto xd = x.dimensions(), cd = k_cache.dimensions();
   if (xd.size() != 2) return Invalid("x must be [M, D], got " + Dims(xd));
   if (cd.size() != 5) return Invalid("k_cache must be [L, M, T, Hkv, Dh], got " + Dims(cd));
@@ -175,6 +178,7 @@ ffi::Error DecoderLayersImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuff
     a.pdl_edges = pdl_edges;
     a.pdl_first = pdl && pdl_across && i > 0;
     a.gate_up_interleaved = gate_up_interleaved;
+    a.qkv.codes_order = a.o.codes_order = a.gate_up.codes_order = a.down.codes_order = codes_order;
     if (const char* why = rjlayer::DecoderLayerUnsupportedReason(a)) return Invalid(why + where);
     if (cudaError_t err = rjlayer::LaunchDecoderLayer(a, stream); err != cudaSuccess)
       return ffi::Error::Internal("reset_jax decoder layers: launch" + where + ": " +
@@ -218,5 +222,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResetJaxDecoderLayers, DecoderLayersImpl,
                                   .Attr<bool>("pdl")
                                   .Attr<int32_t>("pdl_edges")
                                   .Attr<bool>("pdl_across")
-                                  .Attr<bool>("gate_up_interleaved"),
+                                  .Attr<bool>("gate_up_interleaved")
+                                  .Attr<int32_t>("codes_order"),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -7,7 +7,8 @@
 //   ResetJaxNvfp4W4A4(x, codes, scales, global_scale, input_scale; per_row_scale)
 //       -> (y, xhat scratch [M, K] bf16, gx scratch [M] f32)
 // Shapes: x [M, K] bf16 (M <= 16), codes [N, K/2] u8, scales [N, K/16] f8e4m3fn,
-// global_scale / input_scale f32 scalars, y [M, N] bf16.  No synchronisation, no
+// global_scale / input_scale f32 scalars, y [M, N] bf16; every handler also takes the int32
+// attribute codes_order (nvfp4::GemvArgs::codes_order: 0 natural, 1 MMA word order).  No synchronisation, no
 // allocation (scratch comes from XLA as extra results), so every handler is
 // command-buffer (CUDA graph) compatible.
 #include <cstdint>
@@ -84,8 +85,9 @@ ffi::Error CheckCommon(const ffi::AnyBuffer& x, const ffi::AnyBuffer& codes,
 
 ffi::Error W4A16Impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer codes,
                      ffi::AnyBuffer scales, ffi::AnyBuffer gscale,
-                     ffi::Result<ffi::AnyBuffer> y) {
+                     ffi::Result<ffi::AnyBuffer> y, int32_t codes_order) {
   nvfp4::GemvArgs a;
+  a.codes_order = codes_order;
   if (ffi::Error e = CheckCommon(x, codes, scales, gscale, *y, a); e.failure()) return e;
   if (cudaError_t err = nvfp4::LaunchGemv(a, stream); err != cudaSuccess)
     return CudaError(err, "GEMV launch");
@@ -95,8 +97,9 @@ ffi::Error W4A16Impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer codes
 ffi::Error W4A4Impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer codes,
                     ffi::AnyBuffer scales, ffi::AnyBuffer gscale, ffi::AnyBuffer input_scale,
                     ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> xhat,
-                    ffi::Result<ffi::AnyBuffer> gx, bool per_row_scale) {
+                    ffi::Result<ffi::AnyBuffer> gx, bool per_row_scale, int32_t codes_order) {
   nvfp4::GemvArgs a;
+  a.codes_order = codes_order;
   if (ffi::Error e = CheckCommon(x, codes, scales, gscale, *y, a); e.failure()) return e;
   if (!IsScalarF32(input_scale)) return Invalid("input_scale must be a float32 scalar");
   if (xhat->element_type() != ffi::DataType::BF16 ||
@@ -124,8 +127,9 @@ ffi::Error AddNormW4A16Impl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffe
                             ffi::AnyBuffer w, ffi::AnyBuffer codes, ffi::AnyBuffer scales,
                             ffi::AnyBuffer gscale, ffi::Result<ffi::AnyBuffer> y,
                             ffi::Result<ffi::AnyBuffer> r, ffi::Result<ffi::AnyBuffer> xn,
-                            float eps) {
+                            float eps, int32_t codes_order) {
   nvfp4::GemvArgs a;
+  a.codes_order = codes_order;
   if (ffi::Error e = CheckCommon(x, codes, scales, gscale, *y, a); e.failure()) return e;
   const auto bf16_mk = [&](const ffi::AnyBuffer& b) {
     return b.element_type() == ffi::DataType::BF16 &&
@@ -161,7 +165,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResetJaxNvfp4W4A16, W4A16Impl,
                                   .Arg<ffi::AnyBuffer>()  // codes
                                   .Arg<ffi::AnyBuffer>()  // scales
                                   .Arg<ffi::AnyBuffer>()  // global_scale
-                                  .Ret<ffi::AnyBuffer>(),  // y
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Attr<int32_t>("codes_order"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResetJaxNvfp4W4A4, W4A4Impl,
@@ -175,7 +180,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResetJaxNvfp4W4A4, W4A4Impl,
                                   .Ret<ffi::AnyBuffer>()  // y
                                   .Ret<ffi::AnyBuffer>()  // xhat scratch
                                   .Ret<ffi::AnyBuffer>()  // gx scratch
-                                  .Attr<bool>("per_row_scale"),
+                                  .Attr<bool>("per_row_scale")
+                                  .Attr<int32_t>("codes_order"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResetJaxNvfp4AddNormW4A16, AddNormW4A16Impl,
@@ -190,5 +196,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResetJaxNvfp4AddNormW4A16, AddNormW4A16Impl,
                                   .Ret<ffi::AnyBuffer>()  // y
                                   .Ret<ffi::AnyBuffer>()  // r = x + h
                                   .Ret<ffi::AnyBuffer>()  // xn scratch
-                                  .Attr<float>("eps"),
+                                  .Attr<float>("eps")
+                                  .Attr<int32_t>("codes_order"),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -51,6 +51,8 @@ struct KParams {
   bool pdl = false;  // launched as a programmatic dependent (pdl.cuh)
   // Wide kernel only: SwiGLU in the epilogue (GemvArgs::swiglu): y is [M, N / 2].
   bool swiglu = false;
+  // The codes are in the MMA word order (GemvArgs::codes_order == 1, DecodeMmaOrderx8).
+  bool mma_order = false;
 };
 
 // Kernel parameters from the host API's arguments.
@@ -68,6 +70,7 @@ inline KParams ToKParams(const GemvArgs& a) {
   kp.K = static_cast<int>(a.K);
   kp.pdl = a.pdl;
   kp.swiglu = a.swiglu;
+  kp.mma_order = a.codes_order == 1;
   return kp;
 }
 
@@ -163,6 +166,32 @@ __device__ __forceinline__ void DecodeE2M1x8(uint32_t q, uint32_t (&o)[4]) {
   o[1] = ((q & 0x00F000F0u) * 0x0104u) & 0x81C081C0u;
   o[2] = ((q8 & 0x000F000Fu) * 0x1040u) & 0x81C081C0u;
   o[3] = ((q8 & 0x00F000F0u) * 0x0104u) & 0x81C081C0u;
+}
+
+// The same four registers from a code word in the MMA word order (GemvArgs::codes_order
+// == 1): a fixed permutation of the 32 bits of each natural word, made once when the
+// weights are prepared (reset_jax.nvfp4.format.to_code_order; MmaOrderWord in
+// tests/nvfp4_check.cu), that puts each pair's sign and magnitude bits where one rotate
+// or one multiply of the masked word lands them: 10 instructions for 8 codes instead of
+// 13 (there is no permutation for which all four outputs are a rotate and a mask: the
+// mask's bit pattern does not tile the word). (Natural bit 4e + b of element e -> bit
+// kMmaOrderBit[e][b], the table in the tests.)  Exact: the masked bits of the two copies
+// a multiply makes never overlap, so no carries.
+__device__ __forceinline__ void DecodeMmaOrderx8(uint32_t q, uint32_t (&o)[4]) {
+  o[0] = __funnelshift_l(q, q, 8) & 0x81C081C0u;
+  o[1] = ((q & 0x03420342u) * 65u) & 0x81C081C0u;
+  o[2] = ((q & 0x042C042Cu) * 34u) & 0x81C081C0u;
+  o[3] = __funnelshift_l(q, q, 11) & 0x81C081C0u;
+}
+
+// DecodeE2M1x8 (MMA_ORDER false) or DecodeMmaOrderx8 (true).
+template <bool MMA_ORDER>
+__device__ __forceinline__ void DecodeCodes(uint32_t q, uint32_t (&o)[4]) {
+  if constexpr (MMA_ORDER) {
+    DecodeMmaOrderx8(q, o);
+  } else {
+    DecodeE2M1x8(q, o);
+  }
 }
 
 __device__ __forceinline__ uint32_t PackBf16x2(float lo, float hi) {
@@ -262,7 +291,7 @@ struct StepBuf {
 // padding steps load and compute nothing), so the rolling buffer index restarts
 // at 0 on every tile and the loads for the next tile are issued while the
 // current one finishes.  One __syncthreads per tile (double-buffered reduction).
-template <int VEC, int NT, int U, int W>
+template <int VEC, int NT, int U, int W, bool MO = false>
 __global__ void __launch_bounds__(W * 32) GemvKernel(const KParams p) {
   constexpr int kWords = VEC / 4;  // code words per lane per row per sub-step
   constexpr int kBpl = VEC / 8;    // 16-element blocks per lane per sub-step
@@ -346,8 +375,8 @@ __global__ void __launch_bounds__(W * 32) GemvKernel(const KParams p) {
 #pragma unroll
     for (int w = 0; w < kWords; ++w) {
       uint32_t d0[4], d1[4];
-      DecodeE2M1x8(b.r0[w], d0);
-      DecodeE2M1x8(b.r1[w], d1);
+      DecodeCodes<MO>(b.r0[w], d0);
+      DecodeCodes<MO>(b.r1[w], d1);
       const uint32_t sa = sp0[w >> 1];
       const uint32_t sb = sp1[w >> 1];
 #pragma unroll
@@ -463,7 +492,8 @@ int PersistentGrid(Kernel kernel, int threads, int tiles) {
 template <int VEC, int NT, int U, int W>
 cudaError_t LaunchOne(const KParams& kp, bool persistent, cudaStream_t stream) {
   const int tiles = (kp.N + 15) / 16;
-  auto kernel = GemvKernel<VEC, NT, U, W>;
+  // One kernel per code order (kp.mma_order): the decode is chosen at compile time.
+  auto kernel = kp.mma_order ? GemvKernel<VEC, NT, U, W, true> : GemvKernel<VEC, NT, U, W, false>;
   const int grid = persistent ? PersistentGrid(kernel, W * 32, tiles) : tiles;
   return rjpdl::Launch(kernel, dim3(grid), dim3(W * 32), 0, stream, kp.pdl, kp);
 }
@@ -585,7 +615,7 @@ __host__ __device__ constexpr int WideTiles(int N, bool kp) { return kp ? (N + 7
 // better (Qwen3-32B o: 320 16-row tiles on 264 slots of 8 warps, or 320 of 4 warps at 8
 // items a warp; 640 8-row tiles give 3 rounds of 2 pairs, 6). K % 512 == 0. When the
 // library takes it: KPairUnits.
-template <int NT, int U, int W, bool XS, bool NORM = false, bool KP = false>
+template <int NT, int U, int W, bool XS, bool NORM = false, bool KP = false, bool MO = false>
 __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemvKernel(const KParams p) {
   static_assert(XS || !NORM, "the fused norm is applied while staging the activations");
   static_assert(!KP || NT == 1, "K pairs are for one activation row");
@@ -831,8 +861,8 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
       const uint32_t ka = (blk & 1) ? SplatHi(pa) : SplatLo(pa);
       const uint32_t kb = (blk & 1) ? SplatHi(pb) : SplatLo(pb);
       uint32_t d0[4], d1[4];
-      DecodeE2M1x8(b.r0[w], d0);
-      DecodeE2M1x8(b.r1[w], d1);
+      DecodeCodes<MO>(b.r0[w], d0);
+      DecodeCodes<MO>(b.r1[w], d1);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const uint32_t a[4] = {MulBf16x2(d0[2 * h], ka), MulBf16x2(d1[2 * h], kb),
@@ -978,13 +1008,15 @@ inline cudaError_t WideSmemOptIn(const void* kernel) {
 
 // Resident CTAs of one wide-kernel instantiation on the current device (0 if the query
 // fails). Resident CTAs per SM depend on the dynamic shared memory: cached per
-// (kernel, device, smem) so that a call costs no occupancy query on the host.
+// (kernel, code order, device, smem) so that a call costs no occupancy query on the host.
 template <int NT, int U, int W, bool XS, bool NORM = false, bool KP = false>
 int WideSlots(const KParams& kp) {
-  auto kernel = WideGemvKernel<NT, U, W, XS, NORM, KP>;
+  auto kernel = kp.mma_order ? WideGemvKernel<NT, U, W, XS, NORM, KP, true>
+                             : WideGemvKernel<NT, U, W, XS, NORM, KP, false>;
   const int smem = XS ? static_cast<int>(WideXsBytes(kp.M, kp.K)) : 0;
   struct Entry {
     int device, smem, slots;
+    bool mo;
   };
   static thread_local Entry cache[16] = {};
   static thread_local int next = 0;
@@ -992,20 +1024,21 @@ int WideSlots(const KParams& kp) {
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
   if (XS && WideSmemOptIn(reinterpret_cast<const void*>(kernel)) != cudaSuccess) return 0;
   for (const Entry& e : cache)
-    if (e.slots > 0 && e.device == device && e.smem == smem) return e.slots;
+    if (e.slots > 0 && e.device == device && e.smem == smem && e.mo == kp.mma_order) return e.slots;
   int per_sm = 0, sms = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, W * 32, smem) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
       per_sm < 1)
     return 0;
-  cache[next] = {device, smem, per_sm * sms};
+  cache[next] = {device, smem, per_sm * sms, kp.mma_order};
   next = (next + 1) % 16;
   return per_sm * sms;
 }
 
 template <int NT, int U, int W, bool XS, bool NORM = false, bool KP = false>
 cudaError_t LaunchWideOne(const KParams& kp, cudaStream_t stream) {
-  auto kernel = WideGemvKernel<NT, U, W, XS, NORM, KP>;
+  auto kernel = kp.mma_order ? WideGemvKernel<NT, U, W, XS, NORM, KP, true>
+                             : WideGemvKernel<NT, U, W, XS, NORM, KP, false>;
   const int smem = XS ? static_cast<int>(WideXsBytes(kp.M, kp.K)) : 0;
   if (XS) {
     if (cudaError_t e = WideSmemOptIn(reinterpret_cast<const void*>(kernel)); e != cudaSuccess)

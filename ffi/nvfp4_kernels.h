@@ -33,6 +33,11 @@ struct GemvArgs {
   //   y[M, N/2] (bf16) = bf16(silu(bf16(gate)) * bf16(up))   (silu in float32),
   // the same bits as the GEMV followed by a SwiGLU kernel.
   bool swiglu = false;
+  // Bit order of each 32-bit code word (8 codes of a row): 0 the natural order (element e
+  // of the word in bits 4e..4e+3), 1 the MMA word order that the kernels decode in fewer
+  // instructions (DecodeMmaOrderx8 in nvfp4_kernels.cuh; reset_jax.nvfp4.format.
+  // to_code_order makes it once, when the weights are prepared).
+  int codes_order = 0;
 };
 
 // Largest M one launch serves (two m16n8k16 column tiles).

@@ -256,6 +256,7 @@ class Embedding(nnx.Module):
             jnp.take(w.scales, ids, axis=0),
             w.global_scale,
             dtype=w.dtype,
+            code_order=w.code_order,
         )
         return nvfp4.dequantize(rows)
 
@@ -601,6 +602,7 @@ def fuse_decoder(
     *,
     pdl: bool = True,
     interleave_gate_up: bool = True,
+    code_order: str = "mma",
     implementation: str | Sequence[str] | None = None,
 ) -> int:
     """Runs decode steps through ``decoder_layers.decode_layers``: whole layers per custom call.
@@ -623,6 +625,12 @@ def fuse_decoder(
         ``decoder_layers.interleave_gate_up``'s row order, so that the CUDA gate+up GEMV
         applies SwiGLU in its epilogue (one kernel fewer per layer; every other path
         splits its output accordingly; results unchanged). False keeps the stacked rows.
+      code_order: the order the chained layers' NVFP4 codes are kept in from here on
+        (``nvfp4.format.to_code_order``, converted once, here): ``"mma"``, the CUDA
+        kernels' faster decode (every other backend converts back on the fly, and
+        checkpoints are written in the natural order), or ``"natural"``. Results are
+        the same bits either way. Only where the chain may take the CUDA call
+        (``implementation`` None or naming ``"cuda"``).
       implementation: ``decode_layers``' ``implementation`` (None: CUDA where it
         serves, else the per-layer path; ``"xla"``: the XLA composition for every step).
 
@@ -630,10 +638,12 @@ def fuse_decoder(
       the number of layers that the chained path covers (0: it stays off).
 
     Raises:
-      ValueError: an unknown mode.
+      ValueError: an unknown mode or code order.
     """
     if mode not in CHAIN_MODES:
         raise ValueError(f"mode={mode!r}: expected one of {CHAIN_MODES}")
+    if code_order not in nvfp4.format.CODE_ORDERS:
+        raise ValueError(f"code_order={code_order!r}: expected one of {nvfp4.format.CODE_ORDERS}")
     fuse_norms(model)
     layers = model.model.layers
     ok = all(layer.chain_weights() is not None for layer in layers)
@@ -641,6 +651,12 @@ def fuse_decoder(
         for layer in layers:
             layer.mlp.gate_up.interleave_rows()
     impl = _static_implementation(implementation)
+    names = (impl,) if isinstance(impl, str) else impl
+    if ok and (names is None or "cuda" in names):  # the order is for the CUDA kernels
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for lin in (attn.qkv.linears[0], attn.o_proj, mlp.gate_up.linears[0], mlp.down_proj):
+                lin.weight.set_value(nvfp4.format.to_code_order(lin.weight.get_value(), code_order))
     model.decoder_chain = (mode, bool(pdl), impl) if ok else None
     return len(layers) if ok else 0
 

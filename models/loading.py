@@ -43,6 +43,7 @@ from reset_jax.models.llama import LlamaForCausalLM
 from reset_jax.models.qwen2 import Qwen2ForCausalLM
 from reset_jax.models.qwen3 import Qwen3ForCausalLM
 from reset_jax.nvfp4 import NVFP4Tensor
+from reset_jax.nvfp4.format import natural_packed
 
 MODEL_CLASSES: dict[str, type[CausalLM]] = {
     "qwen3": Qwen3ForCausalLM,
@@ -293,7 +294,7 @@ class _Part:
 
 def _quantize(w: jax.Array, dtype: np.dtype) -> NVFP4Tensor:
     q = nvfp4.quantize(w)
-    return NVFP4Tensor(q.packed, q.scales, q.global_scale, dtype=dtype)
+    return NVFP4Tensor(q.packed, q.scales, q.global_scale, dtype=dtype, code_order=q.code_order)
 
 
 def _same_scalar(values: Sequence[jax.Array | None]) -> bool:
@@ -336,7 +337,7 @@ def _assemble(
     kind = parts[0].kind
     if kind == "nvfp4":
         w = NVFP4Tensor(
-            jnp.concatenate([p.weight.packed for p in parts]),
+            jnp.concatenate([natural_packed(p.weight) for p in parts]),
             jnp.concatenate([p.weight.scales for p in parts]),
             parts[0].weight.global_scale,
             dtype=dtype,
@@ -599,6 +600,7 @@ def build_model(
     fuse_decoder: str | None = None,
     pdl: bool = True,
     interleave_gate_up: bool = True,
+    code_order: str = "mma",
 ) -> CausalLM:
     """A randomly initialized model (tests, benchmarks); same options as ``build_from_state_dict``.
 
@@ -609,8 +611,8 @@ def build_model(
     matmuls after them (``layers.fuse_norms``); ``fuse_attention=True`` runs each
     decode step's attention as one ``reset_jax.attention.decode_attention`` call
     (``layers.fuse_attention``); ``fuse_decoder="layer"`` or ``"model"`` runs decode
-    steps through whole-layer custom calls (``layers.fuse_decoder``, with ``pdl`` and
-    ``interleave_gate_up``).
+    steps through whole-layer custom calls (``layers.fuse_decoder``, with ``pdl``,
+    ``interleave_gate_up`` and ``code_order``).
     """
     _check_options(quantize, activations)
     source = _RandomSource(seed, dtype, quantize, activations, implementation, exclude)
@@ -624,6 +626,7 @@ def build_model(
         fuse_decoder=fuse_decoder,
         pdl=pdl,
         interleave_gate_up=interleave_gate_up,
+        code_order=code_order,
     )
 
 
@@ -637,6 +640,7 @@ def apply_build_options(
     fuse_decoder: str | None = None,
     pdl: bool = True,
     interleave_gate_up: bool = True,
+    code_order: str = "mma",
 ) -> CausalLM:
     """``build_model``'s options that act on a built model, for a model built any way.
 
@@ -648,7 +652,7 @@ def apply_build_options(
       model: a ``CausalLM`` (changed in place).
       implementation: NVFP4 backend(s) for the quantized embedding's tied output layer.
       quantize_embedding, fuse_norms, fuse_attention, fuse_decoder, pdl,
-        interleave_gate_up: as in ``build_model``.
+        interleave_gate_up, code_order: as in ``build_model``.
 
     Returns:
       ``model``.
@@ -660,7 +664,13 @@ def apply_build_options(
     if fuse_attention:
         fuse_attention_ops(model)
     if fuse_decoder is not None:
-        fuse_decoder_chain(model, fuse_decoder, pdl=pdl, interleave_gate_up=interleave_gate_up)
+        fuse_decoder_chain(
+            model,
+            fuse_decoder,
+            pdl=pdl,
+            interleave_gate_up=interleave_gate_up,
+            code_order=code_order,
+        )
     return model
 
 
@@ -836,7 +846,7 @@ def model_tensors(model: CausalLM) -> dict[str, np.ndarray]:
         sl = slice(None) if rows is None else slice(*rows) if isinstance(rows, tuple) else rows
         w = lin.weight.get_value()
         if lin.quantized:
-            out[f"{name}.weight"] = np.asarray(w.packed[sl])
+            out[f"{name}.weight"] = np.asarray(natural_packed(w)[sl])  # checkpoints: natural order
             out[f"{name}.weight_scale"] = np.asarray(w.scales[sl])
             out[f"{name}.weight_scale_2"] = np.asarray(w.global_scale, np.float32).reshape(())
             if lin.input_scale is not None:

@@ -34,7 +34,7 @@ import numpy as np
 
 from reset_jax import attention
 from reset_jax.nvfp4 import api
-from reset_jax.nvfp4.format import NVFP4Tensor
+from reset_jax.nvfp4.format import CODE_ORDERS, NVFP4Tensor
 from reset_jax.nvfp4.fused import add_rms_norm_matmul
 
 IMPLEMENTATIONS = ("cuda", "xla")
@@ -146,6 +146,9 @@ def cuda_unsupported_reason(
     hkv, dh = k_cache.shape[3:]
     if not 1 <= m <= MAX_M:
         return f"M = {m} rows; the chained layers serve 1..{MAX_M}"
+    orders = {t.code_order for w in layers for t in (w.qkv, w.o, w.gate_up, w.down)}
+    if len(orders) > 1:
+        return "the weights' codes are in different orders (NVFP4Tensor.code_order); one call takes one"
     h = x if h is None else h
     v_cache = k_cache if v_cache is None else v_cache
     arrays = [x, k_cache, v_cache, h] + [a for w in layers for a in (w.input_norm, w.post_norm, w.q_norm, w.k_norm)
@@ -206,7 +209,9 @@ def interleave_gate_up(w: NVFP4Tensor) -> NVFP4Tensor:
     def perm(a):  # [2F, c] -> [F/g, 2, g, c] (part, group) -> [2F, c]
         return a.reshape(2, n // (2 * g), g, a.shape[-1]).transpose(1, 0, 2, 3).reshape(a.shape)
 
-    return NVFP4Tensor(perm(w.packed), perm(w.scales), w.global_scale, dtype=w.dtype)
+    return NVFP4Tensor(
+        perm(w.packed), perm(w.scales), w.global_scale, dtype=w.dtype, code_order=w.code_order
+    )
 
 
 def deinterleave_gate_up(y: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -293,6 +298,7 @@ def _cuda(x, h, cos, sin, positions, k_cache, v_cache, layers, first_layer, eps,
         qk_norm=np.bool_(qk_norm), pdl=np.bool_(pdl),
         pdl_edges=np.int32(-1 if pdl_edges is None else pdl_edges),
         pdl_across=np.bool_(pdl_across), gate_up_interleaved=np.bool_(gate_up_interleaved),
+        codes_order=np.int32(CODE_ORDERS.index(layers[0].qkv.code_order)),
     )  # fmt: skip
     return x_out, h_out, ck, cv
 

@@ -263,7 +263,9 @@ def test_checkpoint_variants_get_the_random_shapes_build_options():
     bench = _load_bench("decode")
     config = ModelConfig.from_hf(bench.HF_CONFIGS["tiny"])
     kw = dict(dtype=jnp.float32, quantize="nvfp4", implementation="xla")
-    for variant in ("cuda-w4a16-chain-model", "cuda-w4a16-fnorm-fattn", "xla-w4a16-qall"):
+    variants = ("cuda-w4a16-chain-model", "cuda-w4a16-chain-model-natural",
+                "cuda-w4a16-fnorm-fattn", "xla-w4a16-qall")  # fmt: skip
+    for variant in variants:
         extra = bench.VARIANTS[variant][3]
         loaded = build_model(config, **kw, exclude=extra.get("exclude", ("lm_head",)))
         rest = {k: v for k, v in extra.items() if k != "exclude"}
@@ -275,6 +277,9 @@ def test_checkpoint_variants_get_the_random_shapes_build_options():
             assert a.fused_norms == b.fused_norms, variant
             assert a.self_attn.decode_impl == b.self_attn.decode_impl, variant
             assert a.mlp.gate_up.interleaved == b.mlp.gate_up.interleaved, variant
+            assert a.mlp.down_proj.weight.get_value().code_order == (
+                b.mlp.down_proj.weight.get_value().code_order
+            ), variant
         emb, want_emb = loaded.model.embed_tokens, want.model.embed_tokens
         assert emb.quantized == want_emb.quantized, variant
     with pytest.raises(TypeError, match="seed"):  # an option it does not handle

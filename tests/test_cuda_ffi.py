@@ -169,6 +169,7 @@ def test_w4a4_activation_quantizer_is_bit_exact(input_scale):
         jnp.asarray(q.global_scale, jnp.float32),
         s,
         per_row_scale=np.bool_(per_row),
+        codes_order=np.int32(0),
     )
     with jax.default_device(jax.devices("cpu")[0]):
         xq = fmt.quantize_activations(_cpu(x), input_scale)
@@ -366,10 +367,10 @@ def test_handler_rejects_bad_shapes_with_a_message():
     scales = jnp.zeros((8, 3), jnp.float8_e4m3fn)  # should be [8, 4]
     g = jnp.float32(1)
 
-    def call(x, packed, scales, m, n):
+    def call(x, packed, scales, m, n, order=0):
         return jax.ffi.ffi_call(
             cuda.TARGET_W4A16, jax.ShapeDtypeStruct((m, n), jnp.bfloat16), vmap_method="sequential"
-        )(x, packed, scales, g)
+        )(x, packed, scales, g, codes_order=np.int32(order))
 
     with pytest.raises(Exception, match=r"scales \[8, 3\] do not match codes \[8, 32\]"):
         jax.block_until_ready(call(x, packed, scales, 2, 8))
@@ -389,6 +390,31 @@ def test_handler_rejects_bad_shapes_with_a_message():
         )
     with pytest.raises(Exception, match=r"y \[2, 9\] must be \[M, N\] = \[2, 8\]"):
         jax.block_until_ready(call(x, packed, jnp.zeros((8, 4), jnp.float8_e4m3fn), 2, 9))
+    with pytest.raises(Exception, match=r"codes_order must be 0 \(natural\) or 1"):
+        jax.block_until_ready(call(x, packed, jnp.zeros((8, 4), jnp.float8_e4m3fn), 2, 8, order=2))
+
+
+@gpu
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 33, 512), (1, 4500, 8192), (2, 100, 2560),
+                                           (8, 15040, 256), (5, 257, 576), (13, 47, 592),
+                                           (16, 513, 1536)])  # fmt: skip
+@pytest.mark.parametrize("activations", ["bf16", "nvfp4"])
+def test_mma_code_order_gives_the_same_bits(m, n, k, activations):
+    """Codes in the MMA word order (``to_code_order``): every kernel path (wide, K pairs,
+    general; W4A16, W4A4; the fused add + norm) returns exactly the natural order's bits."""
+    x, q = _inputs(f"mma-{m}-{n}-{k}", m, n, k)
+    qm = fmt.to_code_order(q, "mma")
+    assert qm.code_order == "mma" and not np.array_equal(
+        np.asarray(qm.packed), np.asarray(q.packed)
+    )
+    f = jax.jit(lambda x, q: _cuda(x, q, activations, None))
+    np.testing.assert_array_equal(np.asarray(f(x, qm), np.float32), np.asarray(f(x, q), np.float32))
+    if activations == "bf16":
+        h = x[::-1] * 0.5
+        w = jnp.asarray(np.random.default_rng(k).uniform(0.5, 1.5, (k,)), jnp.bfloat16)
+        g = jax.jit(lambda q: cuda.add_rms_norm_matmul(x, h, w, 1e-6, q))
+        for a, b in zip(g(qm), g(q)):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 @gpu

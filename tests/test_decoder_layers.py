@@ -187,9 +187,10 @@ def test_fuse_decoder_interleaves_gate_up_once():
     assert not plain.model.layers[0].mlp.gate_up.interleaved
     assert fuse_decoder(model, "model") == 3 and gu[0].interleaved  # idempotent
     want = plain.model.layers[0].mlp.gate_up.linears[0].weight.get_value()
+    got = gu[0].linears[0].weight.get_value()
+    assert got.code_order == "mma"  # fuse_decoder's default (the CUDA kernels' faster decode)
     np.testing.assert_array_equal(
-        gu[0].linears[0].weight.get_value().packed,
-        decoder_layers.interleave_gate_up(want).packed,
+        nvfp4.format.natural_packed(got), decoder_layers.interleave_gate_up(want).packed
     )
     # Every path through the group still sees (gate, up) and the parts side by side.
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, config.hidden_size)), jnp.float32)
@@ -201,6 +202,43 @@ def test_fuse_decoder_interleaves_gate_up_once():
     assert want_t.keys() == got_t.keys()
     for name in want_t:
         np.testing.assert_array_equal(got_t[name], want_t[name], err_msg=name)
+
+
+def test_fuse_decoder_keeps_chained_codes_in_mma_order_with_the_same_results(monkeypatch):
+    """``fuse_decoder``'s ``code_order``: the chained layers' four NVFP4 weights change order
+    once; decoding gives the same bits as with natural codes; not for an XLA-only chain."""
+    config = _config()
+    kw = dict(dtype=jnp.float32, seed=6, quantize="nvfp4", fuse_norms=True, fuse_attention=True)
+    mma, natural, xla_only = (build_model(config, **kw) for _ in range(3))
+    assert fuse_decoder(mma, "model") == 3
+    assert fuse_decoder(natural, "model", code_order="natural") == 3
+    assert fuse_decoder(xla_only, "model", implementation="xla") == 3
+
+    def orders(model):
+        return {
+            lin.weight.get_value().code_order
+            for ly in model.model.layers
+            for lin in (ly.self_attn.qkv.linears[0], ly.self_attn.o_proj,
+                        ly.mlp.gate_up.linears[0], ly.mlp.down_proj)
+        }  # fmt: skip
+
+    assert orders(mma) == {"mma"} and orders(natural) == orders(xla_only) == {"natural"}
+    assert fuse_decoder(mma, "model") == 3 and orders(mma) == {"mma"}  # idempotent
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, 257, (2, 6)), jnp.int32)
+    tok_a, hid_a = _decode(natural, ids)
+    tok_b, hid_b = _decode(mma, ids)
+    np.testing.assert_array_equal(tok_a, tok_b)
+    np.testing.assert_array_equal(hid_a, hid_b)
+    with pytest.raises(ValueError, match="code_order='packed'"):
+        fuse_decoder(natural, code_order="packed")
+    # One custom call takes one order: mixed weights are refused with the reason.
+    from reset_jax.nvfp4 import cuda
+
+    monkeypatch.setattr(cuda, "device_reason", lambda x: None)
+    x, *_, ck, cv, w = _layer_args(natural)
+    mixed = [w[0]._replace(o=nvfp4.format.to_code_order(w[0].o, "mma"))]
+    why = decoder_layers.cuda_unsupported_reason(x, ck, mixed, v_cache=cv)
+    assert why is not None and "different orders" in why
 
 
 def test_fuse_decoder_only_where_every_layer_fits():

@@ -515,3 +515,114 @@ def test_round_to_e4m3_matches_ml_dtypes_everywhere():
     s = np.concatenate([s, [0, 448], E4M3_MIDPOINTS.astype(F32)])
     got = np.asarray(jax.jit(fmt.round_to_e4m3)(s))
     np.testing.assert_array_equal(bits(got), bits(s.astype(E4M3).astype(F32)))
+
+
+# --------------------------------------------------------------------------
+# The MMA word order (code_order="mma")
+# --------------------------------------------------------------------------
+
+
+def _kernel_mma_decode():
+    """DecodeMmaOrderx8 of ffi/nvfp4_kernels.cuh, emulated from its source text.
+
+    The rotate amounts, masks and multipliers are read from the kernel, so this test
+    fails if the kernel's decode and the format's bit table ever disagree.
+    """
+    import pathlib
+    import re
+
+    src = (pathlib.Path(__file__).parents[1] / "ffi" / "nvfp4_kernels.cuh").read_text()
+    body = src[src.index("void DecodeMmaOrderx8(") :]
+    body = body[: body.index("\n}")]
+    rot = [int(r) for r in re.findall(r"__funnelshift_l\(q, q, (\d+)\)", body)]
+    mul = [
+        (int(m, 16), int(c)) for m, c in re.findall(r"\(q & (0x[0-9A-Fa-f]+)u\) \* (\d+)u", body)
+    ]
+    assert len(rot) == 2 and len(mul) == 2, body
+    mask = np.uint32(0x81C081C0)
+    u32 = np.uint32
+
+    def decode(w):
+        w = w.astype(u32)
+        r0 = (w << u32(rot[0])) | (w >> u32(32 - rot[0]))
+        r3 = (w << u32(rot[1])) | (w >> u32(32 - rot[1]))
+        o1 = ((w & u32(mul[0][0])) * u32(mul[0][1])) & mask
+        o2 = ((w & u32(mul[1][0])) * u32(mul[1][1])) & mask
+        return [r0 & mask, o1, o2, r3 & mask]
+
+    return decode
+
+
+def _words(packed: np.ndarray) -> np.ndarray:
+    return packed.reshape(-1, 4).astype(np.uint32) @ (
+        np.uint32(1) << np.arange(0, 32, 8, dtype=np.uint32)
+    )
+
+
+def test_mma_order_table_is_a_permutation_matching_the_kernel_and_the_checkers():
+    bits = [b for row in fmt._MMA_ORDER_BIT for b in row]
+    assert sorted(bits) == list(range(32))
+    import pathlib
+    import re
+
+    host = (pathlib.Path(__file__).parents[1] / "ffi" / "tests" / "host_util.h").read_text()
+    table = host[host.index("kMmaOrderBit[8][4] = ") :]
+    table = table[: table.index(";")]
+    assert [int(v) for v in re.findall(r"\d+", table)[2:]] == bits
+
+
+def test_mma_order_words_decode_to_the_e2m1_values_in_the_kernel():
+    """Every code of every position of a word: the kernel's MMA-order decode of the
+    converted word gives bf16 pairs equal to E2M1 value * 2**-126, i.e. exactly what its
+    natural-order decode gives (and the MMA's inputs do not change)."""
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 16, (4096, 8), dtype=np.uint8)
+    codes[:16] = np.arange(16, dtype=np.uint8)[:, None]  # every code in every position
+    packed = np.asarray(fmt.pack_codes(jnp.asarray(codes)))  # [4096, 4]
+    words = _words(np.asarray(fmt._permute_words(jnp.asarray(packed), fmt._TO_MMA_MOVES)))
+    out = _kernel_mma_decode()(words)  # 4 x [4096] uint32: (e_j, e_j+4) as bf16x2
+    for j in range(4):
+        for half, e in ((0, j), (1, j + 4)):
+            b16 = (out[j] >> np.uint32(16 * half)) & np.uint32(0xFFFF)
+            got = (b16.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+            want = fmt.E2M1_VALUES[codes[:, e]].astype(np.float64) * 2.0**-126
+            np.testing.assert_array_equal(got, want, err_msg=f"output {j} half {half}")
+
+
+def test_code_order_round_trip_and_values():
+    w = jnp.asarray(np.random.default_rng(9).standard_normal((24, 96)), jnp.float32)
+    q = fmt.quantize(w)
+    qm = fmt.to_code_order(q, "mma")
+    assert q.code_order == "natural" and qm.code_order == "mma" and "code_order='mma'" in repr(qm)
+    assert fmt.to_code_order(qm, "mma") is qm
+    assert not np.array_equal(np.asarray(qm.packed), np.asarray(q.packed))
+    back = fmt.to_code_order(qm, "natural")
+    np.testing.assert_array_equal(np.asarray(back.packed), np.asarray(q.packed))
+    np.testing.assert_array_equal(np.asarray(fmt.natural_packed(qm)), np.asarray(q.packed))
+    np.testing.assert_array_equal(np.asarray(fmt.dequantize(qm, jnp.float32)),
+                                  np.asarray(fmt.dequantize(q, jnp.float32)))  # fmt: skip
+    # The order is static tree structure: it survives jit and tree maps.
+    assert jax.jit(lambda t: t)(qm).code_order == "mma"
+    assert jax.tree.map(lambda a: a, qm).code_order == "mma"
+    assert jax.tree.structure(qm) != jax.tree.structure(q)
+    with pytest.raises(ValueError, match="code_order='bogus'"):
+        fmt.NVFP4Tensor(q.packed, q.scales, q.global_scale, code_order="bogus")
+    with pytest.raises(ValueError, match="order='x'"):
+        fmt.to_code_order(q, "x")
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("activations", ["bf16", "nvfp4"])
+def test_mma_order_matmul_same_bits_on_cpu_backends(impl, activations):
+    from reset_jax.nvfp4 import api
+
+    rng = np.random.default_rng(11)
+    q = fmt.quantize(jnp.asarray(rng.standard_normal((40, 128)), jnp.float32))
+    x = jnp.asarray(rng.standard_normal((3, 128)), jnp.bfloat16)
+
+    def mm(q):
+        return api.matmul(x, q, activations=activations, implementation=impl)
+
+    np.testing.assert_array_equal(
+        np.asarray(mm(fmt.to_code_order(q, "mma")), np.float32), np.asarray(mm(q), np.float32)
+    )

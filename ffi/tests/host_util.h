@@ -72,3 +72,30 @@ float GraphMedianMs(cudaStream_t st, int reps, Enqueue&& enqueue) {
   CK(cudaEventDestroy(e1));
   return Median(ts);
 }
+
+// The MMA word order of NVFP4 codes (nvfp4::GemvArgs::codes_order == 1): natural bit
+// 4e + b of each little-endian 32-bit word (element e of the word, nibble bit b: 0 the
+// mantissa, 1-2 the exponent, 3 the sign) moves to bit kMmaOrderBit[e][b]. The same table
+// as reset_jax.nvfp4.format._MMA_ORDER_BIT; DecodeMmaOrderx8 (nvfp4_kernels.cuh) decodes it.
+constexpr int kMmaOrderBit[8][4] = {{30, 31, 0, 7},   {6, 1, 8, 9},     {5, 2, 3, 10},
+                                    {27, 28, 29, 4},  {14, 15, 16, 23}, {22, 17, 24, 25},
+                                    {21, 18, 19, 26}, {11, 12, 13, 20}};
+
+inline uint32_t MmaOrderWord(uint32_t natural) {
+  uint32_t w = 0;
+  for (int e = 0; e < 8; ++e)
+    for (int b = 0; b < 4; ++b) w |= ((natural >> (4 * e + b)) & 1u) << kMmaOrderBit[e][b];
+  return w;
+}
+
+// Codes (a whole number of 4-byte words per row) rewritten in the MMA word order.
+inline std::vector<uint8_t> ToMmaOrder(const std::vector<uint8_t>& codes) {
+  std::vector<uint8_t> out(codes.size());
+  for (size_t i = 0; i + 4 <= codes.size(); i += 4) {
+    uint32_t v;
+    std::memcpy(&v, &codes[i], 4);
+    v = MmaOrderWord(v);
+    std::memcpy(&out[i], &v, 4);
+  }
+  return out;
+}

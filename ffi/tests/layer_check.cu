@@ -3,7 +3,8 @@
 //   nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/layer_check.cu ffi/decoder_layer.cu \
 //        ffi/nvfp4_kernels.cu ffi/attention_kernels.cu -o layer_check
 //   ./layer_check check     # PDL chain == plain launches, bit for bit (poisoned outputs), and
-//                           # interleaved gate/up rows (SwiGLU in the GEMV) == stacked ones
+//                           # interleaved gate/up rows (SwiGLU in the GEMV) == stacked ones,
+//                           # and codes in the MMA word order (codes_order 1) == natural ones
 //   ./layer_check placement  # (built as for timeline) where the attention CTAs run
 //   ./layer_check timeline [pos]  # (built with -DRJ_TIMELINE -rdc=true) what each kernel adds
 //                                 # to a layer, cache at position ~pos (default 640)
@@ -14,6 +15,8 @@
 //                           # qkv and gate+up GEMVs, side by side (DecoderLayerArgs; default
 //                           # 0,0; timeline takes one pair)
 //   RJ_BENCH_M=1,2,8 ./layer_check bench|timeline ...  # the rows benchmarked (default 1,8)
+//   RJ_CODES_ORDER=1 ./layer_check bench|timeline ...  # codes_order 1 (MMA word order; the
+//                           # pattern weights' values are not checked there)
 //
 // The kernels themselves are checked against float64 references by nvfp4_check and
 // attention_check; this checks the chain: that launching them as programmatic dependents
@@ -50,6 +53,13 @@ bool GuInterleaved() {
   return v ? std::atoi(v) != 0 : true;
 }
 bool g_interleaved = false;  // Args(): the layer's interleaved gate_up copy and flag
+// Args(): the layer's MMA-order copies (check), or codes_order 1 on the benchmark's pattern
+// weights (RJ_CODES_ORDER=1: timing only, their values are not checked).
+bool g_mma_order = false;
+int BenchCodesOrder() {
+  const char* v = std::getenv("RJ_CODES_ORDER");
+  return v ? std::atoi(v) : 0;
+}
 
 // DecoderLayerArgs::{qkv,gate_up}_norm_variant of every layer Args() builds.
 int g_norm_q = 0, g_norm_g = 0;
@@ -107,6 +117,8 @@ std::vector<std::vector<int>> NormVariantPairs() {
 struct LayerBufs {
   rjlayer::Weight qkv, o, gu, down;
   rjlayer::Weight gu_i;  // gu with its rows in alternating groups of 8 (gate, up); check only
+  // The same weights with their codes in the MMA word order (codes_order 1); check only.
+  rjlayer::Weight qkv_m, o_m, gu_m, gu_i_m, down_m;
   void *ln1, *ln2, *qn, *kn;
 };
 
@@ -189,6 +201,22 @@ rjlayer::Weight InterleaveGateUp(const rjlayer::Weight& w, int64_t F, int64_t K)
   return o;
 }
 
+// A copy of w [N, K] with its codes in the MMA word order (codes_order 1).
+rjlayer::Weight MmaOrderCopy(const rjlayer::Weight& w, int64_t N, int64_t K) {
+  rjlayer::Weight o;
+  auto* cd = DevAlloc<uint8_t>(N * K / 2);
+  auto* sd = DevAlloc<uint8_t>(N * K / 16);
+  auto* g = DevAlloc<float>(4);
+  Upload(cd, ToMmaOrder(Download(w.codes, N * K / 2)));
+  CK(cudaMemcpy(sd, w.scales, N * K / 16, cudaMemcpyDeviceToDevice));
+  CK(cudaMemcpy(g, w.gscale, 4, cudaMemcpyDeviceToDevice));
+  o.codes = cd;
+  o.scales = sd;
+  o.gscale = g;
+  o.codes_order = 1;
+  return o;
+}
+
 LayerBufs MakeLayer(const Shape& sh, std::mt19937_64& rng, bool random) {
   LayerBufs l;
   const int64_t wq = int64_t(sh.Hq + 2 * sh.Hkv) * sh.Dh;
@@ -197,6 +225,13 @@ LayerBufs MakeLayer(const Shape& sh, std::mt19937_64& rng, bool random) {
   l.gu = MakeWeight(2 * int64_t(sh.F), sh.D, rng, random);
   l.gu_i = random ? InterleaveGateUp(l.gu, sh.F, sh.D) : l.gu;
   l.down = MakeWeight(sh.D, sh.F, rng, random);
+  if (random) {
+    l.qkv_m = MmaOrderCopy(l.qkv, wq, sh.D);
+    l.o_m = MmaOrderCopy(l.o, sh.D, int64_t(sh.Hq) * sh.Dh);
+    l.gu_m = MmaOrderCopy(l.gu, 2 * int64_t(sh.F), sh.D);
+    l.gu_i_m = MmaOrderCopy(l.gu_i, 2 * int64_t(sh.F), sh.D);
+    l.down_m = MmaOrderCopy(l.down, sh.D, sh.F);
+  }
   l.ln1 = DevAlloc<void>(2 * sh.D);
   l.ln2 = DevAlloc<void>(2 * sh.D);
   l.qn = DevAlloc<void>(2 * sh.Dh);
@@ -210,7 +245,8 @@ LayerBufs MakeLayer(const Shape& sh, std::mt19937_64& rng, bool random) {
 
 void FreeLayer(LayerBufs& l) {
   if (l.gu_i.codes == l.gu.codes) l.gu_i = {};
-  for (rjlayer::Weight* w : {&l.qkv, &l.o, &l.gu, &l.down, &l.gu_i}) {
+  for (rjlayer::Weight* w : {&l.qkv, &l.o, &l.gu, &l.down, &l.gu_i, &l.qkv_m, &l.o_m, &l.gu_m,
+                             &l.gu_i_m, &l.down_m}) {
     if (w->codes == nullptr) continue;
     CK(cudaFree(const_cast<uint8_t*>(w->codes)));
     CK(cudaFree(const_cast<uint8_t*>(w->scales)));
@@ -286,10 +322,18 @@ rjlayer::DecoderLayerArgs Args(const Shape& sh, int M, const LayerBufs& w, const
   a.qkv = w.qkv;
   a.o = w.o;
   a.gate_up = g_interleaved ? w.gu_i : w.gu;
+  a.down = w.down;
+  if (g_mma_order && w.qkv_m.codes != nullptr) {
+    a.qkv = w.qkv_m;
+    a.o = w.o_m;
+    a.gate_up = g_interleaved ? w.gu_i_m : w.gu_m;
+    a.down = w.down_m;
+  } else if (g_mma_order) {  // benchmark pattern weights
+    a.qkv.codes_order = a.o.codes_order = a.gate_up.codes_order = a.down.codes_order = 1;
+  }
   a.gate_up_interleaved = g_interleaved;
   a.qkv_norm_variant = g_norm_q;
   a.gate_up_norm_variant = g_norm_g;
-  a.down = w.down;
   rjattn::DecodeAttentionArgs& t = a.attn;
   t.q_norm = w.qn;
   t.k_norm = w.kn;
@@ -412,10 +456,19 @@ bool CheckShape(const Shape& sh, int M, uint64_t seed) {
   for (int rep = 0; rep < 2; ++rep)
     for (int mode : {0, 2}) bad_i += run(mode) != ref;
   g_interleaved = false;
-  const bool ok = bad == 0 && bad_i == 0 && nonfinite == 0 && vs_default <= 1e-2;
+  // The same weights with their codes in the MMA word order: the same bits.
+  int bad_m = 0;
+  g_mma_order = true;
+  for (const bool inter : {false, true}) {
+    g_interleaved = inter;
+    for (int mode : {0, 2}) bad_m += run(mode) != ref;
+  }
+  g_mma_order = g_interleaved = false;
+  const bool ok = bad == 0 && bad_i == 0 && bad_m == 0 && nonfinite == 0 && vs_default <= 1e-2;
   std::printf("%-10s M=%2d norm %d,%d  non-finite outputs %d, PDL runs differing from plain "
-              "%d/20, interleaved gate/up differing %d/4, vs norm 0,0 %.1e  %s\n",
-              sh.name, M, g_norm_q, g_norm_g, nonfinite, bad, bad_i, vs_default,
+              "%d/20, interleaved gate/up differing %d/4, MMA-order codes differing %d/4, "
+              "vs norm 0,0 %.1e  %s\n",
+              sh.name, M, g_norm_q, g_norm_g, nonfinite, bad, bad_i, bad_m, vs_default,
               ok ? "ok" : "FAIL");
   CK(cudaStreamDestroy(st));
   CK(cudaFree(xm));
@@ -487,6 +540,7 @@ const Shape kChainShapes[] = {{"qwen3-8b", 4096, 12288, 32, 8, 128, 36, 1024},
 void EnqueueChain(const Shape& sh, int M, const std::vector<LayerBufs>& w, const Io& io,
                   int mode, cudaStream_t s) {
   g_interleaved = GuInterleaved();
+  g_mma_order = BenchCodesOrder() == 1;
   for (int l = 0; l < sh.L; ++l) {
     const bool even = l % 2 == 0;
     CK(rjlayer::LaunchDecoderLayer(

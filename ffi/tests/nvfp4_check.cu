@@ -178,6 +178,7 @@ struct Case {
                      // 1 the library choice, 2 the unfused route, 3 the wide kernel forced,
                      // 4 the wide kernel in K pairs (8-row tiles) forced where it serves,
                      // 5 the wide kernel wherever the GEMV alone takes it, at any M
+  bool mma_order = false;  // codes uploaded in the MMA word order (GemvArgs::codes_order 1)
 };
 
 struct Lcg {
@@ -242,7 +243,8 @@ bool RunCase(const Case& c, uint64_t seed, double* err_out,
   CK(cudaMalloc(&d_is, 4));
   CK(cudaMalloc(&d_gx, M * 4));
   uint8_t* d_codes = d_codes_raw + c.code_misalign;
-  CK(cudaMemcpy(d_codes, codes.data(), codes.size(), cudaMemcpyHostToDevice));
+  const std::vector<uint8_t> codes_up = c.mma_order ? ToMmaOrder(codes) : codes;
+  CK(cudaMemcpy(d_codes, codes_up.data(), codes.size(), cudaMemcpyHostToDevice));
   CK(cudaMemcpy(d_scales, scales.data(), scales.size(), cudaMemcpyHostToDevice));
   CK(cudaMemcpy(d_x, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(d_ws, &wscale, 4, cudaMemcpyHostToDevice));
@@ -258,6 +260,7 @@ bool RunCase(const Case& c, uint64_t seed, double* err_out,
   a.M = M;
   a.N = N;
   a.K = K;
+  a.codes_order = c.mma_order ? 1 : 0;
   bool ok = true;
   std::vector<uint16_t> xref = c.add_norm ? xn : x;
   std::vector<float> gx_ref(M, 1.f);
@@ -553,6 +556,32 @@ int Check(bool quick) {
                                     nvfp4::UseWide(nvfp4::GemvArgs{nullptr, nullptr, nullptr, nullptr,
                                                                    nullptr, false, nullptr, c.M, c.N, c.K})),
                 err);
+    failed += !ok;
+  }
+  // Codes in the MMA word order (GemvArgs::codes_order 1), on every kernel path: the wide
+  // kernel (4-warp fit, K pairs by default at 32B down, NT = 2, W4A4, odd scales), the
+  // general kernel (16- and 8-byte loads), the add + norm routes, and K pairs forced.
+  const std::vector<Case> mma_cases = {
+      {1, 6144, 4096, false, false, 0, false, 0, true},  {2, 5120, 8192, true, true, 0, false, 0, true},
+      {8, 4096, 4096, false, false, 0, false, 0, true},  {16, 1000, 4096, true, true, 0, false, 0, true},
+      {3, 100, 576, false, false, 0, false, 0, true},    {11, 45, 576, true, false, 8, false, 0, true},
+      {9, 37, 4096, true, false, 0, true, 0, true},      {1, 5120, 25600, false, false, 0, false, 0, true},
+      {5, 77, 1056, false, false, 0, true, 0, true},     {1, 6144, 4096, false, false, 0, false, 1, true},
+      {8, 24576, 4096, false, false, 0, false, 5, true}, {2, 10240, 5120, false, false, 0, false, 1, true},
+      {1, 4000, 12288, false, false, 0, false, 4, true}, {4, 100, 4096, false, false, 0, false, 2, true},
+      {12, 2048, 2048, false, false, 0, false, 3, true}};
+  for (size_t j = 0; j < mma_cases.size() + 1; ++j) {
+    const bool kpair = j == mma_cases.size();  // the K-pair form forced (LaunchGemv variant 2)
+    const Case c = kpair ? Case{1, 6144, 4096, false, false, 0, false, 0, true} : mma_cases[j];
+    double err = 0;
+    const bool ok = kpair ? RunCase(c, 999, &err, [](const nvfp4::GemvArgs& a, cudaStream_t st) {
+                              return nvfp4::LaunchGemv(a, st, 2);
+                            })
+                          : RunCase(c, 888 + j, &err);
+    worst = std::max(worst, err);
+    std::printf("%s mma order M=%d N=%d K=%d %s%s%s norm=%d%s rel_err=%.2e\n", ok ? "ok  " : "FAIL",
+                c.M, c.N, c.K, c.w4a4 ? "w4a4" : "w4a16", c.code_misalign ? " misaligned" : "",
+                c.odd_scales ? " odd-scales" : "", c.add_norm, kpair ? " kpair forced" : "", err);
     failed += !ok;
   }
   std::printf("check: %zu cases + variants, %d failed, worst rel_err %.2e\n", cases.size(), failed,

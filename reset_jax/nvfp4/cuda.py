@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from reset_jax.nvfp4.format import ACTIVATION_MODES, BLOCK_SIZE, NVFP4Tensor
+from reset_jax.nvfp4.format import ACTIVATION_MODES, BLOCK_SIZE, CODE_ORDERS, NVFP4Tensor
 from reset_jax.nvfp4.format import array_platform as _platform
 
 MAX_M = 16
@@ -221,16 +221,21 @@ def supports(x: jax.Array, q: NVFP4Tensor, *, activations: str) -> None:
 # --------------------------------------------------------------------------
 
 
-def _call_w4a16(x, packed, scales, gscale):
+def _order_attr(code_order: str) -> np.int32:
+    """The custom calls' ``codes_order`` attribute (nvfp4::GemvArgs::codes_order)."""
+    return np.int32(CODE_ORDERS.index(code_order))
+
+
+def _call_w4a16(x, packed, scales, gscale, *, code_order):
     m, n = x.shape[0], packed.shape[0]
     # vmap never reaches this ffi_call (custom_vmap below handles batching);
     # "sequential" is the safe fallback should it ever be batched directly.
     return jax.ffi.ffi_call(
         TARGET_W4A16, jax.ShapeDtypeStruct((m, n), jnp.bfloat16), vmap_method="sequential"
-    )(x, packed, scales, gscale)
+    )(x, packed, scales, gscale, codes_order=_order_attr(code_order))
 
 
-def _call_w4a4(x, packed, scales, gscale, input_scale, *, per_row):
+def _call_w4a4(x, packed, scales, gscale, input_scale, *, per_row, code_order):
     (m, k), n = x.shape, packed.shape[0]
     y, _, _ = jax.ffi.ffi_call(
         TARGET_W4A4,
@@ -240,7 +245,8 @@ def _call_w4a4(x, packed, scales, gscale, input_scale, *, per_row):
             jax.ShapeDtypeStruct((m,), jnp.float32),  # scratch: activation global scales
         ),
         vmap_method="sequential",
-    )(x, packed, scales, gscale, input_scale, per_row_scale=np.bool_(per_row))
+    )(x, packed, scales, gscale, input_scale, per_row_scale=np.bool_(per_row),
+      codes_order=_order_attr(code_order))  # fmt: skip
     return y
 
 
@@ -271,20 +277,24 @@ def _batched(call, axis_size, in_batched, x, *rest):
     return lax.map(one, batched), True
 
 
-@jax.custom_batching.custom_vmap
-def _w4a16(x, packed, scales, gscale):
-    return _call_w4a16(x, packed, scales, gscale)
+def _make_w4a16(code_order: str):
+    @jax.custom_batching.custom_vmap
+    def f(x, packed, scales, gscale):
+        return _call_w4a16(x, packed, scales, gscale, code_order=code_order)
+
+    @f.def_vmap
+    def f_vmap(axis_size, in_batched, x, packed, scales, gscale):
+        return _batched(f, axis_size, in_batched, x, packed, scales, gscale)
+
+    return f
 
 
-@_w4a16.def_vmap
-def _w4a16_vmap(axis_size, in_batched, x, packed, scales, gscale):
-    return _batched(_w4a16, axis_size, in_batched, x, packed, scales, gscale)
-
-
-def _make_w4a4(per_row: bool):
+def _make_w4a4(per_row: bool, code_order: str):
     @jax.custom_batching.custom_vmap
     def f(x, packed, scales, gscale, input_scale):
-        return _call_w4a4(x, packed, scales, gscale, input_scale, per_row=per_row)
+        return _call_w4a4(
+            x, packed, scales, gscale, input_scale, per_row=per_row, code_order=code_order
+        )
 
     @f.def_vmap
     def f_vmap(axis_size, in_batched, x, packed, scales, gscale, input_scale):
@@ -293,8 +303,10 @@ def _make_w4a4(per_row: bool):
     return f
 
 
-_w4a4_given = _make_w4a4(per_row=False)
-_w4a4_rows = _make_w4a4(per_row=True)
+# One custom_vmap'd function per (mode, code order): the order is static.
+_W4A16 = {o: _make_w4a16(o) for o in CODE_ORDERS}
+_W4A4_GIVEN = {o: _make_w4a4(False, o) for o in CODE_ORDERS}
+_W4A4_ROWS = {o: _make_w4a4(True, o) for o in CODE_ORDERS}
 
 
 def matmul(
@@ -324,12 +336,14 @@ def matmul(
     n = q.shape[0]
     x2 = x.reshape(-1, k)  # [M, K]
     gscale = jnp.asarray(q.global_scale, jnp.float32)
+    order = q.code_order
     if activations == "bf16":
-        y = _w4a16(x2, q.packed, q.scales, gscale)
+        y = _W4A16[order](x2, q.packed, q.scales, gscale)
     elif input_scale is None:
-        y = _w4a4_rows(x2, q.packed, q.scales, gscale, jnp.float32(1))
+        y = _W4A4_ROWS[order](x2, q.packed, q.scales, gscale, jnp.float32(1))
     else:
-        y = _w4a4_given(x2, q.packed, q.scales, gscale, jnp.asarray(input_scale, jnp.float32))
+        scale = jnp.asarray(input_scale, jnp.float32)
+        y = _W4A4_GIVEN[order](x2, q.packed, q.scales, gscale, scale)
     return y.reshape(*lead, n)
 
 
@@ -376,7 +390,7 @@ def add_rms_norm_matmul(
         ),
         vmap_method="sequential",
     )(x2, h2, norm_weight, q.packed, q.scales, jnp.asarray(q.global_scale, jnp.float32),
-      eps=np.float32(eps))  # fmt: skip
+      eps=np.float32(eps), codes_order=_order_attr(q.code_order))  # fmt: skip
     return y.reshape(*lead, n), r.reshape(*lead, k)
 
 

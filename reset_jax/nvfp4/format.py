@@ -34,7 +34,11 @@ from a plain ``/`` compiled with nvcc's default ``-prec-div=true`` (or
 ``__fdiv_rn``), never ``__fdividef`` or ``--use_fast_math``.
 
 Packing: element ``2i`` of a row in the low nibble of byte ``i``, ``2i + 1`` in
-the high nibble (the checkpoint layout).
+the high nibble (the checkpoint layout, ``code_order="natural"``). A tensor may
+instead hold its codes in the CUDA kernel's MMA word order (``code_order="mma"``,
+``to_code_order``): the same bits, permuted inside each 32-bit word of 8 codes so
+that the kernel decodes them in fewer instructions. Every backend reads both;
+checkpoints are written in the natural order.
 
 Non-finite inputs have no NVFP4 encoding. ``quantize`` raises when its input is
 concrete. Under ``jit`` the values cannot be inspected, so the arithmetic makes
@@ -79,6 +83,39 @@ _TIES_UP = (0.75, 1.75, 3.5)
 
 _FLOAT_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(np.float16), np.dtype(np.float32))
 ACTIVATION_MODES = ("bf16", "nvfp4")
+CODE_ORDERS = ("natural", "mma")
+
+# The MMA word order: natural bit 4e + b of each little-endian 32-bit word of ``packed``
+# (element e of the word's 8 codes, code bit b: 0 mantissa, 1-2 exponent, 3 sign) is bit
+# _MMA_ORDER_BIT[e][b] of the word in the MMA order. The CUDA kernel (DecodeMmaOrderx8 in
+# ffi/nvfp4_kernels.cuh) then gets each bf16x2 pair (e_j, e_j+4) * 2**-126 from one rotate
+# and a mask (j = 0, 3) or a mask, a multiply and a mask (j = 1, 2): 10 instructions for 8
+# codes instead of 13. The same table is in ffi/tests/host_util.h.
+_MMA_ORDER_BIT = (
+    (30, 31, 0, 7),
+    (6, 1, 8, 9),
+    (5, 2, 3, 10),
+    (27, 28, 29, 4),
+    (14, 15, 16, 23),
+    (22, 17, 24, 25),
+    (21, 18, 19, 26),
+    (11, 12, 13, 20),
+)
+
+
+def _bit_moves(to_mma: bool) -> tuple[tuple[int, int], ...]:
+    """The word permutation as (mask, left shift) pairs: bits that move by the same amount."""
+    groups: dict[int, int] = {}
+    for e, row in enumerate(_MMA_ORDER_BIT):
+        for b, dst in enumerate(row):
+            src = 4 * e + b
+            frm, to = (src, dst) if to_mma else (dst, src)
+            groups[to - frm] = groups.get(to - frm, 0) | (1 << frm)
+    return tuple(sorted((mask, shift) for shift, mask in groups.items()))
+
+
+_TO_MMA_MOVES = _bit_moves(True)
+_FROM_MMA_MOVES = _bit_moves(False)
 
 
 def e2m1_decode_table() -> np.ndarray:
@@ -110,13 +147,15 @@ class NVFP4Tensor:
         dequantizes correctly.
 
     Static (part of the tree structure): ``dtype``, the dtype ``dequantize``
-    returns by default.
+    returns by default, and ``code_order``: ``"natural"`` (the layout above) or
+    ``"mma"`` (each 32-bit word of ``packed`` bit-permuted for the CUDA kernel;
+    ``to_code_order``).
 
     ``shape`` is derived from ``packed`` rather than stored, so it stays right
     when leaves gain or lose leading axes under ``vmap``, ``scan`` or stacking.
     """
 
-    __slots__ = ("dtype", "global_scale", "packed", "scales")
+    __slots__ = ("code_order", "dtype", "global_scale", "packed", "scales")
 
     def __init__(
         self,
@@ -125,6 +164,7 @@ class NVFP4Tensor:
         global_scale: Any,
         shape: tuple[int, ...] | None = None,
         dtype: Any = jnp.bfloat16,
+        code_order: str = "natural",
     ):
         """Wraps existing leaves (e.g. checkpoint tensors); use ``quantize`` to make new ones.
 
@@ -136,16 +176,22 @@ class NVFP4Tensor:
           shape: optional logical shape ``[..., K]``; only checked against
             ``packed``, never stored.
           dtype: default dtype of ``dequantize``.
+          code_order: ``"natural"`` or ``"mma"``: how ``packed`` holds the codes
+            (``to_code_order`` converts).
 
         Raises:
-          ValueError / TypeError: leaves with inconsistent shapes or wrong dtypes.
+          ValueError / TypeError: leaves with inconsistent shapes or wrong dtypes, or
+            an unknown ``code_order``.
         """
         if isinstance(global_scale, int | float):
             global_scale = np.float32(global_scale)
+        if code_order not in CODE_ORDERS:
+            raise ValueError(f"code_order={code_order!r}: expected one of {CODE_ORDERS}")
         object.__setattr__(self, "packed", packed)
         object.__setattr__(self, "scales", scales)
         object.__setattr__(self, "global_scale", global_scale)
         object.__setattr__(self, "dtype", np.dtype(dtype))
+        object.__setattr__(self, "code_order", code_order)
         self._validate(shape)
 
     def _validate(self, shape: tuple[int, ...] | None) -> None:
@@ -181,15 +227,16 @@ class NVFP4Tensor:
             (keys("scales"), self.scales),
             (keys("global_scale"), self.global_scale),
         )
-        return children, self.dtype
+        return children, (self.dtype, self.code_order)
 
     @classmethod
-    def tree_unflatten(cls, dtype, children):
+    def tree_unflatten(cls, aux, children):
         # No validation: JAX rebuilds trees with placeholder leaves.
         obj = object.__new__(cls)
         for name, value in zip(("packed", "scales", "global_scale"), children):
             object.__setattr__(obj, name, value)
-        object.__setattr__(obj, "dtype", dtype)
+        object.__setattr__(obj, "dtype", aux[0])
+        object.__setattr__(obj, "code_order", aux[1])
         return obj
 
     @property
@@ -214,9 +261,10 @@ class NVFP4Tensor:
     def __repr__(self) -> str:
         g = np.shape(self.global_scale)
         kind = "scalar" if g == () else f"shape {tuple(g)}"
+        order = "" if self.code_order == "natural" else f", code_order={self.code_order!r}"
         return (
             f"NVFP4Tensor(shape={self.shape}, dtype={self.dtype.name}, global_scale={kind}, "
-            f"nbytes={self.nbytes})"
+            f"nbytes={self.nbytes}{order})"
         )
 
 
@@ -382,6 +430,60 @@ def unpack_codes(packed: jax.Array) -> jax.Array:
     return pair.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _permute_words(packed: jax.Array, moves: tuple[tuple[int, int], ...]) -> jax.Array:
+    """Applies a bit permutation (``_bit_moves``) to every 32-bit word of ``packed [..., K/2]``.
+
+    Jitted, so the conversion is one elementwise pass with no word-sized temporaries (op by
+    op, an 8B model's conversion in ``fuse_decoder`` raised peak GPU memory by ~1.1 GB).
+    """
+    u32 = jnp.uint32
+    b = packed.reshape(*packed.shape[:-1], packed.shape[-1] // 4, 4).astype(u32)
+    w = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)  # little-endian
+    out = jnp.zeros_like(w)
+    for mask, shift in moves:
+        m = w & u32(mask)
+        out = out | (m << u32(shift) if shift >= 0 else m >> u32(-shift))
+    parts = [(out >> u32(8 * i)) & u32(0xFF) for i in range(4)]
+    return jnp.stack(parts, axis=-1).astype(jnp.uint8).reshape(packed.shape)
+
+
+def to_code_order(q: NVFP4Tensor, order: str) -> NVFP4Tensor:
+    """``q`` with its codes in ``order`` (``"natural"`` or ``"mma"``); the same values.
+
+    The MMA word order is what the CUDA kernel decodes fastest (``NVFP4Tensor``;
+    ``fuse_decoder`` converts the chained layers' weights once). Exact and reversible:
+    only bits inside each 32-bit word of 8 codes move; scales and global scale are shared.
+
+    Args:
+      q: logical ``[..., K]`` (K is a multiple of 16, so every row is whole words).
+      order: the order wanted.
+
+    Returns:
+      ``q`` itself when it is already in ``order``, else a new ``NVFP4Tensor``.
+
+    Raises:
+      ValueError: an unknown ``order``.
+    """
+    if order not in CODE_ORDERS:
+        raise ValueError(f"order={order!r}: expected one of {CODE_ORDERS}")
+    if q.code_order == order:
+        return q
+    moves = _TO_MMA_MOVES if order == "mma" else _FROM_MMA_MOVES
+    return NVFP4Tensor(
+        _permute_words(jnp.asarray(q.packed), moves),
+        q.scales,
+        q.global_scale,
+        dtype=q.dtype,
+        code_order=order,
+    )
+
+
+def natural_packed(q: NVFP4Tensor) -> jax.Array:
+    """``q.packed`` in the natural order (the checkpoint layout), uint8 ``[..., K/2]``."""
+    return q.packed if q.code_order == "natural" else to_code_order(q, "natural").packed
+
+
 def global_scale_from_amax(amax: jax.Array) -> jax.Array:
     """``amax / (6 * 448)``, or 1 where ``amax == 0``.
 
@@ -460,7 +562,7 @@ def dequantize_blocks(q: NVFP4Tensor) -> jax.Array:
     Returns:
       float32 ``[..., K]``.
     """
-    codes = unpack_codes(q.packed)  # [..., K]
+    codes = unpack_codes(natural_packed(q))  # [..., K]
     k = codes.shape[-1]
     v = jnp.asarray(E2M1_VALUES)[codes].reshape(*codes.shape[:-1], k // BLOCK_SIZE, BLOCK_SIZE)
     v = v * q.scales.astype(jnp.float32)[..., None]

@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover - depends on the installed jaxlib
 
 from reset_jax.nvfp4 import format as _format
 from reset_jax.nvfp4.format import array_platform as _platform
+from reset_jax.nvfp4.format import natural_packed
 
 if TYPE_CHECKING:
     from reset_jax.nvfp4.format import NVFP4Tensor
@@ -436,7 +437,7 @@ def matmul_with_config(
         input_scale = jnp.asarray(input_scale, jnp.float32)
     y = _matmul_2d(
         x2,
-        q.packed,
+        natural_packed(q),  # codes in the MMA word order: converted here (an XLA pre-pass)
         q.scales,
         q.global_scale,
         input_scale,
