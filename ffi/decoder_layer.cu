@@ -116,8 +116,11 @@ const char* DecoderLayerUnsupportedReason(const DecoderLayerArgs& a) {
   if (!Aligned16(a.x) || !Aligned16(a.h) || !Aligned16(a.ln1) || !Aligned16(a.ln2) ||
       !Aligned16(a.x_out) || !Aligned16(a.h_out) || !Aligned16(a.scratch))
     return "buffers must be 16-byte aligned";
-  for (const Weight* w : {&a.qkv, &a.o, &a.gate_up, &a.down})
+  for (const Weight* w : {&a.qkv, &a.o, &a.gate_up, &a.down}) {
     if (!w->codes || !w->scales || !w->gscale) return "null weight buffer";
+    if (w->codes_order != 0 && w->codes_order != 1)
+      return "a weight's codes_order must be 0 (natural) or 1 (MMA word order)";
+  }
   for (int v : {a.qkv_norm_variant, a.gate_up_norm_variant})
     if (v < 0 || v > 4) return "add + norm variants must be in 0..4";
   if (a.scratch_bytes < DecoderLayerScratchBytes(a.M, a.D, a.F, t.Hq, t.Hkv, t.D, t.T))

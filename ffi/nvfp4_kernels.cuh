@@ -171,7 +171,7 @@ __device__ __forceinline__ void DecodeE2M1x8(uint32_t q, uint32_t (&o)[4]) {
 // The same four registers from a code word in the MMA word order (GemvArgs::codes_order
 // == 1): a fixed permutation of the 32 bits of each natural word, made once when the
 // weights are prepared (reset_jax.nvfp4.format.to_code_order; MmaOrderWord in
-// tests/nvfp4_check.cu), that puts each pair's sign and magnitude bits where one rotate
+// tests/host_util.h), that puts each pair's sign and magnitude bits where one rotate
 // or one multiply of the masked word lands them: 10 instructions for 8 codes instead of
 // 13 (there is no permutation for which all four outputs are a rotate and a mask: the
 // mask's bit pattern does not tile the word). (Natural bit 4e + b of element e -> bit

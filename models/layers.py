@@ -27,6 +27,7 @@ from reset_jax.decoder_layers import LayerWeights
 from reset_jax.models.cache import KVCache
 from reset_jax.models.config import ModelConfig, rope_frequencies
 from reset_jax.nvfp4 import NVFP4Tensor
+from reset_jax.nvfp4 import cuda as nvfp4_cuda
 from reset_jax.nvfp4.fused import add_rms_norm_matmul, rms_norm
 
 # Contract the last axis of x [..., K] with axis 1 of w [N, K]: x @ w.T without a transpose.
@@ -602,7 +603,7 @@ def fuse_decoder(
     *,
     pdl: bool = True,
     interleave_gate_up: bool = True,
-    code_order: str = "mma",
+    code_order: str = "auto",
     implementation: str | Sequence[str] | None = None,
 ) -> int:
     """Runs decode steps through ``decoder_layers.decode_layers``: whole layers per custom call.
@@ -627,10 +628,12 @@ def fuse_decoder(
         splits its output accordingly; results unchanged). False keeps the stacked rows.
       code_order: the order the chained layers' NVFP4 codes are kept in from here on
         (``nvfp4.format.to_code_order``, converted once, here): ``"mma"``, the CUDA
-        kernels' faster decode (every other backend converts back on the fly, and
-        checkpoints are written in the natural order), or ``"natural"``. Results are
-        the same bits either way. Only where the chain may take the CUDA call
-        (``implementation`` None or naming ``"cuda"``).
+        kernels' faster decode (every other path, e.g. the XLA prefill, converts back
+        on the fly, and checkpoints are written in the natural order), ``"natural"``,
+        or ``"auto"``: ``"mma"`` where the weights are on a GPU the CUDA library serves,
+        else ``"natural"``. A chain that never takes the CUDA call (``implementation``
+        not naming ``"cuda"``) keeps or gets natural codes. Results are the same bits
+        in every order.
       implementation: ``decode_layers``' ``implementation`` (None: CUDA where it
         serves, else the per-layer path; ``"xla"``: the XLA composition for every step).
 
@@ -642,8 +645,10 @@ def fuse_decoder(
     """
     if mode not in CHAIN_MODES:
         raise ValueError(f"mode={mode!r}: expected one of {CHAIN_MODES}")
-    if code_order not in nvfp4.format.CODE_ORDERS:
-        raise ValueError(f"code_order={code_order!r}: expected one of {nvfp4.format.CODE_ORDERS}")
+    if code_order not in (*nvfp4.format.CODE_ORDERS, "auto"):
+        raise ValueError(
+            f"code_order={code_order!r}: expected 'auto' or one of {nvfp4.format.CODE_ORDERS}"
+        )
     fuse_norms(model)
     layers = model.model.layers
     ok = all(layer.chain_weights() is not None for layer in layers)
@@ -652,11 +657,17 @@ def fuse_decoder(
             layer.mlp.gate_up.interleave_rows()
     impl = _static_implementation(implementation)
     names = (impl,) if isinstance(impl, str) else impl
-    if ok and (names is None or "cuda" in names):  # the order is for the CUDA kernels
+    if ok:
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
             for lin in (attn.qkv.linears[0], attn.o_proj, mlp.gate_up.linears[0], mlp.down_proj):
-                lin.weight.set_value(nvfp4.format.to_code_order(lin.weight.get_value(), code_order))
+                w = lin.weight.get_value()
+                order = code_order
+                if names is not None and "cuda" not in names:
+                    order = "natural"  # the order is for the CUDA kernels only
+                elif order == "auto":
+                    order = "mma" if nvfp4_cuda.device_reason(w.packed) is None else "natural"
+                lin.weight.set_value(nvfp4.format.to_code_order(w, order))
     model.decoder_chain = (mode, bool(pdl), impl) if ok else None
     return len(layers) if ok else 0
 

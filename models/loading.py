@@ -600,7 +600,7 @@ def build_model(
     fuse_decoder: str | None = None,
     pdl: bool = True,
     interleave_gate_up: bool = True,
-    code_order: str = "mma",
+    code_order: str = "auto",
 ) -> CausalLM:
     """A randomly initialized model (tests, benchmarks); same options as ``build_from_state_dict``.
 
@@ -640,7 +640,7 @@ def apply_build_options(
     fuse_decoder: str | None = None,
     pdl: bool = True,
     interleave_gate_up: bool = True,
-    code_order: str = "mma",
+    code_order: str = "auto",
 ) -> CausalLM:
     """``build_model``'s options that act on a built model, for a model built any way.
 
@@ -842,11 +842,14 @@ def model_tensors(model: CausalLM) -> dict[str, np.ndarray]:
     split back into their parts (each part repeats the shared scalars).
     """
     out: dict[str, np.ndarray] = {}
+    natural: dict[int, np.ndarray] = {}  # per Linear: a fused group's parts share one conversion
     for name, lin, rows in named_linears(model):
         sl = slice(None) if rows is None else slice(*rows) if isinstance(rows, tuple) else rows
         w = lin.weight.get_value()
         if lin.quantized:
-            out[f"{name}.weight"] = np.asarray(natural_packed(w)[sl])  # checkpoints: natural order
+            if id(lin) not in natural:
+                natural[id(lin)] = np.asarray(natural_packed(w))  # checkpoints: natural order
+            out[f"{name}.weight"] = natural[id(lin)][sl]
             out[f"{name}.weight_scale"] = np.asarray(w.scales[sl])
             out[f"{name}.weight_scale_2"] = np.asarray(w.global_scale, np.float32).reshape(())
             if lin.input_scale is not None:

@@ -259,6 +259,7 @@ def test_checkpoint_variants_get_the_random_shapes_build_options():
     model) take the steps build_model takes for the random shapes: ``exclude`` at load time,
     the rest through ``models.apply_build_options``, as ``decode.build`` splits them."""
     from reset_jax.models import ModelConfig, apply_build_options, build_model
+    from reset_jax.nvfp4 import cuda as nvfp4_cuda
 
     bench = _load_bench("decode")
     config = ModelConfig.from_hf(bench.HF_CONFIGS["tiny"])
@@ -277,11 +278,18 @@ def test_checkpoint_variants_get_the_random_shapes_build_options():
             assert a.fused_norms == b.fused_norms, variant
             assert a.self_attn.decode_impl == b.self_attn.decode_impl, variant
             assert a.mlp.gate_up.interleaved == b.mlp.gate_up.interleaved, variant
-            assert a.mlp.down_proj.weight.get_value().code_order == (
-                b.mlp.down_proj.weight.get_value().code_order
-            ), variant
+            down = a.mlp.down_proj.weight.get_value()
+            order = extra.get("code_order", "auto") if "fuse_decoder" in extra else "natural"
+            if order == "auto":
+                order = "mma" if nvfp4_cuda.device_reason(down.packed) is None else "natural"
+            assert down.code_order == b.mlp.down_proj.weight.get_value().code_order == order, (
+                variant
+            )
         emb, want_emb = loaded.model.embed_tokens, want.model.embed_tokens
         assert emb.quantized == want_emb.quantized, variant
+    # apply_build_options passes code_order on to fuse_decoder.
+    forced = apply_build_options(build_model(config, **kw), fuse_decoder="model", code_order="mma")
+    assert forced.model.layers[0].mlp.down_proj.weight.get_value().code_order == "mma"
     with pytest.raises(TypeError, match="seed"):  # an option it does not handle
         apply_build_options(loaded, seed=1)
 

@@ -17,6 +17,7 @@ from flax import nnx
 from reset_jax import decode as dec
 from reset_jax import decoder_layers, nvfp4, sampling
 from reset_jax.models import ModelConfig, build_model, fuse_decoder, model_tensors
+from reset_jax.nvfp4 import cuda as nvfp4_cuda
 
 HAS_GPU = jax.default_backend() == "gpu"
 gpu = pytest.mark.gpu
@@ -188,7 +189,8 @@ def test_fuse_decoder_interleaves_gate_up_once():
     assert fuse_decoder(model, "model") == 3 and gu[0].interleaved  # idempotent
     want = plain.model.layers[0].mlp.gate_up.linears[0].weight.get_value()
     got = gu[0].linears[0].weight.get_value()
-    assert got.code_order == "mma"  # fuse_decoder's default (the CUDA kernels' faster decode)
+    # fuse_decoder's default order: MMA (the CUDA kernels' faster decode) where they serve
+    assert got.code_order == ("mma" if nvfp4_cuda.device_reason(got.packed) is None else "natural")
     np.testing.assert_array_equal(
         nvfp4.format.natural_packed(got), decoder_layers.interleave_gate_up(want).packed
     )
@@ -210,9 +212,9 @@ def test_fuse_decoder_keeps_chained_codes_in_mma_order_with_the_same_results(mon
     config = _config()
     kw = dict(dtype=jnp.float32, seed=6, quantize="nvfp4", fuse_norms=True, fuse_attention=True)
     mma, natural, xla_only = (build_model(config, **kw) for _ in range(3))
-    assert fuse_decoder(mma, "model") == 3
+    assert fuse_decoder(mma, "model", code_order="mma") == 3
     assert fuse_decoder(natural, "model", code_order="natural") == 3
-    assert fuse_decoder(xla_only, "model", implementation="xla") == 3
+    assert fuse_decoder(xla_only, "model", code_order="mma", implementation="xla") == 3
 
     def orders(model):
         return {
@@ -223,18 +225,25 @@ def test_fuse_decoder_keeps_chained_codes_in_mma_order_with_the_same_results(mon
         }  # fmt: skip
 
     assert orders(mma) == {"mma"} and orders(natural) == orders(xla_only) == {"natural"}
-    assert fuse_decoder(mma, "model") == 3 and orders(mma) == {"mma"}  # idempotent
+    assert fuse_decoder(mma, "model", code_order="mma") == 3 and orders(mma) == {"mma"}
+    # "auto" (the default): MMA order only where the CUDA library serves the weights' device.
+    auto = build_model(config, **kw)
+    assert fuse_decoder(auto, "model") == 3
+    assert orders(auto) == (
+        {"mma"} if nvfp4_cuda.device_reason(jnp.zeros(1)) is None else {"natural"}
+    )
+    # A chain that will not take the CUDA call gets natural codes back.
+    assert fuse_decoder(mma, "model", implementation="xla") == 3 and orders(mma) == {"natural"}
     ids = jnp.asarray(np.random.default_rng(3).integers(0, 257, (2, 6)), jnp.int32)
     tok_a, hid_a = _decode(natural, ids)
+    fuse_decoder(mma, "model", code_order="mma")
     tok_b, hid_b = _decode(mma, ids)
     np.testing.assert_array_equal(tok_a, tok_b)
     np.testing.assert_array_equal(hid_a, hid_b)
-    with pytest.raises(ValueError, match="code_order='packed'"):
+    with pytest.raises(ValueError, match="code_order='packed': expected 'auto'"):
         fuse_decoder(natural, code_order="packed")
     # One custom call takes one order: mixed weights are refused with the reason.
-    from reset_jax.nvfp4 import cuda
-
-    monkeypatch.setattr(cuda, "device_reason", lambda x: None)
+    monkeypatch.setattr(nvfp4_cuda, "device_reason", lambda x: None)
     x, *_, ck, cv, w = _layer_args(natural)
     mixed = [w[0]._replace(o=nvfp4.format.to_code_order(w[0].o, "mma"))]
     why = decoder_layers.cuda_unsupported_reason(x, ck, mixed, v_cache=cv)
