@@ -84,8 +84,6 @@ ffi::Error DecoderLayersImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuff
                              ffi::Result<ffi::AnyBuffer> scratch, float eps, float attn_eps,
                              float scale, bool qk_norm, bool pdl, int32_t pdl_edges,
                              bool pdl_across, bool gate_up_interleaved, int32_t codes_order) {
-  if (codes_order != 0 && codes_order != 1)
-    return Invalid("codes_order must be 0 (natural) or 1 (MMA word order), got " + std::to_string(codes_order));
   const auto xd = x.dimensions(), cd = k_cache.dimensions();
   if (xd.size() != 2) return Invalid("x must be [M, D], got " + Dims(xd));
   if (cd.size() != 5) return Invalid("k_cache must be [L, M, T, Hkv, Dh], got " + Dims(cd));

@@ -658,16 +658,16 @@ def fuse_decoder(
     impl = _static_implementation(implementation)
     names = (impl,) if isinstance(impl, str) else impl
     if ok:
+        order = code_order
+        if names is not None and "cuda" not in names:
+            order = "natural"  # the order is for the CUDA kernels only
+        elif order == "auto":  # the layers' weights live on one device: ask once
+            first = layers[0].self_attn.o_proj.weight.get_value().packed
+            order = "mma" if nvfp4_cuda.device_reason(first) is None else "natural"
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
             for lin in (attn.qkv.linears[0], attn.o_proj, mlp.gate_up.linears[0], mlp.down_proj):
-                w = lin.weight.get_value()
-                order = code_order
-                if names is not None and "cuda" not in names:
-                    order = "natural"  # the order is for the CUDA kernels only
-                elif order == "auto":
-                    order = "mma" if nvfp4_cuda.device_reason(w.packed) is None else "natural"
-                lin.weight.set_value(nvfp4.format.to_code_order(w, order))
+                lin.weight.set_value(nvfp4.format.to_code_order(lin.weight.get_value(), order))
     model.decoder_chain = (mode, bool(pdl), impl) if ok else None
     return len(layers) if ok else 0
 

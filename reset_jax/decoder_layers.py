@@ -34,7 +34,7 @@ import numpy as np
 
 from reset_jax import attention
 from reset_jax.nvfp4 import api
-from reset_jax.nvfp4.format import CODE_ORDERS, NVFP4Tensor
+from reset_jax.nvfp4.format import NVFP4Tensor
 from reset_jax.nvfp4.fused import add_rms_norm_matmul
 
 IMPLEMENTATIONS = ("cuda", "xla")
@@ -298,7 +298,7 @@ def _cuda(x, h, cos, sin, positions, k_cache, v_cache, layers, first_layer, eps,
         qk_norm=np.bool_(qk_norm), pdl=np.bool_(pdl),
         pdl_edges=np.int32(-1 if pdl_edges is None else pdl_edges),
         pdl_across=np.bool_(pdl_across), gate_up_interleaved=np.bool_(gate_up_interleaved),
-        codes_order=np.int32(CODE_ORDERS.index(layers[0].qkv.code_order)),
+        codes_order=cuda.codes_order_attr(layers[0].qkv.code_order),
     )  # fmt: skip
     return x_out, h_out, ck, cv
 

@@ -78,6 +78,14 @@ def test_cuda_refuses_on_cpu_with_a_reason():
     assert api.matmul(x, q).shape == (2, 8)
 
 
+def test_codes_order_attribute_matches_the_kernels_numbering():
+    """``GemvArgs::codes_order``: 0 natural, 1 MMA word order (every handler takes it)."""
+    assert cuda.codes_order_attr("natural") == 0 and cuda.codes_order_attr("mma") == 1
+    assert cuda.codes_order_attr("mma").dtype == np.int32
+    with pytest.raises(ValueError):
+        cuda.codes_order_attr("bogus")
+
+
 def test_missing_library_is_a_reason(monkeypatch, tmp_path):
     monkeypatch.setattr(cuda, "_explicit_path", tmp_path / "nothing.so")
     cuda._library.cache_clear()

@@ -221,8 +221,12 @@ def supports(x: jax.Array, q: NVFP4Tensor, *, activations: str) -> None:
 # --------------------------------------------------------------------------
 
 
-def _order_attr(code_order: str) -> np.int32:
-    """The custom calls' ``codes_order`` attribute (nvfp4::GemvArgs::codes_order)."""
+def codes_order_attr(code_order: str) -> np.int32:
+    """The custom calls' ``codes_order`` attribute for ``NVFP4Tensor.code_order``.
+
+    (``nvfp4::GemvArgs::codes_order``: 0 natural, 1 MMA word order; the matmul handlers
+    and the decoder-layers handler all take it.)
+    """
     return np.int32(CODE_ORDERS.index(code_order))
 
 
@@ -232,7 +236,7 @@ def _call_w4a16(x, packed, scales, gscale, *, code_order):
     # "sequential" is the safe fallback should it ever be batched directly.
     return jax.ffi.ffi_call(
         TARGET_W4A16, jax.ShapeDtypeStruct((m, n), jnp.bfloat16), vmap_method="sequential"
-    )(x, packed, scales, gscale, codes_order=_order_attr(code_order))
+    )(x, packed, scales, gscale, codes_order=codes_order_attr(code_order))
 
 
 def _call_w4a4(x, packed, scales, gscale, input_scale, *, per_row, code_order):
@@ -246,7 +250,7 @@ def _call_w4a4(x, packed, scales, gscale, input_scale, *, per_row, code_order):
         ),
         vmap_method="sequential",
     )(x, packed, scales, gscale, input_scale, per_row_scale=np.bool_(per_row),
-      codes_order=_order_attr(code_order))  # fmt: skip
+      codes_order=codes_order_attr(code_order))  # fmt: skip
     return y
 
 
@@ -390,7 +394,7 @@ def add_rms_norm_matmul(
         ),
         vmap_method="sequential",
     )(x2, h2, norm_weight, q.packed, q.scales, jnp.asarray(q.global_scale, jnp.float32),
-      eps=np.float32(eps), codes_order=_order_attr(q.code_order))  # fmt: skip
+      eps=np.float32(eps), codes_order=codes_order_attr(q.code_order))  # fmt: skip
     return y.reshape(*lead, n), r.reshape(*lead, k)
 
 
