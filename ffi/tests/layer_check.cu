@@ -56,10 +56,6 @@ bool g_interleaved = false;  // Args(): the layer's interleaved gate_up copy and
 // Args(): the layer's MMA-order copies (check), or codes_order 1 on the benchmark's pattern
 // weights (RJ_CODES_ORDER=1: timing only, their values are not checked).
 bool g_mma_order = false;
-int BenchCodesOrder() {
-  const char* v = std::getenv("RJ_CODES_ORDER");
-  return v ? std::atoi(v) : 0;
-}
 
 // DecoderLayerArgs::{qkv,gate_up}_norm_variant of every layer Args() builds.
 int g_norm_q = 0, g_norm_g = 0;
@@ -540,7 +536,7 @@ const Shape kChainShapes[] = {{"qwen3-8b", 4096, 12288, 32, 8, 128, 36, 1024},
 void EnqueueChain(const Shape& sh, int M, const std::vector<LayerBufs>& w, const Io& io,
                   int mode, cudaStream_t s) {
   g_interleaved = GuInterleaved();
-  g_mma_order = BenchCodesOrder() == 1;
+  g_mma_order = EnvInts("RJ_CODES_ORDER", {0}, 0, 1)[0] == 1;
   for (int l = 0; l < sh.L; ++l) {
     const bool even = l % 2 == 0;
     CK(rjlayer::LaunchDecoderLayer(
