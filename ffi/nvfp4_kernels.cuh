@@ -534,6 +534,11 @@ cudaError_t LaunchGemvConfig(const KParams& kp, bool vec16, cudaStream_t stream,
 //    __syncthreads is reached by all warps at the same iteration;
 //  * KP (M = 1): 8-row tiles whose MMA holds two items of the same rows (see
 //    WideGemvKernel), chosen by LaunchWideFit where that shortens the critical path.
+//  * S1 (M = 1, staged activations, not KP): the block scales move from the weights to
+//    the f32 accumulator. The B columns an activation row leaves unused each take one
+//    block of the MMA's K, so one MMA yields per-(row, block) partial sums and one FFMA
+//    a lane per (row, block) applies the scale: no per-pair scale multiply, no splats,
+//    no scale branch (see WideGemvKernel).
 constexpr int kWideSubK = 256;
 constexpr int kWideXsMaxBytes = 96 * 1024;
 #ifndef RESET_JAX_WIDE_THREADS_PER_SM
@@ -541,11 +546,17 @@ constexpr int kWideXsMaxBytes = 96 * 1024;
 #endif
 // Register budget: launch bounds ask for this many resident threads per SM.
 constexpr int kWideThreadsPerSm = RESET_JAX_WIDE_THREADS_PER_SM;
+// 0 turns the S1 form off (the library then runs every M = 1 launch in the form that
+// scales the weights; checkers build both to compare them).
+#ifndef RESET_JAX_WIDE_S1
+#define RESET_JAX_WIDE_S1 1
+#endif
 
 struct WideBuf {
   uint32_t r0[8];  // 32 code bytes of row g
   uint32_t r1[8];  // 32 code bytes of row g + 8
   uint32_t s0, s1;  // 4 block scales of rows g and g + 8
+  uint32_t s0h, s1h;  // S1: s0, s1 and these are 8 scale bytes of rows g and g + 8
 };
 
 __device__ __forceinline__ void Ld128Stream(uint32_t* r, const uint8_t* p, uint64_t pol) {
@@ -558,6 +569,32 @@ __device__ __forceinline__ uint32_t Ld32Scales(const uint8_t* p, uint64_t pol) {
   uint32_t v;
   asm volatile("ld.global.nc.L2::cache_hint.u32 %0, [%1], %2;" : "=r"(v) : "l"(p), "l"(pol));
   return v;
+}
+
+__device__ __forceinline__ void Ld64Scales(uint32_t& lo, uint32_t& hi, const uint8_t* p, uint64_t pol) {
+  asm volatile("ld.global.nc.L2::cache_hint.v2.u32 {%0,%1}, [%2], %3;"
+               : "=r"(lo), "=r"(hi)
+               : "l"(p), "l"(pol));
+}
+
+// Two E4M3 bytes (low byte first) -> two floats, exactly (NaN and sign kept).
+__device__ __forceinline__ float2 E4m3x2ToFloat2(uint32_t two_e4m3) {
+  const __half2_raw h =
+      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two_e4m3 & 0xFFFFu), __NV_E4M3);
+  __half_raw lo, hi;
+  lo.x = h.x;
+  hi.x = h.y;
+  return make_float2(__half2float(__half(lo)), __half2float(__half(hi)));
+}
+
+// S1 stages every activation times 2^100 (exact: a power of two, and |x| < 2^28 stays
+// finite), so that products with the unscaled decoded weights (e2m1 * 2^-126) are
+// normal f32 numbers: D = sum(w * x) * 2^-26, undone in the output scale.
+constexpr uint32_t kS1XScale = 0x71807180u;  // bf16x2 (2^100, 2^100)
+constexpr float kS1OutScale = 0x1p26f;
+__device__ __forceinline__ uint4 S1ScaleUnit(uint4 v) {
+  return make_uint4(MulBf16x2(v.x, kS1XScale), MulBf16x2(v.y, kS1XScale), MulBf16x2(v.z, kS1XScale),
+                    MulBf16x2(v.w, kS1XScale));
 }
 
 __device__ __forceinline__ uint32_t SplatLo(uint32_t v) { return Prmt(v, v, 0x1010u); }
@@ -615,10 +652,25 @@ __host__ __device__ constexpr int WideTiles(int N, bool kp) { return kp ? (N + 7
 // better (Qwen3-32B o: 320 16-row tiles on 264 slots of 8 warps, or 320 of 4 warps at 8
 // items a warp; 640 8-row tiles give 3 rounds of 2 pairs, 6). K % 512 == 0. When the
 // library takes it: KPairUnits.
-template <int NT, int U, int W, bool XS, bool NORM = false, bool KP = false, bool MO = false>
+//
+// S1 (M = 1 only, staged activations, not KP): at M = 1 the MMA's B columns 1..7 carry
+// nothing. In an MMA, lane t's A registers hold K positions {2t, 2t + 1, 2t + 8, 2t + 9}
+// of the MMA's 16, all from lane t's own code word, i.e. from one 16-element block
+// (block 4t + w / 2 of the item, w the word). S1 gives B column n the activations of
+// block lane n & 3 only (zeros elsewhere), for the even word pairs (w / 2 = 0, 2) in
+// columns 0..3 and the odd ones (1, 3) in columns 4..7: then D[row][n] is the row's
+// partial sum over one block, unscaled, and the block scale multiplies it once in f32
+// (acc += D * s) instead of multiplying every decoded weight pair (one HMUL2 a pair,
+// the splats, WideScales' branch). Lane (g, t) holds columns 2t and 2t + 1 of rows g and
+// g + 8, so it needs 8 of the item's 256 scale bytes: one 8-byte load a row and a PRMT.
+// The weights enter the MMA unscaled (e2m1 * 2^-126; the +-0.5 codes are bf16
+// subnormals), the activations staged times 2^100 (kS1XScale), the output times 2^26.
+template <int NT, int U, int W, bool XS, bool NORM = false, bool KP = false, bool MO = false,
+          bool S1 = false>
 __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemvKernel(const KParams p) {
   static_assert(XS || !NORM, "the fused norm is applied while staging the activations");
   static_assert(!KP || NT == 1, "K pairs are for one activation row");
+  static_assert(!S1 || (NT == 1 && XS && !KP), "S1 is for one staged activation row");
   RJ_TIMELINE_SCOPE(NORM ? 3 : 2);
   constexpr int kAcc = NT == 1 ? 4 : 2;  // independent accumulator chains per n-tile
   extern __shared__ uint4 xs[];          // XS only
@@ -650,7 +702,8 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
   constexpr uint32_t kUnitScales = KP ? 32u : 16u;
   auto point = [&](int tile) {
     const uint32_t cofs = static_cast<uint32_t>(warp) * kUnitBytes + static_cast<uint32_t>(t) * 32u;
-    const uint32_t sofs = static_cast<uint32_t>(warp) * kUnitScales + static_cast<uint32_t>(t) * 4u;
+    const uint32_t sofs = static_cast<uint32_t>(warp) * kUnitScales +
+                          (S1 ? static_cast<uint32_t>(t & 1) * 8u : static_cast<uint32_t>(t) * 4u);
     if constexpr (KP) {  // one row, items 2q (A rows 0..7) and 2q + 1 (A rows 8..15)
       const uint32_t r = static_cast<uint32_t>(min(tile * 8 + g, N - 1));
       c0 = p.codes + (r * row_bytes + cofs);
@@ -672,8 +725,13 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
       Ld128Stream(b.r0 + 4, c0 + 16, pol);
       Ld128Stream(b.r1, c1, pol);
       Ld128Stream(b.r1 + 4, c1 + 16, pol);
-      b.s0 = Ld32Scales(s0, pol);
-      b.s1 = Ld32Scales(s1, pol);
+      if constexpr (S1) {
+        Ld64Scales(b.s0, b.s0h, s0, pol);
+        Ld64Scales(b.s1, b.s1h, s1, pol);
+      } else {
+        b.s0 = Ld32Scales(s0, pol);
+        b.s1 = Ld32Scales(s1, pol);
+      }
     }
     c0 += W * kUnitBytes;
     c1 += W * kUnitBytes;
@@ -699,7 +757,18 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
   // ---- activations: staged once (XS) or read per item from global memory.
   const int mb0 = g < M ? g : 0;
   const int mb1 = g + 8 < M ? g + 8 : 0;
+  __shared__ uint4 s1zero[S1 ? 8 : 1];  // S1: the B chunks of the lanes whose columns are zero
+  auto staged = [](uint4 v) -> uint4 {
+    if constexpr (S1) {
+      return S1ScaleUnit(v);
+    } else {
+      return v;
+    }
+  };
   if constexpr (XS) {
+    if constexpr (S1) {
+      if (threadIdx.x < 8) s1zero[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
+    }
     const int k8 = K >> 3;  // 16-byte units per row
     const int units = M * k8;
     const uint4* xg = reinterpret_cast<const uint4*>(p.x);
@@ -751,7 +820,7 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
           const int m = c / nj, u = threadIdx.x + (c - m * nj) * W * 32;
           if (c < M * nj && u < k8) {
             if (blockIdx.x == 0) reinterpret_cast<uint4*>(p.r_out)[m * k8 + u] = xv[c];
-            xs[XsUnit(u, m, M)] = PermuteChunk(NormUnit(xv[c], row_inv[m], wv[c]));
+            xs[XsUnit(u, m, M)] = staged(PermuteChunk(NormUnit(xv[c], row_inv[m], wv[c])));
           }
         }
       } else {
@@ -795,7 +864,7 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
         for (int i = threadIdx.x; i < units; i += W * 32) {
           const int m = i / k8, u = i - m * k8;
           const int at = XsUnit(u, m, M);
-          xs[at] = NormUnit(xs[at], row_inv[m], PermuteChunk(__ldg(wg + u)));
+          xs[at] = staged(NormUnit(xs[at], row_inv[m], PermuteChunk(__ldg(wg + u))));
         }
       }
     } else {
@@ -814,7 +883,7 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
           const int i = base + e * W * 32;
           if (i < units) {
             const int m = i / k8;
-            xs[XsUnit(i - m * k8, m, M)] = PermuteChunk(v[e]);
+            xs[XsUnit(i - m * k8, m, M)] = staged(PermuteChunk(v[e]));
           }
         }
       }
@@ -830,7 +899,56 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[a][n][r] = 0.f;
 
+  // S1: lane (g, t)'s B chunks are the staged ones where its column g is lane t's block
+  // column (g == t for the even word pairs, g == t + 4 for the odd ones), zeros otherwise:
+  // a base and a stride an item for each (stride 0 on the zeros).
+  const uint4* const s1e = g == t ? xs + t * 9 : s1zero;
+  const uint4* const s1o = g == t + 4 ? xs + t * 9 : s1zero;
+  const int s1es = g == t ? 36 : 0;
+  const int s1os = g == t + 4 ? 36 : 0;
+  auto compute_s1 = [&](const WideBuf& b, int j) {
+    const int s = warp + j * W;
+    const uint4* xe = s1e + s * s1es;
+    const uint4* xo = s1o + s * s1os;
+    float d[2][4];  // per word half P = w / 4: the even and odd word pairs of its 32 K
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) d[c][r] = 0.f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) {
+      uint32_t d0[4], d1[4];
+      DecodeCodes<MO>(b.r0[w], d0);
+      DecodeCodes<MO>(b.r1[w], d1);
+      const uint4 x = ((w >> 1) & 1 ? xo : xe)[w];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t a[4] = {d0[2 * h], d1[2 * h], d0[2 * h + 1], d1[2 * h + 1]};
+        Mma16816(d[w >> 2], a, h == 0 ? x.x : x.z, h == 0 ? x.y : x.w);
+      }
+    }
+    // Column 2t + e of P holds block (lane 2 (t & 1) + e, word pair 2P + (t >> 1)): scale
+    // byte 8 (t & 1) + 4e + 2P + (t >> 1) of the row's 16 in this item, i.e. byte
+    // 4e + 2P + (t >> 1) of the 8 this lane loaded. One PRMT gathers the four a row.
+    const uint32_t sel = (t >> 1) ? 0x7351u : 0x6240u;  // bytes (P0 e0, P0 e1, P1 e0, P1 e1)
+    const uint32_t q0 = Prmt(b.s0, b.s0h, sel);
+    const uint32_t q1 = Prmt(b.s1, b.s1h, sel);
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const float2 f0 = E4m3x2ToFloat2(q0 >> (16 * c));  // row g, columns 2t, 2t + 1
+      const float2 f1 = E4m3x2ToFloat2(q1 >> (16 * c));  // row g + 8
+      acc[0][0][0] = fmaf(d[c][0], f0.x, acc[0][0][0]);
+      acc[0][0][1] = fmaf(d[c][1], f0.y, acc[0][0][1]);
+      acc[0][0][2] = fmaf(d[c][2], f1.x, acc[0][0][2]);
+      acc[0][0][3] = fmaf(d[c][3], f1.y, acc[0][0][3]);
+    }
+  };
+
   auto compute = [&](const WideBuf& b, int j) {
+    if constexpr (S1) {
+      compute_s1(b, j);
+      return;
+    }
     // The item whose activations this lane's B column holds (KP: column g & 1 of pair q).
     const int s = KP ? 2 * (warp + j * W) + (g & 1) : warp + j * W;
     // B chunk w of n-tile n: staged (XS) or loaded and permuted here.
@@ -877,11 +995,26 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
     }
   };
 
-  const float wscale = __ldg(p.wscale) * 256.f;
+  const float wscale = __ldg(p.wscale) * (S1 ? kS1OutScale : 256.f);
   int ctile = blockIdx.x;
   int cj = 0;
   int parity = 0;
   auto finish_tile16 = [&]() {
+    if constexpr (S1) {
+      // Row g's sum over the tile is its four lanes' columns summed; finish as M = 1 does
+      // (lane t = 0's acc[0][0][0] and [2] hold rows g and g + 8).
+      float v0 = acc[0][0][0] + acc[0][0][1];
+      float v1 = acc[0][0][2] + acc[0][0][3];
+#pragma unroll
+      for (int o = 1; o < 4; o <<= 1) {
+        v0 += __shfl_xor_sync(0xffffffffu, v0, o);
+        v1 += __shfl_xor_sync(0xffffffffu, v1, o);
+      }
+      acc[0][0][0] = v0;
+      acc[0][0][1] = 0.f;
+      acc[0][0][2] = v1;
+      acc[0][0][3] = 0.f;
+    }
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -1006,17 +1139,38 @@ inline cudaError_t WideSmemOptIn(const void* kernel) {
   return cudaSuccess;
 }
 
+// Whether a launch takes the S1 form (WideGemvKernel): one activation row, staged, its
+// scales 8-byte aligned (one 8-byte load a row and item).
+inline bool WideS1(const KParams& kp) {
+  return RESET_JAX_WIDE_S1 != 0 && kp.M == 1 && reinterpret_cast<uintptr_t>(kp.scales) % 8 == 0;
+}
+
+using WideKernelFn = void (*)(KParams);
+
+// The instantiation a launch runs: the code order (kp.mma_order) and, for one staged row
+// in 16-row tiles, the S1 form (WideS1).
+template <int NT, int U, int W, bool XS, bool NORM = false, bool KP = false>
+WideKernelFn WideKernelFor(const KParams& kp) {
+  if constexpr (NT == 1 && XS && !KP) {
+    if (WideS1(kp)) {
+      return kp.mma_order ? WideGemvKernel<NT, U, W, XS, NORM, KP, true, true>
+                          : WideGemvKernel<NT, U, W, XS, NORM, KP, false, true>;
+    }
+  }
+  return kp.mma_order ? WideGemvKernel<NT, U, W, XS, NORM, KP, true>
+                      : WideGemvKernel<NT, U, W, XS, NORM, KP, false>;
+}
+
 // Resident CTAs of one wide-kernel instantiation on the current device (0 if the query
 // fails). Resident CTAs per SM depend on the dynamic shared memory: cached per
-// (kernel, code order, device, smem) so that a call costs no occupancy query on the host.
+// (kernel, device, smem) so that a call costs no occupancy query on the host.
 template <int NT, int U, int W, bool XS, bool NORM = false, bool KP = false>
 int WideSlots(const KParams& kp) {
-  auto kernel = kp.mma_order ? WideGemvKernel<NT, U, W, XS, NORM, KP, true>
-                             : WideGemvKernel<NT, U, W, XS, NORM, KP, false>;
+  const WideKernelFn kernel = WideKernelFor<NT, U, W, XS, NORM, KP>(kp);
   const int smem = XS ? static_cast<int>(WideXsBytes(kp.M, kp.K)) : 0;
   struct Entry {
+    const void* kernel;
     int device, smem, slots;
-    bool mo;
   };
   static thread_local Entry cache[16] = {};
   static thread_local int next = 0;
@@ -1024,21 +1178,22 @@ int WideSlots(const KParams& kp) {
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
   if (XS && WideSmemOptIn(reinterpret_cast<const void*>(kernel)) != cudaSuccess) return 0;
   for (const Entry& e : cache)
-    if (e.slots > 0 && e.device == device && e.smem == smem && e.mo == kp.mma_order) return e.slots;
+    if (e.slots > 0 && e.kernel == reinterpret_cast<const void*>(kernel) && e.device == device &&
+        e.smem == smem)
+      return e.slots;
   int per_sm = 0, sms = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, W * 32, smem) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
       per_sm < 1)
     return 0;
-  cache[next] = {device, smem, per_sm * sms, kp.mma_order};
+  cache[next] = {reinterpret_cast<const void*>(kernel), device, smem, per_sm * sms};
   next = (next + 1) % 16;
   return per_sm * sms;
 }
 
 template <int NT, int U, int W, bool XS, bool NORM = false, bool KP = false>
 cudaError_t LaunchWideOne(const KParams& kp, cudaStream_t stream) {
-  auto kernel = kp.mma_order ? WideGemvKernel<NT, U, W, XS, NORM, KP, true>
-                             : WideGemvKernel<NT, U, W, XS, NORM, KP, false>;
+  const WideKernelFn kernel = WideKernelFor<NT, U, W, XS, NORM, KP>(kp);
   const int smem = XS ? static_cast<int>(WideXsBytes(kp.M, kp.K)) : 0;
   if (XS) {
     if (cudaError_t e = WideSmemOptIn(reinterpret_cast<const void*>(kernel)); e != cudaSuccess)

@@ -666,8 +666,16 @@ def fuse_decoder(
             order = "mma" if nvfp4_cuda.device_reason(first) is None else "natural"
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
+            done = []
             for lin in (attn.qkv.linears[0], attn.o_proj, mlp.gate_up.linears[0], mlp.down_proj):
-                lin.weight.set_value(nvfp4.format.to_code_order(lin.weight.get_value(), order))
+                old = lin.weight.get_value()
+                new = nvfp4.format.to_code_order(old, order)
+                if new is not old:
+                    lin.weight.set_value(new)
+                    done.append(new.packed)
+            # One layer's conversions at a time: dispatched asynchronously, every layer's
+            # old and new codes could otherwise be alive at once (peak memory).
+            jax.block_until_ready(done)
     model.decoder_chain = (mode, bool(pdl), impl) if ok else None
     return len(layers) if ok else 0
 

@@ -599,6 +599,12 @@ def test_code_order_round_trip_and_values():
     back = fmt.to_code_order(qm, "natural")
     np.testing.assert_array_equal(np.asarray(back.packed), np.asarray(q.packed))
     np.testing.assert_array_equal(np.asarray(fmt.natural_packed(qm)), np.asarray(q.packed))
+    # The direct read of MMA-order codes (what dequantize_blocks uses), every code value in
+    # every position of a word, and under jit.
+    codes = np.asarray(fmt.unpack_codes(q.packed))
+    assert all(len(set(codes[:, e::8].ravel())) == 16 for e in range(8))
+    np.testing.assert_array_equal(np.asarray(jax.jit(fmt.code_values)(qm)), codes)
+    np.testing.assert_array_equal(np.asarray(fmt.code_values(q)), codes)
     np.testing.assert_array_equal(np.asarray(fmt.dequantize(qm, jnp.float32)),
                                   np.asarray(fmt.dequantize(q, jnp.float32)))  # fmt: skip
     # The order is static tree structure: it survives jit and tree maps.

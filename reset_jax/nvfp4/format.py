@@ -430,6 +430,36 @@ def unpack_codes(packed: jax.Array) -> jax.Array:
     return pair.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
 
 
+def code_values(q: NVFP4Tensor) -> jax.Array:
+    """The 4-bit codes of ``q`` in element order, whatever its ``code_order``.
+
+    Natural codes are ``unpack_codes(q.packed)``. MMA-order codes are read bit by bit from
+    the bytes of their word (``_MMA_ORDER_BIT``), elementwise, so XLA fuses the read into
+    whatever consumes the codes (``dequantize_blocks``): no separate pass over the weights
+    that writes them back as bytes, as ``natural_packed`` makes. (Rebuilding the natural
+    word first costs more in a fusion: every code of the word recomputes it.)
+
+    Args:
+      q: logical ``[..., K]``.
+
+    Returns:
+      uint8 ``[..., K]``, values ``0..15``.
+    """
+    if q.code_order == "natural":
+        return unpack_codes(jnp.asarray(q.packed))
+    packed = jnp.asarray(q.packed)
+    lead, half_k = packed.shape[:-1], packed.shape[-1]
+    w = packed.reshape(*lead, half_k // 4, 4)  # the little-endian bytes of each word
+    one = jnp.uint8(1)
+    elems = []
+    for row in _MMA_ORDER_BIT:  # element e of the word's 8 codes
+        c = jnp.zeros(w.shape[:-1], jnp.uint8)
+        for b, dst in enumerate(row):
+            c = c | (((w[..., dst // 8] >> jnp.uint8(dst % 8)) & one) << jnp.uint8(b))
+        elems.append(c)
+    return jnp.stack(elems, axis=-1).reshape(*lead, 2 * half_k)
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def _permute_words(packed: jax.Array, moves: tuple[tuple[int, int], ...]) -> jax.Array:
     """Applies a bit permutation (``_bit_moves``) to every 32-bit word of ``packed [..., K/2]``.
@@ -562,7 +592,7 @@ def dequantize_blocks(q: NVFP4Tensor) -> jax.Array:
     Returns:
       float32 ``[..., K]``.
     """
-    codes = unpack_codes(natural_packed(q))  # [..., K]
+    codes = code_values(q)  # [..., K]
     k = codes.shape[-1]
     v = jnp.asarray(E2M1_VALUES)[codes].reshape(*codes.shape[:-1], k // BLOCK_SIZE, BLOCK_SIZE)
     v = v * q.scales.astype(jnp.float32)[..., None]
