@@ -534,11 +534,11 @@ cudaError_t LaunchGemvConfig(const KParams& kp, bool vec16, cudaStream_t stream,
 //    __syncthreads is reached by all warps at the same iteration;
 //  * KP (M = 1): 8-row tiles whose MMA holds two items of the same rows (see
 //    WideGemvKernel), chosen by LaunchWideFit where that shortens the critical path.
-//  * S1 (M = 1, staged activations, not KP): the block scales move from the weights to
-//    the f32 accumulator. The B columns an activation row leaves unused each take one
-//    block of the MMA's K, so one MMA yields per-(row, block) partial sums and one FFMA
-//    a lane per (row, block) applies the scale: no per-pair scale multiply, no splats,
-//    no scale branch (see WideGemvKernel).
+//  * S1 (M = 1, staged activations; 16-row tiles or KP; sm_90): the block scales move from the
+//    weights to the f32 accumulator. The B columns an activation row leaves unused each
+//    take one block of the MMA's K, so one MMA yields per-(row, block) partial sums and
+//    one FFMA a lane per (row, block) applies the scale: no per-pair scale multiply, no
+//    splats, no scale branch (see WideGemvKernel).
 constexpr int kWideSubK = 256;
 constexpr int kWideXsMaxBytes = 96 * 1024;
 #ifndef RESET_JAX_WIDE_THREADS_PER_SM
@@ -547,7 +547,8 @@ constexpr int kWideXsMaxBytes = 96 * 1024;
 // Register budget: launch bounds ask for this many resident threads per SM.
 constexpr int kWideThreadsPerSm = RESET_JAX_WIDE_THREADS_PER_SM;
 // 0 turns the S1 form off (the library then runs every M = 1 launch in the form that
-// scales the weights; checkers build both to compare them).
+// scales the weights: run_gpu_checks.sh builds nvfp4_check so to keep that path checked,
+// and layer_check so to compare the two).
 #ifndef RESET_JAX_WIDE_S1
 #define RESET_JAX_WIDE_S1 1
 #endif
@@ -587,11 +588,13 @@ __device__ __forceinline__ float2 E4m3x2ToFloat2(uint32_t two_e4m3) {
   return make_float2(__half2float(__half(lo)), __half2float(__half(hi)));
 }
 
-// S1 stages every activation times 2^100 (exact: a power of two, and |x| < 2^28 stays
-// finite), so that products with the unscaled decoded weights (e2m1 * 2^-126) are
-// normal f32 numbers: D = sum(w * x) * 2^-26, undone in the output scale.
-constexpr uint32_t kS1XScale = 0x71807180u;  // bf16x2 (2^100, 2^100)
-constexpr float kS1OutScale = 0x1p26f;
+// S1 stages every activation times 2^64 (exact: a power of two; finite for |x| < 2^64),
+// so that its products with the unscaled decoded weights (e2m1 * 2^-126) are normal f32
+// numbers wherever |x| >= 2^-63 (smaller ones underflow inside the MMA and are lost, as
+// they would be against any x of ordinary size): D = sum(w * x) * 2^-62, undone in the
+// output scale. The two bounds are symmetric; neither comes near a decoder's activations.
+constexpr uint32_t kS1XScale = 0x5F805F80u;  // bf16x2 (2^64, 2^64)
+constexpr float kS1OutScale = 0x1p62f;
 __device__ __forceinline__ uint4 S1ScaleUnit(uint4 v) {
   return make_uint4(MulBf16x2(v.x, kS1XScale), MulBf16x2(v.y, kS1XScale), MulBf16x2(v.z, kS1XScale),
                     MulBf16x2(v.w, kS1XScale));
@@ -653,7 +656,7 @@ __host__ __device__ constexpr int WideTiles(int N, bool kp) { return kp ? (N + 7
 // items a warp; 640 8-row tiles give 3 rounds of 2 pairs, 6). K % 512 == 0. When the
 // library takes it: KPairUnits.
 //
-// S1 (M = 1 only, staged activations, not KP): at M = 1 the MMA's B columns 1..7 carry
+// S1 (M = 1 only, staged activations): at M = 1 the MMA's B columns 1..7 carry
 // nothing. In an MMA, lane t's A registers hold K positions {2t, 2t + 1, 2t + 8, 2t + 9}
 // of the MMA's 16, all from lane t's own code word, i.e. from one 16-element block
 // (block 4t + w / 2 of the item, w the word). S1 gives B column n the activations of
@@ -664,13 +667,18 @@ __host__ __device__ constexpr int WideTiles(int N, bool kp) { return kp ? (N + 7
 // the splats, WideScales' branch). Lane (g, t) holds columns 2t and 2t + 1 of rows g and
 // g + 8, so it needs 8 of the item's 256 scale bytes: one 8-byte load a row and a PRMT.
 // The weights enter the MMA unscaled (e2m1 * 2^-126; the +-0.5 codes are bf16
-// subnormals), the activations staged times 2^100 (kS1XScale), the output times 2^26.
+// subnormals, which the tensor cores keep: checked on Hopper only), the activations
+// staged times 2^64 (kS1XScale), the output times 2^62.
+// With KP, columns 0..3 take item 2q's blocks and 4..7 item 2q + 1's (A rows 0..7 hold
+// item 2q, rows 8..15 item 2q + 1 of the same weight rows), one word pair an MMA chain:
+// D[g][0..3] and D[g + 8][4..7] are wanted, the other half is discarded; lane t's 8
+// scale bytes (item 2q + (t >> 1), offset 8 (t & 1)) are one load.
 template <int NT, int U, int W, bool XS, bool NORM = false, bool KP = false, bool MO = false,
           bool S1 = false>
 __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemvKernel(const KParams p) {
   static_assert(XS || !NORM, "the fused norm is applied while staging the activations");
   static_assert(!KP || NT == 1, "K pairs are for one activation row");
-  static_assert(!S1 || (NT == 1 && XS && !KP), "S1 is for one staged activation row");
+  static_assert(!S1 || (NT == 1 && XS), "S1 is for one staged activation row");
   RJ_TIMELINE_SCOPE(NORM ? 3 : 2);
   constexpr int kAcc = NT == 1 ? 4 : 2;  // independent accumulator chains per n-tile
   extern __shared__ uint4 xs[];          // XS only
@@ -702,8 +710,9 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
   constexpr uint32_t kUnitScales = KP ? 32u : 16u;
   auto point = [&](int tile) {
     const uint32_t cofs = static_cast<uint32_t>(warp) * kUnitBytes + static_cast<uint32_t>(t) * 32u;
+    // S1: 8 bytes at 8 (t & 1) of the item's 16 (KP: at 8t of the item pair's 32).
     const uint32_t sofs = static_cast<uint32_t>(warp) * kUnitScales +
-                          (S1 ? static_cast<uint32_t>(t & 1) * 8u : static_cast<uint32_t>(t) * 4u);
+                          (S1 ? static_cast<uint32_t>(KP ? t : t & 1) * 8u : static_cast<uint32_t>(t) * 4u);
     if constexpr (KP) {  // one row, items 2q (A rows 0..7) and 2q + 1 (A rows 8..15)
       const uint32_t r = static_cast<uint32_t>(min(tile * 8 + g, N - 1));
       c0 = p.codes + (r * row_bytes + cofs);
@@ -725,7 +734,9 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
       Ld128Stream(b.r0 + 4, c0 + 16, pol);
       Ld128Stream(b.r1, c1, pol);
       Ld128Stream(b.r1 + 4, c1 + 16, pol);
-      if constexpr (S1) {
+      if constexpr (S1 && KP) {
+        Ld64Scales(b.s0, b.s0h, s0, pol);
+      } else if constexpr (S1) {
         Ld64Scales(b.s0, b.s0h, s0, pol);
         Ld64Scales(b.s1, b.s1h, s1, pol);
       } else {
@@ -902,11 +913,48 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
   // S1: lane (g, t)'s B chunks are the staged ones where its column g is lane t's block
   // column (g == t for the even word pairs, g == t + 4 for the odd ones), zeros otherwise:
   // a base and a stride an item for each (stride 0 on the zeros).
-  const uint4* const s1e = g == t ? xs + t * 9 : s1zero;
+  // With KP: g == t takes item 2q (columns 0..3), g == t + 4 item 2q + 1 (4..7), in s1e.
+  const uint4* const s1e = g == t ? xs + t * 9 : (KP && g == t + 4) ? xs + 36 + t * 9 : s1zero;
   const uint4* const s1o = g == t + 4 ? xs + t * 9 : s1zero;
-  const int s1es = g == t ? 36 : 0;
+  const int s1es = (g == t || (KP && g == t + 4)) ? (KP ? 72 : 36) : 0;
   const int s1os = g == t + 4 ? 36 : 0;
+  auto compute_s1_kp = [&](const WideBuf& b, int j) {
+    const uint4* xp = s1e + (warp + j * W) * s1es;
+    float d[4][4];  // per word pair (block within the lane's 64 K)
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) d[c][r] = 0.f;
+#pragma unroll
+    for (int w = 0; w < 8; ++w) {
+      uint32_t d0[4], d1[4];
+      DecodeCodes<MO>(b.r0[w], d0);  // item 2q of row g
+      DecodeCodes<MO>(b.r1[w], d1);  // item 2q + 1 of row g
+      const uint4 x = xp[w];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t a[4] = {d0[2 * h], d1[2 * h], d0[2 * h + 1], d1[2 * h + 1]};
+        Mma16816(d[w >> 1], a, h == 0 ? x.x : x.z, h == 0 ? x.y : x.w);
+      }
+    }
+    // Lanes t < 2 want D[g][2t, 2t + 1] (item 2q, blocks of lanes 2t, 2t + 1: bytes j and
+    // 4 + j of their 8), lanes t >= 2 D[g + 8][2t, 2t + 1] (item 2q + 1, lanes 2t - 4,
+    // 2t - 3: the same bytes of theirs).
+    const bool top = t < 2;
+    const uint32_t q01 = Prmt(b.s0, b.s0h, 0x5140u);  // (j0 e0, j0 e1, j1 e0, j1 e1)
+    const uint32_t q23 = Prmt(b.s0, b.s0h, 0x7362u);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const float2 f = E4m3x2ToFloat2((c < 2 ? q01 : q23) >> (16 * (c & 1)));
+      acc[0][0][0] = fmaf(top ? d[c][0] : d[c][2], f.x, acc[0][0][0]);
+      acc[0][0][1] = fmaf(top ? d[c][1] : d[c][3], f.y, acc[0][0][1]);
+    }
+  };
   auto compute_s1 = [&](const WideBuf& b, int j) {
+    if constexpr (KP) {
+      compute_s1_kp(b, j);
+      return;
+    }
     const int s = warp + j * W;
     const uint4* xe = s1e + s * s1es;
     const uint4* xo = s1o + s * s1os;
@@ -1066,6 +1114,13 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
 
   auto finish_tile = [&]() {
     if constexpr (KP) {
+      if constexpr (S1) {  // row g's sum is its four lanes' two columns; lane t = 0 holds it
+        float v = acc[0][0][0] + acc[0][0][1];
+#pragma unroll
+        for (int o = 1; o < 4; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        acc[0][0][0] = v;
+        acc[0][0][1] = acc[0][0][2] = acc[0][0][3] = 0.f;
+      }
       // Row g's sum is D[g][0] (r = 0 on lanes t = 0) + D[g + 8][1] (r = 3 on the same lanes).
       float v = 0.f;
 #pragma unroll
@@ -1139,19 +1194,39 @@ inline cudaError_t WideSmemOptIn(const void* kernel) {
   return cudaSuccess;
 }
 
+// Whether the current device is one where the S1 form was checked: Hopper (sm_90). S1
+// feeds the +-0.5 codes to the tensor cores as bf16 subnormals; Hopper keeps them
+// (nvfp4_check against float64), other generations were not checked, so they keep the
+// form that scales the weights first. Cached per thread and device.
+inline bool WideS1Device() {
+  static thread_local int cached = -1;
+  static thread_local bool ok = false;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (dev != cached) {
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+      return false;
+    ok = major == 9;
+    cached = dev;
+  }
+  return ok;
+}
+
 // Whether a launch takes the S1 form (WideGemvKernel): one activation row, staged, its
-// scales 8-byte aligned (one 8-byte load a row and item).
+// scales 8-byte aligned (one 8-byte load a row and item), on a Hopper GPU.
 inline bool WideS1(const KParams& kp) {
-  return RESET_JAX_WIDE_S1 != 0 && kp.M == 1 && reinterpret_cast<uintptr_t>(kp.scales) % 8 == 0;
+  return RESET_JAX_WIDE_S1 != 0 && kp.M == 1 && reinterpret_cast<uintptr_t>(kp.scales) % 8 == 0 &&
+         WideS1Device();
 }
 
 using WideKernelFn = void (*)(KParams);
 
-// The instantiation a launch runs: the code order (kp.mma_order) and, for one staged row
-// in 16-row tiles, the S1 form (WideS1).
+// The instantiation a launch runs: the code order (kp.mma_order) and, for one staged row,
+// the S1 form (WideS1).
 template <int NT, int U, int W, bool XS, bool NORM = false, bool KP = false>
 WideKernelFn WideKernelFor(const KParams& kp) {
-  if constexpr (NT == 1 && XS && !KP) {
+  if constexpr (NT == 1 && XS) {
     if (WideS1(kp)) {
       return kp.mma_order ? WideGemvKernel<NT, U, W, XS, NORM, KP, true, true>
                           : WideGemvKernel<NT, U, W, XS, NORM, KP, false, true>;

@@ -15,6 +15,8 @@ namespace nvfp4 {
 //   wscale float32 scalar (device pointer): the weight's global scale.
 //   xscale optional float32 (device pointer): activation global scale applied
 //          to the float32 sum, one per row (xscale_per_row) or one for all.
+//   Range: at M = 1 on the wide path on sm_90 (the S1 form) activations must stay below
+//   2^64 in magnitude (they are staged times 2^64); elsewhere any finite bf16.
 struct GemvArgs {
   const void* x = nullptr;  // bf16 [M, K]
   const uint8_t* codes = nullptr;

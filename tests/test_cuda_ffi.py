@@ -152,6 +152,21 @@ def test_matches_reference(m, n, k, activations, input_scale):
 
 
 @gpu
+@pytest.mark.parametrize("shift", [40, -40])
+@pytest.mark.parametrize(("n", "k"), [(33, 512), (4500, 8192)])
+def test_one_row_activation_range(shift, n, k):
+    """At M = 1 the wide kernel (S1 form, 16-row tiles and K pairs) stages the activations
+    times 2**64: activations of magnitude 2**40 must not overflow, those of 2**-40 must
+    not underflow (either would break this test; a staging scale of 2**100 broke the first).
+    """
+    x, q = _inputs(f"range{n}", 1, n, k)
+    x = x * jnp.bfloat16(2.0**shift)  # exact: a power of two
+    y = jax.jit(_cuda)(x, q)
+    assert bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
+    assert _rel_err(y, _reference(x, q, "bf16", None)) <= REL_TOL
+
+
+@gpu
 @pytest.mark.parametrize("input_scale", [None, 0.0023])
 def test_w4a4_activation_quantizer_is_bit_exact(input_scale):
     """The kernel's quantized activations equal format.quantize_activations bit for bit."""

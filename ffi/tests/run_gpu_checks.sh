@@ -27,6 +27,10 @@ open('reset_jax/_lib/libreset_jax_nvfp4.so', 'wb').write(z.read(so))
 print('library from', w)"
 nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I ffi ffi/tests/nvfp4_check.cu ffi/nvfp4_kernels.cu \
   -o /tmp/nvfp4_check > "$LOG/build_check.log" 2>&1 || { echo "checker build failed"; exit 1; }
+# The same checker without the wide kernel's S1 form, so that its M = 1 launches take the
+# form that scales the weights (the library's path for scales not 8-byte aligned).
+nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I ffi -DRESET_JAX_WIDE_S1=0 ffi/tests/nvfp4_check.cu \
+  ffi/nvfp4_kernels.cu -o /tmp/nvfp4_check_s0 > "$LOG/build_check_s0.log" 2>&1 || { echo "checker (no S1) build failed"; exit 1; }
 
 nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I ffi ffi/tests/attention_check.cu ffi/attention_kernels.cu \
   -o /tmp/attention_check > "$LOG/build_attention_check.log" 2>&1 || { echo "attention checker build failed"; exit 1; }
@@ -49,6 +53,7 @@ echo "== attention";  /tmp/attention_check > "$LOG/attention.log" 2>&1; echo "rc
 echo "== attention memcheck";  compute-sanitizer --tool memcheck /tmp/attention_check quick > "$LOG/attention_memcheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/attention_memcheck.log"
 echo "== attention racecheck"; compute-sanitizer --tool racecheck /tmp/attention_check quick > "$LOG/attention_racecheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/attention_racecheck.log"
 echo "== checker";    /tmp/nvfp4_check check > "$LOG/check.log" 2>&1; echo "rc=$?"; grep -E "FAIL|check:" "$LOG/check.log" | tail -5
+echo "== checker without S1"; /tmp/nvfp4_check_s0 check quick > "$LOG/check_s0.log" 2>&1; echo "rc=$?"; grep -E "FAIL|check:" "$LOG/check_s0.log" | tail -3
 echo "== memcheck";   compute-sanitizer --tool memcheck /tmp/nvfp4_check check quick > "$LOG/memcheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/memcheck.log"
 echo "== racecheck";  compute-sanitizer --tool racecheck /tmp/nvfp4_check check quick > "$LOG/racecheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/racecheck.log"
 # (their persistent grids spin until every CTA is resident: a timeout names a GPU shared
