@@ -632,3 +632,47 @@ def test_mma_order_matmul_same_bits_on_cpu_backends(impl, activations):
     np.testing.assert_array_equal(
         np.asarray(mm(fmt.to_code_order(q, "mma")), np.float32), np.asarray(mm(q), np.float32)
     )
+
+
+def _prmt_bytes(sel: int) -> list[int]:
+    """PTX ``prmt.b32 d, lo, hi, sel`` (default mode): the byte of ``{hi, lo}`` (0..7) that
+    each of d's four bytes takes."""
+    return [(sel >> (4 * i)) & 7 for i in range(4)]
+
+
+def test_s1_scale_bytes_match_the_mma_columns_in_the_kernel():
+    """The wide kernel's S1 form (ffi/nvfp4_kernels.cuh) applies block scales to D columns:
+    each lane's PRMT selectors, read from the kernel source, must pick for every D value it
+    holds the scale of exactly the block that column sums (16-row tiles and K pairs).
+
+    m16n8k16: lane (g, t) holds D columns 2t and 2t + 1; lane t' feeds K from its own code
+    word w, block 4t' + w // 2 of the item (the scale byte of that offset). 16-row tiles:
+    column n sums block 4 (n & 3) + 2P + (n >> 2) of word half P, and the lane loaded the
+    item's scale bytes 8 (t & 1) .. + 7. K pairs: columns 0..3 item 2q, 4..7 item 2q + 1,
+    word pair j; the lane loaded bytes 8t .. 8t + 7 of the pair's 32.
+    """
+    import pathlib
+    import re
+
+    src = (pathlib.Path(__file__).parents[1] / "ffi" / "nvfp4_kernels.cuh").read_text()
+    m = re.search(r"sel = \(t >> 1\) \? (0x[0-9A-Fa-f]+)u : (0x[0-9A-Fa-f]+)u;", src)
+    assert m, "S1 selector not found in the kernel source"
+    sel_hi, sel_lo = int(m.group(1), 16), int(m.group(2), 16)
+    kp = re.findall(r"q(?:01|23) = Prmt\(b\.s0, b\.s0h, (0x[0-9A-Fa-f]+)u\)", src)
+    assert len(kp) == 2, "K-pair selectors not found in the kernel source"
+    kp01, kp23 = (int(v, 16) for v in kp)
+    for t in range(4):
+        # 16-row tiles: q bytes (P0 e0, P0 e1, P1 e0, P1 e1), each a byte of the 8 loaded.
+        got = [8 * (t & 1) + b for b in _prmt_bytes(sel_hi if t >> 1 else sel_lo)]
+        for p in range(2):
+            for e in range(2):
+                n = 2 * t + e
+                assert got[2 * p + e] == 4 * (n & 3) + 2 * p + (n >> 2), (t, p, e)
+        # K pairs: for word pair j, (e0, e1) from q01 (j = 0, 1) or q23 (j = 2, 3).
+        for j in range(4):
+            sel = kp01 if j < 2 else kp23
+            pair = _prmt_bytes(sel)[2 * (j & 1) : 2 * (j & 1) + 2]
+            for e in range(2):
+                n = 2 * t + e  # lanes t < 2: item 2q; t >= 2: item 2q + 1 (columns 4..7)
+                want = 16 * (n >> 2) + 4 * (n & 3) + j
+                assert 8 * t + pair[e] == want, (t, j, e)
