@@ -118,8 +118,7 @@ const char* DecoderLayerUnsupportedReason(const DecoderLayerArgs& a) {
     return "buffers must be 16-byte aligned";
   for (const Weight* w : {&a.qkv, &a.o, &a.gate_up, &a.down}) {
     if (!w->codes || !w->scales || !w->gscale) return "null weight buffer";
-    if (w->codes_order != 0 && w->codes_order != 1)
-      return "a weight's codes_order must be 0 (natural) or 1 (MMA word order)";
+    if (const char* why = nvfp4::CodesOrderUnsupportedReason(w->codes_order)) return why;
   }
   for (int v : {a.qkv_norm_variant, a.gate_up_norm_variant})
     if (v < 0 || v > 4) return "add + norm variants must be in 0..4";

@@ -20,7 +20,7 @@ bool Aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p
 
 const char* GemvUnsupportedReason(const GemvArgs& a) {
   if (a.M < 1 || a.M > kMaxM) return "M (rows of x) must be in 1..16";
-  if (a.codes_order != 0 && a.codes_order != 1) return "codes_order must be 0 (natural) or 1 (MMA word order)";
+  if (const char* why = CodesOrderUnsupportedReason(a.codes_order)) return why;
   if (a.N < 1) return "N must be >= 1";
   if (a.K < 16 || a.K % 16 != 0) return "K must be a positive multiple of 16";
   if (a.N > (int64_t{1} << 30) || a.K > (int64_t{1} << 30)) return "N and K must be < 2^30";

@@ -920,11 +920,7 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
   const int s1os = g == t + 4 ? 36 : 0;
   auto compute_s1_kp = [&](const WideBuf& b, int j) {
     const uint4* xp = s1e + (warp + j * W) * s1es;
-    float d[4][4];  // per word pair (block within the lane's 64 K)
-#pragma unroll
-    for (int c = 0; c < 4; ++c)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) d[c][r] = 0.f;
+    float d[4][4] = {};  // per word pair (block within the lane's 64 K)
 #pragma unroll
     for (int w = 0; w < 8; ++w) {
       uint32_t d0[4], d1[4];
@@ -958,11 +954,7 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
     const int s = warp + j * W;
     const uint4* xe = s1e + s * s1es;
     const uint4* xo = s1o + s * s1os;
-    float d[2][4];  // per word half P = w / 4: the even and odd word pairs of its 32 K
-#pragma unroll
-    for (int c = 0; c < 2; ++c)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) d[c][r] = 0.f;
+    float d[2][4] = {};  // per word half P = w / 4: the even and odd word pairs of its 32 K
 #pragma unroll
     for (int w = 0; w < 8; ++w) {
       uint32_t d0[4], d1[4];

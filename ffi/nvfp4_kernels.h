@@ -42,6 +42,14 @@ struct GemvArgs {
   int codes_order = 0;
 };
 
+// nullptr for a known GemvArgs::codes_order, else why not (the GEMV's and the decoder
+// layer's argument checks both use it).
+inline const char* CodesOrderUnsupportedReason(int codes_order) {
+  return codes_order == 0 || codes_order == 1
+             ? nullptr
+             : "codes_order must be 0 (natural) or 1 (MMA word order)";
+}
+
 // Largest M one launch serves (two m16n8k16 column tiles).
 constexpr int64_t kMaxM = 16;
 

@@ -464,8 +464,10 @@ def code_values(q: NVFP4Tensor) -> jax.Array:
 def _permute_words(packed: jax.Array, moves: tuple[tuple[int, int], ...]) -> jax.Array:
     """Applies a bit permutation (``_bit_moves``) to every 32-bit word of ``packed [..., K/2]``.
 
-    Jitted, so the conversion is one elementwise pass with no word-sized temporaries (op by
-    op, an 8B model's conversion in ``fuse_decoder`` raised peak GPU memory by ~1.1 GB).
+    Jitted, so the conversion is one elementwise pass with no word-sized temporaries.
+    (The ~1.1 GB of extra peak GPU memory once seen with ``fuse_decoder`` came from its
+    conversions queueing up across layers, not from these temporaries; ``fuse_decoder``
+    now waits for each layer's.)
     """
     u32 = jnp.uint32
     b = packed.reshape(*packed.shape[:-1], packed.shape[-1] // 4, 4).astype(u32)
