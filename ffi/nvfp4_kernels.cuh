@@ -171,17 +171,18 @@ __device__ __forceinline__ void DecodeE2M1x8(uint32_t q, uint32_t (&o)[4]) {
 // The same four registers from a code word in the MMA word order (GemvArgs::codes_order
 // == 1): a fixed permutation of the 32 bits of each natural word, made once when the
 // weights are prepared (reset_jax.nvfp4.format.to_code_order; MmaOrderWord in
-// tests/host_util.h), that puts each pair's sign and magnitude bits where one rotate
-// or one multiply of the masked word lands them: 10 instructions for 8 codes instead of
-// 13 (there is no permutation for which all four outputs are a rotate and a mask: the
-// mask's bit pattern does not tile the word). (Natural bit 4e + b of element e -> bit
-// kMmaOrderBit[e][b], the table in the tests.)  Exact: the masked bits of the two copies
-// a multiply makes never overlap, so no carries.
+// tests/host_util.h), that puts each pair's sign and magnitude bits where a mask (o[0]),
+// one rotate and a mask (o[1], o[2]) or a mask, a multiply and a mask (o[3]) lands them:
+// 8 instructions for 8 codes instead of 13. (Masks and rotates alone, 7 instructions, would
+// need the mask's bit pattern to tile the word by rotations, which it does not.) The multiply by 2^2 + 2^7 + 2^12 makes three copies of
+// the 8 masked bits; each bit has exactly one copy on the mask and no two copies share a
+// bit position, so there are no carries. (Natural bit 4e + b of element e -> bit
+// kMmaOrderBit[e][b], the table in the tests.)
 __device__ __forceinline__ void DecodeMmaOrderx8(uint32_t q, uint32_t (&o)[4]) {
-  o[0] = __funnelshift_l(q, q, 8) & 0x81C081C0u;
-  o[1] = ((q & 0x03420342u) * 65u) & 0x81C081C0u;
-  o[2] = ((q & 0x042C042Cu) * 34u) & 0x81C081C0u;
-  o[3] = __funnelshift_l(q, q, 11) & 0x81C081C0u;
+  o[0] = q & 0x81C081C0u;
+  o[1] = __funnelshift_l(q, q, 10) & 0x81C081C0u;
+  o[2] = __funnelshift_l(q, q, 13) & 0x81C081C0u;
+  o[3] = ((q & 0x001B001Bu) * 4228u) & 0x81C081C0u;
 }
 
 // DecodeE2M1x8 (MMA_ORDER false) or DecodeMmaOrderx8 (true).
@@ -553,6 +554,20 @@ constexpr int kWideThreadsPerSm = RESET_JAX_WIDE_THREADS_PER_SM;
 #define RESET_JAX_WIDE_S1 1
 #endif
 
+// S1's ring of per-tile reduction slots (finish_s1 in WideGemvKernel); slot i uses named
+// barrier 1 + i (0 is __syncthreads').
+constexpr int kS1Ring = 8;
+
+// Named barriers (bar.sync / bar.arrive with a thread count, a multiple of 32): an arrive
+// does not wait, and synchronizes with the sync that completes the barrier, so the
+// arriving threads' earlier shared-memory writes are visible to the syncing ones after it.
+__device__ __forceinline__ void NamedBarrierArrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void NamedBarrierSync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 struct WideBuf {
   uint32_t r0[8];  // 32 code bytes of row g
   uint32_t r1[8];  // 32 code bytes of row g + 8
@@ -682,7 +697,7 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
   RJ_TIMELINE_SCOPE(NORM ? 3 : 2);
   constexpr int kAcc = NT == 1 ? 4 : 2;  // independent accumulator chains per n-tile
   extern __shared__ uint4 xs[];          // XS only
-  __shared__ float red[2][W][8 * NT][16];
+  __shared__ float red[S1 ? 1 : 2][S1 ? 1 : W][8 * NT][16];  // S1: s1red instead
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -769,6 +784,8 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
   const int mb0 = g < M ? g : 0;
   const int mb1 = g + 8 < M ? g + 8 : 0;
   __shared__ uint4 s1zero[S1 ? 8 : 1];  // S1: the B chunks of the lanes whose columns are zero
+  // S1: each tile's per-warp row sums, in a ring of kS1Ring slots (finish_s1).
+  __shared__ float s1red[S1 ? kS1Ring : 1][W][16];
   auto staged = [](uint4 v) -> uint4 {
     if constexpr (S1) {
       return S1ScaleUnit(v);
@@ -1039,22 +1056,62 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
   int ctile = blockIdx.x;
   int cj = 0;
   int parity = 0;
-  auto finish_tile16 = [&]() {
-    if constexpr (S1) {
-      // Row g's sum over the tile is its four lanes' columns summed; finish as M = 1 does
-      // (lane t = 0's acc[0][0][0] and [2] hold rows g and g + 8).
-      float v0 = acc[0][0][0] + acc[0][0][1];
-      float v1 = acc[0][0][2] + acc[0][0][3];
-#pragma unroll
-      for (int o = 1; o < 4; o <<= 1) {
-        v0 += __shfl_xor_sync(0xffffffffu, v0, o);
-        v1 += __shfl_xor_sync(0xffffffffu, v1, o);
-      }
-      acc[0][0][0] = v0;
-      acc[0][0][1] = 0.f;
-      acc[0][0][2] = v1;
-      acc[0][0][3] = 0.f;
+  // S1: the tile's sum across warps without a block barrier. Each warp writes its row sums
+  // (v0: row g, v1: row g + 8; rows 0..7 only with KP) to the tile's ring slot. One warp,
+  // the tile's finisher (local tile index mod W), waits on the slot's named barrier for the
+  // others, adds the W partial sums in warp order and writes the tile's outputs; the
+  // others only arrive (bar.arrive: no wait) and go straight on to their next tile's
+  // items. A slot and its barrier are reused kS1Ring tiles later, behind a block barrier
+  // every kS1Ring tiles (none for up to kS1Ring tiles a CTA).
+  int s1tile = 0;
+  auto finish_s1 = [&](float v0, float v1) {
+    constexpr int kRows = KP ? 8 : 16;
+    const int slot = s1tile % kS1Ring;
+    if (t == 0) {
+      s1red[slot][warp][g] = v0;
+      if constexpr (!KP) s1red[slot][warp][g + 8] = v1;
     }
+    if (warp != s1tile % W) {
+      NamedBarrierArrive(1 + slot, W * 32);
+    } else {
+      NamedBarrierSync(1 + slot, W * 32);
+      const float scale = OutputScale(p, wscale, 0);
+      if (p.swiglu) {
+        if (lane < 8) {
+          float gs = 0.f, us = 0.f;
+#pragma unroll
+          for (int w = 0; w < W; ++w) {
+            gs += s1red[slot][w][lane];
+            us += s1red[slot][w][lane + 8];
+          }
+          p.y[ctile * 8 + lane] =
+              __float2bfloat16_rn(SiluMul(RoundToBf16(gs * scale), RoundToBf16(us * scale)));
+        }
+      } else if (lane < kRows) {
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < W; ++w) sum += s1red[slot][w][lane];
+        const int n_out = ctile * kRows + lane;
+        if (n_out < N) p.y[n_out] = __float2bfloat16_rn(sum * scale);
+      }
+    }
+    if (++s1tile % kS1Ring == 0) __syncthreads();
+  };
+  // S1: row g's sum over the tile is its four lanes' columns summed (16-row tiles: lane t's
+  // acc[0][0][0..1] for row g, [2..3] for row g + 8; KP: [0..1] for row g).
+  auto finish_tile_s1 = [&]() {
+    float v0 = acc[0][0][0] + acc[0][0][1];
+    float v1 = KP ? 0.f : acc[0][0][2] + acc[0][0][3];
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+      v0 += __shfl_xor_sync(0xffffffffu, v0, o);
+      if constexpr (!KP) v1 += __shfl_xor_sync(0xffffffffu, v1, o);
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) acc[0][0][r] = 0.f;
+    finish_s1(v0, v1);
+  };
+  auto finish_tile16 = [&]() {
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -1105,14 +1162,9 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
   };
 
   auto finish_tile = [&]() {
-    if constexpr (KP) {
-      if constexpr (S1) {  // row g's sum is its four lanes' two columns; lane t = 0 holds it
-        float v = acc[0][0][0] + acc[0][0][1];
-#pragma unroll
-        for (int o = 1; o < 4; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        acc[0][0][0] = v;
-        acc[0][0][1] = acc[0][0][2] = acc[0][0][3] = 0.f;
-      }
+    if constexpr (S1) {
+      finish_tile_s1();
+    } else if constexpr (KP) {
       // Row g's sum is D[g][0] (r = 0 on lanes t = 0) + D[g + 8][1] (r = 3 on the same lanes).
       float v = 0.f;
 #pragma unroll

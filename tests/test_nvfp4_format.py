@@ -534,21 +534,27 @@ def _kernel_mma_decode():
     src = (pathlib.Path(__file__).parents[1] / "ffi" / "nvfp4_kernels.cuh").read_text()
     body = src[src.index("void DecodeMmaOrderx8(") :]
     body = body[: body.index("\n}")]
-    rot = [int(r) for r in re.findall(r"__funnelshift_l\(q, q, (\d+)\)", body)]
-    mul = [
-        (int(m, 16), int(c)) for m, c in re.findall(r"\(q & (0x[0-9A-Fa-f]+)u\) \* (\d+)u", body)
-    ]
-    assert len(rot) == 2 and len(mul) == 2, body
     mask = np.uint32(0x81C081C0)
+    # Each output: an optional pre-mask and multiply, or a rotate, then the pair mask.
+    forms = re.findall(r"o\[(\d)\] = (.*);", body)
+    assert [int(j) for j, _ in forms] == [0, 1, 2, 3], body
     u32 = np.uint32
+
+    def one(expr, w):
+        assert expr.endswith(f"& 0x{int(mask):X}u"), expr
+        head = expr[: -len(f" & 0x{int(mask):X}u")]
+        if head == "q":
+            return w & mask
+        if m := re.fullmatch(r"__funnelshift_l\(q, q, (\d+)\)", head):
+            r = u32(int(m.group(1)))
+            return ((w << r) | (w >> (u32(32) - r))) & mask
+        if m := re.fullmatch(r"\(\(q & (0x[0-9A-Fa-f]+)u\) \* (\d+)u\)", head):
+            return ((w & u32(int(m.group(1), 16))) * u32(int(m.group(2)))) & mask
+        raise AssertionError(f"an output form this test does not know: {expr}")
 
     def decode(w):
         w = w.astype(u32)
-        r0 = (w << u32(rot[0])) | (w >> u32(32 - rot[0]))
-        r3 = (w << u32(rot[1])) | (w >> u32(32 - rot[1]))
-        o1 = ((w & u32(mul[0][0])) * u32(mul[0][1])) & mask
-        o2 = ((w & u32(mul[1][0])) * u32(mul[1][1])) & mask
-        return [r0 & mask, o1, o2, r3 & mask]
+        return [one(expr, w) for _, expr in forms]
 
     return decode
 

@@ -77,9 +77,9 @@ float GraphMedianMs(cudaStream_t st, int reps, Enqueue&& enqueue) {
 // 4e + b of each little-endian 32-bit word (element e of the word, nibble bit b: 0 the
 // mantissa, 1-2 the exponent, 3 the sign) moves to bit kMmaOrderBit[e][b]. The same table
 // as reset_jax.nvfp4.format._MMA_ORDER_BIT; DecodeMmaOrderx8 (nvfp4_kernels.cuh) decodes it.
-constexpr int kMmaOrderBit[8][4] = {{30, 31, 0, 7},   {6, 1, 8, 9},     {5, 2, 3, 10},
-                                    {27, 28, 29, 4},  {14, 15, 16, 23}, {22, 17, 24, 25},
-                                    {21, 18, 19, 26}, {11, 12, 13, 20}};
+constexpr int kMmaOrderBit[8][4] = {{6, 7, 8, 15},    {28, 29, 30, 5},  {25, 26, 27, 2},
+                                    {4, 0, 1, 3},     {22, 23, 24, 31}, {12, 13, 14, 21},
+                                    {9, 10, 11, 18},  {20, 16, 17, 19}};
 
 inline uint32_t MmaOrderWord(uint32_t natural) {
   uint32_t w = 0;

@@ -482,6 +482,9 @@ int Check(bool quick) {
   // o and down with K = 8192 over 320 16-row tiles: at M = 1 both take K pairs (8-row
   // tiles, KPairUnits), as Qwen3-32B's do.
   const Shape q32ish = {"qwen3-32b-ish", 5120, 8192, 64, 8, 128, 2, 300};
+  // A wide FFN: gate+up's 61,440 interleaved rows are 3,840 16-row tiles, ~15 a CTA, so at
+  // M = 1 the S1 form's ring of reduction slots (kS1Ring) wraps round in the SwiGLU epilogue.
+  const Shape wide_ffn = {"wide-ffn", 1024, 30720, 16, 8, 128, 2, 100};
   int failed = 0, total = 0;
   // The default edges, every kernel as a dependent (the benchmarks' "31"), and the attention
   // combine kernel too (63).
@@ -506,6 +509,8 @@ int Check(bool quick) {
   }
   }
   g_edges = -1;
+  failed += !CheckShape(wide_ffn, 1, 901);
+  ++total;
   // The add + norm folded into the wide GEMVs at M > 2 (variant 4; SwiGLU in the gate+up
   // epilogue kept) and the wide kernel forced for qkv too (2), default edges.
   const int variants[][2] = {{0, 4}, {2, 4}, {2, 2}};

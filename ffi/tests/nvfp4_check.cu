@@ -444,6 +444,14 @@ int Check(bool quick) {
     cases.push_back({16, 1000, 4096, true, true, 0});
     cases.push_back({1, 257, 12288, false, false, 0});
   }
+  // One row over many more tiles than resident CTAs: the S1 form's ring of reduction slots
+  // (kS1Ring) wraps round several times a CTA, with padded warps (K = 256 and 512: fewer
+  // items a row than warps) and a whole K of 4096.
+  cases.push_back({1, 100003, 256, false, false, 0});
+  if (!quick) {
+    cases.push_back({1, 100003, 512, false, false, 0});
+    cases.push_back({1, 60001, 4096, false, false, 0});
+  }
   // Negative and NaN scales, on the wide path (K % 256 == 0) and the general one.
   cases.push_back({1, 37, 2560, false, false, 0, true});
   cases.push_back({9, 37, 4096, true, false, 0, true});

@@ -88,18 +88,18 @@ CODE_ORDERS = ("natural", "mma")
 # The MMA word order: natural bit 4e + b of each little-endian 32-bit word of ``packed``
 # (element e of the word's 8 codes, code bit b: 0 mantissa, 1-2 exponent, 3 sign) is bit
 # _MMA_ORDER_BIT[e][b] of the word in the MMA order. The CUDA kernel (DecodeMmaOrderx8 in
-# ffi/nvfp4_kernels.cuh) then gets each bf16x2 pair (e_j, e_j+4) * 2**-126 from one rotate
-# and a mask (j = 0, 3) or a mask, a multiply and a mask (j = 1, 2): 10 instructions for 8
-# codes instead of 13. The same table is in ffi/tests/host_util.h.
+# ffi/nvfp4_kernels.cuh) then gets each bf16x2 pair (e_j, e_j+4) * 2**-126 from a mask
+# (j = 0), one rotate and a mask (j = 1, 2) or a mask, a multiply and a mask (j = 3): 8
+# instructions for 8 codes instead of 13. The same table is in ffi/tests/host_util.h.
 _MMA_ORDER_BIT = (
-    (30, 31, 0, 7),
-    (6, 1, 8, 9),
-    (5, 2, 3, 10),
-    (27, 28, 29, 4),
-    (14, 15, 16, 23),
-    (22, 17, 24, 25),
-    (21, 18, 19, 26),
-    (11, 12, 13, 20),
+    (6, 7, 8, 15),
+    (28, 29, 30, 5),
+    (25, 26, 27, 2),
+    (4, 0, 1, 3),
+    (22, 23, 24, 31),
+    (12, 13, 14, 21),
+    (9, 10, 11, 18),
+    (20, 16, 17, 19),
 )
 
 
