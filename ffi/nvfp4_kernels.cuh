@@ -174,7 +174,8 @@ __device__ __forceinline__ void DecodeE2M1x8(uint32_t q, uint32_t (&o)[4]) {
 // tests/host_util.h), that puts each pair's sign and magnitude bits where a mask (o[0]),
 // one rotate and a mask (o[1], o[2]) or a mask, a multiply and a mask (o[3]) lands them:
 // 8 instructions for 8 codes instead of 13. (Masks and rotates alone, 7 instructions, would
-// need the mask's bit pattern to tile the word by rotations, which it does not.) The multiply by 2^2 + 2^7 + 2^12 makes three copies of
+// need the mask's bit pattern to tile the word by rotations, which it does not:
+// ffi/tests/mma_order_search.py.) The multiply by 2^2 + 2^7 + 2^12 makes three copies of
 // the 8 masked bits; each bit has exactly one copy on the mask and no two copies share a
 // bit position, so there are no carries. (Natural bit 4e + b of element e -> bit
 // kMmaOrderBit[e][b], the table in the tests.)
@@ -532,7 +533,8 @@ cudaError_t LaunchGemvConfig(const KParams& kp, bool vec16, cudaStream_t stream,
 //  * one flat loop over (tile, item) per warp with a U-deep rolling register
 //    pipeline that runs across tiles; every warp has the same number of items
 //    per tile (padded when K / 256 is not a multiple of W), so the per-tile
-//    __syncthreads is reached by all warps at the same iteration;
+//    __syncthreads (S1: the tile's named barrier, and a __syncthreads every kS1Ring
+//    tiles) is reached by all warps at the same iteration;
 //  * KP (M = 1): 8-row tiles whose MMA holds two items of the same rows (see
 //    WideGemvKernel), chosen by LaunchWideFit where that shortens the critical path.
 //  * S1 (M = 1, staged activations; 16-row tiles or KP; sm_90): the block scales move from the
@@ -1062,7 +1064,10 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
   // others, adds the W partial sums in warp order and writes the tile's outputs; the
   // others only arrive (bar.arrive: no wait) and go straight on to their next tile's
   // items. A slot and its barrier are reused kS1Ring tiles later, behind a block barrier
-  // every kS1Ring tiles (none for up to kS1Ring tiles a CTA).
+  // every kS1Ring tiles (none in a CTA of fewer than kS1Ring tiles).
+  // The barrier id is a register, so ptxas reserves all 16 of the SM's named barriers for
+  // the kernel; that allows 4 CTAs an SM, no fewer than the registers allow today (2 of 8
+  // warps, 4 of 4 at kWideThreadsPerSm = 512).
   int s1tile = 0;
   auto finish_s1 = [&](float v0, float v1) {
     constexpr int kRows = KP ? 8 : 16;
@@ -1112,53 +1117,55 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
     finish_s1(v0, v1);
   };
   auto finish_tile16 = [&]() {
+    if constexpr (!S1) {  // S1 tiles end in finish_s1 (and red has no slots for them)
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+      for (int n = 0; n < NT; ++n)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        float v = 0.f;
+        for (int r = 0; r < 4; ++r) {
+          float v = 0.f;
 #pragma unroll
-        for (int a = 0; a < kAcc; ++a) {
-          v += acc[a][n][r];
-          acc[a][n][r] = 0.f;
+          for (int a = 0; a < kAcc; ++a) {
+            v += acc[a][n][r];
+            acc[a][n][r] = 0.f;
+          }
+          const int m = n * 8 + 2 * t + (r & 1);
+          if (m < M) red[parity][warp][m][g + ((r & 2) << 2)] = v;
         }
-        const int m = n * 8 + 2 * t + (r & 1);
-        if (m < M) red[parity][warp][m][g + ((r & 2) << 2)] = v;
+      __syncthreads();
+      if (p.swiglu) {
+        // Rows 0..7 of the tile are gate rows 8 * ctile + 0..7, rows 8..15 the up rows of the
+        // same outputs: each output is bf16(silu(bf16(gate)) * bf16(up)), exactly what the
+        // GEMV followed by the SwiGLU kernel computes.
+        const int F = N >> 1;
+        for (int idx = threadIdx.x; idx < 8 * M; idx += W * 32) {
+          const int row = idx & 7;
+          const int m = idx >> 3;
+          float gs = 0.f, us = 0.f;
+#pragma unroll
+          for (int w = 0; w < W; ++w) {
+            gs += red[parity][w][m][row];
+            us += red[parity][w][m][row + 8];
+          }
+          const float scale = OutputScale(p, wscale, m);
+          p.y[static_cast<size_t>(m) * F + ctile * 8 + row] =
+              __float2bfloat16_rn(SiluMul(RoundToBf16(gs * scale), RoundToBf16(us * scale)));
+        }
+        parity ^= 1;
+        return;
       }
-    __syncthreads();
-    if (p.swiglu) {
-      // Rows 0..7 of the tile are gate rows 8 * ctile + 0..7, rows 8..15 the up rows of the
-      // same outputs: each output is bf16(silu(bf16(gate)) * bf16(up)), exactly what the
-      // GEMV followed by the SwiGLU kernel computes.
-      const int F = N >> 1;
-      for (int idx = threadIdx.x; idx < 8 * M; idx += W * 32) {
-        const int row = idx & 7;
-        const int m = idx >> 3;
-        float gs = 0.f, us = 0.f;
+      for (int idx = threadIdx.x; idx < 16 * M; idx += W * 32) {
+        const int row = idx & 15;
+        const int m = idx >> 4;
+        float sum = 0.f;
 #pragma unroll
-        for (int w = 0; w < W; ++w) {
-          gs += red[parity][w][m][row];
-          us += red[parity][w][m][row + 8];
+        for (int w = 0; w < W; ++w) sum += red[parity][w][m][row];
+        const int n_out = ctile * 16 + row;
+        if (n_out < N) {
+          p.y[static_cast<size_t>(m) * N + n_out] = __float2bfloat16_rn(sum * OutputScale(p, wscale, m));
         }
-        const float scale = OutputScale(p, wscale, m);
-        p.y[static_cast<size_t>(m) * F + ctile * 8 + row] =
-            __float2bfloat16_rn(SiluMul(RoundToBf16(gs * scale), RoundToBf16(us * scale)));
       }
       parity ^= 1;
-      return;
     }
-    for (int idx = threadIdx.x; idx < 16 * M; idx += W * 32) {
-      const int row = idx & 15;
-      const int m = idx >> 4;
-      float sum = 0.f;
-#pragma unroll
-      for (int w = 0; w < W; ++w) sum += red[parity][w][m][row];
-      const int n_out = ctile * 16 + row;
-      if (n_out < N) {
-        p.y[static_cast<size_t>(m) * N + n_out] = __float2bfloat16_rn(sum * OutputScale(p, wscale, m));
-      }
-    }
-    parity ^= 1;
   };
 
   auto finish_tile = [&]() {
@@ -1202,6 +1209,11 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
       }
     }
   }
+#ifdef RJ_TIMELINE
+  // With S1 a warp may finish before the CTA's last tile finisher; thread 0 records the
+  // CTA's end when the scope closes, so wait for every warp first (timeline builds only).
+  if constexpr (S1) __syncthreads();
+#endif
 }
 
 // Whether the wide path serves these arguments, and with staged activations.
@@ -1347,7 +1359,8 @@ inline bool KPairOk(const KParams& kp) {
 // The K-pair launch's critical units (W warps), or -1 where the library does not take it:
 // it cannot serve, or a tile would give a warp fewer than 2 units. Then every unit is
 // followed by the tile's reduction across warps and its barrier, and the shorter critical
-// path does not pay: the fused-norm Qwen3-8B qkv (K = 4096: one pair a warp a tile; 3
+// path does not pay (measured before S1, whose tile ends no longer wait on a block barrier:
+// the threshold may now be lower): the fused-norm Qwen3-8B qkv (K = 4096: one pair a warp a tile; 3
 // tiles on the critical path instead of 2 of 16 rows, 4 units down to 3) measured +1.2 us a
 // layer with it, Qwen3-32B o (K = 8192, 2 pairs a warp) and down (K = 25600, 7) -6.9 us a
 // 32B layer together (RESULTS.md runs M6, M7).

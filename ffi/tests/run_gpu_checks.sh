@@ -3,7 +3,7 @@
 #   build (CMake through pip, and the standalone checkers with nvcc), the checkers (GEMV
 #   and decode attention against float64 references, the PDL layer chain against plain
 #   launches, and its per-kernel timeline), compute-sanitizer memcheck (all three) +
-#   racecheck (GEMV, attention), the cost of a kernel boundary (boundary_bench), the
+#   racecheck (GEMV, attention) + synccheck (GEMV), the cost of a kernel boundary (boundary_bench), the
 #   memory side of a persistent layer (stream_probe), the kernel-variant micro-benchmark, the GPU tests, and benchmarks/kernels.py.
 # Usage (repository root, on the GPU machine):  bash ffi/tests/run_gpu_checks.sh [outdir]
 # Logs go to outdir (default $OUT or /tmp/nvfp4_gpu_checks); a short summary is printed.
@@ -56,6 +56,8 @@ echo "== checker";    /tmp/nvfp4_check check > "$LOG/check.log" 2>&1; echo "rc=$
 echo "== checker without S1"; /tmp/nvfp4_check_s0 check quick > "$LOG/check_s0.log" 2>&1; echo "rc=$?"; grep -E "FAIL|check:" "$LOG/check_s0.log" | tail -3
 echo "== memcheck";   compute-sanitizer --tool memcheck /tmp/nvfp4_check check quick > "$LOG/memcheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/memcheck.log"
 echo "== racecheck";  compute-sanitizer --tool racecheck /tmp/nvfp4_check check quick > "$LOG/racecheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/racecheck.log"
+# The S1 tile sums' named barriers (bar.arrive / bar.sync, WideGemvKernel's finish_s1).
+echo "== synccheck";  compute-sanitizer --tool synccheck /tmp/nvfp4_check check quick > "$LOG/synccheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/synccheck.log"
 # (their persistent grids spin until every CTA is resident: a timeout names a GPU shared
 # with another process)
 echo "== boundary";   timeout 300 /tmp/boundary_bench 32 20 > "$LOG/boundary.log" 2>&1; echo "rc=$?"; tail -n +2 "$LOG/boundary.log"

@@ -91,6 +91,10 @@ CODE_ORDERS = ("natural", "mma")
 # ffi/nvfp4_kernels.cuh) then gets each bf16x2 pair (e_j, e_j+4) * 2**-126 from a mask
 # (j = 0), one rotate and a mask (j = 1, 2) or a mask, a multiply and a mask (j = 3): 8
 # instructions for 8 codes instead of 13. The same table is in ffi/tests/host_util.h.
+# The order is an in-memory layout, made when a model is prepared for the kernels; the
+# checkpoint writers store natural codes (``natural_packed``), so nothing on disk depends
+# on this table. It changed in the eighteenth session (10 instructions before): an
+# ``NVFP4Tensor`` converted by an older version must be converted again, not reused.
 _MMA_ORDER_BIT = (
     (6, 7, 8, 15),
     (28, 29, 30, 5),
