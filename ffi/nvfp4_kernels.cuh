@@ -1359,11 +1359,11 @@ inline bool KPairOk(const KParams& kp) {
 // The K-pair launch's critical units (W warps), or -1 where the library does not take it:
 // it cannot serve, or a tile would give a warp fewer than 2 units. Then every unit is
 // followed by the tile's reduction across warps and its barrier, and the shorter critical
-// path does not pay (measured before S1, whose tile ends no longer wait on a block barrier:
-// the threshold may now be lower): the fused-norm Qwen3-8B qkv (K = 4096: one pair a warp a tile; 3
+// path does not pay: the fused-norm Qwen3-8B qkv (K = 4096: one pair a warp a tile; 3
 // tiles on the critical path instead of 2 of 16 rows, 4 units down to 3) measured +1.2 us a
 // layer with it, Qwen3-32B o (K = 8192, 2 pairs a warp) and down (K = 25600, 7) -6.9 us a
-// 32B layer together (RESULTS.md runs M6, M7).
+// 32B layer together (RESULTS.md runs M6, M7). Both were measured before S1, whose tile
+// ends no longer wait on a block barrier: the threshold may now be lower.
 template <int U, int W, bool XS>
 int64_t KPairUnits(const KParams& kp) {
   const int64_t pairs = kp.K / (2 * kWideSubK);
