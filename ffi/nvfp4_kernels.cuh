@@ -239,14 +239,20 @@ __device__ __forceinline__ uint4 NormUnit(uint4 r, float inv, uint4 w) {
 // Two E4M3 bytes (low byte first) -> bf16x2 pairs (s0*2^118, s0*2^118) and
 // (s1*2^118, s1*2^118).  Exact: e4m3 has 4 significant bits, 2^-9 <= s <= 448,
 // so s*2^118 <= 2^127 is a normal bf16; a zero scale gives 0.
-__device__ __forceinline__ void ScalePairs(uint32_t two_e4m3, uint32_t& p0, uint32_t& p1) {
+// Two E4M3 bytes (low byte first) -> two floats, exactly (NaN and sign kept).
+__device__ __forceinline__ float2 E4m3x2ToFloat2(uint32_t two_e4m3) {
   const __half2_raw h =
-      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two_e4m3), __NV_E4M3);
+      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two_e4m3 & 0xFFFFu), __NV_E4M3);
   __half_raw lo, hi;
   lo.x = h.x;
   hi.x = h.y;
-  const float f0 = __half2float(__half(lo)) * 0x1p118f;
-  const float f1 = __half2float(__half(hi)) * 0x1p118f;
+  return make_float2(__half2float(__half(lo)), __half2float(__half(hi)));
+}
+
+__device__ __forceinline__ void ScalePairs(uint32_t two_e4m3, uint32_t& p0, uint32_t& p1) {
+  const float2 s = E4m3x2ToFloat2(two_e4m3);
+  const float f0 = s.x * 0x1p118f;
+  const float f1 = s.y * 0x1p118f;
   p0 = PackBf16x2(f0, f0);
   p1 = PackBf16x2(f1, f1);
 }
@@ -593,16 +599,6 @@ __device__ __forceinline__ void Ld64Scales(uint32_t& lo, uint32_t& hi, const uin
   asm volatile("ld.global.nc.L2::cache_hint.v2.u32 {%0,%1}, [%2], %3;"
                : "=r"(lo), "=r"(hi)
                : "l"(p), "l"(pol));
-}
-
-// Two E4M3 bytes (low byte first) -> two floats, exactly (NaN and sign kept).
-__device__ __forceinline__ float2 E4m3x2ToFloat2(uint32_t two_e4m3) {
-  const __half2_raw h =
-      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two_e4m3 & 0xFFFFu), __NV_E4M3);
-  __half_raw lo, hi;
-  lo.x = h.x;
-  hi.x = h.y;
-  return make_float2(__half2float(__half(lo)), __half2float(__half(hi)));
 }
 
 // S1 stages every activation times 2^64 (exact: a power of two; finite for |x| < 2^64),
@@ -1253,20 +1249,10 @@ inline cudaError_t WideSmemOptIn(const void* kernel) {
 // Whether the current device is one where the S1 form was checked: Hopper (sm_90). S1
 // feeds the +-0.5 codes to the tensor cores as bf16 subnormals; Hopper keeps them
 // (nvfp4_check against float64), other generations were not checked, so they keep the
-// form that scales the weights first. Cached per thread and device.
+// form that scales the weights first. The query is cached per device (DeviceCcMajor).
 inline bool WideS1Device() {
-  static thread_local int cached = -1;
-  static thread_local bool ok = false;
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (dev != cached) {
-    int major = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
-      return false;
-    ok = major == 9;
-    cached = dev;
-  }
-  return ok;
+  return cudaGetDevice(&dev) == cudaSuccess && rjpdl::DeviceCcMajor(dev) == 9;
 }
 
 // Whether a launch takes the S1 form (WideGemvKernel): one activation row, staged, its

@@ -54,17 +54,23 @@ cudaError_t Launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
+// The compute capability's major number of `device` (0 if the query fails); cached for
+// devices 0..63, queried each time past them.
+inline int DeviceCcMajor(int device) {
+  static int cc_major[64] = {};  // 0: not queried (a race only repeats the query)
+  const bool cached = device >= 0 && device < 64;
+  if (cached && cc_major[device] != 0) return cc_major[device];
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
+    return 0;
+  if (cached) cc_major[device] = major;
+  return major;
+}
+
 // Whether `device` supports PDL (compute capability 9.0 or newer); cached per device.
 inline bool DeviceSupportsPdl(int device) {
-  static int cc_major[64] = {};  // 0: not queried (a race only repeats the query)
   if (device < 0 || device >= 64) return false;
-  if (cc_major[device] == 0) {
-    int major = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
-      return false;
-    cc_major[device] = major;
-  }
-  return cc_major[device] >= 9;
+  return DeviceCcMajor(device) >= 9;
 }
 
 }  // namespace rjpdl
