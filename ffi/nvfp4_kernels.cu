@@ -90,7 +90,7 @@ cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream, int variant) {
   }
   if ((variant == 0 || variant == 2) && UseWideFor(kp))
     return LaunchWideDefault<kWidePipeline, kWideWarps>(kp, stream);
-  return LaunchGemvConfig<kPipeline, kWarps>(kp, UseVec16(a), stream);
+  return LaunchGemvFit<kPipeline, kWarps>(kp, UseVec16(a), stream);
 }
 
 cudaError_t LaunchQuantizeActivations(const void* x, const float* input_scale, bool per_row,

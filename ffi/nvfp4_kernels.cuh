@@ -459,10 +459,10 @@ __global__ void __launch_bounds__(W * 32) GemvKernel(const KParams p) {
   }
 }
 
-// Grid size for a persistent launch: enough CTAs to fill the GPU once, spread so
-// that every CTA gets the same number of tiles (to within one).
+// Resident CTAs of a kernel launched with `threads` threads and no dynamic shared memory on
+// the current device (0 if the query fails), cached per (kernel, device).
 template <typename Kernel>
-int PersistentGrid(Kernel kernel, int threads, int tiles) {
+int PersistentSlots(Kernel kernel, int threads) {
   struct Entry {
     const void* fn;
     int device;
@@ -470,7 +470,7 @@ int PersistentGrid(Kernel kernel, int threads, int tiles) {
   };
   static thread_local Entry cache[32] = {};
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return tiles;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
   int slots = 0;
   for (const Entry& e : cache) {
     if (e.fn == reinterpret_cast<const void*>(kernel) && e.device == device) slots = e.slots;
@@ -480,7 +480,7 @@ int PersistentGrid(Kernel kernel, int threads, int tiles) {
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0) != cudaSuccess ||
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
         per_sm < 1) {
-      return tiles;
+      return 0;
     }
     slots = per_sm * sms;
     for (Entry& e : cache) {
@@ -490,7 +490,15 @@ int PersistentGrid(Kernel kernel, int threads, int tiles) {
       }
     }
   }
-  if (tiles <= slots) return tiles;
+  return slots;
+}
+
+// Grid size for a persistent launch: enough CTAs to fill the GPU once, spread so
+// that every CTA gets the same number of tiles (to within one).
+template <typename Kernel>
+int PersistentGrid(Kernel kernel, int threads, int tiles) {
+  const int slots = PersistentSlots(kernel, threads);
+  if (slots < 1 || tiles <= slots) return tiles;
   const int rounds = (tiles + slots - 1) / slots;
   return (tiles + rounds - 1) / rounds;
 }
@@ -515,6 +523,33 @@ cudaError_t LaunchGemvConfig(const KParams& kp, bool vec16, cudaStream_t stream,
   }
   return kp.M > 8 ? LaunchOne<8, 2, U, W>(kp, persistent, stream)
                   : LaunchOne<8, 1, U, W>(kp, persistent, stream);
+}
+
+// Sub-steps on a warp's critical path in a persistent GemvKernel launch (one activation n-tile):
+// rounds of the grid times the sub-steps each warp takes a tile.
+template <int VEC, int U, int W>
+int64_t GemvCriticalSteps(const KParams& kp) {
+  auto kernel = kp.mma_order ? GemvKernel<VEC, 1, U, W, true> : GemvKernel<VEC, 1, U, W, false>;
+  const int64_t tiles = (kp.N + 15) / 16;
+  const int64_t slots = PersistentSlots(kernel, W * 32);
+  const int64_t rounds = slots > 0 ? (tiles + slots - 1) / slots : 1;
+  const int64_t steps = (kp.K + 8 * VEC - 1) / (8 * VEC);
+  return rounds * ((steps + W - 1) / W);
+}
+
+// The library's general-kernel launch: W warps a CTA, or 2W at 2 < M <= 8 where that shortens
+// the critical path (all tiles still in one round, half the sub-steps a warp). Measured in
+// isolation on an H200 at M = 8 (RESULTS.md run U6): Qwen3-8B down 20.5 -> 16.8 us, o 8.3
+// -> 7.5; the shapes where 2W needs more rounds lose (32B down 44.9 -> 53.6), and the rule
+// keeps W there. M <= 2 and M > 8 were not measured and keep W.
+template <int U, int W>
+cudaError_t LaunchGemvFit(const KParams& kp, bool vec16, cudaStream_t stream) {
+  if (kp.M > 2 && kp.M <= 8) {
+    const bool wider = vec16 ? GemvCriticalSteps<16, U, 2 * W>(kp) < GemvCriticalSteps<16, U, W>(kp)
+                             : GemvCriticalSteps<8, U, 2 * W>(kp) < GemvCriticalSteps<8, U, W>(kp);
+    if (wider) return LaunchGemvConfig<U, 2 * W>(kp, vec16, stream);
+  }
+  return LaunchGemvConfig<U, W>(kp, vec16, stream);
 }
 
 // ------------------------------------------------------- the wide path ----
@@ -565,6 +600,15 @@ constexpr int kWideThreadsPerSm = RESET_JAX_WIDE_THREADS_PER_SM;
 // S1's ring of per-tile reduction slots (finish_s1 in WideGemvKernel); slot i uses named
 // barrier 1 + i (0 is __syncthreads').
 constexpr int kS1Ring = 8;
+// 0: the warps that do not finish a tile bar.sync on its barrier instead of bar.arrive (the
+// same ordering, plus a wait). For compute-sanitizer racecheck builds only: racecheck does not
+// model an arrive's ordering and reports every arrive -> sync hand-off as a race, correct or
+// not (ffi/tests/named_barrier_probe.cu shows it on a minimal kernel); with 0 it checks the
+// rest of the scheme (ring reuse, slots, the block barrier every kS1Ring tiles).
+#ifndef RESET_JAX_S1_ARRIVE
+#define RESET_JAX_S1_ARRIVE 1
+#endif
+constexpr bool kS1Arrive = RESET_JAX_S1_ARRIVE != 0;
 
 // Named barriers (bar.sync / bar.arrive with a thread count, a multiple of 32): an arrive
 // does not wait, and synchronizes with the sync that completes the barrier, so the
@@ -1073,7 +1117,11 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
       if constexpr (!KP) s1red[slot][warp][g + 8] = v1;
     }
     if (warp != s1tile % W) {
-      NamedBarrierArrive(1 + slot, W * 32);
+      if constexpr (kS1Arrive) {
+        NamedBarrierArrive(1 + slot, W * 32);
+      } else {
+        NamedBarrierSync(1 + slot, W * 32);
+      }
     } else {
       NamedBarrierSync(1 + slot, W * 32);
       const float scale = OutputScale(p, wscale, 0);

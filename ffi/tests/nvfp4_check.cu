@@ -127,6 +127,12 @@ struct Variant {
   cudaError_t (*fn)(const nvfp4::GemvArgs&, cudaStream_t);
 };
 
+// The general kernel (GemvKernel) at other pipeline depths U and warp counts W (RJ_BENCH_G=1).
+const Variant kGeneralVariants[] = {
+    {"lib", [](const nvfp4::GemvArgs& a, cudaStream_t s) { return nvfp4::LaunchGemv(a, s); }},
+    {"gU2W8", LaunchVariant<2, 8>},   {"gU4W8", LaunchVariant<4, 8>},   {"gU8W8", LaunchVariant<8, 8>},
+    {"gU2W16", LaunchVariant<2, 16>}, {"gU4W16", LaunchVariant<4, 16>}, {"gU4W4", LaunchVariant<4, 4>}};
+
 const Variant kVariants[] = {
     {"lib", [](const nvfp4::GemvArgs& a, cudaStream_t s) { return nvfp4::LaunchGemv(a, s); }},
     {"v2", [](const nvfp4::GemvArgs& a, cudaStream_t s) { return nvfp4::LaunchGemv(a, s, 1); }},
@@ -134,6 +140,7 @@ const Variant kVariants[] = {
     {"wU3W8", LaunchWide<3, 8, 1>},
     {"wU2W4", LaunchWide<2, 4, 1>},
     {"wU4W4", LaunchWide<4, 4, 1>},
+    {"gU2W16", LaunchVariant<2, 16>},
 };
 
 // Benchmark-only variants: the GEMV with the residual add + RMSNorm folded in
@@ -679,7 +686,10 @@ int Bench(int reps) {
       {"8B.down", 4096, 12288}, {"32B.qkv", 10240, 5120},  {"32B.o", 5120, 8192},
       {"32B.gate_up", 51200, 5120}, {"32B.down", 5120, 25600},
   };
-  const int msz[] = {1, 4, 8};
+  // RJ_BENCH_G=1: the library against the general kernel's pipeline depths and warp counts, at
+  // M = 4, 8 (where the Qwen3 qkv, o and down GEMVs take the general kernel).
+  const bool g_only = std::getenv("RJ_BENCH_G") && std::string(std::getenv("RJ_BENCH_G")) == "1";
+  const std::vector<int> msz = g_only ? std::vector<int>{4, 8} : std::vector<int>{1, 4, 8};
   std::printf("%-13s %3s %-6s %9s %8s\n", "shape", "M", "var", "us", "GB/s");
   for (const Shape& sh : shapes) {
     const size_t wbytes = static_cast<size_t>(sh.N) * sh.K / 2 + static_cast<size_t>(sh.N) * sh.K / 16;
@@ -702,6 +712,7 @@ int Bench(int reps) {
     for (int M : msz) {
       std::vector<Variant> vs(std::begin(kVariants), std::end(kVariants));
       vs.insert(vs.end(), std::begin(kBenchNormVariants), std::end(kBenchNormVariants));
+      if (g_only) vs.assign(std::begin(kGeneralVariants), std::end(kGeneralVariants));
       for (const Variant& v : vs) {
         const double us = GraphMedianMs(st, reps, [&](cudaStream_t s) {
                             for (int l = 0; l < L; ++l) {
