@@ -460,7 +460,8 @@ __global__ void __launch_bounds__(W * 32) GemvKernel(const KParams p) {
 }
 
 // Resident CTAs of a kernel launched with `threads` threads and no dynamic shared memory on
-// the current device (0 if the query fails), cached per (kernel, device).
+// the current device (0 if the query fails), cached per (kernel, device): the library queries
+// 12 GemvKernel instantiations a device, so 128 entries hold 10 devices before a query repeats.
 template <typename Kernel>
 int PersistentSlots(Kernel kernel, int threads) {
   struct Entry {
@@ -468,7 +469,7 @@ int PersistentSlots(Kernel kernel, int threads) {
     int device;
     int slots;
   };
-  static thread_local Entry cache[32] = {};
+  static thread_local Entry cache[128] = {};
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
   int slots = 0;
@@ -527,27 +528,39 @@ cudaError_t LaunchGemvConfig(const KParams& kp, bool vec16, cudaStream_t stream,
 
 // Sub-steps on a warp's critical path in a persistent GemvKernel launch (one activation n-tile):
 // rounds of the grid times the sub-steps each warp takes a tile.
+// -1 if the occupancy query fails.
 template <int VEC, int U, int W>
 int64_t GemvCriticalSteps(const KParams& kp) {
   auto kernel = kp.mma_order ? GemvKernel<VEC, 1, U, W, true> : GemvKernel<VEC, 1, U, W, false>;
   const int64_t tiles = (kp.N + 15) / 16;
   const int64_t slots = PersistentSlots(kernel, W * 32);
-  const int64_t rounds = slots > 0 ? (tiles + slots - 1) / slots : 1;
+  if (slots < 1) return -1;
+  const int64_t rounds = (tiles + slots - 1) / slots;
   const int64_t steps = (kp.K + 8 * VEC - 1) / (8 * VEC);
   return rounds * ((steps + W - 1) / W);
 }
 
-// The library's general-kernel launch: W warps a CTA, or 2W at 2 < M <= 8 where that shortens
-// the critical path (all tiles still in one round, half the sub-steps a warp). Measured in
-// isolation on an H200 at M = 8 (RESULTS.md run U6): Qwen3-8B down 20.5 -> 16.8 us, o 8.3
-// -> 7.5; the shapes where 2W needs more rounds lose (32B down 44.9 -> 53.6), and the rule
-// keeps W there. M <= 2 and M > 8 were not measured and keep W.
+// Whether 2W warps a CTA give a shorter critical path than W (GemvCriticalSteps, both known).
+template <int VEC, int U, int W>
+bool GemvWider(const KParams& kp) {
+  const int64_t wide = GemvCriticalSteps<VEC, U, 2 * W>(kp);
+  const int64_t base = GemvCriticalSteps<VEC, U, W>(kp);
+  return wide > 0 && base > 0 && wide < base;
+}
+
+// The library's general-kernel launch: W warps a CTA, or 2W at 2 < M <= 8 (one n-tile) where
+// that shortens the critical path, rounds of the persistent grid times sub-steps a warp a
+// tile. Measured in isolation on an H200 at M = 4 and 8 (RESULTS.md run U6): the rule takes
+// 2W for Qwen3-8B down (20.5 -> 16.8 us at M = 8; its 256 tiles keep one round) and o (8.3 ->
+// 7.5), and for 32B qkv (20.3 -> 19.7; 640 tiles, 3 rounds instead of 2 but 9 sub-steps a warp
+// instead of 10). Where 2W needs more rounds for no fewer steps it keeps W (32B down, 320
+// tiles: 44.9 -> 53.6 with 2W). M = 3, 5, 6 and 7 take the rule unmeasured; M <= 2 and M > 8
+// keep W.
 template <int U, int W>
 cudaError_t LaunchGemvFit(const KParams& kp, bool vec16, cudaStream_t stream) {
-  if (kp.M > 2 && kp.M <= 8) {
-    const bool wider = vec16 ? GemvCriticalSteps<16, U, 2 * W>(kp) < GemvCriticalSteps<16, U, W>(kp)
-                             : GemvCriticalSteps<8, U, 2 * W>(kp) < GemvCriticalSteps<8, U, W>(kp);
-    if (wider) return LaunchGemvConfig<U, 2 * W>(kp, vec16, stream);
+  static_assert(2 * W * 32 <= 1024, "2W warps must fit a CTA");
+  if (kp.M > 2 && kp.M <= 8 && (vec16 ? GemvWider<16, U, W>(kp) : GemvWider<8, U, W>(kp))) {
+    return vec16 ? LaunchOne<16, 1, U, 2 * W>(kp, true, stream) : LaunchOne<8, 1, U, 2 * W>(kp, true, stream);
   }
   return LaunchGemvConfig<U, W>(kp, vec16, stream);
 }
@@ -603,8 +616,11 @@ constexpr int kS1Ring = 8;
 // 0: the warps that do not finish a tile bar.sync on its barrier instead of bar.arrive (the
 // same ordering, plus a wait). For compute-sanitizer racecheck builds only: racecheck does not
 // model an arrive's ordering and reports every arrive -> sync hand-off as a race, correct or
-// not (ffi/tests/named_barrier_probe.cu shows it on a minimal kernel); with 0 it checks the
-// rest of the scheme (ring reuse, slots, the block barrier every kS1Ring tiles).
+// not (ffi/tests/named_barrier_probe.cu shows it on a minimal kernel). With 0 racecheck checks
+// the kernel's other shared memory (staging, the zero chunks). It cannot check the ring's
+// reuse: every tile is then a whole-CTA barrier, which makes the block barrier every kS1Ring
+// tiles redundant. That reuse rests on the argument in finish_s1 and on layer_check's bitwise
+// PDL reruns.
 #ifndef RESET_JAX_S1_ARRIVE
 #define RESET_JAX_S1_ARRIVE 1
 #endif

@@ -14,7 +14,7 @@
 // Usage (GPU machine): compute-sanitizer --tool racecheck ./named_barrier_probe arrive|sync|none
 // Build: nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/named_barrier_probe.cu -o named_barrier_probe
 #include <cstdio>
-#include <cstring>
+#include <cstdlib>
 #include <string>
 #include <vector>
 

@@ -3,7 +3,7 @@
 #   build (CMake through pip, and the standalone checkers with nvcc), the checkers (GEMV
 #   and decode attention against float64 references, the PDL layer chain against plain
 #   launches, and its per-kernel timeline), compute-sanitizer memcheck (all three) +
-#   racecheck (GEMV, attention) + synccheck (GEMV), the cost of a kernel boundary (boundary_bench), the
+#   racecheck (GEMV with S1 through bar.sync, attention, the named-barrier probe) + synccheck (GEMV), the cost of a kernel boundary (boundary_bench), the
 #   memory side of a persistent layer (stream_probe), the kernel-variant micro-benchmark, the GPU tests, and benchmarks/kernels.py.
 # Usage (repository root, on the GPU machine):  bash ffi/tests/run_gpu_checks.sh [outdir]
 # Logs go to outdir (default $OUT or /tmp/nvfp4_gpu_checks); a short summary is printed.
@@ -32,6 +32,15 @@ nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I ffi ffi/tests/nvfp4_check.cu ffi/nv
 nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I ffi -DRESET_JAX_WIDE_S1=0 ffi/tests/nvfp4_check.cu \
   ffi/nvfp4_kernels.cu -o /tmp/nvfp4_check_s0 > "$LOG/build_check_s0.log" 2>&1 || { echo "checker (no S1) build failed"; exit 1; }
 
+# The same checker with S1's finishers reached through bar.sync by every warp instead of
+# bar.arrive (RESET_JAX_S1_ARRIVE=0): racecheck reports every arrive -> sync hand-off as a race,
+# correct or not (named_barrier_probe below shows it), so racecheck runs on this build. It checks
+# the kernels' other shared memory; the S1 ring's reuse it cannot see (every tile is then a
+# whole-CTA barrier).
+nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I ffi -DRESET_JAX_S1_ARRIVE=0 ffi/tests/nvfp4_check.cu \
+  ffi/nvfp4_kernels.cu -o /tmp/nvfp4_check_rc > "$LOG/build_check_rc.log" 2>&1 || { echo "checker (racecheck form) build failed"; exit 1; }
+nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/named_barrier_probe.cu -o /tmp/named_barrier_probe \
+  > "$LOG/build_probe.log" 2>&1 || { echo "named-barrier probe build failed"; exit 1; }
 nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I ffi ffi/tests/attention_check.cu ffi/attention_kernels.cu \
   -o /tmp/attention_check > "$LOG/build_attention_check.log" 2>&1 || { echo "attention checker build failed"; exit 1; }
 
@@ -55,7 +64,13 @@ echo "== attention racecheck"; compute-sanitizer --tool racecheck /tmp/attention
 echo "== checker";    /tmp/nvfp4_check check > "$LOG/check.log" 2>&1; echo "rc=$?"; grep -E "FAIL|check:" "$LOG/check.log" | tail -5
 echo "== checker without S1"; /tmp/nvfp4_check_s0 check quick > "$LOG/check_s0.log" 2>&1; echo "rc=$?"; grep -E "FAIL|check:" "$LOG/check_s0.log" | tail -3
 echo "== memcheck";   compute-sanitizer --tool memcheck /tmp/nvfp4_check check quick > "$LOG/memcheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/memcheck.log"
-echo "== racecheck";  compute-sanitizer --tool racecheck /tmp/nvfp4_check check quick > "$LOG/racecheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/racecheck.log"
+echo "== racecheck (S1 through bar.sync)";  compute-sanitizer --tool racecheck /tmp/nvfp4_check_rc check quick > "$LOG/racecheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/racecheck.log"
+# What racecheck says of a correct arrive -> sync hand-off (arrive: hazards reported, sums exact:
+# the tool's limit), of the same through bar.sync (none) and of a real race (none: hazards).
+for m in arrive sync none; do
+  echo "== racecheck probe $m"; compute-sanitizer --tool racecheck /tmp/named_barrier_probe $m > "$LOG/probe_$m.log" 2>&1
+  echo "rc=$?"; grep -E "named_barrier_probe|RACECHECK SUMMARY" "$LOG/probe_$m.log"
+done
 # The S1 tile sums' named barriers (bar.arrive / bar.sync, WideGemvKernel's finish_s1).
 echo "== synccheck";  compute-sanitizer --tool synccheck /tmp/nvfp4_check check quick > "$LOG/synccheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/synccheck.log"
 # (their persistent grids spin until every CTA is resident: a timeout names a GPU shared
