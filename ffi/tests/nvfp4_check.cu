@@ -4,6 +4,7 @@
 //   nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/nvfp4_check.cu ffi/nvfp4_kernels.cu -o nvfp4_check
 //   ./nvfp4_check check            # correctness against a float64 CPU reference
 //   ./nvfp4_check bench [reps]     # graph-timed variants, weights rotated past L2
+//   RJ_BENCH_G=1 ./nvfp4_check bench [reps]  # the general kernel's U and W at M = 4, 8
 //   ./nvfp4_check profile M N K    # plain launches of the library kernel (for ncu)
 //
 // Exit code 0 only if every check passed.
