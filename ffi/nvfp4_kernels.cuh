@@ -474,7 +474,11 @@ int PersistentSlots(Kernel kernel, int threads) {
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
   int slots = 0;
   for (const Entry& e : cache) {
-    if (e.fn == reinterpret_cast<const void*>(kernel) && e.device == device) slots = e.slots;
+    if (e.fn == nullptr) break;  // filled from the front: no entry past the first empty one
+    if (e.fn == reinterpret_cast<const void*>(kernel) && e.device == device) {
+      slots = e.slots;
+      break;
+    }
   }
   if (slots == 0) {
     int per_sm = 0, sms = 0;
@@ -526,18 +530,23 @@ cudaError_t LaunchGemvConfig(const KParams& kp, bool vec16, cudaStream_t stream,
                   : LaunchOne<8, 1, U, W>(kp, persistent, stream);
 }
 
-// Sub-steps on a warp's critical path in a persistent GemvKernel launch (one activation n-tile):
-// rounds of the grid times the sub-steps each warp takes a tile.
-// -1 if the occupancy query fails.
+// Work units on a warp's critical path in a persistent launch (the general and the wide
+// kernel): rounds of the evenly spread grid (slots resident CTAs; 0: unknown, one tile a CTA)
+// times the units a warp takes per tile. A unit is one sub-step (GemvKernel), one item
+// (16-row wide tiles) or one item pair (KP): the same loads and MMAs a lane.
+inline int64_t CriticalUnits(int64_t tiles, int64_t slots, int64_t units_per_row, int W) {
+  const int64_t rounds = slots > 0 ? (tiles + slots - 1) / slots : 1;
+  return rounds * ((units_per_row + W - 1) / W);
+}
+
+// Sub-steps on a warp's critical path in a persistent GemvKernel launch (one activation n-tile),
+// or -1 if the occupancy query fails.
 template <int VEC, int U, int W>
 int64_t GemvCriticalSteps(const KParams& kp) {
   auto kernel = kp.mma_order ? GemvKernel<VEC, 1, U, W, true> : GemvKernel<VEC, 1, U, W, false>;
-  const int64_t tiles = (kp.N + 15) / 16;
-  const int64_t slots = PersistentSlots(kernel, W * 32);
+  const int slots = PersistentSlots(kernel, W * 32);
   if (slots < 1) return -1;
-  const int64_t rounds = (tiles + slots - 1) / slots;
-  const int64_t steps = (kp.K + 8 * VEC - 1) / (8 * VEC);
-  return rounds * ((steps + W - 1) / W);
+  return CriticalUnits((kp.N + 15) / 16, slots, (kp.K + 8 * VEC - 1) / (8 * VEC), W);
 }
 
 // Whether 2W warps a CTA give a shorter critical path than W (GemvCriticalSteps, both known).
@@ -1391,14 +1400,6 @@ cudaError_t LaunchWideOne(const KParams& kp, cudaStream_t stream) {
                        kp.pdl, kp);
 }
 
-// Work units on a warp's critical path in a wide launch: rounds of the evenly spread
-// persistent grid (slots resident CTAs; 0: unknown, one tile a CTA) times the units a warp
-// takes per tile. A unit is one item (16-row tiles) or one item pair (KP): the same loads
-// and MMAs a lane.
-inline int64_t WideCriticalUnits(int64_t tiles, int64_t slots, int64_t units_per_row, int W) {
-  const int64_t rounds = slots > 0 ? (tiles + slots - 1) / slots : 1;
-  return rounds * ((units_per_row + W - 1) / W);
-}
 
 // Whether the K-pair form (8-row tiles, WideGemvKernel's KP) can serve: one activation row,
 // no SwiGLU epilogue, K % 512 == 0 (whole item pairs), and the wide path itself.
@@ -1418,7 +1419,7 @@ template <int U, int W, bool XS>
 int64_t KPairUnits(const KParams& kp) {
   const int64_t pairs = kp.K / (2 * kWideSubK);
   if (!KPairOk(kp) || pairs < 2 * W) return -1;
-  return WideCriticalUnits(WideTiles(kp.N, true), WideSlots<1, U, W, XS, false, true>(kp), pairs, W);
+  return CriticalUnits(WideTiles(kp.N, true), WideSlots<1, U, W, XS, false, true>(kp), pairs, W);
 }
 
 // The library's wide launch at M <= 2 (the decode rows): W warps per CTA, or W / 2 where
@@ -1446,8 +1447,8 @@ cudaError_t LaunchWideFit(const KParams& kp, cudaStream_t stream) {
     const bool fit = wide > 0 && tiles > wide && tiles <= narrow;
     if constexpr (NT == 1) {  // K pairs where they shorten the critical path (KPairUnits)
       const int64_t steps = kp.K / kWideSubK;
-      const int64_t units = fit ? WideCriticalUnits(tiles, narrow, steps, W / 2)
-                                : WideCriticalUnits(tiles, wide, steps, W);
+      const int64_t units = fit ? CriticalUnits(tiles, narrow, steps, W / 2)
+                                : CriticalUnits(tiles, wide, steps, W);
       const int64_t kpair = KPairUnits<U, W, XS>(kp);
       if (kpair >= 0 && kpair < units) return LaunchWideOne<1, U, W, XS, false, true>(kp, stream);
     }
