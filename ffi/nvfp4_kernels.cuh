@@ -539,37 +539,84 @@ inline int64_t CriticalUnits(int64_t tiles, int64_t slots, int64_t units_per_row
   return rounds * ((units_per_row + W - 1) / W);
 }
 
-// Sub-steps on a warp's critical path in a persistent GemvKernel launch (one activation n-tile),
-// or -1 if the occupancy query fails.
+// Resident CTAs of the one-n-tile GemvKernel<VEC, 1, U, W> for this launch's code order
+// (PersistentSlots; 0 if the occupancy query fails).
 template <int VEC, int U, int W>
-int64_t GemvCriticalSteps(const KParams& kp) {
+int GemvSlots(const KParams& kp) {
   auto kernel = kp.mma_order ? GemvKernel<VEC, 1, U, W, true> : GemvKernel<VEC, 1, U, W, false>;
-  const int slots = PersistentSlots(kernel, W * 32);
-  if (slots < 1) return -1;
-  return CriticalUnits((kp.N + 15) / 16, slots, (kp.K + 8 * VEC - 1) / (8 * VEC), W);
+  return PersistentSlots(kernel, W * 32);
 }
 
-// Whether 2W warps a CTA give a shorter critical path than W (GemvCriticalSteps, both known).
+// The general kernel's CTA shapes at 2 < M <= 8 (LaunchGemvFit), for the library's U and W:
+// W / 2 warps with 2U sub-steps in flight (the same loads in flight a CTA), W, 3W / 2 and 2W
+// warps with U. Returns the index (0..3) of the shape to launch:
+//  * of the shapes whose resident CTAs hold every tile at once (one round), the one with the
+//    fewest sub-steps a warp (ties: fewer warps);
+//  * if none does, the shortest critical path, rounds of the persistent grid times sub-steps a
+//    warp (CriticalUnits; ties: fewer warps);
+//  * W (index 1) if an occupancy query fails.
+// Measured in isolation on an H200 at M = 4 and 8 (RESULTS.md runs U6, V3), us at M = 8, the
+// choice first (slots of 4 / 8 / 12 / 16 warps: 660 / 528 / 396 / 264 with 16-byte loads):
+//  * Qwen3-8B qkv (384 tiles): 12 warps 9.6; 8 warps 10.4, 16 warps 11.6 (two rounds);
+//  * 8B o (256 tiles): 16 warps 7.6; 12 warps 7.7, 8 warps 8.3;
+//  * 8B down (256 tiles, 96 sub-steps a row): 16 warps 16.9; 12 warps 17.7, 8 warps 20.6;
+//  * 32B qkv (640 tiles: only 4 warps hold them all): 4 warps 17.6; 12 warps 19.1 (two
+//    rounds, the shortest critical path), 16 warps 19.7 (three), 8 warps 20.3 (two). One
+//    round beats the critical path here: the tail of a second round goes away;
+//  * 32B o (320 tiles): 12 warps 15.2; 8 warps 17.0, 16 warps 19.3 (two rounds);
+//  * 32B down (320 tiles, 200 sub-steps a row): 12 warps 41.3; 8 warps 45.1, 16 warps 54.0.
+// M = 3, 5, 6 and 7 take the rule unmeasured, as do shapes no shape holds in one round.
 template <int VEC, int U, int W>
-bool GemvWider(const KParams& kp) {
-  const int64_t wide = GemvCriticalSteps<VEC, U, 2 * W>(kp);
-  const int64_t base = GemvCriticalSteps<VEC, U, W>(kp);
-  return wide > 0 && base > 0 && wide < base;
+int GemvShapeFor(const KParams& kp) {
+  const int slots[4] = {GemvSlots<VEC, 2 * U, W / 2>(kp), GemvSlots<VEC, U, W>(kp),
+                        GemvSlots<VEC, U, 3 * W / 2>(kp), GemvSlots<VEC, U, 2 * W>(kp)};
+  const int warps[4] = {W / 2, W, 3 * W / 2, 2 * W};
+  const int64_t tiles = (kp.N + 15) / 16;
+  const int64_t steps = (kp.K + 8 * VEC - 1) / (8 * VEC);
+  for (const int s : slots)
+    if (s < 1) return 1;
+  int best = -1;
+  int64_t best_steps = 0;
+  for (int i = 0; i < 4; ++i) {
+    const int64_t st = (steps + warps[i] - 1) / warps[i];
+    if (tiles <= slots[i] && (best < 0 || st < best_steps)) {
+      best = i;
+      best_steps = st;
+    }
+  }
+  if (best >= 0) return best;
+  for (int i = 0; i < 4; ++i) {
+    const int64_t cu = CriticalUnits(tiles, slots[i], steps, warps[i]);
+    if (best < 0 || cu < best_steps) {
+      best = i;
+      best_steps = cu;
+    }
+  }
+  return best;
 }
 
-// The library's general-kernel launch: W warps a CTA, or 2W at 2 < M <= 8 (one n-tile) where
-// that shortens the critical path, rounds of the persistent grid times sub-steps a warp a
-// tile. Measured in isolation on an H200 at M = 4 and 8 (RESULTS.md run U6): the rule takes
-// 2W for Qwen3-8B down (20.5 -> 16.8 us at M = 8; its 256 tiles keep one round) and o (8.3 ->
-// 7.5), and for 32B qkv (20.3 -> 19.7; 640 tiles, 3 rounds instead of 2 but 9 sub-steps a warp
-// instead of 10). Where 2W needs more rounds for no fewer steps it keeps W (32B down, 320
-// tiles: 44.9 -> 53.6 with 2W). M = 3, 5, 6 and 7 take the rule unmeasured; M <= 2 and M > 8
-// keep W.
+template <int VEC, int U, int W>
+cudaError_t LaunchGemvShape(const KParams& kp, int shape, cudaStream_t stream) {
+  switch (shape) {
+    case 0:
+      return LaunchOne<VEC, 1, 2 * U, W / 2>(kp, true, stream);
+    case 2:
+      return LaunchOne<VEC, 1, U, 3 * W / 2>(kp, true, stream);
+    case 3:
+      return LaunchOne<VEC, 1, U, 2 * W>(kp, true, stream);
+    default:
+      return LaunchOne<VEC, 1, U, W>(kp, true, stream);
+  }
+}
+
+// The library's general-kernel launch: at 2 < M <= 8 (one n-tile) the CTA shape GemvShapeFor
+// picks, else U sub-steps in flight and W warps a CTA.
 template <int U, int W>
 cudaError_t LaunchGemvFit(const KParams& kp, bool vec16, cudaStream_t stream) {
-  static_assert(2 * W * 32 <= 1024, "2W warps must fit a CTA");
-  if (kp.M > 2 && kp.M <= 8 && (vec16 ? GemvWider<16, U, W>(kp) : GemvWider<8, U, W>(kp))) {
-    return vec16 ? LaunchOne<16, 1, U, 2 * W>(kp, true, stream) : LaunchOne<8, 1, U, 2 * W>(kp, true, stream);
+  static_assert(2 * W * 32 <= 1024 && W % 2 == 0, "W / 2, 3W / 2 and 2W warps must make CTAs");
+  if (kp.M > 2 && kp.M <= 8) {
+    return vec16 ? LaunchGemvShape<16, U, W>(kp, GemvShapeFor<16, U, W>(kp), stream)
+                 : LaunchGemvShape<8, U, W>(kp, GemvShapeFor<8, U, W>(kp), stream);
   }
   return LaunchGemvConfig<U, W>(kp, vec16, stream);
 }

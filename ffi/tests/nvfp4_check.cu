@@ -136,6 +136,7 @@ const Variant kVariants[] = {
     {"wU2W4", LaunchWide<2, 4, 1>},
     {"wU4W4", LaunchWide<4, 4, 1>},
     {"gU2W16", LaunchVariant<2, 16>},
+    {"gU2W12", LaunchVariant<2, 12>},
 };
 
 // The general kernel (GemvKernel) at other pipeline depths U and warp counts W, beside the
@@ -143,7 +144,8 @@ const Variant kVariants[] = {
 const Variant kGeneralVariants[] = {
     kVariants[0],                     {"gU2W8", LaunchVariant<2, 8>},   {"gU4W8", LaunchVariant<4, 8>},
     {"gU8W8", LaunchVariant<8, 8>},   {"gU2W16", LaunchVariant<2, 16>}, {"gU4W16", LaunchVariant<4, 16>},
-    {"gU4W4", LaunchVariant<4, 4>}};
+    {"gU4W4", LaunchVariant<4, 4>},   {"gU2W12", LaunchVariant<2, 12>}, {"gU3W12", LaunchVariant<3, 12>},
+    {"gU2W24", LaunchVariant<2, 24>}};
 
 // Benchmark-only variants: the GEMV with the residual add + RMSNorm folded in
 // (LaunchGemvAddNorm, library choice / unfused route), on scratch operands
@@ -491,6 +493,16 @@ int Check(bool quick) {
   cases.push_back({2, 5120, 8192, true, true, 0});
   cases.push_back({1, 4500, 22272, false, false, 0});
   cases.push_back({1, 5120, 25600, false, false, 0});
+  // The general kernel's CTA shapes at 2 < M <= 8 (GemvShapeFor, on a 132-SM Hopper GPU):
+  // 4 warps, U = 4 (Qwen3-32B qkv at M = 8, 640 tiles; 750 tiles of 8-byte loads, K % 32 ==
+  // 16), 12 warps (8B qkv at M = 8, 32B down at M = 7, 313 tiles of 8-byte loads) and 16
+  // (8B down at M = 5).
+  cases.push_back({8, 10240, 5120, false, false, 0});
+  cases.push_back({6, 12000, 1040, true, true, 0});
+  cases.push_back({8, 6144, 4096, false, false, 0});
+  cases.push_back({7, 5120, 25600, true, false, 0});
+  cases.push_back({5, 5000, 2064, false, false, 0});
+  cases.push_back({5, 4096, 12288, false, false, 0});
   cases.push_back({4, 300, 1024, false, false, 8});  // 8-byte aligned codes: 8-byte path
   cases.push_back({11, 45, 576, true, false, 8});
   int failed = 0;
@@ -604,7 +616,7 @@ int Check(bool quick) {
       {5, 77, 1056, false, false, 0, true, 0, true},     {1, 6144, 4096, false, false, 0, false, 1, true},
       {8, 24576, 4096, false, false, 0, false, 5, true}, {2, 10240, 5120, false, false, 0, false, 1, true},
       {1, 4000, 12288, false, false, 0, false, 4, true}, {4, 100, 4096, false, false, 0, false, 2, true},
-      {12, 2048, 2048, false, false, 0, false, 3, true}};
+      {12, 2048, 2048, false, false, 0, false, 3, true}, {5, 10240, 5120, false, false, 0, false, 0, true}};
   for (size_t j = 0; j < mma_cases.size() + 1; ++j) {
     const bool kpair = j == mma_cases.size();  // the K-pair form forced (LaunchGemv variant 2)
     const Case c = kpair ? Case{1, 6144, 4096, false, false, 0, false, 0, true} : mma_cases[j];
@@ -712,6 +724,23 @@ int Bench(int reps) {
     const float one = 1.f;
     CK(cudaMemcpy(ws, &one, 4, cudaMemcpyHostToDevice));
     for (int M : msz) {
+      if (g_only) {  // the library's CTA shape where the general kernel serves (kPipeline 2, kWarps 8)
+        nvfp4::GemvArgs a;
+        a.x = x;
+        a.codes = cw[0];
+        a.scales = sw[0];
+        a.wscale = ws;
+        a.y = y;
+        a.M = M;
+        a.N = sh.N;
+        a.K = sh.K;
+        const nvfp4::KParams kp = nvfp4::ToKParams(a);
+        if (!nvfp4::UseWide(a)) {
+          const int i = nvfp4::UseVec16(a) ? nvfp4::GemvShapeFor<16, 2, 8>(kp) : nvfp4::GemvShapeFor<8, 2, 8>(kp);
+          std::printf("%-13s %3d lib: general kernel, %d warps, U = %d\n", sh.name, M, (i + 1) * 4,
+                      i == 0 ? 4 : 2);
+        }
+      }
       std::vector<Variant> vs(std::begin(kVariants), std::end(kVariants));
       vs.insert(vs.end(), std::begin(kBenchNormVariants), std::end(kBenchNormVariants));
       if (g_only) vs.assign(std::begin(kGeneralVariants), std::end(kGeneralVariants));
