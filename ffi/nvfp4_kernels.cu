@@ -223,7 +223,10 @@ cudaError_t LaunchGemvAddNorm(const GemvArgs& a, const void* h, const void* w, f
     // (KPairUnits; Qwen3-8B qkv +1.2 us a layer, RESULTS.md run M6).
     if (variant == 3 && KPairOk(kp))
       return LaunchWideOne<1, kWidePipeline, kWideWarps, true, true, true>(kp, stream);
-    return LaunchWideOne<1, kWidePipeline, kWideWarps, true, true>(kp, stream);
+    // 2W warps a CTA where two W-warp CTAs' staged activations would crowd out L1
+    // (WideXsOneCta, kWideXsOneCtaBytes).
+    return WideXsOneCta(kp) ? LaunchWideOne<1, kWidePipeline, 2 * kWideWarps, true, true>(kp, stream)
+                            : LaunchWideOne<1, kWidePipeline, kWideWarps, true, true>(kp, stream);
   }
   if (cudaError_t e = LaunchAddRmsNorm(a.x, h, w, eps, r, xn, a.M, a.K, stream, a.pdl);
       e != cudaSuccess)

@@ -1448,6 +1448,19 @@ cudaError_t LaunchWideOne(const KParams& kp, cudaStream_t stream) {
 }
 
 
+// Staged activations (bytes a CTA) above which the wide kernel at 2 < M <= 8 runs one CTA of
+// 2W warps an SM instead of two of W (WideXsOneCta). Two CTAs then need the SM's largest
+// shared-memory carveout, and L1 keeps ~20 KB: Qwen3-32B gate+up at M = 8 (90 KB staged a
+// CTA) had 233 KB of shared memory configured against 135 KB at M = 4 (ncu, RESULTS.md run
+// V6) and ran at 73.7 us against 56.1 at M = 4; one 16-warp CTA an SM, with the same warps
+// an SM and the activations staged once, 59.6 us. Qwen3-8B gate+up at M = 8 (72 KB a CTA,
+// 164 KB configured) stays on two: 24.9 us against 27.4 with one of 16 warps.
+constexpr int kWideXsOneCtaBytes = 80 * 1024;
+
+inline bool WideXsOneCta(const KParams& kp) {
+  return kp.M > 2 && kp.M <= 8 && WideXs(kp) && WideXsBytes(kp.M, kp.K) > kWideXsOneCtaBytes;
+}
+
 // Whether the K-pair form (8-row tiles, WideGemvKernel's KP) can serve: one activation row,
 // no SwiGLU epilogue, K % 512 == 0 (whole item pairs), and the wide path itself.
 inline bool KPairOk(const KParams& kp) {
@@ -1484,9 +1497,14 @@ int64_t KPairUnits(const KParams& kp) {
 //    measured +1.6 us a layer in the PDL chain (every CTA stages and normalises the rows),
 //    and on 16-warp CTAs (128 CTAs of 3 tiles, one per SM, instead of 192 of 2) +2.1 us
 //    (run L2).
+//  * At 2 < M <= 8 with more than kWideXsOneCtaBytes of staged activations: 2W warps a CTA
+//    (WideXsOneCta).
 template <int NT, int U, int W, bool XS>
 cudaError_t LaunchWideFit(const KParams& kp, cudaStream_t stream) {
   static_assert(W % 2 == 0, "W / 2 warps must be a whole number");
+  if constexpr (XS && 2 * W * 32 <= kWideThreadsPerSm) {
+    if (WideXsOneCta(kp)) return LaunchWideOne<NT, U, 2 * W, XS>(kp, stream);
+  }
   const int tiles = WideTiles(kp.N, false);
   if (kp.M <= 2) {
     const int wide = WideSlots<NT, U, W, XS>(kp);

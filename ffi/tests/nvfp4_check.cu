@@ -135,6 +135,7 @@ const Variant kVariants[] = {
     {"wU3W8", LaunchWide<3, 8, 1>},
     {"wU2W4", LaunchWide<2, 4, 1>},
     {"wU4W4", LaunchWide<4, 4, 1>},
+    {"wU2W16", LaunchWide<2, 16, 1>},
     {"gU2W16", LaunchVariant<2, 16>},
     {"gU2W12", LaunchVariant<2, 12>},
 };
@@ -503,6 +504,10 @@ int Check(bool quick) {
   cases.push_back({7, 5120, 25600, true, false, 0});
   cases.push_back({5, 5000, 2064, false, false, 0});
   cases.push_back({5, 4096, 12288, false, false, 0});
+  // The wide kernel on one 16-warp CTA an SM (WideXsOneCta: more than 80 KB of staged
+  // activations at 2 < M <= 8): K = 5120 at M = 8 (90 KB), and at M = 7 (78.75 KB, two CTAs).
+  cases.push_back({8, 16000, 5120, false, false, 0});
+  cases.push_back({7, 16000, 5120, true, true, 0});
   cases.push_back({4, 300, 1024, false, false, 8});  // 8-byte aligned codes: 8-byte path
   cases.push_back({11, 45, 576, true, false, 8});
   int failed = 0;
@@ -585,7 +590,10 @@ int Check(bool quick) {
       // at M = 8 (the unfused route)
       {8, 24576, 4096, false, false, 0, false, 5}, {3, 6144, 4096, false, false, 0, false, 5},
       {2, 10240, 5120, false, false, 0, false, 1}, {5, 2000, 2304, false, false, 0, false, 3},
-      {8, 300, 4096, false, false, 0, false, 5}};
+      {8, 300, 4096, false, false, 0, false, 5},
+      // the fold with the wide kernel on 16-warp CTAs (WideXsOneCta: 90 KB staged), SwiGLU
+      // checked in the layer checker
+      {8, 16000, 5120, false, false, 0, false, 5}};
   for (size_t j = 0; j < norm_cases.size(); ++j) {
     const Case& c = norm_cases[j];
     double err = 0;
