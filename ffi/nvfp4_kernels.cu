@@ -60,7 +60,9 @@ bool UseWideFor(const KParams& kp) {
     if (device >= 0 && device < 64) sm_count[device] = sms;
   }
   const int64_t tiles = WideTiles(kp.N, false);  // 16-row tiles
-  const int64_t slots = 2 * static_cast<int64_t>(sms);  // resident wide CTAs (registers)
+  // resident wide CTAs (registers; 8-warp CTAs: one of 16 warps where WideXsOneCta, whose
+  // rows this rule then counts as twice the CTAs, the conservative side)
+  const int64_t slots = 2 * static_cast<int64_t>(sms);
   return 4 * static_cast<int64_t>(kp.M) * slots <= 9 * tiles;
 }
 
@@ -224,9 +226,11 @@ cudaError_t LaunchGemvAddNorm(const GemvArgs& a, const void* h, const void* w, f
     if (variant == 3 && KPairOk(kp))
       return LaunchWideOne<1, kWidePipeline, kWideWarps, true, true, true>(kp, stream);
     // 2W warps a CTA where two W-warp CTAs' staged activations would crowd out L1
-    // (WideXsOneCta, kWideXsOneCtaBytes).
-    return WideXsOneCta(kp) ? LaunchWideOne<1, kWidePipeline, 2 * kWideWarps, true, true>(kp, stream)
-                            : LaunchWideOne<1, kWidePipeline, kWideWarps, true, true>(kp, stream);
+    // (WideXsOneCta, kWideXsOneCtaBytes), as LaunchWideFit does for the plain launch.
+    if constexpr (2 * kWideWarps * 32 <= kWideThreadsPerSm) {
+      if (WideXsOneCta(kp)) return LaunchWideOne<1, kWidePipeline, 2 * kWideWarps, true, true>(kp, stream);
+    }
+    return LaunchWideOne<1, kWidePipeline, kWideWarps, true, true>(kp, stream);
   }
   if (cudaError_t e = LaunchAddRmsNorm(a.x, h, w, eps, r, xn, a.M, a.K, stream, a.pdl);
       e != cudaSuccess)

@@ -461,7 +461,9 @@ __global__ void __launch_bounds__(W * 32) GemvKernel(const KParams p) {
 
 // Resident CTAs of a kernel launched with `threads` threads and no dynamic shared memory on
 // the current device (0 if the query fails), cached per (kernel, device): the library queries
-// 12 GemvKernel instantiations a device, so 128 entries hold 10 devices before a query repeats.
+// up to 20 GemvKernel instantiations a device (GemvShapeFor's 4 shapes and the M > 8 one, for
+// each load width and code order; a model uses ~5), so 128 entries hold 6 devices with all 20
+// before a query repeats (and a repeat only costs the query).
 template <typename Kernel>
 int PersistentSlots(Kernel kernel, int threads) {
   struct Entry {
@@ -1449,12 +1451,15 @@ cudaError_t LaunchWideOne(const KParams& kp, cudaStream_t stream) {
 
 
 // Staged activations (bytes a CTA) above which the wide kernel at 2 < M <= 8 runs one CTA of
-// 2W warps an SM instead of two of W (WideXsOneCta). Two CTAs then need the SM's largest
-// shared-memory carveout, and L1 keeps ~20 KB: Qwen3-32B gate+up at M = 8 (90 KB staged a
-// CTA) had 233 KB of shared memory configured against 135 KB at M = 4 (ncu, RESULTS.md run
-// V6) and ran at 73.7 us against 56.1 at M = 4; one 16-warp CTA an SM, with the same warps
-// an SM and the activations staged once, 59.6 us. Qwen3-8B gate+up at M = 8 (72 KB a CTA,
-// 164 KB configured) stays on two: 24.9 us against 27.4 with one of 16 warps.
+// 2W warps an SM instead of two of W (WideXsOneCta). Two CTAs need the staging twice, plus
+// 8-9 KB of static shared memory and 1 KB reserved each, out of the SM's 256 KB that L1
+// shares: Qwen3-32B gate+up at M = 8 (90 KB staged a CTA) had the largest carveout, 233 KB
+// of shared memory (L1 ~20 KB), against 135 KB at M = 4 (ncu, RESULTS.md run V6), and ran
+// at 73.7 us against 56.1 at M = 4; one 16-warp CTA an SM, with the same warps an SM and
+// the activations staged once, 59.6 us. Qwen3-8B gate+up at M = 8 (72 KB a CTA, 164 KB
+// configured, L1 ~90 KB) stays on two: 24.9 us against 27.4 with one of 16 warps. The
+// threshold lies between those two measured points; from 80 to ~89 KB two CTAs would still
+// fit the 196 KB carveout (L1 ~60 KB), unmeasured.
 constexpr int kWideXsOneCtaBytes = 80 * 1024;
 
 inline bool WideXsOneCta(const KParams& kp) {

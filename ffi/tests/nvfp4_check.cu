@@ -506,6 +506,7 @@ int Check(bool quick) {
   cases.push_back({5, 4096, 12288, false, false, 0});
   // The wide kernel on one 16-warp CTA an SM (WideXsOneCta: more than 80 KB of staged
   // activations at 2 < M <= 8): K = 5120 at M = 8 (90 KB), and at M = 7 (78.75 KB, two CTAs).
+  // 1000 tiles take the wide path at M = 8 on up to 140 SMs (UseWideFor).
   cases.push_back({8, 16000, 5120, false, false, 0});
   cases.push_back({7, 16000, 5120, true, true, 0});
   cases.push_back({4, 300, 1024, false, false, 8});  // 8-byte aligned codes: 8-byte path
@@ -615,7 +616,8 @@ int Check(bool quick) {
   }
   // Codes in the MMA word order (GemvArgs::codes_order 1), on every kernel path: the wide
   // kernel (4-warp fit, K pairs by default at 32B down, NT = 2, W4A4, odd scales), the
-  // general kernel (16- and 8-byte loads), the add + norm routes, and K pairs forced.
+  // general kernel (16- and 8-byte loads; 4-warp CTAs at U = 4 for 32B qkv at M = 8), the add +
+  // norm routes, and K pairs forced.
   const std::vector<Case> mma_cases = {
       {1, 6144, 4096, false, false, 0, false, 0, true},  {2, 5120, 8192, true, true, 0, false, 0, true},
       {8, 4096, 4096, false, false, 0, false, 0, true},  {16, 1000, 4096, true, true, 0, false, 0, true},
@@ -624,7 +626,7 @@ int Check(bool quick) {
       {5, 77, 1056, false, false, 0, true, 0, true},     {1, 6144, 4096, false, false, 0, false, 1, true},
       {8, 24576, 4096, false, false, 0, false, 5, true}, {2, 10240, 5120, false, false, 0, false, 1, true},
       {1, 4000, 12288, false, false, 0, false, 4, true}, {4, 100, 4096, false, false, 0, false, 2, true},
-      {12, 2048, 2048, false, false, 0, false, 3, true}, {5, 10240, 5120, false, false, 0, false, 0, true}};
+      {12, 2048, 2048, false, false, 0, false, 3, true}, {8, 10240, 5120, false, false, 0, false, 0, true}};
   for (size_t j = 0; j < mma_cases.size() + 1; ++j) {
     const bool kpair = j == mma_cases.size();  // the K-pair form forced (LaunchGemv variant 2)
     const Case c = kpair ? Case{1, 6144, 4096, false, false, 0, false, 0, true} : mma_cases[j];
