@@ -135,6 +135,12 @@ SHAPES = [
     # M = 1 with long rows and more 16-row tiles than 8-warp CTA slots (282 on 264): the
     # wide kernel in K pairs, 8-row tiles (KPairUnits in ffi/nvfp4_kernels.cuh).
     (1, 4500, 8192),
+    # At M = 8 on a 132-SM Hopper GPU: the general kernel on 4-warp CTAs at U = 4 (640
+    # tiles) and on 12-warp CTAs (384 tiles; GemvShapeFor), and the wide kernel on one
+    # 16-warp CTA an SM (90 KB of staged activations; WideXsOneCta).
+    (8, 10240, 5120),
+    (8, 6144, 4096),
+    (8, 16000, 5120),
 ]
 
 
