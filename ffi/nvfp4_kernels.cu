@@ -60,8 +60,8 @@ bool UseWideFor(const KParams& kp) {
     if (device >= 0 && device < 64) sm_count[device] = sms;
   }
   const int64_t tiles = WideTiles(kp.N, false);  // 16-row tiles
-  // resident wide CTAs (registers; 8-warp CTAs: one of 16 warps where WideXsOneCta, whose
-  // rows this rule then counts as twice the CTAs, the conservative side)
+  // Resident wide CTAs: two of 8 warps an SM (registers). Where WideXsOneCta runs one of 16
+  // warps instead, each takes twice the tiles, so there the rule leans to the general kernel.
   const int64_t slots = 2 * static_cast<int64_t>(sms);
   return 4 * static_cast<int64_t>(kp.M) * slots <= 9 * tiles;
 }
