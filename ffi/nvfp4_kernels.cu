@@ -8,10 +8,9 @@
 namespace nvfp4 {
 namespace {
 
-// Library defaults (benchmarks/KERNEL_NOTES.md says how they were chosen).
-constexpr int kPipeline = 2;  // sub-steps in flight per warp
-constexpr int kWarps = 8;     // warps per CTA (split K)
-constexpr int kWidePipeline = 2;  // the same for the wide path (K % 256 == 0)
+// Library defaults (benchmarks/KERNEL_NOTES.md says how they were chosen); the general
+// kernel's, kGemvPipeline and kGemvWarps, are in nvfp4_kernels.cuh.
+constexpr int kWidePipeline = 2;  // sub-steps in flight per warp, wide path (K % 256 == 0)
 constexpr int kWideWarps = 8;
 
 bool Aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) % a) == 0; }
@@ -92,7 +91,7 @@ cudaError_t LaunchGemv(const GemvArgs& a, cudaStream_t stream, int variant) {
   }
   if ((variant == 0 || variant == 2) && UseWideFor(kp))
     return LaunchWideDefault<kWidePipeline, kWideWarps>(kp, stream);
-  return LaunchGemvFit<kPipeline, kWarps>(kp, UseVec16(a), stream);
+  return LaunchGemvFit<kGemvPipeline, kGemvWarps>(kp, UseVec16(a), stream);
 }
 
 cudaError_t LaunchQuantizeActivations(const void* x, const float* input_scale, bool per_row,

@@ -549,9 +549,30 @@ int GemvSlots(const KParams& kp) {
   return PersistentSlots(kernel, W * 32);
 }
 
+// The general kernel's library defaults: sub-steps in flight per warp, warps per CTA (split K).
+constexpr int kGemvPipeline = 2;
+constexpr int kGemvWarps = 8;
+
 // The general kernel's CTA shapes at 2 < M <= 8 (LaunchGemvFit), for the library's U and W:
 // W / 2 warps with 2U sub-steps in flight (the same loads in flight a CTA), W, 3W / 2 and 2W
-// warps with U. Returns the index (0..3) of the shape to launch:
+// warps with U.
+struct GemvDims {
+  int u, w;  // sub-steps in flight per warp, warps per CTA
+};
+template <int U, int W>
+constexpr GemvDims kGemvShapes[4] = {{2 * U, W / 2}, {U, W}, {U, 3 * W / 2}, {U, 2 * W}};
+
+template <int VEC, int U, int W, int I>
+int GemvShapeSlots(const KParams& kp) {
+  return GemvSlots<VEC, kGemvShapes<U, W>[I].u, kGemvShapes<U, W>[I].w>(kp);
+}
+
+template <int VEC, int U, int W, int I>
+cudaError_t LaunchGemvShapeAt(const KParams& kp, cudaStream_t stream) {
+  return LaunchOne<VEC, 1, kGemvShapes<U, W>[I].u, kGemvShapes<U, W>[I].w>(kp, true, stream);
+}
+
+// GemvShapeFor returns the index (0..3) in kGemvShapes<U, W> of the shape to launch:
 //  * of the shapes whose resident CTAs hold every tile at once (one round), the one with the
 //    fewest sub-steps a warp (ties: fewer warps);
 //  * if none does, the shortest critical path, rounds of the persistent grid times sub-steps a
@@ -570,9 +591,8 @@ int GemvSlots(const KParams& kp) {
 // M = 3, 5, 6 and 7 take the rule unmeasured, as do shapes no shape holds in one round.
 template <int VEC, int U, int W>
 int GemvShapeFor(const KParams& kp) {
-  const int slots[4] = {GemvSlots<VEC, 2 * U, W / 2>(kp), GemvSlots<VEC, U, W>(kp),
-                        GemvSlots<VEC, U, 3 * W / 2>(kp), GemvSlots<VEC, U, 2 * W>(kp)};
-  const int warps[4] = {W / 2, W, 3 * W / 2, 2 * W};
+  const int slots[4] = {GemvShapeSlots<VEC, U, W, 0>(kp), GemvShapeSlots<VEC, U, W, 1>(kp),
+                        GemvShapeSlots<VEC, U, W, 2>(kp), GemvShapeSlots<VEC, U, W, 3>(kp)};
   const int64_t tiles = (kp.N + 15) / 16;
   const int64_t steps = (kp.K + 8 * VEC - 1) / (8 * VEC);
   for (const int s : slots)
@@ -580,7 +600,8 @@ int GemvShapeFor(const KParams& kp) {
   int best = -1;
   int64_t best_steps = 0;
   for (int i = 0; i < 4; ++i) {
-    const int64_t st = (steps + warps[i] - 1) / warps[i];
+    const int w = kGemvShapes<U, W>[i].w;
+    const int64_t st = (steps + w - 1) / w;
     if (tiles <= slots[i] && (best < 0 || st < best_steps)) {
       best = i;
       best_steps = st;
@@ -588,7 +609,7 @@ int GemvShapeFor(const KParams& kp) {
   }
   if (best >= 0) return best;
   for (int i = 0; i < 4; ++i) {
-    const int64_t cu = CriticalUnits(tiles, slots[i], steps, warps[i]);
+    const int64_t cu = CriticalUnits(tiles, slots[i], steps, kGemvShapes<U, W>[i].w);
     if (best < 0 || cu < best_steps) {
       best = i;
       best_steps = cu;
@@ -601,13 +622,13 @@ template <int VEC, int U, int W>
 cudaError_t LaunchGemvShape(const KParams& kp, int shape, cudaStream_t stream) {
   switch (shape) {
     case 0:
-      return LaunchOne<VEC, 1, 2 * U, W / 2>(kp, true, stream);
+      return LaunchGemvShapeAt<VEC, U, W, 0>(kp, stream);
     case 2:
-      return LaunchOne<VEC, 1, U, 3 * W / 2>(kp, true, stream);
+      return LaunchGemvShapeAt<VEC, U, W, 2>(kp, stream);
     case 3:
-      return LaunchOne<VEC, 1, U, 2 * W>(kp, true, stream);
+      return LaunchGemvShapeAt<VEC, U, W, 3>(kp, stream);
     default:
-      return LaunchOne<VEC, 1, U, W>(kp, true, stream);
+      return LaunchGemvShapeAt<VEC, U, W, 1>(kp, stream);
   }
 }
 

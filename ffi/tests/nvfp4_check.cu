@@ -734,22 +734,22 @@ int Bench(int reps) {
     const float one = 1.f;
     CK(cudaMemcpy(ws, &one, 4, cudaMemcpyHostToDevice));
     for (int M : msz) {
-      if (g_only) {  // the library's CTA shape where the general kernel serves (kPipeline 2, kWarps 8)
-        nvfp4::GemvArgs a;
-        a.x = x;
-        a.codes = cw[0];
-        a.scales = sw[0];
-        a.wscale = ws;
-        a.y = y;
-        a.M = M;
-        a.N = sh.N;
-        a.K = sh.K;
-        const nvfp4::KParams kp = nvfp4::ToKParams(a);
-        if (!nvfp4::UseWide(a)) {
-          const int i = nvfp4::UseVec16(a) ? nvfp4::GemvShapeFor<16, 2, 8>(kp) : nvfp4::GemvShapeFor<8, 2, 8>(kp);
-          std::printf("%-13s %3d lib: general kernel, %d warps, U = %d\n", sh.name, M, (i + 1) * 4,
-                      i == 0 ? 4 : 2);
-        }
+      nvfp4::GemvArgs args;  // layer 0's weights; the timed loop swaps in layer l's
+      args.x = x;
+      args.codes = cw[0];
+      args.scales = sw[0];
+      args.wscale = ws;
+      args.y = y;
+      args.M = M;
+      args.N = sh.N;
+      args.K = sh.K;
+      if (g_only && !nvfp4::UseWide(args)) {  // the library's CTA shape for the general kernel
+        constexpr int U = nvfp4::kGemvPipeline, W = nvfp4::kGemvWarps;
+        const nvfp4::KParams kp = nvfp4::ToKParams(args);
+        const int i = nvfp4::UseVec16(args) ? nvfp4::GemvShapeFor<16, U, W>(kp)
+                                            : nvfp4::GemvShapeFor<8, U, W>(kp);
+        std::printf("%-13s %3d lib: general kernel, %d warps, U = %d\n", sh.name, M,
+                    nvfp4::kGemvShapes<U, W>[i].w, nvfp4::kGemvShapes<U, W>[i].u);
       }
       std::vector<Variant> vs(std::begin(kVariants), std::end(kVariants));
       vs.insert(vs.end(), std::begin(kBenchNormVariants), std::end(kBenchNormVariants));
@@ -757,15 +757,9 @@ int Bench(int reps) {
       for (const Variant& v : vs) {
         const double us = GraphMedianMs(st, reps, [&](cudaStream_t s) {
                             for (int l = 0; l < L; ++l) {
-                              nvfp4::GemvArgs a;
-                              a.x = x;
+                              nvfp4::GemvArgs a = args;
                               a.codes = cw[l];
                               a.scales = sw[l];
-                              a.wscale = ws;
-                              a.y = y;
-                              a.M = M;
-                              a.N = sh.N;
-                              a.K = sh.K;
                               CK(v.fn(a, s));
                             }
                           }) * 1e3 / L;
