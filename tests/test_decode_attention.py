@@ -268,6 +268,8 @@ def test_build_model_option_and_default_order():
         (4, 16, 8, 128, 300, True),  # Qwen3-0.6B / 1.7B: G = 2
         (2, 10, 2, 64, 129, True),  # G = 5, head width 64
         (16, 12, 2, 128, 1000, False),
+        (2, 32, 8, 128, 1025, True),  # 17 chunks: the combine's second batch of 16
+        (3, 16, 4, 64, 2100, True),  # 33 chunks: three batches, the max rising across them
     ],
 )
 def test_cuda_matches_float64_reference(b, hq, hkv, d, t, qk_norm):

@@ -218,7 +218,14 @@ int main(int argc, char** argv) {
       {2, 8, 8, 128, 2, 190, 1, true},    {5, 8, 8, 128, 1, 70, 0, true},
       {6, 8, 4, 64, 2, 257, 1, true},
   };
-  if (!quick) cases.push_back({16, 12, 2, 128, 2, 1000, 1, false});
+  // The combine's batches of 16 chunks: exactly 16 (position 1023), 17, and 33 chunks (three
+  // batches, the last of one chunk; row 1 at position 0, one chunk).
+  cases.push_back({2, 32, 8, 128, 1, 1025, 0, true});
+  if (!quick) {
+    cases.push_back({16, 12, 2, 128, 2, 1000, 1, false});
+    cases.push_back({1, 32, 8, 128, 1, 1024, 0, true});
+    cases.push_back({3, 16, 4, 64, 2, 2100, 1, true});
+  }
   int failed = 0;
   double worst = 0;
   for (size_t i = 0; i < cases.size(); ++i) failed += !Run(cases[i], 77 + uint32_t(i), &worst);
