@@ -95,9 +95,17 @@ size_t ScratchRoundUp(size_t bytes) {
   return (bytes + kAlign - 1) / kAlign * kAlign;
 }
 
-int DefaultPdlEdges(int64_t M) {
-  return M <= 2 ? kPdlO | kPdlGateUp | kPdlSwiGlu | kPdlDown
-                : kPdlAttention | kPdlAttnCombine | kPdlO | kPdlGateUp;
+int DefaultPdlEdges(const DecoderLayerArgs& a) {
+  if (a.M <= 2) return kPdlO | kPdlGateUp | kPdlSwiGlu | kPdlDown;
+  int edges = kPdlAttention | kPdlAttnCombine | kPdlO | kPdlGateUp;
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess) {
+    // The down GEMV's operands as LaunchDecoderLayer passes them (act is in the scratch).
+    const int packed = nvfp4::GemvPackedSms(Gemv(a.down, a.scratch, a.h_out, a.M, a.D, a.F, true));
+    if (packed > 0 && 10 * packed >= 9 * sms) edges |= kPdlDown;
+  }
+  return edges;
 }
 
 size_t DecoderLayerScratchBytes(int64_t M, int64_t D, int64_t F, int64_t Hq, int64_t Hkv,
@@ -135,7 +143,7 @@ cudaError_t LaunchDecoderLayer(const DecoderLayerArgs& a, cudaStream_t stream) {
   int device = 0;
   if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
   const bool pdl_on = a.pdl && rjpdl::DeviceSupportsPdl(device);
-  const int edges = a.pdl_edges < 0 ? DefaultPdlEdges(a.M) : a.pdl_edges;
+  const int edges = a.pdl_edges < 0 ? DefaultPdlEdges(a) : a.pdl_edges;
   auto pdlb = [&](int bit) { return pdl_on && ((edges >> bit) & 1); };
   const int64_t M = a.M, D = a.D, F = a.F, Hq = a.attn.Hq, Hkv = a.attn.Hkv, Dh = a.attn.D;
   const Layout l = MakeLayout(M, D, F, Hq, Hkv, Dh, a.attn.T);

@@ -60,7 +60,7 @@ struct DecoderLayerArgs {
   size_t scratch_bytes = 0;
   bool pdl = false;         // programmatic dependent launches inside the layer (sm_90+)
   int pdl_edges = -1;       // which kernels are launched as dependents (kPdl* bits);
-                            // -1: DefaultPdlEdges(M)
+                            // -1: DefaultPdlEdges(*this)
   bool pdl_first = false;   // the layer's first kernel too: only when the kernel before it
                             // on the stream follows the rules of pdl.cuh (a previous layer)
 };
@@ -77,8 +77,11 @@ constexpr int kPdlAttnCombine = 32;  // the attention combine kernel alone (afte
 // the attention kernels at M > 2 only (the tensor-core partial kernel, eighth session:
 // -2.2 / -2.1 us a layer at M = 8, position 384, 8B / 32B; at M = 1 +3 us: a dependent
 // small grid lands on the first SMs that free up and loses its spread), the combine alone
-// never at M <= 2 (+2.4 us for 32B), down only at M <= 2.
-int DefaultPdlEdges(int64_t M);
+// never at M <= 2 (+2.4 us for 32B). Down at M <= 2; at M > 2 where its general-kernel CTAs
+// packed onto the fewest SMs still cover 9 in 10 of them (nvfp4::GemvPackedSms; H200,
+// twenty-first session, M = 8: Qwen3-8B down, 256 CTAs of 16 warps two an SM, 128 of 132
+// SMs, -1.7 us a layer; 32B down, 320 CTAs of 12 warps three an SM, 107 SMs, +0.6).
+int DefaultPdlEdges(const DecoderLayerArgs& a);
 
 // Sizes inside the scratch are rounded up to 256 bytes (so each intermediate starts
 // aligned); callers laying out more buffers beside it use the same rounding.

@@ -69,6 +69,44 @@ bool UseWideFor(const KParams& kp) {
 
 bool UseWide(const GemvArgs& a) { return UseWideFor(ToKParams(a)); }
 
+namespace {
+template <int VEC>
+int GemvShapeSlotsAt(const KParams& kp, int shape) {
+  constexpr int U = kGemvPipeline, W = kGemvWarps;
+  switch (shape) {
+    case 0:
+      return GemvShapeSlots<VEC, U, W, 0>(kp);
+    case 2:
+      return GemvShapeSlots<VEC, U, W, 2>(kp);
+    case 3:
+      return GemvShapeSlots<VEC, U, W, 3>(kp);
+    default:
+      return GemvShapeSlots<VEC, U, W, 1>(kp);
+  }
+}
+}  // namespace
+
+int GemvPackedSms(const GemvArgs& a) {
+  if (a.M <= 2 || a.M > 8 || GemvUnsupportedReason(a) != nullptr) return 0;
+  const KParams kp = ToKParams(a);
+  if (UseWideFor(kp)) return 0;
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms < 1)
+    return 0;
+  constexpr int U = kGemvPipeline, W = kGemvWarps;
+  const bool vec16 = UseVec16(a);
+  const int shape = vec16 ? GemvShapeFor<16, U, W>(kp) : GemvShapeFor<8, U, W>(kp);
+  const int slots = vec16 ? GemvShapeSlotsAt<16>(kp, shape) : GemvShapeSlotsAt<8>(kp, shape);
+  const int per_sm = slots / sms;
+  if (per_sm < 1) return 0;
+  // The grid LaunchOne makes (PersistentGrid): a tile a CTA in one round, else spread evenly.
+  const int tiles = (kp.N + 15) / 16;
+  const int rounds = (tiles + slots - 1) / slots;
+  const int ctas = (tiles + rounds - 1) / rounds;
+  return (ctas + per_sm - 1) / per_sm;
+}
+
 bool GemvSwiGluSupported(const GemvArgs& a) {
   return a.N % 16 == 0 && GemvUnsupportedReason(a) == nullptr && UseWideFor(ToKParams(a));
 }

@@ -76,6 +76,13 @@ bool UseVec16(const GemvArgs& a);
 // tiles (see nvfp4_kernels.cu).
 bool UseWide(const GemvArgs& a);
 
+// The general kernel's launch at 2 < M <= 8 (LaunchGemv, variant 0, in GemvShapeFor's CTA
+// shape), packed: its CTAs on as few SMs as hold them, ceil(CTAs / CTAs an SM). A
+// programmatic dependent launch can leave it so, its CTAs landing on the SMs the kernel
+// before frees first (rjlayer::DefaultPdlEdges). 0 where the call takes the wide path, M is
+// outside 3..8, or an occupancy query fails.
+int GemvPackedSms(const GemvArgs& a);
+
 // W4A4 activation quantizer (the format's quantize_activations, bit for bit):
 // per 16-element block along K, s = e4m3_rne(clip(amax / (6 g), 0, 448)) (0 -> 1),
 // code = e2m1_rne(x / (s g)).  Writes xhat = e2m1(code) * s as bf16 (exact) and
