@@ -96,7 +96,7 @@ size_t ScratchRoundUp(size_t bytes) {
 }
 
 int DefaultPdlEdges(const DecoderLayerArgs& a) {
-  if (a.M <= 2) return kPdlO | kPdlGateUp | kPdlSwiGlu | kPdlDown;
+  if (a.M <= 2) return kPdlAttention | kPdlO | kPdlGateUp | kPdlSwiGlu | kPdlDown;
   int edges = kPdlAttention | kPdlAttnCombine | kPdlO | kPdlGateUp;
   int device = 0, sms = 0;
   if (cudaGetDevice(&device) == cudaSuccess &&

@@ -73,14 +73,19 @@ constexpr int kPdlSwiGlu = 8;     // (no such kernel where SwiGLU runs in the ga
 constexpr int kPdlDown = 16;
 constexpr int kPdlAttnCombine = 32;  // the attention combine kernel alone (after its partial)
 
-// The measured choice (H100, Qwen3-8B / 32B layer chains; benchmarks/KERNEL_NOTES.md):
-// the attention kernels at M > 2 only (the tensor-core partial kernel, eighth session:
-// -2.2 / -2.1 us a layer at M = 8, position 384, 8B / 32B; at M = 1 +3 us: a dependent
-// small grid lands on the first SMs that free up and loses its spread), the combine alone
-// never at M <= 2 (+2.4 us for 32B). Down at M <= 2; at M > 2 where its general-kernel CTAs
-// packed onto the fewest SMs still cover 9 in 10 of them (nvfp4::GemvPackedSms; H200,
-// twenty-first session, M = 8: Qwen3-8B down, 256 CTAs of 16 warps two an SM, 128 of 132
-// SMs, -1.7 us a layer; 32B down, 320 CTAs of 12 warps three an SM, 107 SMs, +0.6).
+// The measured choice (Qwen3-8B / 32B layer chains; benchmarks/KERNEL_NOTES.md):
+// * both attention kernels (kPdlAttention) as dependents at every M: at M = 8 since the eighth
+//   session (H100, -2.2 / -2.1 us a layer, 8B / 32B); at M = 1 since the twenty-first (H200,
+//   position 640: -1.3 / +0.2 us). On the H100 in the eighth session, with the kernels of
+//   then, M = 1 had measured +3 us: a dependent's CTAs land on the first SMs that free up and
+//   can lose their spread. Not re-measured on an H100;
+// * the combine alone (kPdlAttnCombine, the partial launched plainly; redundant where
+//   kPdlAttention is set): +2.4 us for 32B at M = 1 in the seventh session, -0.5 / +0.1 in the
+//   twenty-first (H200);
+// * down at M <= 2; at M > 2 where its general-kernel CTAs packed onto the fewest SMs still
+//   cover 9 in 10 of them (nvfp4::GemvPackedSms; H200, twenty-first session, M = 8: Qwen3-8B
+//   down, 256 CTAs of 16 warps two an SM, 128 of 132 SMs, -1.7 us a layer; 32B down, 320
+//   CTAs of 12 warps three an SM, 107 SMs, +0.6).
 int DefaultPdlEdges(const DecoderLayerArgs& a);
 
 // Sizes inside the scratch are rounded up to 256 bytes (so each intermediate starts

@@ -40,7 +40,7 @@ from reset_jax.nvfp4.fused import add_rms_norm_matmul
 IMPLEMENTATIONS = ("cuda", "xla")
 MAX_M = 16
 # Bits of ``pdl_edges`` (decoder_layer.h): which kernel is launched as a dependent of the
-# one before it.  None picks the measured default for the row count.
+# one before it.  None picks the measured default for the row count and shapes.
 PDL_ATTENTION, PDL_O, PDL_GATE_UP, PDL_SWIGLU, PDL_DOWN = 1, 2, 4, 8, 16
 _BF16 = np.dtype(jnp.bfloat16)
 
