@@ -82,10 +82,11 @@ constexpr int kPdlAttnCombine = 32;  // the attention combine kernel alone (afte
 // * the combine alone (kPdlAttnCombine, the partial launched plainly; redundant where
 //   kPdlAttention is set): +2.4 us for 32B at M = 1 in the seventh session, -0.5 / +0.1 in the
 //   twenty-first (H200);
-// * down at M <= 2; at M > 2 where its general-kernel CTAs packed onto the fewest SMs still
-//   cover 9 in 10 of them (nvfp4::GemvPackedSms; H200, twenty-first session, M = 8: Qwen3-8B
-//   down, 256 CTAs of 16 warps two an SM, 128 of 132 SMs, -1.7 us a layer; 32B down, 320
-//   CTAs of 12 warps three an SM, 107 SMs, +0.6).
+// * down at M <= 2; at 2 < M <= 8 only where it runs the general kernel and its CTAs, packed
+//   onto the fewest SMs, still cover 9 in 10 of them (nvfp4::GemvPackedSms; H200,
+//   twenty-first session, M = 8: Qwen3-8B down, 256 CTAs of 16 warps two an SM, 128 of 132
+//   SMs, -1.7 us a layer; 32B down, 320 CTAs of 12 warps three an SM, 107 SMs, +0.6). M = 3..7
+//   take the rule unmeasured; never at M > 8.
 int DefaultPdlEdges(const DecoderLayerArgs& a);
 
 // Sizes inside the scratch are rounded up to 256 bytes (so each intermediate starts

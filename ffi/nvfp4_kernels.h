@@ -79,8 +79,8 @@ bool UseWide(const GemvArgs& a);
 // The general kernel's launch at 2 < M <= 8 (LaunchGemv, variant 0, in GemvShapeFor's CTA
 // shape), packed: its CTAs on as few SMs as hold them, ceil(CTAs / CTAs an SM). A
 // programmatic dependent launch can leave it so, its CTAs landing on the SMs the kernel
-// before frees first (rjlayer::DefaultPdlEdges). 0 where the call takes the wide path, M is
-// outside 3..8, or an occupancy query fails.
+// before frees first (rjlayer::DefaultPdlEdges). 0 where GemvUnsupportedReason rejects the
+// arguments, the call takes the wide path, M is outside 3..8, or an occupancy query fails.
 int GemvPackedSms(const GemvArgs& a);
 
 // W4A4 activation quantizer (the format's quantize_activations, bit for bit):
