@@ -236,9 +236,8 @@ int main(int argc, char** argv) {
   };
   // The combine's batches of 16 chunks: 33 chunks (three batches, the last of one chunk; row 1
   // at position 0, one chunk), where the case requires a later batch to raise some head's
-  // running max (the online rescale; with seed 93, 11 (row, query head) pairs do in a host replay
-  // of the reference), exactly 16 chunks
-  // (position 1023) and 17.
+  // running max (the online rescale; with seed 93, 11 (row, query head) pairs do in a host
+  // replay of the reference), exactly 16 chunks (position 1023) and 17.
   cases.push_back({3, 16, 4, 64, 2, 2100, 1, true, 93, true});
   if (!quick) {
     cases.push_back({16, 12, 2, 128, 2, 1000, 1, false});
@@ -247,7 +246,10 @@ int main(int argc, char** argv) {
   }
   int failed = 0;
   double worst = 0;
-  for (size_t i = 0; i < cases.size(); ++i) failed += !Run(cases[i], cases[i].seed ? cases[i].seed : 77 + uint32_t(i), &worst);
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const uint32_t seed = cases[i].seed ? cases[i].seed : 77 + uint32_t(i);
+    failed += !Run(cases[i], seed, &worst);
+  }
   std::printf("attention check: %zu cases, %d failed, worst rel_err %.2e\n", cases.size(), failed,
               worst);
   return failed ? 1 : 0;
