@@ -96,8 +96,9 @@ size_t ScratchRoundUp(size_t bytes) {
 }
 
 int DefaultPdlEdges(const DecoderLayerArgs& a) {
-  if (a.M <= 2) return kPdlAttention | kPdlO | kPdlGateUp | kPdlSwiGlu | kPdlDown;
-  int edges = kPdlAttention | kPdlAttnCombine | kPdlO | kPdlGateUp;
+  // kPdlAttention makes both attention kernels dependents (kPdlAttnCombine is then redundant).
+  int edges = kPdlAttention | kPdlO | kPdlGateUp;
+  if (a.M <= 2) return edges | kPdlSwiGlu | kPdlDown;
   int device = 0, sms = 0;
   if (cudaGetDevice(&device) == cudaSuccess &&
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess) {

@@ -46,18 +46,26 @@ bool UseVec16(const GemvArgs& a) {
 // and whenever the activations do not fit in shared memory.
 namespace {
 
-bool UseWideFor(const KParams& kp) {
-  if (!WideOk(kp) || !WideXs(kp)) return false;
-  if (kp.M <= 2) return true;
+// The current device's SM count (0 if a query fails), cached per device; a race only repeats
+// the query.
+int SmCount() {
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  static int sm_count[64] = {};  // per device; a race only repeats the query
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  static int sm_count[64] = {};
   int sms = device >= 0 && device < 64 ? sm_count[device] : 0;
   if (sms == 0) {
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-      return false;
+      return 0;
     if (device >= 0 && device < 64) sm_count[device] = sms;
   }
+  return sms;
+}
+
+bool UseWideFor(const KParams& kp) {
+  if (!WideOk(kp) || !WideXs(kp)) return false;
+  if (kp.M <= 2) return true;
+  const int sms = SmCount();
+  if (sms < 1) return false;
   const int64_t tiles = WideTiles(kp.N, false);  // 16-row tiles
   // Resident wide CTAs: two of 8 warps an SM (registers). Where WideXsOneCta runs one of 16
   // warps instead, each takes twice the tiles, so there the rule leans to the general kernel.
@@ -69,41 +77,22 @@ bool UseWideFor(const KParams& kp) {
 
 bool UseWide(const GemvArgs& a) { return UseWideFor(ToKParams(a)); }
 
-namespace {
-template <int VEC>
-int GemvShapeSlotsAt(const KParams& kp, int shape) {
-  constexpr int U = kGemvPipeline, W = kGemvWarps;
-  switch (shape) {
-    case 0:
-      return GemvShapeSlots<VEC, U, W, 0>(kp);
-    case 2:
-      return GemvShapeSlots<VEC, U, W, 2>(kp);
-    case 3:
-      return GemvShapeSlots<VEC, U, W, 3>(kp);
-    default:
-      return GemvShapeSlots<VEC, U, W, 1>(kp);
-  }
-}
-}  // namespace
-
 int GemvPackedSms(const GemvArgs& a) {
   if (a.M <= 2 || a.M > 8 || GemvUnsupportedReason(a) != nullptr) return 0;
   const KParams kp = ToKParams(a);
   if (UseWideFor(kp)) return 0;
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms < 1)
-    return 0;
+  const int sms = SmCount();
+  if (sms < 1) return 0;
   constexpr int U = kGemvPipeline, W = kGemvWarps;
-  const bool vec16 = UseVec16(a);
-  const int shape = vec16 ? GemvShapeFor<16, U, W>(kp) : GemvShapeFor<8, U, W>(kp);
-  const int slots = vec16 ? GemvShapeSlotsAt<16>(kp, shape) : GemvShapeSlotsAt<8>(kp, shape);
+  int slots = 0;
+  if (UseVec16(a)) {
+    GemvShapeFor<16, U, W>(kp, &slots);
+  } else {
+    GemvShapeFor<8, U, W>(kp, &slots);
+  }
   const int per_sm = slots / sms;
   if (per_sm < 1) return 0;
-  // The grid LaunchOne makes (PersistentGrid): a tile a CTA in one round, else spread evenly.
-  const int tiles = (kp.N + 15) / 16;
-  const int rounds = (tiles + slots - 1) / slots;
-  const int ctas = (tiles + rounds - 1) / rounds;
+  const int ctas = SpreadGrid((kp.N + 15) / 16, slots);  // LaunchOne's grid (PersistentGrid)
   return (ctas + per_sm - 1) / per_sm;
 }
 

@@ -502,12 +502,17 @@ int PersistentSlots(Kernel kernel, int threads) {
 
 // Grid size for a persistent launch: enough CTAs to fill the GPU once, spread so
 // that every CTA gets the same number of tiles (to within one).
-template <typename Kernel>
-int PersistentGrid(Kernel kernel, int threads, int tiles) {
-  const int slots = PersistentSlots(kernel, threads);
+// A persistent grid over `tiles` with `slots` resident CTAs: a tile a CTA where they fit in
+// one round (or slots is unknown, < 1), else the fewest rounds with the tiles spread evenly.
+inline int SpreadGrid(int tiles, int slots) {
   if (slots < 1 || tiles <= slots) return tiles;
   const int rounds = (tiles + slots - 1) / slots;
   return (tiles + rounds - 1) / rounds;
+}
+
+template <typename Kernel>
+int PersistentGrid(Kernel kernel, int threads, int tiles) {
+  return SpreadGrid(tiles, PersistentSlots(kernel, threads));
 }
 
 // Host-side launch of one configuration (U sub-steps in flight, W warps per CTA).
@@ -572,27 +577,9 @@ cudaError_t LaunchGemvShapeAt(const KParams& kp, cudaStream_t stream) {
   return LaunchOne<VEC, 1, kGemvShapes<U, W>[I].u, kGemvShapes<U, W>[I].w>(kp, true, stream);
 }
 
-// GemvShapeFor returns the index (0..3) in kGemvShapes<U, W> of the shape to launch:
-//  * of the shapes whose resident CTAs hold every tile at once (one round), the one with the
-//    fewest sub-steps a warp (ties: fewer warps);
-//  * if none does, the shortest critical path, rounds of the persistent grid times sub-steps a
-//    warp (CriticalUnits; ties: fewer warps);
-//  * W (index 1) if an occupancy query fails.
-// Measured in isolation on an H200 at M = 4 and 8 (RESULTS.md runs U6, V3), us at M = 8, the
-// choice first (slots of 4 / 8 / 12 / 16 warps: 660 / 528 / 396 / 264 with 16-byte loads):
-//  * Qwen3-8B qkv (384 tiles): 12 warps 9.6; 8 warps 10.4, 16 warps 11.6 (two rounds);
-//  * 8B o (256 tiles): 16 warps 7.6; 12 warps 7.7, 8 warps 8.3;
-//  * 8B down (256 tiles, 96 sub-steps a row): 16 warps 16.9; 12 warps 17.7, 8 warps 20.6;
-//  * 32B qkv (640 tiles: only 4 warps hold them all): 4 warps 17.6; 12 warps 19.1 (two
-//    rounds, the shortest critical path), 16 warps 19.7 (three), 8 warps 20.3 (two). One
-//    round beats the critical path here: the tail of a second round goes away;
-//  * 32B o (320 tiles): 12 warps 15.2; 8 warps 17.0, 16 warps 19.3 (two rounds);
-//  * 32B down (320 tiles, 200 sub-steps a row): 12 warps 41.3; 8 warps 45.1, 16 warps 54.0.
-// M = 3, 5, 6 and 7 take the rule unmeasured, as do shapes no shape holds in one round.
+// GemvShapeFor's rule on the four shapes' resident CTAs (slots, in kGemvShapes order).
 template <int VEC, int U, int W>
-int GemvShapeFor(const KParams& kp) {
-  const int slots[4] = {GemvShapeSlots<VEC, U, W, 0>(kp), GemvShapeSlots<VEC, U, W, 1>(kp),
-                        GemvShapeSlots<VEC, U, W, 2>(kp), GemvShapeSlots<VEC, U, W, 3>(kp)};
+int GemvShapePick(const KParams& kp, const int (&slots)[4]) {
   const int64_t tiles = (kp.N + 15) / 16;
   const int64_t steps = (kp.K + 8 * VEC - 1) / (8 * VEC);
   for (const int s : slots)
@@ -615,6 +602,33 @@ int GemvShapeFor(const KParams& kp) {
       best_steps = cu;
     }
   }
+  return best;
+}
+
+// GemvShapeFor returns the index (0..3) in kGemvShapes<U, W> of the shape to launch:
+//  * of the shapes whose resident CTAs hold every tile at once (one round), the one with the
+//    fewest sub-steps a warp (ties: fewer warps);
+//  * if none does, the shortest critical path, rounds of the persistent grid times sub-steps a
+//    warp (CriticalUnits; ties: fewer warps);
+//  * W (index 1) if an occupancy query fails.
+// shape_slots, if given, receives the chosen shape's resident CTAs (0 if its query failed).
+// Measured in isolation on an H200 at M = 4 and 8 (RESULTS.md runs U6, V3), us at M = 8, the
+// choice first (slots of 4 / 8 / 12 / 16 warps: 660 / 528 / 396 / 264 with 16-byte loads):
+//  * Qwen3-8B qkv (384 tiles): 12 warps 9.6; 8 warps 10.4, 16 warps 11.6 (two rounds);
+//  * 8B o (256 tiles): 16 warps 7.6; 12 warps 7.7, 8 warps 8.3;
+//  * 8B down (256 tiles, 96 sub-steps a row): 16 warps 16.9; 12 warps 17.7, 8 warps 20.6;
+//  * 32B qkv (640 tiles: only 4 warps hold them all): 4 warps 17.6; 12 warps 19.1 (two
+//    rounds, the shortest critical path), 16 warps 19.7 (three), 8 warps 20.3 (two). One
+//    round beats the critical path here: the tail of a second round goes away;
+//  * 32B o (320 tiles): 12 warps 15.2; 8 warps 17.0, 16 warps 19.3 (two rounds);
+//  * 32B down (320 tiles, 200 sub-steps a row): 12 warps 41.3; 8 warps 45.1, 16 warps 54.0.
+// M = 3, 5, 6 and 7 take the rule unmeasured, as do shapes no shape holds in one round.
+template <int VEC, int U, int W>
+int GemvShapeFor(const KParams& kp, int* shape_slots = nullptr) {
+  const int slots[4] = {GemvShapeSlots<VEC, U, W, 0>(kp), GemvShapeSlots<VEC, U, W, 1>(kp),
+                        GemvShapeSlots<VEC, U, W, 2>(kp), GemvShapeSlots<VEC, U, W, 3>(kp)};
+  const int best = GemvShapePick<VEC, U, W>(kp, slots);
+  if (shape_slots) *shape_slots = slots[best];
   return best;
 }
 
@@ -1459,13 +1473,7 @@ cudaError_t LaunchWideOne(const KParams& kp, cudaStream_t stream) {
     if (cudaError_t e = WideSmemOptIn(reinterpret_cast<const void*>(kernel)); e != cudaSuccess)
       return e;
   }
-  const int tiles = WideTiles(kp.N, KP);
-  int grid = tiles;
-  const int slots = WideSlots<NT, U, W, XS, NORM, KP>(kp);
-  if (slots > 0 && tiles > slots) {
-    const int rounds = (tiles + slots - 1) / slots;
-    grid = (tiles + rounds - 1) / rounds;
-  }
+  const int grid = SpreadGrid(WideTiles(kp.N, KP), WideSlots<NT, U, W, XS, NORM, KP>(kp));
   return rjpdl::Launch(kernel, dim3(grid), dim3(W * 32), static_cast<size_t>(smem), stream,
                        kp.pdl, kp);
 }
