@@ -456,6 +456,54 @@ bool CheckAddNorm(int M, int K, uint64_t seed) {
   return ok;
 }
 
+// GemvPackedSms (DefaultPdlEdges' down edge at 2 < M <= 8) on the two Qwen3 down shapes at M = 8,
+// where the values were worked out on a 132-SM Hopper GPU (RESULTS.md W2): 8B, 256 tiles on
+// 16-warp CTAs two an SM -> 128 SMs; 32B, 320 tiles on 12-warp CTAs three an SM -> 107. Zero
+// where the general kernel does not serve: M = 1 and 9, and gate+up (the wide path).
+bool CheckPackedSms() {
+  int device = 0;
+  cudaDeviceProp prop;
+  CK(cudaGetDevice(&device));
+  CK(cudaGetDeviceProperties(&prop, device));
+  void *x, *y, *codes, *scales;
+  float* ws;
+  CK(cudaMalloc(&x, 16 * 25600 * 2));
+  CK(cudaMalloc(&y, 16 * 51200 * 2));
+  CK(cudaMalloc(&codes, 256));
+  CK(cudaMalloc(&scales, 256));
+  CK(cudaMalloc(&ws, 4));
+  auto packed = [&](int M, int N, int K) {  // shapes only: no launch reads the buffers
+    nvfp4::GemvArgs a;
+    a.x = x;
+    a.codes = static_cast<uint8_t*>(codes);
+    a.scales = static_cast<uint8_t*>(scales);
+    a.wscale = ws;
+    a.y = y;
+    a.M = M;
+    a.N = N;
+    a.K = K;
+    return nvfp4::GemvPackedSms(a);
+  };
+  struct Want {
+    int M, N, K, sms;  // sms < 0: only on a 132-SM sm_90 GPU
+  };
+  const Want wants[] = {{8, 4096, 12288, -128}, {8, 5120, 25600, -107}, {1, 4096, 12288, 0},
+                        {9, 4096, 12288, 0},    {8, 24576, 4096, 0}};
+  const bool h132 = prop.major == 9 && prop.multiProcessorCount == 132;
+  bool ok = true;
+  for (const Want& w : wants) {
+    if (w.sms < 0 && !h132) continue;
+    const int got = packed(w.M, w.N, w.K);
+    const int want = w.sms < 0 ? -w.sms : w.sms;
+    std::printf("%s packed SMs M=%d N=%d K=%d: %d (want %d)\n", got == want ? "ok  " : "FAIL", w.M,
+                w.N, w.K, got, want);
+    ok = ok && got == want;
+  }
+  for (void* p : {x, y, codes, scales}) CK(cudaFree(p));
+  CK(cudaFree(ws));
+  return ok;
+}
+
 int Check(bool quick) {
   std::vector<Case> cases;
   const int ms[] = {1, 2, 3, 5, 8, 9, 12, 16};
@@ -641,6 +689,7 @@ int Check(bool quick) {
                 c.odd_scales ? " odd-scales" : "", c.add_norm, kpair ? " kpair forced" : "", err);
     failed += !ok;
   }
+  failed += !CheckPackedSms();
   std::printf("check: %zu cases + variants, %d failed, worst rel_err %.2e\n", cases.size(), failed,
               worst);
   return failed ? 1 : 0;
