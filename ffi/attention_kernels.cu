@@ -31,51 +31,56 @@ __device__ __forceinline__ float RoundBf16(float x) {
 
 __device__ __forceinline__ int ClampPos(int p, int T) { return min(max(p, 0), T - 1); }
 
-// Output element d of one query head from its nc chunk partials (max, sum, unnormalized
-// P.V at base + c * stride): sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c, in chunk
-// order.  Reads through L2 (the partials were written by the previous grid), kBatch chunks'
-// max, sum and value in one round trip: one round trip in all up to kBatch chunks
-// (position 1023), then one a batch, each batch merged online (the running sums rescaled
-// by e^(m_old - m_new) where a batch raises the max).  Up to kBatch chunks this is the
-// arithmetic of one chunk at a time against the global max, bit for bit.  (Before: 8
-// chunks a batch and two round trips for each batch after the first, a pass for the maxima
-// and one for the values: three round trips from position 512. Layer chain on an H200,
-// RESULTS.md run W2: -0.4 us an 8B layer at M = 1, position 640; -0.7 and -1.4 us an 8B and a
-// 32B layer at position 2000.)
-template <int D>
-__device__ __forceinline__ void CombineOne(const float* base, size_t stride, int nc, int d,
-                                           __nv_bfloat16* out) {
-  constexpr int kBatch = 16;
+// The running softmax merge of one output element over chunk partials (max, sum,
+// unnormalized P.V): m the running max, l the running sum e^(m_c - m) l_c, o the same of
+// acc_c.
+struct Merge {
   float m = -FLT_MAX, l = 0.f, o = 0.f;
-  for (int c0 = 0; c0 < nc; c0 += kBatch) {
-    float mv[kBatch], lv[kBatch], av[kBatch];
+};
+
+// Merges into r the chunks c0, c0 + 1, ... < nc of batches c0 = first, first + step, ...
+// (kCombineBatch chunks each) for element d of one query head (chunk c's partial at base +
+// c * stride).  Reads through L2 (the partials were written by the previous grid), a
+// batch's kCombineBatch maxima, sums and values in one round trip, and merges each batch
+// online: the running sums are rescaled by e^(m_old - m_new) where a batch raises the max.
+// Within one batch this is the arithmetic of one chunk at a time against the batch's max,
+// in chunk order.  (Before: 8 chunks a batch and two round trips for each batch after the
+// first, a pass for the maxima and one for the values: three round trips from position
+// 512. Layer chain on an H200, RESULTS.md run W2: -0.4 us an 8B layer at M = 1, position
+// 640; -0.7 and -1.4 us an 8B and a 32B layer at position 2000.)
+constexpr int kCombineBatch = 16;
+
+template <int D>
+__device__ __forceinline__ void CombineBatches(const float* base, size_t stride, int nc, int d,
+                                               int first, int step, Merge& r) {
+  for (int c0 = first; c0 < nc; c0 += step) {
+    float mv[kCombineBatch], lv[kCombineBatch], av[kCombineBatch];
 #pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
+    for (int j = 0; j < kCombineBatch; ++j) {
       const float* pc = base + (c0 + j) * stride;
       const bool in = c0 + j < nc;
       mv[j] = in ? __ldcg(pc + D) : -FLT_MAX;
       lv[j] = in ? __ldcg(pc + D + 1) : 0.f;
       av[j] = in ? __ldcg(pc + d) : 0.f;
     }
-    float mb = m;
+    float mb = r.m;
 #pragma unroll
-    for (int j = 0; j < kBatch; ++j) mb = fmaxf(mb, mv[j]);
-    if (c0 > 0 && mb != m) {  // rescale the running sums to the new max
-      const float r = expf(m - mb);
-      l *= r;
-      o *= r;
+    for (int j = 0; j < kCombineBatch; ++j) mb = fmaxf(mb, mv[j]);
+    if (r.l != 0.f && mb != r.m) {  // rescale the running sums to the new max
+      const float f = expf(r.m - mb);
+      r.l *= f;
+      r.o *= f;
     }
-    m = mb;
+    r.m = mb;
 #pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
+    for (int j = 0; j < kCombineBatch; ++j) {
       if (c0 + j < nc) {
-        const float w = expf(mv[j] - m);
-        l = fmaf(w, lv[j], l);
-        o = fmaf(w, av[j], o);
+        const float w = expf(mv[j] - r.m);
+        r.l = fmaf(w, lv[j], r.l);
+        r.o = fmaf(w, av[j], r.o);
       }
     }
   }
-  *out = __float2bfloat16_rn(o / l);
 }
 
 // One m16n8k16 bf16 tensor-core product with float32 accumulation: c += A B, A's rows 8..15
@@ -354,12 +359,21 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
   }
 }
 
-// One CTA of D threads per (query head, row): out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c.
-template <int D>
-__global__ void __launch_bounds__(D) AttnCombineKernel(DecodeAttentionArgs a) {
+// One CTA of kGroups x D threads per (query head, row): out = sum_c e^(m_c - M) acc_c /
+// sum_c e^(m_c - M) l_c.  Thread group j (D threads, one a dim) merges batches j, j +
+// kGroups, ... of kCombineBatch chunks (CombineBatches), so a long cache costs ceil(batches /
+// kGroups) serial L2 round trips instead of one a batch; then group 0 merges the groups'
+// results in group order through shared memory.  With one batch (up to 16 chunks, position
+// 1023) the groups past the first hold nothing and add exact zeros: the arithmetic is the
+// single group's, bit for bit.  The launch takes kGroups = 1 while the cache has at most
+// 16 chunks (T <= 1024), so short caches pay no barrier.  (Layer chain on an H200, M = 1,
+// RESULTS.md run X3: -2.2 / -2.8 us an 8B / 32B layer at position 4000, -5.0 / -5.1 at
+// 8000, unchanged at 640.)
+template <int D, int kGroups>
+__global__ void __launch_bounds__(D * kGroups) AttnCombineKernel(DecodeAttentionArgs a) {
   RJ_TIMELINE_SCOPE(6);
   rjpdl::PdlLaunchDependents();
-  const int qh = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
+  const int qh = blockIdx.x, b = blockIdx.y, d = threadIdx.x % D, grp = threadIdx.x / D;
   const int G = a.Hq / a.Hkv, h = qh / G, g = qh % G;
   const int C = NumChunks(a.T);
   const int nc = ClampPos(a.positions[b], a.T) / kChunk + 1;  // an input of the call
@@ -367,7 +381,35 @@ __global__ void __launch_bounds__(D) AttnCombineKernel(DecodeAttentionArgs a) {
   RJ_TIMELINE_WAITED();
   const size_t stride = size_t(G) * (D + 2);
   const float* base = a.partial + (size_t(b) * a.Hkv + h) * C * stride + size_t(g) * (D + 2);
-  CombineOne<D>(base, stride, nc, d, static_cast<__nv_bfloat16*>(a.out) + (size_t(b) * a.Hq + qh) * D + d);
+  Merge r;
+  CombineBatches<D>(base, stride, nc, d, grp * kCombineBatch, kGroups * kCombineBatch, r);
+  if constexpr (kGroups > 1) {
+    __shared__ float sm[kGroups - 1][D], sl[kGroups - 1][D], so[kGroups - 1][D];
+    if (grp > 0) {
+      sm[grp - 1][d] = r.m;
+      sl[grp - 1][d] = r.l;
+      so[grp - 1][d] = r.o;
+    }
+    __syncthreads();
+    if (grp > 0) return;
+    float mt = r.m;
+#pragma unroll
+    for (int j = 0; j < kGroups - 1; ++j) mt = fmaxf(mt, sm[j][d]);
+    if (mt != r.m) {
+      const float f = expf(r.m - mt);
+      r.l *= f;
+      r.o *= f;
+    }
+#pragma unroll
+    for (int j = 0; j < kGroups - 1; ++j) {
+      if (sl[j][d] != 0.f) {  // a group with chunks (every chunk's sum is >= 1)
+        const float w = expf(sm[j][d] - mt);
+        r.l = fmaf(w, sl[j][d], r.l);
+        r.o = fmaf(w, so[j][d], r.o);
+      }
+    }
+  }
+  static_cast<__nv_bfloat16*>(a.out)[(size_t(b) * a.Hq + qh) * D + d] = __float2bfloat16_rn(r.o / r.l);
 }
 
 template <int D, int G>
@@ -377,8 +419,19 @@ cudaError_t Launch(const DecodeAttentionArgs& a, cudaStream_t stream) {
       a.B <= 2 ? rjpdl::Launch(AttnPartialKernel<D, G, 8>, grid, dim3(8 * 32), 0, stream, a.pdl, a)
                : rjpdl::Launch(AttnPartialKernel<D, G, 4>, grid, dim3(4 * 32), 0, stream, a.pdl, a);
   if (err != cudaSuccess) return err;
-  return rjpdl::Launch(AttnCombineKernel<D>, dim3(a.Hq, a.B), dim3(D), 0, stream,
-                       a.pdl || a.pdl_combine, a);
+  // Thread groups of the combine: one while the cache has at most one batch of chunks, then
+  // up to 512 threads (4 groups at D = 128, 8 at D = 64; 1024 threads would cap the kernel at
+  // 64 registers, which spills its batch of loads): ceil(batches / groups) round trips, 8 at
+  // T = 32768 and D = 128.
+  const int batches = (NumChunks(a.T) + kCombineBatch - 1) / kCombineBatch;
+  const bool pdl = a.pdl || a.pdl_combine;
+  const dim3 cgrid(a.Hq, a.B);
+  if (batches <= 1) return rjpdl::Launch(AttnCombineKernel<D, 1>, cgrid, dim3(D), 0, stream, pdl, a);
+  if (batches <= 2) return rjpdl::Launch(AttnCombineKernel<D, 2>, cgrid, dim3(2 * D), 0, stream, pdl, a);
+  if constexpr (D == 64) {
+    if (batches > 4) return rjpdl::Launch(AttnCombineKernel<D, 8>, cgrid, dim3(8 * D), 0, stream, pdl, a);
+  }
+  return rjpdl::Launch(AttnCombineKernel<D, 4>, cgrid, dim3(4 * D), 0, stream, pdl, a);
 }
 
 }  // namespace

@@ -8,7 +8,9 @@
 //      whose chunk holds slot pos writes the new key and value into the cache (and uses
 //      them from shared memory), and every CTA writes its chunk's softmax partial (max,
 //      sum, unnormalized P.V) to a scratch.
-//   2. AttnCombineKernel, one CTA per (query head, row): merges the chunks' partials.
+//   2. AttnCombineKernel, one CTA per (query head, row): merges the chunks' partials, in
+//      batches of 16 chunks an L2 round trip, spread over up to 4 (head width 128) or 8
+//      (64) thread groups where the cache holds more than one batch (T > 1024).
 // Arithmetic follows the XLA composition of reset_jax.attention (rms_norm rounds to the
 // model dtype, then scales; RoPE in float32 rounded to bf16; scores and P.V with float32
 // accumulation, here on tensor cores); the probabilities keep near-float32 accuracy here

@@ -270,6 +270,8 @@ def test_build_model_option_and_default_order():
         (16, 12, 2, 128, 1000, False),
         (2, 32, 8, 128, 1025, True),  # 17 chunks: the combine's second batch of 16
         (3, 16, 4, 64, 2100, True),  # 33 chunks: three batches (the rescale runs in some heads)
+        (2, 16, 4, 64, 5000, True),  # 79 chunks: five batches over the combine's 8 thread groups
+        (1, 32, 8, 128, 9000, True),  # 141 chunks: group 0 merges two batches online
     ],
 )
 def test_cuda_matches_float64_reference(b, hq, hkv, d, t, qk_norm):

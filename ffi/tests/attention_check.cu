@@ -234,12 +234,17 @@ int main(int argc, char** argv) {
       {2, 8, 8, 128, 2, 190, 1, true},    {5, 8, 8, 128, 1, 70, 0, true},
       {6, 8, 4, 64, 2, 257, 1, true},
   };
-  // The combine's batches of 16 chunks: 33 chunks (three batches, the last of one chunk; row 1
-  // at position 0, one chunk), where the case requires a later batch to raise some head's
-  // running max (the online rescale; with seed 93, 11 (row, query head) pairs do in a host
-  // replay of the reference), exactly 16 chunks (position 1023) and 17.
+  // The combine's batches of 16 chunks: 33 chunks (three batches, the last of one chunk, over
+  // four thread groups; row 1 at position 0, one chunk), where the case requires a later batch
+  // to raise some head's max above the first batch's (the rescale in the groups' merge; with
+  // seed 93, 11 (row, query head) pairs do in a host replay of the reference), exactly 16
+  // chunks (position 1023: one group) and 17 (two groups).
   cases.push_back({3, 16, 4, 64, 2, 2100, 1, true, 93, true});
+  // Long caches: 79 chunks (5 batches over the combine's 8 thread groups, three of them
+  // empty) and, below, 141 chunks (9 batches: group 0 merges two online).
+  cases.push_back({2, 16, 4, 64, 2, 5000, 1, true});
   if (!quick) {
+    cases.push_back({1, 32, 8, 128, 1, 9000, 0, true, 0, true});
     cases.push_back({16, 12, 2, 128, 2, 1000, 1, false});
     cases.push_back({1, 32, 8, 128, 1, 1024, 0, true});
     cases.push_back({2, 32, 8, 128, 1, 1025, 0, true});
