@@ -259,6 +259,7 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
     __syncwarp();
   }
   __syncthreads();
+  RJ_TIMELINE_MARK(0);  // queries and key normalized and rotated
   if (new_slot >= 0) {  // one CTA per (row, kv head) writes the new key and value
     __nv_bfloat16* kw_ = static_cast<__nv_bfloat16*>(a.k_cache) + cache_off + new_slot * slot_stride;
     __nv_bfloat16* vw_ = static_cast<__nv_bfloat16*>(a.v_cache) + cache_off + new_slot * slot_stride;
@@ -297,6 +298,7 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
           make_float2(s[0] * a.scale, s[1] * a.scale);
   }
   __syncthreads();
+  RJ_TIMELINE_MARK(1);  // scores
 
   // ---- chunk softmax: max and sum per query head; sc becomes exp(s - max), 0 past n ----
   for (int g = warp; g < G; g += kWarps) {
@@ -314,6 +316,7 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
     }
   }
   __syncthreads();
+  RJ_TIMELINE_MARK(2);  // softmax
 
   // ---- unnormalized P.V for this warp's dims over the chunk (zeros past n) ----
   float o[NT][4];
@@ -340,6 +343,7 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
       Mma(o[t], pl0, pl2, b0, b1);
     }
   }
+  RJ_TIMELINE_MARK(3);  // P.V (thread 0's warp)
   // Lane 4 i + j holds row i's dims w DW + 2 j NT + (e NT + t) in o[t][e], e = 0, 1.
   const int C = NumChunks(T);
   float* part = a.partial + ((size_t(b) * a.Hkv + h) * C + c) * size_t(G) * (D + 2);
@@ -383,6 +387,7 @@ __global__ void __launch_bounds__(D * kGroups) AttnCombineKernel(DecodeAttention
   const float* base = a.partial + (size_t(b) * a.Hkv + h) * C * stride + size_t(g) * (D + 2);
   Merge r;
   CombineBatches<D>(base, stride, nc, d, grp * kCombineBatch, kGroups * kCombineBatch, r);
+  RJ_TIMELINE_MARK(0);  // thread 0's batches merged
   if constexpr (kGroups > 1) {
     __shared__ float sm[kGroups - 1][D], sl[kGroups - 1][D], so[kGroups - 1][D];
     if (grp > 0) {

@@ -443,6 +443,9 @@ __global__ void __launch_bounds__(W * 32) GemvKernel(const KParams p) {
       for (int r = 0; r < 4; ++r) red[parity][warp][n * 4 + r][lane] = acc[0][n][r] + acc[1][n][r];
     zero_acc();
     __syncthreads();
+#ifdef RJ_TIMELINE
+    if (tile == static_cast<int>(blockIdx.x)) RJ_TIMELINE_MARK(0);  // the first tile's items, all warps
+#endif
     for (int idx = threadIdx.x; idx < NT * 4 * 32; idx += W * 32) {
       const int r = idx >> 5;
       const int ln = idx & 31;
@@ -457,6 +460,7 @@ __global__ void __launch_bounds__(W * 32) GemvKernel(const KParams p) {
     }
     parity ^= 1;
   }
+  RJ_TIMELINE_MARK(1);  // every tile's items and sums
 }
 
 // Resident CTAs of a kernel launched with `threads` threads and no dynamic shared memory on
@@ -1069,6 +1073,7 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
     }
     __syncthreads();
   }
+  RJ_TIMELINE_MARK(0);  // activations staged (XS), or right after the wait
 
   float acc[kAcc][NT][4];
 #pragma unroll
@@ -1357,11 +1362,15 @@ __global__ void __launch_bounds__(W * 32, kWideThreadsPerSm / (W * 32)) WideGemv
       if (i + U < total) load_next(buf[u]);
       if (++cj == nw) {
         finish_tile();
+#ifdef RJ_TIMELINE
+        if (ctile == static_cast<int>(blockIdx.x)) RJ_TIMELINE_MARK(1);  // thread 0's first tile
+#endif
         cj = 0;
         ctile += gridDim.x;
       }
     }
   }
+  RJ_TIMELINE_MARK(2);  // thread 0's items done
 #ifdef RJ_TIMELINE
   // With S1 a warp may finish before the CTA's last tile finisher; thread 0 records the
   // CTA's end when the scope closes, so wait for every warp first (timeline builds only).

@@ -78,13 +78,17 @@ inline bool DeviceSupportsPdl(int device) {
 // ---- Timeline of a chain (checker builds only: -DRJ_TIMELINE -rdc=true; the library
 // never defines it, so the macros below expand to nothing there).  Thread 0 of every CTA
 // of every chain kernel records when the CTA started, when its PdlWait() returned (0 if
-// it never waited) and when it ended; `layer_check timeline` turns that into the time
-// each kernel adds to the layer.  The buffer lives in decoder_layer.cu.
+// it never waited) and when it ended, and up to kTimelineMarks points inside the kernel
+// (RJ_TIMELINE_MARK(i): when thread 0 passed mark i, 0 if it did not); `layer_check
+// timeline` turns that into the time each kernel adds to the layer and where its CTAs are
+// after the wait.  The buffer lives in decoder_layer.cu.
 #ifdef RJ_TIMELINE
 namespace rjpdl {
+constexpr int kTimelineMarks = 4;
 struct TimelineEvent {
   unsigned kind, smid, block, grid;
   unsigned long long t0, t1, t2;  // %globaltimer ns: start, past PdlWait, end
+  unsigned long long tm[kTimelineMarks];  // the marks (ns), 0 where not passed
 };
 constexpr unsigned kTimelineMax = 1u << 20;
 extern __device__ TimelineEvent g_timeline[kTimelineMax];
@@ -101,9 +105,10 @@ __device__ __forceinline__ unsigned long long GlobalNs() {
 
 struct TimelineScope {
   unsigned kind;
-  unsigned long long t0, t1 = 0;
+  unsigned long long t0, t1 = 0, tm[kTimelineMarks] = {};
   __device__ explicit TimelineScope(unsigned k) : kind(k), t0(GlobalNs()) {}
   __device__ void Waited() { t1 = GlobalNs(); }
+  __device__ void Mark(int i) { tm[i] = GlobalNs(); }
   __device__ ~TimelineScope() {
     if (threadIdx.x | threadIdx.y | threadIdx.z) return;
     const unsigned i = atomicAdd(&g_timeline_count, 1u);
@@ -111,7 +116,8 @@ struct TimelineScope {
     unsigned smid;
     asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
     g_timeline[i] = {kind, smid, blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z),
-                     gridDim.x * gridDim.y * gridDim.z, t0, t1, GlobalNs()};
+                     gridDim.x * gridDim.y * gridDim.z, t0, t1, GlobalNs(),
+                     {tm[0], tm[1], tm[2], tm[3]}};
   }
 };
 }  // namespace rjpdl
@@ -119,12 +125,18 @@ struct TimelineScope {
 // 5 AttnPartialKernel, 6 AttnCombineKernel, 7 SwiGluKernel.
 #define RJ_TIMELINE_SCOPE(kind) rjpdl::TimelineScope rj_timeline_scope_(kind)
 #define RJ_TIMELINE_WAITED() rj_timeline_scope_.Waited()
+// Thread 0's pass through point i (0 .. kTimelineMarks - 1) of the kernel; where the point
+// follows a CTA barrier, that is the CTA's.
+#define RJ_TIMELINE_MARK(i) rj_timeline_scope_.Mark(i)
 #else
 #define RJ_TIMELINE_SCOPE(kind) \
   do {                          \
   } while (0)
 #define RJ_TIMELINE_WAITED() \
   do {                       \
+  } while (0)
+#define RJ_TIMELINE_MARK(i) \
+  do {                      \
   } while (0)
 #endif
 

@@ -7,7 +7,9 @@
 //                           # and codes in the MMA word order (codes_order 1) == natural ones
 //   ./layer_check placement  # (built as for timeline) where the attention CTAs run
 //   ./layer_check timeline [pos]  # (built with -DRJ_TIMELINE -rdc=true) what each kernel adds
-//                                 # to a layer, cache at position ~pos (default 640)
+//                                 # to a layer, cache at position ~pos (default 640), and
+//                                 # where its median CTA is after its wait (the kernels'
+//                                 # RJ_TIMELINE_MARK points: pdl.cuh)
 //   ./layer_check bench [reps [edges [pos]]]  # us per layer over L layers in one CUDA graph: PDL off / in
 //                           # the layer / across layers too (Qwen3-8B and -32B shapes)
 //   RJ_GU_INTERLEAVED=0 ./layer_check bench|timeline ...  # stacked gate/up rows (SwiGLU kernel)
@@ -30,6 +32,8 @@
 #include <random>
 #include <string>
 #include <vector>
+
+#include <cuda_bf16.h>
 
 #include "decoder_layer.h"
 #include "pdl.cuh"
@@ -152,6 +156,30 @@ std::vector<uint8_t> RandomBf16(size_t n, std::mt19937_64& rng, float mean, floa
   return v;
 }
 
+// n bf16 values near normal(mean, sd), made on the device from a counter hash (splitmix64 of
+// seed + i; the sum of four 16-bit uniforms, scaled to unit variance: never all zeros, the
+// tails cut at +-3.5 sd). For the caches: at the bench's long positions they hold billions of
+// values, which the host's generator took minutes to make (RESULTS.md run X3).
+__global__ void FillBf16Kernel(__nv_bfloat16* p, size_t n, uint64_t seed, float mean, float sd) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
+    uint64_t z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    float u = 0.f;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) u += static_cast<float>((z >> (16 * k)) & 0xFFFFu) * (1.f / 65536.f);
+    p[i] = __float2bfloat16_rn(mean + sd * (u - 2.f) * 1.7320508f);
+  }
+}
+
+void FillRandomBf16(void* p, size_t n, std::mt19937_64& rng, float mean, float sd) {
+  FillBf16Kernel<<<1024, 256>>>(static_cast<__nv_bfloat16*>(p), n, rng(), mean, sd);
+  CK(cudaGetLastError());
+  CK(cudaDeviceSynchronize());
+}
+
 // One NVFP4 weight [N, K] with random codes, scales in [2^-4, 2^1) and global scale
 // 1/sqrt(K) (outputs stay O(1)); `random` false fills patterns (benchmarks).
 rjlayer::Weight MakeWeight(int64_t N, int64_t K, std::mt19937_64& rng, bool random) {
@@ -271,8 +299,8 @@ Io MakeIo(const Shape& sh, int M, std::mt19937_64& rng, int pos_lo, int pos_hi) 
   io.cache_bytes = size_t(sh.L) * M * sh.T * sh.Hkv * sh.Dh * 2;
   io.kc = DevAlloc<void>(io.cache_bytes);
   io.vc = DevAlloc<void>(io.cache_bytes);
-  Upload(io.kc, RandomBf16(io.cache_bytes / 2, rng, 0.f, 1.f));
-  Upload(io.vc, RandomBf16(io.cache_bytes / 2, rng, 0.f, 1.f));
+  FillRandomBf16(io.kc, io.cache_bytes / 2, rng, 0.f, 1.f);
+  FillRandomBf16(io.vc, io.cache_bytes / 2, rng, 0.f, 1.f);
   std::vector<float> cs(size_t(M) * sh.Dh / 2), sn(cs.size());
   std::vector<int32_t> pos(M);
   std::uniform_int_distribution<int> dp(pos_lo, pos_hi);
@@ -647,6 +675,8 @@ int Timeline() {
         unsigned kind, grid, count = 0;
         unsigned long long first0 = ~0ull, last2 = 0;
         std::vector<unsigned long long> waits;
+        // Per CTA past its wait: each mark's and the end's time after the wait (ns).
+        std::vector<double> after[rjpdl::kTimelineMarks + 1];
       };
       std::vector<Launch> ls;
       for (unsigned i = 0; i < n; ++i) {
@@ -657,7 +687,12 @@ int Timeline() {
         ++L.count;
         L.first0 = std::min(L.first0, e.t0);
         L.last2 = std::max(L.last2, e.t2);
-        if (e.t1) L.waits.push_back(e.t1);
+        if (e.t1) {
+          L.waits.push_back(e.t1);
+          for (int k = 0; k < rjpdl::kTimelineMarks; ++k)
+            if (e.tm[k]) L.after[k].push_back(static_cast<double>(e.tm[k]) - static_cast<double>(e.t1));
+          L.after[rjpdl::kTimelineMarks].push_back(static_cast<double>(e.t2) - static_cast<double>(e.t1));
+        }
       }
       if (ls.empty()) {
         std::printf("\n%s M=%d: no events recorded\n", sh.name, M);
@@ -699,6 +734,27 @@ int Timeline() {
                     after / nl * 1e-3);
       }
       std::printf("sum of adds %.2f us per layer\n", total * 1e-3);
+      // Inside the kernels: the median CTA's marks (RJ_TIMELINE_MARK, thread 0) and end, us
+      // after its own wait, averaged over the layers; "-" where no CTA passed the mark.
+      std::printf("%-3s %-10s %9s %9s %9s %9s %9s   (us after the CTA's wait, median CTA)\n",
+                  "#", "kernel", "mark 0", "mark 1", "mark 2", "mark 3", "end");
+      for (int p = 0; p < per; ++p) {
+        std::printf("%-3d %-10s", p, kinds[ls[p].kind < 8 ? ls[p].kind : 0]);
+        for (int k = 0; k <= rjpdl::kTimelineMarks; ++k) {
+          double sum = 0;
+          int nl = 0;
+          for (int l = 1; l + 1 < sh.L; ++l) {
+            std::vector<double> v = ls[l * per + p].after[k];
+            if (v.empty()) continue;
+            std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+            sum += v[v.size() / 2];
+            ++nl;
+          }
+          if (nl) std::printf(" %9.2f", sum / nl * 1e-3);
+          else std::printf(" %9s", "-");
+        }
+        std::printf("\n");
+      }
     }
   });
   return 0;
