@@ -43,8 +43,8 @@ struct Merge {
 // c * stride).  Reads through L2 (the partials were written by the previous grid), a
 // batch's kCombineBatch maxima, sums and values in one round trip, and merges each batch
 // online: the running sums are rescaled by e^(m_old - m_new) where a batch raises the max.
-// Within one batch this is the arithmetic of one chunk at a time against the batch's max,
-// in chunk order.  (Before: 8 chunks a batch and two round trips for each batch after the
+// Within one batch this is the arithmetic of one chunk at a time against the running max
+// (the max of the earlier batches' and this batch's maxima), in chunk order.  (Before: 8 chunks a batch and two round trips for each batch after the
 // first, a pass for the maxima and one for the values: three round trips from position
 // 512. Layer chain on an H200, RESULTS.md run W2: -0.4 us an 8B layer at M = 1, position
 // 640; -0.7 and -1.4 us an 8B and a 32B layer at position 2000.)
@@ -368,10 +368,10 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
 // kGroups, ... of kCombineBatch chunks (CombineBatches), so a long cache costs ceil(batches /
 // kGroups) serial L2 round trips instead of one a batch; then group 0 merges the groups'
 // results in group order through shared memory.  With one batch (up to 16 chunks, position
-// 1023) the groups past the first hold nothing and add exact zeros: the arithmetic is the
-// single group's, bit for bit.  The launch takes kGroups = 1 while the cache has at most
+// 1023) the groups past the first hold nothing and are skipped: the arithmetic is the single
+// group's, bit for bit.  The launch takes kGroups = 1 while the cache has at most
 // 16 chunks (T <= 1024), so short caches pay no barrier.  (Layer chain on an H200, M = 1,
-// RESULTS.md run X3: -2.2 / -2.8 us an 8B / 32B layer at position 4000, -5.0 / -5.1 at
+// RESULTS.md run X3: -2.2 / -2.7 us an 8B / 32B layer at position 4000, -5.0 / -5.1 at
 // 8000, unchanged at 640.)
 template <int D, int kGroups>
 __global__ void __launch_bounds__(D * kGroups) AttnCombineKernel(DecodeAttentionArgs a) {

@@ -268,10 +268,11 @@ def test_build_model_option_and_default_order():
         (4, 16, 8, 128, 300, True),  # Qwen3-0.6B / 1.7B: G = 2
         (2, 10, 2, 64, 129, True),  # G = 5, head width 64
         (16, 12, 2, 128, 1000, False),
-        (2, 32, 8, 128, 1025, True),  # 17 chunks: the combine's second batch of 16
-        (3, 16, 4, 64, 2100, True),  # 33 chunks: three batches (the rescale runs in some heads)
+        (2, 32, 8, 128, 1025, True),  # 17 chunks: 2 thread groups, the second one slot
+        (2, 32, 8, 128, 2048, True),  # 32 chunks: 2 thread groups, both batches full
+        (3, 16, 4, 64, 2100, True),  # 33 chunks: three batches over 4 groups (rescales)
         (2, 16, 4, 64, 5000, True),  # 79 chunks: five batches over the combine's 8 thread groups
-        (1, 32, 8, 128, 9000, True),  # 141 chunks: group 0 merges two batches online
+        (1, 32, 8, 128, 9000, True),  # 141 chunks: group 0 walks batches 0, 4 and 8 online
     ],
 )
 def test_cuda_matches_float64_reference(b, hq, hkv, d, t, qk_norm):
