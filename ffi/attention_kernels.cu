@@ -420,8 +420,9 @@ __global__ void __launch_bounds__(D * kGroups) AttnCombineKernel(DecodeAttention
 template <int D, int G>
 cudaError_t Launch(const DecodeAttentionArgs& a, cudaStream_t stream) {
   const dim3 grid(a.Hkv, a.B, NumChunks(a.T));
+  const bool eight = a.partial_warps == 0 ? a.B <= 2 : a.partial_warps == 8;
   const cudaError_t err =
-      a.B <= 2 ? rjpdl::Launch(AttnPartialKernel<D, G, 8>, grid, dim3(8 * 32), 0, stream, a.pdl, a)
+      eight ? rjpdl::Launch(AttnPartialKernel<D, G, 8>, grid, dim3(8 * 32), 0, stream, a.pdl, a)
                : rjpdl::Launch(AttnPartialKernel<D, G, 4>, grid, dim3(4 * 32), 0, stream, a.pdl, a);
   if (err != cudaSuccess) return err;
   // Thread groups of the combine: one while the cache has at most one batch of chunks, then
@@ -450,6 +451,8 @@ const char* DecodeAttentionUnsupportedReason(const DecodeAttentionArgs& a) {
   if (a.B > 65535) return "batch above 65535";
   if (a.T > 65535 * kChunk) return "cache longer than 65535 * 64 slots";
   if ((a.q_norm == nullptr) != (a.k_norm == nullptr)) return "q_norm and k_norm go together";
+  if (a.partial_warps != 0 && a.partial_warps != 4 && a.partial_warps != 8)
+    return "partial_warps must be 0 (the library's choice), 4 or 8";
   if (size_t(a.L) * a.B * a.T * a.Hkv * a.D >= (size_t(1) << 40)) return "cache too large";
   return nullptr;
 }

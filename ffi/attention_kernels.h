@@ -53,6 +53,9 @@ struct DecodeAttentionArgs {
   // only, the caller checks the device): its small grid is resident and waiting when the
   // partial kernel ends.
   bool pdl_combine = false;
+  // Warps a partial-kernel CTA: 0 the library's choice (8 at B <= 2, 4 above; RESULTS.md J8,
+  // measured at positions 384 and 640), or 4 or 8 (A/B benchmarks, e.g. at long positions).
+  int partial_warps = 0;
 };
 
 #ifdef __CUDACC__

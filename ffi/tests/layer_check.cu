@@ -17,6 +17,8 @@
 //                           # qkv and gate+up GEMVs, side by side (DecoderLayerArgs; default
 //                           # 0,0; timeline takes one pair)
 //   RJ_BENCH_M=1,2,8 ./layer_check bench|timeline ...  # the rows benchmarked (default 1,8)
+//   RJ_ATTN_WARPS=4|8 ./layer_check bench|timeline ...  # warps a CTA of the attention's
+//                           # partial kernel (default: the library's choice, 8 at M <= 2)
 //   RJ_CODES_ORDER=1 ./layer_check bench|timeline ...  # codes_order 1 (MMA word order; the
 //                           # pattern weights' values are not checked there)
 //
@@ -60,6 +62,9 @@ bool g_interleaved = false;  // Args(): the layer's interleaved gate_up copy and
 // Args(): the layer's MMA-order copies (check), or codes_order 1 on the benchmark's pattern
 // weights (RJ_CODES_ORDER=1: timing only, their values are not checked).
 bool g_mma_order = false;
+// rjattn::DecodeAttentionArgs::partial_warps of every layer Args() builds (bench / timeline:
+// environment RJ_ATTN_WARPS, 0 / 4 / 8, default 0: the library's choice).
+int g_attn_warps = 0;
 
 // DecoderLayerArgs::{qkv,gate_up}_norm_variant of every layer Args() builds.
 int g_norm_q = 0, g_norm_g = 0;
@@ -374,6 +379,7 @@ rjlayer::DecoderLayerArgs Args(const Shape& sh, int M, const LayerBufs& w, const
   t.L = sh.L;
   t.T = sh.T;
   t.scale = 1.f / std::sqrt(static_cast<float>(sh.Dh));
+  t.partial_warps = g_attn_warps;
   t.eps = 1e-6f;
   a.M = M;
   a.D = sh.D;
@@ -574,6 +580,11 @@ void EnqueueChain(const Shape& sh, int M, const std::vector<LayerBufs>& w, const
                   int mode, cudaStream_t s) {
   g_interleaved = GuInterleaved();
   g_mma_order = EnvInts("RJ_CODES_ORDER", {0}, 0, 1)[0] == 1;
+  g_attn_warps = EnvInts("RJ_ATTN_WARPS", {0}, 0, 8)[0];
+  if (g_attn_warps != 0 && g_attn_warps != 4 && g_attn_warps != 8) {
+    std::fprintf(stderr, "RJ_ATTN_WARPS: want 0, 4 or 8\n");
+    std::exit(2);
+  }
   for (int l = 0; l < sh.L; ++l) {
     const bool even = l % 2 == 0;
     CK(rjlayer::LaunchDecoderLayer(
