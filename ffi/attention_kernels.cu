@@ -44,10 +44,11 @@ struct Merge {
 // batch's kCombineBatch maxima, sums and values in one round trip, and merges each batch
 // online: the running sums are rescaled by e^(m_old - m_new) where a batch raises the max.
 // Within one batch this is the arithmetic of one chunk at a time against the running max
-// (the max of the earlier batches' and this batch's maxima), in chunk order.  (Before: 8 chunks a batch and two round trips for each batch after the
-// first, a pass for the maxima and one for the values: three round trips from position
-// 512. Layer chain on an H200, RESULTS.md run W2: -0.4 us an 8B layer at M = 1, position
-// 640; -0.7 and -1.4 us an 8B and a 32B layer at position 2000.)
+// (the max of the earlier batches' and this batch's maxima), in chunk order.  (Before: 8
+// chunks a batch and two round trips for each batch after the first, a pass for the maxima
+// and one for the values: three round trips from position 512. Layer chain on an H200,
+// RESULTS.md run W2: -0.4 us an 8B layer at M = 1, position 640; -0.7 and -1.4 us an 8B and
+// a 32B layer at position 2000.)
 constexpr int kCombineBatch = 16;
 
 template <int D>
@@ -423,7 +424,7 @@ cudaError_t Launch(const DecodeAttentionArgs& a, cudaStream_t stream) {
   const bool eight = a.partial_warps == 0 ? a.B <= 2 : a.partial_warps == 8;
   const cudaError_t err =
       eight ? rjpdl::Launch(AttnPartialKernel<D, G, 8>, grid, dim3(8 * 32), 0, stream, a.pdl, a)
-               : rjpdl::Launch(AttnPartialKernel<D, G, 4>, grid, dim3(4 * 32), 0, stream, a.pdl, a);
+            : rjpdl::Launch(AttnPartialKernel<D, G, 4>, grid, dim3(4 * 32), 0, stream, a.pdl, a);
   if (err != cudaSuccess) return err;
   // Thread groups of the combine: one while the cache has at most one batch of chunks, then
   // up to 512 threads (4 groups at D = 128, 8 at D = 64; 1024 threads would cap the kernel at

@@ -84,7 +84,7 @@ inline bool DeviceSupportsPdl(int device) {
 // after the wait.  The buffer lives in decoder_layer.cu.
 #ifdef RJ_TIMELINE
 namespace rjpdl {
-constexpr int kTimelineMarks = 4;
+constexpr int kTimelineMarks = 4;  // (TimelineScope's record lists them one by one)
 struct TimelineEvent {
   unsigned kind, smid, block, grid;
   unsigned long long t0, t1, t2;  // %globaltimer ns: start, past PdlWait, end
@@ -103,6 +103,7 @@ __device__ __forceinline__ unsigned long long GlobalNs() {
   return t;
 }
 
+static_assert(kTimelineMarks == 4, "TimelineScope's record copies four marks");
 struct TimelineScope {
   unsigned kind;
   unsigned long long t0, t1 = 0, tm[kTimelineMarks] = {};

@@ -163,8 +163,10 @@ std::vector<uint8_t> RandomBf16(size_t n, std::mt19937_64& rng, float mean, floa
 
 // n bf16 values near normal(mean, sd), made on the device from a counter hash (splitmix64 of
 // seed + i; the sum of four 16-bit uniforms, scaled to unit variance: never all zeros, the
-// tails cut at +-3.5 sd). For the caches: at the bench's long positions they hold billions of
-// values, which the host's generator took minutes to make (RESULTS.md run X3).
+// tails cut at +-2 sqrt(3) = +-3.46 sd). For the caches: at the bench's long positions they
+// hold billions of values, which the host's generator took minutes to make (RESULTS.md run
+// X3). The host generator is drawn from less than before, so the rows' positions that
+// MakeIo draws after the caches differ from those of binaries built before this change.
 __global__ void FillBf16Kernel(__nv_bfloat16* p, size_t n, uint64_t seed, float mean, float sd) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
        i += size_t(gridDim.x) * blockDim.x) {
@@ -682,6 +684,21 @@ int Timeline() {
       CK(cudaGraphDestroy(graph));
       std::sort(ev.begin(), ev.begin() + n,
                 [](const rjpdl::TimelineEvent& a, const rjpdl::TimelineEvent& b) { return a.t0 < b.t0; });
+      // Times from just before the first start, in integers: %globaltimer counts ns since an
+      // epoch (~1.8e18), where a double resolves only 256 ns, so every difference below is taken
+      // on small values. The base is 1 ns early so that a recorded time stays nonzero (0 marks
+      // "not passed").
+      if (n > 0) {
+        const unsigned long long base = ev[0].t0 - 1;
+        for (unsigned i = 0; i < n; ++i) {
+          rjpdl::TimelineEvent& e = ev[i];
+          e.t0 -= base;
+          e.t2 -= base;
+          if (e.t1) e.t1 -= base;
+          for (int k = 0; k < rjpdl::kTimelineMarks; ++k)
+            if (e.tm[k]) e.tm[k] -= base;
+        }
+      }
       struct Launch {
         unsigned kind, grid, count = 0;
         unsigned long long first0 = ~0ull, last2 = 0;
