@@ -1,5 +1,6 @@
 """The installed layout: `models/` ships as `reset_jax.models`, never as a bare `models`."""
 
+import site
 import subprocess
 import sys
 import zipfile
@@ -50,11 +51,14 @@ def test_installed_wheel_imports_models_only_under_reset_jax(wheel, tmp_path):
         check=True,
     )
     # -I -S: no working directory and no .pth files (an editable install of this checkout
-    # puts the repository root on sys.path); site-packages is added back as a plain path
-    # so the dependencies import.
+    # puts the repository root on sys.path); this interpreter's site-packages is added back
+    # as plain paths so the dependencies import. They are taken here, where the site module
+    # ran: under -S a virtual environment's python does not apply its pyvenv.cfg (Python
+    # 3.11), so the child's own site.getsitepackages() names the base installation's.
+    deps = [p for p in site.getsitepackages() if Path(p).is_dir()]
     code = (
-        f"import importlib.util, site, sys; sys.path.insert(0, {str(target)!r});"
-        "sys.path.extend(site.getsitepackages());"
+        f"import importlib.util, sys; sys.path.insert(0, {str(target)!r});"
+        f"sys.path.extend({deps!r});"
         "assert importlib.util.find_spec('models') is None, 'bare models package is importable';"
         f"import reset_jax.models as m; assert m.__file__.startswith({str(target)!r}), m.__file__;"
         "print('ok')"
