@@ -99,13 +99,10 @@ int DefaultPdlEdges(const DecoderLayerArgs& a) {
   // kPdlAttention makes both attention kernels dependents (kPdlAttnCombine is then redundant).
   int edges = kPdlAttention | kPdlO | kPdlGateUp;
   if (a.M <= 2) return edges | kPdlSwiGlu | kPdlDown;
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) == cudaSuccess &&
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess) {
-    // The down GEMV's operands as LaunchDecoderLayer passes them (act is in the scratch).
-    const int packed = nvfp4::GemvPackedSms(Gemv(a.down, a.scratch, a.h_out, a.M, a.D, a.F, true));
-    if (packed > 0 && 10 * packed >= 9 * sms) edges |= kPdlDown;
-  }
+  // The down GEMV's operands as LaunchDecoderLayer passes them (act is in the scratch); 0 SMs
+  // packed where a query fails, so the edge stays off.
+  const int packed = nvfp4::GemvPackedSms(Gemv(a.down, a.scratch, a.h_out, a.M, a.D, a.F, true));
+  if (packed > 0 && 10 * packed >= 9 * nvfp4::SmCount()) edges |= kPdlDown;
   return edges;
 }
 

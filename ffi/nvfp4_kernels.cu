@@ -38,16 +38,6 @@ bool UseVec16(const GemvArgs& a) {
   return a.K % 32 == 0 && Aligned(a.codes, 16) && Aligned(a.scales, 2);
 }
 
-// The wide path stages the activations (M * K * 2 bytes) once per CTA, so it pays
-// off when a CTA streams much more weight than that: measured on an H100
-// (benchmarks/KERNEL_NOTES.md, v4) it wins at M <= 2 on every Qwen3 shape and at
-// M = 4 / 8 once each CTA gets >= 4M/9 tiles (gate+up, 32B qkv at M = 4), and
-// loses to the general kernel on the 1-wave layers at M >= 4 (8B qkv / o, 32B o)
-// and whenever the activations do not fit in shared memory.
-namespace {
-
-// The current device's SM count (0 if a query fails), cached per device; a race only repeats
-// the query.
 int SmCount() {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
@@ -61,6 +51,14 @@ int SmCount() {
   return sms;
 }
 
+namespace {
+
+// The wide path stages the activations (M * K * 2 bytes) once per CTA, so it pays
+// off when a CTA streams much more weight than that: measured on an H100
+// (benchmarks/KERNEL_NOTES.md, v4) it wins at M <= 2 on every Qwen3 shape and at
+// M = 4 / 8 once each CTA gets >= 4M/9 tiles (gate+up, 32B qkv at M = 4), and
+// loses to the general kernel on the 1-wave layers at M >= 4 (8B qkv / o, 32B o)
+// and whenever the activations do not fit in shared memory.
 bool UseWideFor(const KParams& kp) {
   if (!WideOk(kp) || !WideXs(kp)) return false;
   if (kp.M <= 2) return true;

@@ -76,6 +76,10 @@ bool UseVec16(const GemvArgs& a);
 // tiles (see nvfp4_kernels.cu).
 bool UseWide(const GemvArgs& a);
 
+// The current device's SM count (0 if a query fails), cached per device; a race only repeats
+// the query.
+int SmCount();
+
 // The general kernel's launch at 2 < M <= 8 (LaunchGemv, variant 0, in GemvShapeFor's CTA
 // shape), packed: its CTAs on as few SMs as hold them, ceil(CTAs / CTAs an SM). A
 // programmatic dependent launch can leave it so, its CTAs landing on the SMs the kernel
