@@ -51,14 +51,14 @@ struct Merge {
 // a 32B layer at position 2000.)
 constexpr int kCombineBatch = 16;
 
-template <int D>
-__device__ __forceinline__ void CombineBatches(const float* base, size_t stride, int nc, int d,
-                                               int first, int step, Merge& r) {
+template <int D, int kStride>
+__device__ __forceinline__ void CombineBatches(const float* base, int nc, int d, int first,
+                                               int step, Merge& r) {
   for (int c0 = first; c0 < nc; c0 += step) {
     float mv[kCombineBatch], lv[kCombineBatch], av[kCombineBatch];
 #pragma unroll
     for (int j = 0; j < kCombineBatch; ++j) {
-      const float* pc = base + (c0 + j) * stride;
+      const float* pc = base + (c0 + j) * kStride;
       const bool in = c0 + j < nc;
       mv[j] = in ? __ldcg(pc + D) : -FLT_MAX;
       lv[j] = in ? __ldcg(pc + D + 1) : 0.f;
@@ -374,20 +374,29 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
 // 16 chunks (T <= 1024), so short caches pay no barrier.  (Layer chain on an H200, M = 1,
 // RESULTS.md run X3: -2.2 / -2.7 us an 8B / 32B layer at position 4000, -5.0 / -5.1 at
 // 8000, unchanged at 640.)
-template <int D, int kGroups>
+//
+// G (query heads a kv head) is a template argument, as in the partial kernel, so the chunk
+// stride G (D + 2) is a constant and h, g take no integer division. With G a runtime value
+// ptxas placed two divisions and the batch's 64-bit address arithmetic after
+// griddepcontrol.wait (it sinks index math past the wait; an empty asm pinning the values
+// before it does not stop that): ~375 instructions between the wait and the first load, now
+// ~100 (cuobjdump -sass), on the critical path of CTAs that are alone on their SMs'
+// schedulers. Layer chain on an H200 (RESULTS.md run Y2, position 640): -0.2 / -1.2 us an 8B
+// layer at M = 1 / 8, -1.3 / -2.7 a 32B layer.
+template <int D, int G, int kGroups>
 __global__ void __launch_bounds__(D * kGroups) AttnCombineKernel(DecodeAttentionArgs a) {
   RJ_TIMELINE_SCOPE(6);
   rjpdl::PdlLaunchDependents();
   const int qh = blockIdx.x, b = blockIdx.y, d = threadIdx.x % D, grp = threadIdx.x / D;
-  const int G = a.Hq / a.Hkv, h = qh / G, g = qh % G;
+  const int h = qh / G, g = qh % G;
   const int C = NumChunks(a.T);
   const int nc = ClampPos(a.positions[b], a.T) / kChunk + 1;  // an input of the call
+  constexpr int kStride = G * (D + 2);
+  const float* base = a.partial + (size_t(b) * a.Hkv + h) * C * kStride + g * (D + 2);
   rjpdl::PdlWait();  // the partials come from the previous kernel
   RJ_TIMELINE_WAITED();
-  const size_t stride = size_t(G) * (D + 2);
-  const float* base = a.partial + (size_t(b) * a.Hkv + h) * C * stride + size_t(g) * (D + 2);
   Merge r;
-  CombineBatches<D>(base, stride, nc, d, grp * kCombineBatch, kGroups * kCombineBatch, r);
+  CombineBatches<D, kStride>(base, nc, d, grp * kCombineBatch, kGroups * kCombineBatch, r);
   RJ_TIMELINE_MARK(0);  // thread 0's batches merged
   if constexpr (kGroups > 1) {
     __shared__ float sm[kGroups - 1][D], sl[kGroups - 1][D], so[kGroups - 1][D];
@@ -433,12 +442,12 @@ cudaError_t Launch(const DecodeAttentionArgs& a, cudaStream_t stream) {
   const int batches = (NumChunks(a.T) + kCombineBatch - 1) / kCombineBatch;
   const bool pdl = a.pdl || a.pdl_combine;
   const dim3 cgrid(a.Hq, a.B);
-  if (batches <= 1) return rjpdl::Launch(AttnCombineKernel<D, 1>, cgrid, dim3(D), 0, stream, pdl, a);
-  if (batches <= 2) return rjpdl::Launch(AttnCombineKernel<D, 2>, cgrid, dim3(2 * D), 0, stream, pdl, a);
+  if (batches <= 1) return rjpdl::Launch(AttnCombineKernel<D, G, 1>, cgrid, dim3(D), 0, stream, pdl, a);
+  if (batches <= 2) return rjpdl::Launch(AttnCombineKernel<D, G, 2>, cgrid, dim3(2 * D), 0, stream, pdl, a);
   if constexpr (D == 64) {
-    if (batches > 4) return rjpdl::Launch(AttnCombineKernel<D, 8>, cgrid, dim3(8 * D), 0, stream, pdl, a);
+    if (batches > 4) return rjpdl::Launch(AttnCombineKernel<D, G, 8>, cgrid, dim3(8 * D), 0, stream, pdl, a);
   }
-  return rjpdl::Launch(AttnCombineKernel<D, 4>, cgrid, dim3(4 * D), 0, stream, pdl, a);
+  return rjpdl::Launch(AttnCombineKernel<D, G, 4>, cgrid, dim3(4 * D), 0, stream, pdl, a);
 }
 
 }  // namespace
