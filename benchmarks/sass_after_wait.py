@@ -1,0 +1,157 @@
+"""What each kernel does after its PDL wait, read from a ``cuobjdump -sass`` listing.
+
+A chained kernel (``ffi/pdl.cuh``) issues its first loads, then waits on
+``griddepcontrol.wait`` (``ACQBULK`` in SASS) for the kernel before it. Everything between
+that wait and the first load after it sits on the layer's critical path. ptxas sinks index
+arithmetic past the wait when nothing before the wait consumes it, and an empty ``asm
+volatile`` does not pin it. The attention combine had ~375 instructions there, two integer
+divisions among them (RESULTS.md run Y2). This script counts, per kernel:
+
+* ``to_load``: instructions from the wait to the first global or shared load after it
+  (``None`` when no load follows);
+* ``divisions``: integer-division sequences (``I2F.RP``, the start of one) after the wait, and
+  ``divisions_before_load`` of them before that first load.
+
+A kernel can branch after the wait, so the first load in the listing's order may sit on a
+path that a given launch does not take; read the SASS around a large count before acting on
+it.
+
+Usage::
+
+  nvcc -std=c++17 -O3 -arch=sm_90 -cubin -I ffi ffi/attention_kernels.cu -o attn.cubin
+  cuobjdump -sass attn.cubin > attn.sass
+  python benchmarks/sass_after_wait.py attn.sass [--min 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+__all__ = ["AfterWait", "main", "scan"]
+
+_FUNCTION = re.compile(r"Function : (\S+)")
+# One SASS instruction: /*0090*/  [@P0] OPCODE operands ;
+_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]\s+)?([A-Z][A-Z0-9_.]*)")
+_LOAD = re.compile(r"^(LDG|LDS|LD|LDGSTS)(\.|$)")
+
+
+@dataclass(frozen=True)
+class AfterWait:
+    """One kernel's work after its first ``griddepcontrol.wait``.
+
+    Attributes:
+      kernel: the mangled kernel name, as cuobjdump prints it.
+      to_load: instructions between the wait and the first load after it; ``None`` when no
+        load follows the wait.
+      first_load: that load's opcode (``LDG.E.128``, ...), or ``None``.
+      divisions: integer-division sequences (``I2F.RP``) anywhere after the wait.
+      divisions_before_load: those of them before the first load.
+    """
+
+    kernel: str
+    to_load: int | None
+    first_load: str | None
+    divisions: int
+    divisions_before_load: int
+
+
+def scan(lines: Iterable[str]) -> list[AfterWait]:
+    """Scans a ``cuobjdump -sass`` listing.
+
+    Args:
+      lines: the listing's lines.
+
+    Returns:
+      One :class:`AfterWait` per kernel that contains ``ACQBULK``, in listing order; kernels
+      without a PDL wait are left out.
+    """
+    out: list[AfterWait] = []
+    kernel: str | None = None
+    state: dict = {}
+
+    def close() -> None:
+        if kernel is not None and state.get("waited"):
+            out.append(
+                AfterWait(
+                    kernel,
+                    state["to_load"],
+                    state["first_load"],
+                    state["divisions"],
+                    state["div_before"],
+                )
+            )
+
+    for line in lines:
+        m = _FUNCTION.search(line)
+        if m:
+            close()
+            kernel = m.group(1)
+            state = {
+                "waited": False,
+                "count": 0,
+                "to_load": None,
+                "first_load": None,
+                "divisions": 0,
+                "div_before": 0,
+            }
+            continue
+        m = _INSTRUCTION.search(line)
+        if kernel is None or not m:
+            continue
+        op = m.group(1)
+        if op == "ACQBULK":
+            if not state["waited"]:
+                state["waited"] = True
+            continue
+        if not state["waited"]:
+            continue
+        if op.startswith("I2F.RP"):
+            state["divisions"] += 1
+            if state["first_load"] is None:
+                state["div_before"] += 1
+        if state["first_load"] is None:
+            if _LOAD.match(op):
+                state["first_load"] = op
+                state["to_load"] = state["count"]
+            else:
+                state["count"] += 1
+    close()
+    return out
+
+
+def _short(name: str) -> str:
+    """The kernel's template name without the namespace prefix (best effort)."""
+    m = re.search(r"\d+((?:Attn|Gemv|Wide|AddRms|SwiGlu)\w*)", name)
+    return m.group(1) if m else name
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Prints one line per kernel: instructions to the first load, divisions, the name."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("sass", help="a cuobjdump -sass listing ('-' for standard input)")
+    p.add_argument(
+        "--min",
+        type=int,
+        default=0,
+        help="only kernels with at least this many instructions to the load",
+    )
+    args = p.parse_args(argv)
+    with open(args.sass) if args.sass != "-" else sys.stdin as f:
+        rows = scan(f)
+    print(f"{'to load':>7} {'div':>4} {'(before)':>8}  first load       kernel")
+    for r in rows:
+        n = -1 if r.to_load is None else r.to_load
+        if n < args.min:
+            continue
+        print(
+            f"{n:7d} {r.divisions:4d} {r.divisions_before_load:8d}  {r.first_load or '-':16s} {_short(r.kernel)}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
