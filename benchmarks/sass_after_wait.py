@@ -9,8 +9,9 @@ divisions among them (RESULTS.md run Y2). This script counts, per kernel:
 
 * ``to_load``: instructions from the wait to the first global or shared load after it
   (``None`` when no load follows);
-* ``divisions``: integer-division sequences (``I2F.RP``, the start of one) after the wait, and
-  ``divisions_before_load`` of them before that first load.
+* ``divisions``: integer-division sequences after the wait (each starts with a conversion
+  rounding toward +inf: ``I2F.RP``, ``I2F.U32.RP``, ``I2F.U64.RP`` or their uniform-datapath
+  ``UI2F`` forms), and ``divisions_before_load`` of them before that first load.
 
 A kernel can branch after the wait, so the first load in the listing's order may sit on a
 path that a given launch does not take; read the SASS around a large count before acting on
@@ -37,6 +38,7 @@ _FUNCTION = re.compile(r"Function : (\S+)")
 # One SASS instruction: /*0090*/  [@P0] OPCODE operands ;
 _INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]\s+)?([A-Z][A-Z0-9_.]*)")
 _LOAD = re.compile(r"^(LDG|LDS|LD|LDGSTS)(\.|$)")
+_DIVISION = re.compile(r"^U?I2F(\.[US](32|64))?\.RP(\.|$)")
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,8 @@ class AfterWait:
       to_load: instructions between the wait and the first load after it; ``None`` when no
         load follows the wait.
       first_load: that load's opcode (``LDG.E.128``, ...), or ``None``.
-      divisions: integer-division sequences (``I2F.RP``) anywhere after the wait.
+      divisions: integer-division sequences (``I2F[.U32|.U64].RP``, ``UI2F...``) anywhere after
+        the wait.
       divisions_before_load: those of them before the first load.
     """
 
@@ -109,7 +112,7 @@ def scan(lines: Iterable[str]) -> list[AfterWait]:
             continue
         if not state["waited"]:
             continue
-        if op.startswith("I2F.RP"):
+        if _DIVISION.match(op):
             state["divisions"] += 1
             if state["first_load"] is None:
                 state["div_before"] += 1
@@ -137,18 +140,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--min",
         type=int,
         default=0,
-        help="only kernels with at least this many instructions to the load",
+        help="only kernels with at least this many instructions to the load (kernels with no "
+        "load after the wait are always listed)",
     )
     args = p.parse_args(argv)
     with open(args.sass) if args.sass != "-" else sys.stdin as f:
         rows = scan(f)
     print(f"{'to load':>7} {'div':>4} {'(before)':>8}  first load       kernel")
     for r in rows:
-        n = -1 if r.to_load is None else r.to_load
-        if n < args.min:
+        if r.to_load is not None and r.to_load < args.min:
             continue
+        n = "-" if r.to_load is None else str(r.to_load)
         print(
-            f"{n:7d} {r.divisions:4d} {r.divisions_before_load:8d}  {r.first_load or '-':16s} {_short(r.kernel)}"
+            f"{n:>7} {r.divisions:4d} {r.divisions_before_load:8d}  {r.first_load or '-':16s} {_short(r.kernel)}"
         )
     return 0
 

@@ -40,7 +40,7 @@ struct Merge {
 
 // Merges into r the chunks c0, c0 + 1, ... < nc of batches c0 = first, first + step, ...
 // (kCombineBatch chunks each) for element d of one query head (chunk c's partial at base +
-// c * stride).  Reads through L2 (the partials were written by the previous grid), a
+// c * kStride).  Reads through L2 (the partials were written by the previous grid), a
 // batch's kCombineBatch maxima, sums and values in one round trip, and merges each batch
 // online: the running sums are rescaled by e^(m_old - m_new) where a batch raises the max.
 // Within one batch this is the arithmetic of one chunk at a time against the running max
@@ -379,8 +379,9 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
 // stride G (D + 2) is a constant and h, g take no integer division. With G a runtime value
 // ptxas placed two divisions and the batch's 64-bit address arithmetic after
 // griddepcontrol.wait (it sinks index math past the wait; an empty asm pinning the values
-// before it does not stop that): ~375 instructions between the wait and the first load, now
-// ~100 (cuobjdump -sass), on the critical path of CTAs that are alone on their SMs'
+// before it does not stop that): ~375 instructions between the wait and the first load with
+// one or two thread groups (137 with four or eight), now 80-108 (cuobjdump -sass), on the
+// critical path of CTAs that are alone on their SMs'
 // schedulers. Layer chain on an H200 (RESULTS.md run Y2, position 640): -0.2 / -1.2 us an 8B
 // layer at M = 1 / 8, -1.3 / -2.7 a 32B layer.
 template <int D, int G, int kGroups>
