@@ -72,58 +72,30 @@ def scan(lines: Iterable[str]) -> list[AfterWait]:
       One :class:`AfterWait` per kernel that contains ``ACQBULK``, in listing order; kernels
       without a PDL wait are left out.
     """
-    out: list[AfterWait] = []
-    kernel: str | None = None
-    state: dict = {}
-
-    def close() -> None:
-        if kernel is not None and state.get("waited"):
-            out.append(
-                AfterWait(
-                    kernel,
-                    state["to_load"],
-                    state["first_load"],
-                    state["divisions"],
-                    state["div_before"],
-                )
-            )
-
+    # (kernel, its opcodes in listing order), one entry a listed function: a name can repeat
+    # where an executable embeds several cubins.
+    functions: list[tuple[str, list[str]]] = []
     for line in lines:
         m = _FUNCTION.search(line)
         if m:
-            close()
-            kernel = m.group(1)
-            state = {
-                "waited": False,
-                "count": 0,
-                "to_load": None,
-                "first_load": None,
-                "divisions": 0,
-                "div_before": 0,
-            }
-            continue
-        m = _INSTRUCTION.search(line)
-        if kernel is None or not m:
-            continue
-        op = m.group(1)
-        if op == "ACQBULK":
-            if not state["waited"]:
-                state["waited"] = True
-            continue
-        if not state["waited"]:
-            continue
-        if _DIVISION.match(op):
-            state["divisions"] += 1
-            if state["first_load"] is None:
-                state["div_before"] += 1
-        if state["first_load"] is None:
-            if _LOAD.match(op):
-                state["first_load"] = op
-                state["to_load"] = state["count"]
-            else:
-                state["count"] += 1
-    close()
-    return out
+            functions.append((m.group(1), []))
+        elif functions and (m := _INSTRUCTION.search(line)):
+            functions[-1][1].append(m.group(1))
+    return [_after_wait(k, ops) for k, ops in functions if "ACQBULK" in ops]
+
+
+def _after_wait(kernel: str, ops: list[str]) -> AfterWait:
+    """The :class:`AfterWait` of one kernel's opcodes (which contain ``ACQBULK``)."""
+    after = [op for op in ops[ops.index("ACQBULK") + 1 :] if op != "ACQBULK"]
+    load = next((i for i, op in enumerate(after) if _LOAD.match(op)), None)
+    divisions = [i for i, op in enumerate(after) if _DIVISION.match(op)]
+    return AfterWait(
+        kernel,
+        load,
+        None if load is None else after[load],
+        len(divisions),
+        sum(load is None or i < load for i in divisions),
+    )
 
 
 def _short(name: str) -> str:
