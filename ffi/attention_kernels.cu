@@ -36,6 +36,24 @@ __device__ __forceinline__ int ClampPos(int p, int T) { return min(max(p, 0), T 
 // acc_c.
 struct Merge {
   float m = -FLT_MAX, l = 0.f, o = 0.f;
+
+  // Raises the running max to mb (>= m), rescaling the running sums by e^(m - mb) when they
+  // hold anything.
+  __device__ __forceinline__ void RaiseMax(float mb) {
+    if (l != 0.f && mb != m) {
+      const float f = expf(m - mb);
+      l *= f;
+      o *= f;
+    }
+    m = mb;
+  }
+
+  // Adds a partial with max mc (<= m), sum lc and value oc at the running max.
+  __device__ __forceinline__ void Add(float mc, float lc, float oc) {
+    const float w = expf(mc - m);
+    l = fmaf(w, lc, l);
+    o = fmaf(w, oc, o);
+  }
 };
 
 // Merges into r the chunks c0, c0 + 1, ... < nc of batches c0 = first, first + step, ...
@@ -67,20 +85,10 @@ __device__ __forceinline__ void CombineBatches(const float* base, int nc, int d,
     float mb = r.m;
 #pragma unroll
     for (int j = 0; j < kCombineBatch; ++j) mb = fmaxf(mb, mv[j]);
-    if (r.l != 0.f && mb != r.m) {  // rescale the running sums to the new max
-      const float f = expf(r.m - mb);
-      r.l *= f;
-      r.o *= f;
-    }
-    r.m = mb;
+    r.RaiseMax(mb);
 #pragma unroll
-    for (int j = 0; j < kCombineBatch; ++j) {
-      if (c0 + j < nc) {
-        const float w = expf(mv[j] - r.m);
-        r.l = fmaf(w, lv[j], r.l);
-        r.o = fmaf(w, av[j], r.o);
-      }
-    }
+    for (int j = 0; j < kCombineBatch; ++j)
+      if (c0 + j < nc) r.Add(mv[j], lv[j], av[j]);
   }
 }
 
@@ -380,8 +388,8 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
 // ptxas placed two divisions and the batch's 64-bit address arithmetic after
 // griddepcontrol.wait (it sinks index math past the wait; an empty asm pinning the values
 // before it does not stop that): ~375 instructions between the wait and the first load with
-// one or two thread groups (137 with four or eight), now 80-108 (cuobjdump -sass), on the
-// critical path of CTAs that are alone on their SMs'
+// one or two thread groups (137 with four or eight), then 80-108 (cuobjdump -sass; 50-73 with
+// the L2 prefetch below), on the critical path of CTAs that are alone on their SMs'
 // schedulers. Layer chain on an H200 (RESULTS.md run Y2, position 640): -0.2 / -1.2 us an 8B
 // layer at M = 1 / 8, -1.3 / -2.7 a 32B layer.
 template <int D, int G, int kGroups>
@@ -394,6 +402,14 @@ __global__ void __launch_bounds__(D * kGroups) AttnCombineKernel(DecodeAttention
   const int nc = ClampPos(a.positions[b], a.T) / kChunk + 1;  // an input of the call
   constexpr int kStride = G * (D + 2);
   const float* base = a.partial + (size_t(b) * a.Hkv + h) * C * kStride + g * (D + 2);
+  // An L2 prefetch of this thread's first value (its group's first chunk, clamped into the
+  // buffer) consumes the batch's address before the wait, so ptxas computes it here, while
+  // the partial kernel still runs, instead of sinking it past the wait: 80-108 -> 50-73
+  // instructions between the wait and the first load (cuobjdump -sass). Safe before the
+  // wait: a prefetch returns nothing, and the partial kernel's stores land in L2, where they
+  // overwrite any copy fetched early. (RESULTS.md run Z1: -0.13 / -0.09 us an 8B layer at
+  // M = 1 / 8, -0.3 a 32B layer at M = 8.)
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(base + min(grp * kCombineBatch, C - 1) * kStride + d));
   rjpdl::PdlWait();  // the partials come from the previous kernel
   RJ_TIMELINE_WAITED();
   Merge r;
@@ -408,22 +424,14 @@ __global__ void __launch_bounds__(D * kGroups) AttnCombineKernel(DecodeAttention
     }
     __syncthreads();
     if (grp > 0) return;
+    // Group 0 holds chunk 0 (its sum is >= 1), so RaiseMax always rescales where the max rises.
     float mt = r.m;
 #pragma unroll
     for (int j = 0; j < kGroups - 1; ++j) mt = fmaxf(mt, sm[j][d]);
-    if (mt != r.m) {
-      const float f = expf(r.m - mt);
-      r.l *= f;
-      r.o *= f;
-    }
+    r.RaiseMax(mt);
 #pragma unroll
-    for (int j = 0; j < kGroups - 1; ++j) {
-      if (sl[j][d] != 0.f) {  // a group with chunks (every chunk's sum is >= 1)
-        const float w = expf(sm[j][d] - mt);
-        r.l = fmaf(w, sl[j][d], r.l);
-        r.o = fmaf(w, so[j][d], r.o);
-      }
-    }
+    for (int j = 0; j < kGroups - 1; ++j)
+      if (sl[j][d] != 0.f) r.Add(sm[j][d], sl[j][d], so[j][d]);  // a group with chunks
   }
   static_cast<__nv_bfloat16*>(a.out)[(size_t(b) * a.Hq + qh) * D + d] = __float2bfloat16_rn(r.o / r.l);
 }

@@ -11,7 +11,9 @@
 //    and its memory is visible.  A grid finishes only after one of its CTAs waited, so
 //    the dependency is transitive along the chain;
 //  * reads before PdlWait() touch only inputs of the whole chain (weights, scales,
-//    positions, cache slots no kernel of the chain writes).
+//    positions, cache slots no kernel of the chain writes). An L2 prefetch, which returns
+//    nothing to the thread, may name any address inside an allocation: the earlier
+//    kernel's stores land in L2 and overwrite what it fetched.
 // Without the launch attribute (or before sm_90) both instructions are no-ops, so the
 // kernels run unchanged in ordinary launches.
 #ifndef RESET_JAX_FFI_PDL_CUH_
