@@ -1,6 +1,7 @@
 // Decode attention kernels (see attention_kernels.h for the contract).
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <type_traits>
 
@@ -141,7 +142,14 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
 // kWarps warps per CTA: 8 where the grid is small (B <= 2: shorter chains per CTA, 1 CTA
 // per SM either way), 4 above (at B = 8 the live CTAs outnumber the SMs); re-measured with
 // this kernel (RESULTS.md run J8): either choice everywhere is slower somewhere.
-template <int D, int G, int kWarps>
+//
+// kLoop: the grid has fewer chunk indices than the cache has chunks (PartialGrid), and CTAs
+// loop over their chunks. Without it (every chunk its own CTA) the kernel is the one-chunk
+// code of before the cap: the same SASS for the Qwen3-8B shapes (up to one operand order),
+// a few address instructions placed differently elsewhere (cuobjdump -sass). The looping
+// code, used everywhere, had moved ptxas's placement of loads around the PDL wait and cost
+// 0.3-0.4 us a layer at M = 1 with short caches (RESULTS.md run Z7).
+template <int D, int G, int kWarps, bool kLoop>
 __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttentionArgs a) {
   constexpr int E = D / 32;                       // elements per lane, warp-per-row prologue
   constexpr int SPW = kChunk / kWarps;            // score slots per warp
@@ -155,7 +163,10 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
   using VVec = BfVec<NT>;
   // The chunk is the slowest grid index: the live CTAs (chunks at or before pos) come first
   // in launch order, the empty ones after them (they only read the position and leave).
-  const int h = blockIdx.x, b = blockIdx.y, c = blockIdx.z;
+  // The grid has at most a round of resident CTAs' worth of chunk indices (ChunkGrid), so a
+  // long cache with short rows does not launch thousands of empty CTAs; CTA z takes chunks
+  // z, z + gridDim.z, ... (one at the positions where the grid holds every chunk).
+  const int h = blockIdx.x, b = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int gi = lane / 4, tj = lane % 4;  // fragment row / column group
   RJ_TIMELINE_SCOPE(5);
@@ -163,14 +174,11 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
   const int T = a.T;
   const int raw_pos = a.positions[b];
   const int pos = ClampPos(raw_pos, T);
-  const int t0 = c * kChunk;
-  if (t0 > pos) return;  // nothing visible in this chunk; the combine kernel skips it
-  const int n = min(kChunk, pos + 1 - t0);
+  int c = blockIdx.z;
+  if (c * kChunk > pos) return;  // nothing visible in this chunk; the combine kernel skips it
   // A negative layer counts from the end (as XLA indexes); out of range is clamped.
   const int layer_raw = *a.layer;
   const int layer = min(max(layer_raw < 0 ? layer_raw + a.L : layer_raw, 0), a.L - 1);
-  // The new token's slot, if it lies in this chunk (else -1).
-  const int new_slot = (raw_pos == pos && raw_pos >= t0 && raw_pos < t0 + kChunk) ? raw_pos : -1;
 
   __shared__ __align__(16) __nv_bfloat16 qs[G][D];  // rotated queries
   __shared__ __align__(16) __nv_bfloat16 kn[D];     // the new key (rotated) and value
@@ -192,24 +200,33 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
 
   // ---- loads ----
   uint4 kr[NTS][KB];
-#pragma unroll
-  for (int nt = 0; nt < NTS; ++nt) {
-    const int j = kslot0 + 8 * nt, t = t0 + j;
-    const uint4* src = reinterpret_cast<const uint4*>(kc + t * slot_stride + 8 * tj);
-#pragma unroll
-    for (int kb = 0; kb < KB; ++kb)
-      kr[nt][kb] = (j < n && t != new_slot) ? __ldg(src + 4 * kb) : make_uint4(0, 0, 0, 0);
-  }
   VVec vr[KS][4];
+  // The cache rows of chunk c (slots t0 .. t0 + n - 1; new_slot, if in the chunk, is not
+  // read: it comes from shared memory).
+  auto load_chunk = [&](int t0, int n, int new_slot) {
 #pragma unroll
-  for (int ks = 0; ks < KS; ++ks)
+    for (int nt = 0; nt < NTS; ++nt) {
+      const int j = kslot0 + 8 * nt, t = t0 + j;
+      const uint4* src = reinterpret_cast<const uint4*>(kc + t * slot_stride + 8 * tj);
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int j = vslot(ks, q), t = t0 + j;
-      vr[ks][q] = (j < n && t != new_slot)
-                      ? __ldg(reinterpret_cast<const VVec*>(vc + t * slot_stride + vdim))
-                      : VVec{};
+      for (int kb = 0; kb < KB; ++kb)
+        kr[nt][kb] = (j < n && t != new_slot) ? __ldg(src + 4 * kb) : make_uint4(0, 0, 0, 0);
     }
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int j = vslot(ks, q), t = t0 + j;
+        vr[ks][q] = (j < n && t != new_slot)
+                        ? __ldg(reinterpret_cast<const VVec*>(vc + t * slot_stride + vdim))
+                        : VVec{};
+      }
+  };
+  // The new token's slot, if it lies in the chunk that starts at t0 (else -1).
+  auto new_slot_in = [&](int t0) {
+    return (raw_pos == pos && raw_pos >= t0 && raw_pos < t0 + kChunk) ? raw_pos : -1;
+  };
+  load_chunk(c * kChunk, min(kChunk, pos + 1 - c * kChunk), new_slot_in(c * kChunk));
   // Inputs of the whole call, not written by any kernel of the chain: read before the wait.
   const bool has_norm = a.q_norm != nullptr;
   float qw[E], kw[E], cs[E], sn[E];
@@ -269,106 +286,121 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
   }
   __syncthreads();
   RJ_TIMELINE_MARK(0);  // queries and key normalized and rotated
-  if (new_slot >= 0) {  // one CTA per (row, kv head) writes the new key and value
-    __nv_bfloat16* kw_ = static_cast<__nv_bfloat16*>(a.k_cache) + cache_off + new_slot * slot_stride;
-    __nv_bfloat16* vw_ = static_cast<__nv_bfloat16*>(a.v_cache) + cache_off + new_slot * slot_stride;
-    for (int d = threadIdx.x; d < D; d += kWarps * 32) {
-      kw_[d] = kn[d];
-      vw_[d] = vn[d];
-    }
-    // The new slot's registers come from shared memory.
-#pragma unroll
-    for (int nt = 0; nt < NTS; ++nt)
-      if (t0 + kslot0 + 8 * nt == new_slot)
-#pragma unroll
-        for (int kb = 0; kb < KB; ++kb) kr[nt][kb] = reinterpret_cast<const uint4*>(kn + 32 * kb + 8 * tj)[0];
-#pragma unroll
-    for (int ks = 0; ks < KS; ++ks)
-#pragma unroll
-      for (int q = 0; q < 4; ++q)
-        if (t0 + vslot(ks, q) == new_slot) vr[ks][q] = *reinterpret_cast<const VVec*>(vn + vdim);
-  }
-
-  // ---- scores: S[g][slot] for this warp's slots (rows g >= G are zero padding) ----
-  uint4 qa[KB];
-#pragma unroll
-  for (int kb = 0; kb < KB; ++kb)
-    qa[kb] = gi < G ? reinterpret_cast<const uint4*>(&qs[gi][32 * kb + 8 * tj])[0] : make_uint4(0, 0, 0, 0);
-#pragma unroll
-  for (int nt = 0; nt < NTS; ++nt) {
-    float s[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int kb = 0; kb < KB; ++kb) {
-      Mma(s, qa[kb].x, qa[kb].y, kr[nt][kb].x, kr[nt][kb].y);
-      Mma(s, qa[kb].z, qa[kb].w, kr[nt][kb].z, kr[nt][kb].w);
-    }
-    if (gi < G)
-      *reinterpret_cast<float2*>(&sc[gi][warp * SPW + 8 * nt + 2 * tj]) =
-          make_float2(s[0] * a.scale, s[1] * a.scale);
-  }
-  __syncthreads();
-  RJ_TIMELINE_MARK(1);  // scores
-
-  // ---- chunk softmax: max and sum per query head; sc becomes exp(s - max), 0 past n ----
-  for (int g = warp; g < G; g += kWarps) {
-    const float s0 = lane < n ? sc[g][lane] : -FLT_MAX;
-    const float s1 = lane + 32 < n ? sc[g][lane + 32] : -FLT_MAX;
-    const float m = WarpMax(fmaxf(s0, s1));
-    const float p0 = lane < n ? expf(s0 - m) : 0.f;
-    const float p1 = lane + 32 < n ? expf(s1 - m) : 0.f;
-    sc[g][lane] = p0;
-    sc[g][lane + 32] = p1;
-    const float l = WarpSum(p0 + p1);
-    if (lane == 0) {
-      mx[g] = m;
-      sm[g] = l;
-    }
-  }
-  __syncthreads();
-  RJ_TIMELINE_MARK(2);  // softmax
-
-  // ---- unnormalized P.V for this warp's dims over the chunk (zeros past n) ----
-  float o[NT][4];
-#pragma unroll
-  for (int t = 0; t < NT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
-#pragma unroll
-  for (int ks = 0; ks < KS; ++ks) {
-    uint32_t ph0 = 0, ph2 = 0, pl0 = 0, pl2 = 0;
-    if (gi < G) {
-      const float2 p0 = *reinterpret_cast<const float2*>(&sc[gi][16 * ks + 2 * tj]);
-      const float2 p2 = *reinterpret_cast<const float2*>(&sc[gi][16 * ks + 2 * tj + 8]);
-      const __nv_bfloat162 h0 = __floats2bfloat162_rn(p0.x, p0.y);
-      const __nv_bfloat162 h2 = __floats2bfloat162_rn(p2.x, p2.y);
-      ph0 = *reinterpret_cast<const uint32_t*>(&h0);
-      ph2 = *reinterpret_cast<const uint32_t*>(&h2);
-      pl0 = PackBf16(p0.x - __low2float(h0), p0.y - __high2float(h0));
-      pl2 = PackBf16(p2.x - __low2float(h2), p2.y - __high2float(h2));
-    }
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      const uint32_t b0 = Pair<NT>(vr[ks][0], vr[ks][1], t);
-      const uint32_t b1 = Pair<NT>(vr[ks][2], vr[ks][3], t);
-      Mma(o[t], ph0, ph2, b0, b1);
-      Mma(o[t], pl0, pl2, b0, b1);
-    }
-  }
-  RJ_TIMELINE_MARK(3);  // P.V (thread 0's warp)
-  // Lane 4 i + j holds row i's dims w DW + 2 j NT + (e NT + t) in o[t][e], e = 0, 1.
   const int C = NumChunks(T);
-  float* part = a.partial + ((size_t(b) * a.Hkv + h) * C + c) * size_t(G) * (D + 2);
-  if (gi < G) {
-    float* dst = part + gi * (D + 2) + warp * DW + 2 * tj * NT;
-    float v[2 * NT];
+  for (;;) {
+    const int t0 = c * kChunk;
+    const int n = min(kChunk, pos + 1 - t0);
+    const int new_slot = new_slot_in(t0);
+    if (new_slot >= 0) {  // one CTA per (row, kv head) writes the new key and value
+      __nv_bfloat16* kw_ = static_cast<__nv_bfloat16*>(a.k_cache) + cache_off + new_slot * slot_stride;
+      __nv_bfloat16* vw_ = static_cast<__nv_bfloat16*>(a.v_cache) + cache_off + new_slot * slot_stride;
+      for (int d = threadIdx.x; d < D; d += kWarps * 32) {
+        kw_[d] = kn[d];
+        vw_[d] = vn[d];
+      }
+      // The new slot's registers come from shared memory.
 #pragma unroll
-    for (int e = 0; e < 2; ++e)
+      for (int nt = 0; nt < NTS; ++nt)
+        if (t0 + kslot0 + 8 * nt == new_slot)
 #pragma unroll
-      for (int t = 0; t < NT; ++t) v[e * NT + t] = o[t][e];
+          for (int kb = 0; kb < KB; ++kb)
+            kr[nt][kb] = reinterpret_cast<const uint4*>(kn + 32 * kb + 8 * tj)[0];
 #pragma unroll
-    for (int u = 0; u < NT; ++u) reinterpret_cast<float2*>(dst)[u] = make_float2(v[2 * u], v[2 * u + 1]);
-  }
-  if (threadIdx.x < G) {
-    part[threadIdx.x * (D + 2) + D] = mx[threadIdx.x];
-    part[threadIdx.x * (D + 2) + D + 1] = sm[threadIdx.x];
+      for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+          if (t0 + vslot(ks, q) == new_slot) vr[ks][q] = *reinterpret_cast<const VVec*>(vn + vdim);
+    }
+
+    // ---- scores: S[g][slot] for this warp's slots (rows g >= G are zero padding) ----
+    // (The query fragments are read from shared memory for each chunk: held across the loop
+    // they would add 16 registers to the P.V phase.)
+    uint4 qa[KB];
+#pragma unroll
+    for (int kb = 0; kb < KB; ++kb)
+      qa[kb] = gi < G ? reinterpret_cast<const uint4*>(&qs[gi][32 * kb + 8 * tj])[0] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int nt = 0; nt < NTS; ++nt) {
+      float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int kb = 0; kb < KB; ++kb) {
+        Mma(s, qa[kb].x, qa[kb].y, kr[nt][kb].x, kr[nt][kb].y);
+        Mma(s, qa[kb].z, qa[kb].w, kr[nt][kb].z, kr[nt][kb].w);
+      }
+      if (gi < G)
+        *reinterpret_cast<float2*>(&sc[gi][warp * SPW + 8 * nt + 2 * tj]) =
+            make_float2(s[0] * a.scale, s[1] * a.scale);
+    }
+    __syncthreads();
+    RJ_TIMELINE_MARK(1);  // scores
+
+    // ---- chunk softmax: max and sum per query head; sc becomes exp(s - max), 0 past n ----
+    for (int g = warp; g < G; g += kWarps) {
+      const float s0 = lane < n ? sc[g][lane] : -FLT_MAX;
+      const float s1 = lane + 32 < n ? sc[g][lane + 32] : -FLT_MAX;
+      const float m = WarpMax(fmaxf(s0, s1));
+      const float p0 = lane < n ? expf(s0 - m) : 0.f;
+      const float p1 = lane + 32 < n ? expf(s1 - m) : 0.f;
+      sc[g][lane] = p0;
+      sc[g][lane + 32] = p1;
+      const float l = WarpSum(p0 + p1);
+      if (lane == 0) {
+        mx[g] = m;
+        sm[g] = l;
+      }
+    }
+    __syncthreads();
+    RJ_TIMELINE_MARK(2);  // softmax
+
+    // ---- unnormalized P.V for this warp's dims over the chunk (zeros past n) ----
+    float o[NT][4];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      uint32_t ph0 = 0, ph2 = 0, pl0 = 0, pl2 = 0;
+      if (gi < G) {
+        const float2 p0 = *reinterpret_cast<const float2*>(&sc[gi][16 * ks + 2 * tj]);
+        const float2 p2 = *reinterpret_cast<const float2*>(&sc[gi][16 * ks + 2 * tj + 8]);
+        const __nv_bfloat162 h0 = __floats2bfloat162_rn(p0.x, p0.y);
+        const __nv_bfloat162 h2 = __floats2bfloat162_rn(p2.x, p2.y);
+        ph0 = *reinterpret_cast<const uint32_t*>(&h0);
+        ph2 = *reinterpret_cast<const uint32_t*>(&h2);
+        pl0 = PackBf16(p0.x - __low2float(h0), p0.y - __high2float(h0));
+        pl2 = PackBf16(p2.x - __low2float(h2), p2.y - __high2float(h2));
+      }
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const uint32_t b0 = Pair<NT>(vr[ks][0], vr[ks][1], t);
+        const uint32_t b1 = Pair<NT>(vr[ks][2], vr[ks][3], t);
+        Mma(o[t], ph0, ph2, b0, b1);
+        Mma(o[t], pl0, pl2, b0, b1);
+      }
+    }
+    RJ_TIMELINE_MARK(3);  // P.V (thread 0's warp)
+    // Lane 4 i + j holds row i's dims w DW + 2 j NT + (e NT + t) in o[t][e], e = 0, 1.
+    float* part = a.partial + ((size_t(b) * a.Hkv + h) * C + c) * size_t(G) * (D + 2);
+    if (gi < G) {
+      float* dst = part + gi * (D + 2) + warp * DW + 2 * tj * NT;
+      float v[2 * NT];
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+#pragma unroll
+        for (int t = 0; t < NT; ++t) v[e * NT + t] = o[t][e];
+#pragma unroll
+      for (int u = 0; u < NT; ++u) reinterpret_cast<float2*>(dst)[u] = make_float2(v[2 * u], v[2 * u + 1]);
+    }
+    if (threadIdx.x < G) {
+      part[threadIdx.x * (D + 2) + D] = mx[threadIdx.x];
+      part[threadIdx.x * (D + 2) + D + 1] = sm[threadIdx.x];
+    }
+    if constexpr (!kLoop) break;
+    c += gridDim.z;
+    if (c * kChunk > pos) break;
+    // The next chunk: its cache rows (after the wait now), then sc, mx and sm are rewritten
+    // once every warp is past this chunk's reads of them.
+    load_chunk(c * kChunk, min(kChunk, pos + 1 - c * kChunk), new_slot_in(c * kChunk));
+    __syncthreads();
   }
 }
 
@@ -436,13 +468,35 @@ __global__ void __launch_bounds__(D * kGroups) AttnCombineKernel(DecodeAttention
   static_cast<__nv_bfloat16*>(a.out)[(size_t(b) * a.Hq + qh) * D + d] = __float2bfloat16_rn(r.o / r.l);
 }
 
+// The partial kernel's grid over (kv head, row, chunk index): every chunk of the cache, or,
+// where one round of resident CTAs (`slots`) holds fewer, slots / (Hkv B) chunk indices (at
+// least 1), each CTA looping over the chunks z, z + gridDim.z, ... at or before its row's
+// position. The launch knows the cache length T, not the positions, and a CTA whose chunk
+// lies past its row's position only reads the position and leaves; without the cap a long
+// cache with short rows launched a CTA for every chunk of T: 32768 slots at position ~640
+// cost +37 us an 8B layer at M = 8 and +0.8 at M = 1 on an H200 (RESULTS.md run Z6).
+// DecodeAttentionArgs::chunk_grid > 0 caps the chunk indices instead.
+inline dim3 PartialGrid(const DecodeAttentionArgs& a, int slots) {
+  const int chunks = NumChunks(a.T), per_chunk = a.Hkv * a.B;
+  int z = slots < 1 ? chunks : std::min(chunks, std::max(1, slots / per_chunk));
+  if (a.chunk_grid > 0) z = std::min(chunks, a.chunk_grid);
+  return dim3(a.Hkv, a.B, z);
+}
+
+template <int D, int G, int kWarps>
+cudaError_t LaunchPartial(const DecodeAttentionArgs& a, cudaStream_t stream) {
+  // The looping kernel's slots size the grid (its registers can differ from the other's).
+  const auto loop = AttnPartialKernel<D, G, kWarps, true>;
+  const dim3 grid = PartialGrid(a, rjpdl::PersistentSlots(loop, kWarps * 32));
+  if (int(grid.z) < NumChunks(a.T)) return rjpdl::Launch(loop, grid, dim3(kWarps * 32), 0, stream, a.pdl, a);
+  return rjpdl::Launch(AttnPartialKernel<D, G, kWarps, false>, grid, dim3(kWarps * 32), 0, stream,
+                       a.pdl, a);
+}
+
 template <int D, int G>
 cudaError_t Launch(const DecodeAttentionArgs& a, cudaStream_t stream) {
-  const dim3 grid(a.Hkv, a.B, NumChunks(a.T));
   const bool eight = a.partial_warps == 0 ? a.B <= 2 : a.partial_warps == 8;
-  const cudaError_t err =
-      eight ? rjpdl::Launch(AttnPartialKernel<D, G, 8>, grid, dim3(8 * 32), 0, stream, a.pdl, a)
-            : rjpdl::Launch(AttnPartialKernel<D, G, 4>, grid, dim3(4 * 32), 0, stream, a.pdl, a);
+  const cudaError_t err = eight ? LaunchPartial<D, G, 8>(a, stream) : LaunchPartial<D, G, 4>(a, stream);
   if (err != cudaSuccess) return err;
   // Thread groups of the combine: one while the cache has at most one batch of chunks, then
   // up to 512 threads (4 groups at D = 128, 8 at D = 64; 1024 threads would cap the kernel at
@@ -472,6 +526,7 @@ const char* DecodeAttentionUnsupportedReason(const DecodeAttentionArgs& a) {
   if ((a.q_norm == nullptr) != (a.k_norm == nullptr)) return "q_norm and k_norm go together";
   if (a.partial_warps != 0 && a.partial_warps != 4 && a.partial_warps != 8)
     return "partial_warps must be 0 (the library's choice), 4 or 8";
+  if (a.chunk_grid < 0) return "chunk_grid must be 0 (the library's choice) or positive";
   if (size_t(a.L) * a.B * a.T * a.Hkv * a.D >= (size_t(1) << 40)) return "cache too large";
   return nullptr;
 }

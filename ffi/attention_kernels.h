@@ -2,12 +2,14 @@
 // write of the new key and value, and grouped-query attention over cache slots 0..pos.
 //
 // Two kernels per call ("split-KV" / flash decoding):
-//   1. AttnPartialKernel, one CTA per (kv head, row, chunk of kChunk slots; the chunk is the
-//      slowest grid index, so the live chunks launch first): normalizes and
-//      rotates the row's new query heads and key (recomputed by every CTA: ~1 KB), the CTA
-//      whose chunk holds slot pos writes the new key and value into the cache (and uses
-//      them from shared memory), and every CTA writes its chunk's softmax partial (max,
-//      sum, unnormalized P.V) to a scratch.
+//   1. AttnPartialKernel, one CTA per (kv head, row, chunk index z; the chunk is the slowest
+//      grid index, so the live chunks launch first), looping over the chunks z, z + Z, ...
+//      of kChunk slots at or before the row's position, where Z, the grid's chunk indices,
+//      is every chunk of the cache or, for long caches, what one round of resident CTAs
+//      holds: normalizes and rotates the row's new query heads and key (recomputed by every
+//      CTA: ~1 KB), the CTA whose chunk holds slot pos writes the new key and value into the
+//      cache (and uses them from shared memory), and every chunk's softmax partial (max,
+//      sum, unnormalized P.V) goes to a scratch.
 //   2. AttnCombineKernel, one CTA per (query head, row): merges the chunks' partials, in
 //      batches of 16 chunks an L2 round trip, spread over up to 4 (head width 128) or 8
 //      (64) thread groups where the cache holds more than one batch (T > 1024).
@@ -56,6 +58,10 @@ struct DecodeAttentionArgs {
   // Warps a partial-kernel CTA: 0 the library's choice (8 at B <= 2, 4 above; RESULTS.md J8,
   // measured at positions 384 and 640), or 4 or 8 (A/B benchmarks, e.g. at long positions).
   int partial_warps = 0;
+  // Chunk indices of the partial kernel's grid (CTAs loop over the chunks z, z + Z, ...): 0 the
+  // library's choice (every chunk, or one round of resident CTAs where the cache has more),
+  // else at most this many (tests: attention_check runs every case at 3 too).
+  int chunk_grid = 0;
 };
 
 #ifdef __CUDACC__

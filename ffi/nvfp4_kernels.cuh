@@ -463,46 +463,8 @@ __global__ void __launch_bounds__(W * 32) GemvKernel(const KParams p) {
   RJ_TIMELINE_MARK(1);  // every tile's items and sums
 }
 
-// Resident CTAs of a kernel launched with `threads` threads and no dynamic shared memory on
-// the current device (0 if the query fails), cached per (kernel, device): the library queries
-// up to 20 GemvKernel instantiations a device (GemvShapeFor's 4 shapes and the M > 8 one, for
-// each load width and code order; a model uses ~5), so 128 entries hold 6 devices with all 20
-// before a query repeats (and a repeat only costs the query).
-template <typename Kernel>
-int PersistentSlots(Kernel kernel, int threads) {
-  struct Entry {
-    const void* fn;
-    int device;
-    int slots;
-  };
-  static thread_local Entry cache[128] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  int slots = 0;
-  for (const Entry& e : cache) {
-    if (e.fn == nullptr) break;  // filled from the front: no entry past the first empty one
-    if (e.fn == reinterpret_cast<const void*>(kernel) && e.device == device) {
-      slots = e.slots;
-      break;
-    }
-  }
-  if (slots == 0) {
-    int per_sm = 0, sms = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-        per_sm < 1) {
-      return 0;
-    }
-    slots = per_sm * sms;
-    for (Entry& e : cache) {
-      if (e.fn == nullptr) {
-        e = {reinterpret_cast<const void*>(kernel), device, slots};
-        break;
-      }
-    }
-  }
-  return slots;
-}
+// Resident CTAs of a kernel on the current device (pdl.cuh; cached per kernel and device).
+using rjpdl::PersistentSlots;
 
 // Grid size for a persistent launch: enough CTAs to fill the GPU once, spread so
 // that every CTA gets the same number of tiles (to within one).

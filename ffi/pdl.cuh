@@ -16,6 +16,8 @@
 //    kernel's stores land in L2 and overwrite what it fetched.
 // Without the launch attribute (or before sm_90) both instructions are no-ops, so the
 // kernels run unchanged in ordinary launches.
+// Also the launch helpers the chain's kernels share: Launch, the device queries, and
+// PersistentSlots (resident CTAs, for grids sized to a round of them).
 #ifndef RESET_JAX_FFI_PDL_CUH_
 #define RESET_JAX_FFI_PDL_CUH_
 
@@ -73,6 +75,48 @@ inline int DeviceCcMajor(int device) {
 inline bool DeviceSupportsPdl(int device) {
   if (device < 0 || device >= 64) return false;
   return DeviceCcMajor(device) >= 9;
+}
+
+// Resident CTAs of a kernel launched with `threads` threads and no dynamic shared memory on
+// the current device (0 if the query fails), cached per (kernel, device): the library queries
+// up to 20 GemvKernel instantiations a device (GemvShapeFor's 4 shapes and the M > 8 one, for
+// each load width and code order; a model uses ~5) and the attention's partial kernels (two a
+// head shape), so 128 entries hold several devices before a query repeats (and a repeat only
+// costs the query).
+template <typename Kernel>
+int PersistentSlots(Kernel kernel, int threads) {
+  struct Entry {
+    const void* fn;
+    int device;
+    int slots;
+  };
+  static thread_local Entry cache[128] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  int slots = 0;
+  for (const Entry& e : cache) {
+    if (e.fn == nullptr) break;  // filled from the front: no entry past the first empty one
+    if (e.fn == reinterpret_cast<const void*>(kernel) && e.device == device) {
+      slots = e.slots;
+      break;
+    }
+  }
+  if (slots == 0) {
+    int per_sm = 0, sms = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        per_sm < 1) {
+      return 0;
+    }
+    slots = per_sm * sms;
+    for (Entry& e : cache) {
+      if (e.fn == nullptr) {
+        e = {reinterpret_cast<const void*>(kernel), device, slots};
+        break;
+      }
+    }
+  }
+  return slots;
 }
 
 }  // namespace rjpdl

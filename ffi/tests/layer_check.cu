@@ -17,6 +17,10 @@
 //                           # qkv and gate+up GEMVs, side by side (DecoderLayerArgs; default
 //                           # 0,0; timeline takes one pair)
 //   RJ_BENCH_M=1,2,8 ./layer_check bench|timeline ...  # the rows benchmarked (default 1,8)
+//   RJ_BENCH_T=8192 ./layer_check bench|timeline ...  # cache slots (default 1024, at least
+//                           # the position + 41): a long cache with short rows
+//   RJ_CHUNK_GRID=49 ./layer_check bench|timeline ...  # chunk indices of the attention's
+//                           # partial-kernel grid (default: the library's choice)
 //   RJ_ATTN_WARPS=4|8 ./layer_check bench|timeline ...  # warps a CTA of the attention's
 //                           # partial kernel (default: the library's choice, 8 at M <= 2)
 //   RJ_CODES_ORDER=1 ./layer_check bench|timeline ...  # codes_order 1 (MMA word order; the
@@ -65,6 +69,9 @@ bool g_mma_order = false;
 // rjattn::DecodeAttentionArgs::partial_warps of every layer Args() builds (bench / timeline:
 // environment RJ_ATTN_WARPS, 0 / 4 / 8, default 0: the library's choice).
 int g_attn_warps = 0;
+// rjattn::DecodeAttentionArgs::chunk_grid of every layer Args() builds (environment
+// RJ_CHUNK_GRID, default 0: the library's choice).
+int g_chunk_grid = 0;
 
 // DecoderLayerArgs::{qkv,gate_up}_norm_variant of every layer Args() builds.
 int g_norm_q = 0, g_norm_g = 0;
@@ -382,6 +389,7 @@ rjlayer::DecoderLayerArgs Args(const Shape& sh, int M, const LayerBufs& w, const
   t.T = sh.T;
   t.scale = 1.f / std::sqrt(static_cast<float>(sh.Dh));
   t.partial_warps = g_attn_warps;
+  t.chunk_grid = g_chunk_grid;
   t.eps = 1e-6f;
   a.M = M;
   a.D = sh.D;
@@ -587,6 +595,7 @@ void EnqueueChain(const Shape& sh, int M, const std::vector<LayerBufs>& w, const
     std::fprintf(stderr, "RJ_ATTN_WARPS: want 0, 4 or 8\n");
     std::exit(2);
   }
+  g_chunk_grid = EnvInts("RJ_CHUNK_GRID", {0}, 0, 65535)[0];
   for (int l = 0; l < sh.L; ++l) {
     const bool even = l % 2 == 0;
     CK(rjlayer::LaunchDecoderLayer(
@@ -601,8 +610,9 @@ void EnqueueChain(const Shape& sh, int M, const std::vector<LayerBufs>& w, const
 template <typename Fn>
 void ForEachChain(Fn&& fn) {
   for (Shape sh : kChainShapes) {
-    // The cache holds 1024 slots, or more where the position asks (rows up to g_pos + 40).
-    sh.T = std::max(sh.T, (g_pos + 41 + 63) / 64 * 64);
+    // The cache holds 1024 slots (or RJ_BENCH_T), or more where the position asks (rows up
+    // to g_pos + 40).
+    sh.T = std::max({sh.T, EnvInts("RJ_BENCH_T", {0}, 0, 1 << 20)[0], (g_pos + 41 + 63) / 64 * 64});
     std::mt19937_64 rng(7);
     std::vector<LayerBufs> w;
     for (int l = 0; l < sh.L; ++l) w.push_back(MakeLayer(sh, rng, false));

@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED=1 PATH=/usr/local/cuda/bin:$PATH
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 LOG=${1:-${OUT:-/tmp/nvfp4_gpu_checks}}
 mkdir -p "$LOG"
-cd "$ROOT"
+cd "$ROOT" || exit 1
 PY=${PYTHON:-python3}
 
 echo "== build"
