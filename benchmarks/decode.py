@@ -282,12 +282,12 @@ def make_sampler(name: str):
 
 
 def compile_request(model, graphdef, params, batch: int, prompt_len: int, new_tokens: int,
-                    sampler, sync_every: int):  # fmt: skip
+                    sampler, sync_every: int, cache_len: int = 0):  # fmt: skip
     """Compiles the prefill and decode loop for one request of random prompts.
 
     Prompts are ``[batch, prompt_len]`` token ids drawn with seed ``batch``; top-p
     0.95, no stop ids, ``new_tokens`` to generate; ``sync_every`` as in
-    `decode.decode_loop`.
+    `decode.decode_loop`; a cache of ``cache_len`` slots (0: ``prompt_len + new_tokens``).
 
     Returns:
       ``(new_cache, prefill, decode)``: ``new_cache()`` an empty cache,
@@ -301,7 +301,7 @@ def compile_request(model, graphdef, params, batch: int, prompt_len: int, new_to
     knobs = dec.make_knobs(b, top_p=0.95, seed=1, stop_ids=(), max_new_tokens=new_tokens)
     ids = jnp.asarray(np.random.default_rng(b).integers(0, v, (b, prompt_len)), jnp.int32)
     lens = jnp.full((b,), prompt_len, jnp.int32)
-    max_len = prompt_len + new_tokens
+    max_len = cache_len or prompt_len + new_tokens
     pre = dec.prefill.lower(graphdef, params, ids, lens, model.init_cache(b, max_len),
                             sampler, knobs, max_new=new_tokens).compile()  # fmt: skip
     state0 = pre(params, ids, lens, model.init_cache(b, max_len), sampler, knobs)
@@ -318,11 +318,11 @@ def compile_request(model, graphdef, params, batch: int, prompt_len: int, new_to
 def run_one(model_name: str, variant: str, batches: list[int], prompt_len: int, new_tokens: int,
             repeats: int, samplers: list[str], logit_std: float = 0.0,
             syncs: tuple[int | None, ...] = (None,),
-            num_layers: int | None = None) -> dict:  # fmt: skip
+            num_layers: int | None = None, cache_len: int = 0) -> dict:  # fmt: skip
     """Builds one model variant and times it; returns a JSON-able record.
 
     Every batch is timed with every sampler and every ``sync_every`` in ``syncs``
-    (None: the library's default).
+    (None: the library's default). ``cache_len``: KV cache slots (0: prompt + new tokens).
 
     logit_std > 0: random-weight shapes get their final norm scaled so that the
     logits have that std (``set_logit_std``); 0 keeps the raw random model.
@@ -332,14 +332,16 @@ def run_one(model_name: str, variant: str, batches: list[int], prompt_len: int, 
     from reset_jax import decode as dec
 
     if variant in ANCHORS:
-        return run_anchor(model_name, variant, batches, prompt_len, new_tokens, repeats, num_layers)
+        return run_anchor(model_name, variant, batches, prompt_len, new_tokens, repeats, num_layers,
+                          cache_len)  # fmt: skip
     model, graphdef, params, rec = build(model_name, variant, logit_std, num_layers)
+    rec["cache_len"] = cache_len or prompt_len + new_tokens
     syncs = [dec.DEFAULT_SYNC_EVERY if x is None else x for x in syncs]
     for b, sampler_name, sync in itertools.product(batches, samplers, syncs):
         sampler = make_sampler(sampler_name)
         tc = time.perf_counter()
         new_cache, prefill, decode = compile_request(
-            model, graphdef, params, b, prompt_len, new_tokens, sampler, sync
+            model, graphdef, params, b, prompt_len, new_tokens, sampler, sync, cache_len
         )
         compile_s = time.perf_counter() - tc
         prefill_t, decode_t, steps = [], [], None
@@ -383,7 +385,8 @@ def run_one(model_name: str, variant: str, batches: list[int], prompt_len: int, 
 
 
 def run_anchor(model_name: str, variant: str, batches: list[int], prompt_len: int,
-               new_tokens: int, repeats: int, num_layers: int | None = None) -> dict:  # fmt: skip
+               new_tokens: int, repeats: int, num_layers: int | None = None,
+               cache_len: int = 0) -> dict:  # fmt: skip
     """Times the plain BF16 step of ``benchmarks/anchor.py`` like ``run_one`` times a variant.
 
     The weights are the ``bf16`` variant's, copied into the anchor's plain arrays. Per
@@ -405,11 +408,12 @@ def run_anchor(model_name: str, variant: str, batches: list[int], prompt_len: in
     del model, graphdef, lib_params  # the library's copies of the weights re-laid out
     jax.block_until_ready(params)
     # logit_std None: the greedy step's logits are not scaled (no sampler reads them)
-    rec.update(variant=variant, weight_bytes=_tree_bytes(params), layout=layout, logit_std=None)
+    rec.update(variant=variant, weight_bytes=_tree_bytes(params), layout=layout, logit_std=None,
+               cache_len=cache_len or prompt_len + new_tokens)  # fmt: skip
     step = anchor.make_step(config, layout)
     steps = new_tokens - 1
     for b in batches:
-        cache = anchor.init_cache(config, b, prompt_len + new_tokens, dtype)
+        cache = anchor.init_cache(config, b, cache_len or prompt_len + new_tokens, dtype)
         rng = np.random.default_rng(b)
         tokens = jnp.asarray(rng.integers(0, config.vocab_size, b), jnp.int32)
         tc = time.perf_counter()
@@ -541,6 +545,13 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
+        "--cache-len",
+        type=int,
+        default=0,
+        help="KV cache slots (0: prompt + new tokens); a long cache with short rows is what "
+        "generate() allocates for a large max_new_tokens",
+    )
+    p.add_argument(
         "--logit-std",
         type=float,
         default=7.0,
@@ -553,13 +564,16 @@ def main(argv=None):
     p.add_argument("--logs", default="", help="folder for each variant process's stderr (XLA logs)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: MODEL:VARIANT in this process
     a = p.parse_args(argv)
+    if a.cache_len and a.cache_len < a.prompt_len + a.new_tokens:
+        p.error(f"--cache-len {a.cache_len} holds fewer slots than the prompt and the new "
+                f"tokens ({a.prompt_len} + {a.new_tokens})")  # fmt: skip
     batches = [int(x) for x in a.batch.split(",")]
     samplers = a.samplers.split(",")
     syncs = tuple(int(x) for x in a.sync_every.split(",")) if a.sync_every else (None,)
     if a.one:
         model, variant = a.one.split(":")
         rec = run_one(model, variant, batches, a.prompt_len, a.new_tokens, a.repeats, samplers,
-                      a.logit_std, syncs, a.num_layers)  # fmt: skip
+                      a.logit_std, syncs, a.num_layers, a.cache_len)  # fmt: skip
         print("RECORD " + json.dumps(rec), flush=True)
         return
     records = []
@@ -574,7 +588,8 @@ def main(argv=None):
             cmd = [sys.executable, __file__, "--one", f"{model}:{variant}", "--batch", a.batch,
                    "--samplers", samplers_v, "--prompt-len", str(a.prompt_len),
                    "--new-tokens", str(a.new_tokens), "--repeats", str(a.repeats),
-                   "--logit-std", str(a.logit_std), "--sync-every", a.sync_every]  # fmt: skip
+                   "--logit-std", str(a.logit_std), "--sync-every", a.sync_every,
+                   "--cache-len", str(a.cache_len)]  # fmt: skip
             if a.num_layers is not None:
                 cmd += ["--num-layers", str(a.num_layers)]
             print(f"== {model} {variant}", file=sys.stderr, flush=True)

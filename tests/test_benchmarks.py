@@ -147,6 +147,23 @@ def test_decode_benchmark_without_layers(tmp_path):
     assert "| tiny (0 layers) | bf16 | 1 | reset |" in res.stdout
 
 
+def test_decode_benchmark_cache_len():
+    """--cache-len sizes the KV cache (a long cache with short rows, as generate() allocates)
+    and is recorded; a cache too short for the prompt and the new tokens is refused."""
+    bench = _load_bench("decode")
+    rec = bench.run_one("tiny", "bf16", [1], prompt_len=4, new_tokens=3, repeats=1,
+                        samplers=["reset"], cache_len=48)  # fmt: skip
+    assert rec["cache_len"] == 48 and rec["results"][0]["steps"] == 2
+    model, graphdef, params, _ = bench.build("tiny", "bf16", 0.0, None)
+    new_cache, _, _ = bench.compile_request(model, graphdef, params, 1, 4, 3,
+                                            bench.make_sampler("reset"), 1, cache_len=48)  # fmt: skip
+    assert new_cache().k.shape[2] == 48
+    assert bench.run_one("tiny", "bf16", [1], 4, 3, 1, ["reset"])["cache_len"] == 7
+    with pytest.raises(SystemExit):
+        bench.main(["--models", "tiny", "--prompt-len", "8", "--new-tokens", "4",
+                    "--cache-len", "11"])  # fmt: skip
+
+
 def _llama_tiny():
     return dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=64,
                 intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
