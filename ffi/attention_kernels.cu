@@ -1,7 +1,6 @@
 // Decode attention kernels (see attention_kernels.h for the contract).
 #include <cuda_bf16.h>
 
-#include <algorithm>
 #include <cfloat>
 #include <type_traits>
 
@@ -126,7 +125,7 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
 }
 
 // All global loads are issued first (cache rows of this chunk, the new rows, cos / sin),
-// so a CTA waits for memory about once.  Both products run on tensor cores (mma.sync
+// so a CTA waits for memory about once a chunk.  Both products run on tensor cores (mma.sync
 // m16n8k16, float32 accumulation; the G query rows padded to 16):
 // * scores S = Q K^T: warp w takes slots [w SPW, (w + 1) SPW) of the chunk, all D dims.  The
 //   dot product does not depend on the order of its terms' dims, so lane 4 i + j loads 16
@@ -163,7 +162,7 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
   using VVec = BfVec<NT>;
   // The chunk is the slowest grid index: the live CTAs (chunks at or before pos) come first
   // in launch order, the empty ones after them (they only read the position and leave).
-  // The grid has at most a round of resident CTAs' worth of chunk indices (ChunkGrid), so a
+  // The grid has about a round of resident CTAs' worth of chunk indices (PartialGrid), so a
   // long cache with short rows does not launch thousands of empty CTAs; CTA z takes chunks
   // z, z + gridDim.z, ... (one at the positions where the grid holds every chunk).
   const int h = blockIdx.x, b = blockIdx.y;
@@ -468,19 +467,9 @@ __global__ void __launch_bounds__(D * kGroups) AttnCombineKernel(DecodeAttention
   static_cast<__nv_bfloat16*>(a.out)[(size_t(b) * a.Hq + qh) * D + d] = __float2bfloat16_rn(r.o / r.l);
 }
 
-// The partial kernel's grid over (kv head, row, chunk index): every chunk of the cache, or,
-// where one round of resident CTAs (`slots`) holds fewer, slots / (Hkv B) chunk indices (at
-// least 1), each CTA looping over the chunks z, z + gridDim.z, ... at or before its row's
-// position. The launch knows the cache length T, not the positions, and a CTA whose chunk
-// lies past its row's position only reads the position and leaves; without the cap a long
-// cache with short rows launched a CTA for every chunk of T: 32768 slots at position ~640
-// cost +37 us an 8B layer at M = 8 and +0.8 at M = 1 on an H200 (RESULTS.md run Z6).
-// DecodeAttentionArgs::chunk_grid > 0 caps the chunk indices instead.
+// The partial kernel's grid (PartialChunkIndices in attention_kernels.h chooses its z).
 inline dim3 PartialGrid(const DecodeAttentionArgs& a, int slots) {
-  const int chunks = NumChunks(a.T), per_chunk = a.Hkv * a.B;
-  int z = slots < 1 ? chunks : std::min(chunks, std::max(1, slots / per_chunk));
-  if (a.chunk_grid > 0) z = std::min(chunks, a.chunk_grid);
-  return dim3(a.Hkv, a.B, z);
+  return dim3(a.Hkv, a.B, PartialChunkIndices(a.T, a.Hkv * a.B, slots, a.chunk_grid));
 }
 
 template <int D, int G, int kWarps>

@@ -6,10 +6,11 @@
 //      grid index, so the live chunks launch first), looping over the chunks z, z + Z, ...
 //      of kChunk slots at or before the row's position, where Z, the grid's chunk indices,
 //      is every chunk of the cache or, for long caches, what one round of resident CTAs
-//      holds: normalizes and rotates the row's new query heads and key (recomputed by every
-//      CTA: ~1 KB), the CTA whose chunk holds slot pos writes the new key and value into the
-//      cache (and uses them from shared memory), and every chunk's softmax partial (max,
-//      sum, unnormalized P.V) goes to a scratch.
+//      holds (but at least a 16th of the chunks: no CTA takes more than 16): normalizes and
+//      rotates the row's new query heads and key (recomputed by every CTA: ~1 KB), the CTA
+//      whose chunk holds slot pos writes the new key and value into the cache (and uses
+//      them from shared memory), and every chunk's softmax partial (max, sum, unnormalized
+//      P.V) goes to a scratch.
 //   2. AttnCombineKernel, one CTA per (query head, row): merges the chunks' partials, in
 //      batches of 16 chunks an L2 round trip, spread over up to 4 (head width 128) or 8
 //      (64) thread groups where the cache holds more than one batch (T > 1024).
@@ -25,7 +26,7 @@
 
 namespace rjattn {
 
-constexpr int kChunk = 64;     // cache slots per CTA of the partial kernel
+constexpr int kChunk = 64;     // cache slots per pass of a partial-kernel CTA
 constexpr int kMaxGroup = 8;   // query heads per kv head
 
 struct DecodeAttentionArgs {
@@ -59,8 +60,9 @@ struct DecodeAttentionArgs {
   // measured at positions 384 and 640), or 4 or 8 (A/B benchmarks, e.g. at long positions).
   int partial_warps = 0;
   // Chunk indices of the partial kernel's grid (CTAs loop over the chunks z, z + Z, ...): 0 the
-  // library's choice (every chunk, or one round of resident CTAs where the cache has more),
-  // else at most this many (tests: attention_check runs every case at 3 too).
+  // library's choice (every chunk, or one round of resident CTAs, at least chunks / 16, where
+  // the cache has more), else at most this many (tests: attention_check runs every case at 3,
+  // and at 65535, the one-chunk kernel, too).
   int chunk_grid = 0;
 };
 
@@ -70,6 +72,37 @@ struct DecodeAttentionArgs {
 #define RJATTN_HD
 #endif
 RJATTN_HD inline int NumChunks(int T) { return (T + kChunk - 1) / kChunk; }
+
+// Chunk indices (z) of the partial kernel's grid over (kv head, row, chunk index): every chunk
+// of the cache, or, where one round of resident CTAs (`slots`) holds fewer, slots / (Hkv B)
+// chunk indices, but
+// at least ceil(chunks / kMaxChunkPasses), each CTA looping over the chunks z, z + gridDim.z,
+// ... at or before its row's position. The launch knows the cache length T, not the
+// positions, and a CTA whose chunk lies past its row's position only reads the position and
+// leaves; without the cap a long cache with short rows launched a CTA for every chunk of T:
+// 32768 slots at position ~640 cost +37 us an 8B layer at M = 8 and +0.8 at M = 1 on an H200
+// (RESULTS.md run Z6). The floor bounds a CTA's serial passes where the rows differ in length:
+// every row gets the same chunk indices, so with one round's worth a single long row among
+// short ones would walk its chunks on a few CTAs (B = 8, T = 32768, one row at the end: 64
+// passes a CTA, where the uncapped grid spread that row's 4096 CTAs over ~8 rounds of every
+// slot); with the floor it takes at most 16 passes, each without the first pass's prologue.
+// (Measured on an H200, RESULTS.md runs Z7, Z8, with one round's worth and no floor. The floor
+// is not yet measured: where it binds it adds empty CTAs, at T = 32768 and B = 8 2048 instead
+// of 512, predicted ~+1.5 us an 8B layer from Z6's ~1 us for 1000 empty CTAs.)
+// `per_chunk` = Hkv B CTAs a chunk index; `slots` = resident CTAs (< 1: unknown, every chunk);
+// chunk_grid > 0 (DecodeAttentionArgs::chunk_grid) caps the chunk indices instead. Host-side
+// arithmetic only (tests/test_attention_grid.py checks it on the CPU).
+constexpr int kMaxChunkPasses = 16;
+inline int PartialChunkIndices(int T, int per_chunk, int slots, int chunk_grid) {
+  const int chunks = NumChunks(T);
+  if (chunk_grid > 0) return chunks < chunk_grid ? chunks : chunk_grid;
+  if (slots < 1 || per_chunk < 1) return chunks;
+  int z = slots / per_chunk;
+  const int fewest = (chunks + kMaxChunkPasses - 1) / kMaxChunkPasses;  // the passes' bound
+  if (z < fewest) z = fewest;
+  if (z < 1) z = 1;
+  return z < chunks ? z : chunks;
+}
 
 // Why these shapes cannot run (a message), or nullptr.
 const char* DecodeAttentionUnsupportedReason(const DecodeAttentionArgs& a);

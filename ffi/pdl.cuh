@@ -78,11 +78,12 @@ inline bool DeviceSupportsPdl(int device) {
 }
 
 // Resident CTAs of a kernel launched with `threads` threads and no dynamic shared memory on
-// the current device (0 if the query fails), cached per (kernel, device): the library queries
-// up to 20 GemvKernel instantiations a device (GemvShapeFor's 4 shapes and the M > 8 one, for
-// each load width and code order; a model uses ~5) and the attention's partial kernels (two a
-// head shape), so 128 entries hold several devices before a query repeats (and a repeat only
-// costs the query).
+// the current device (0 if the query fails), cached per (kernel, device) in a table of 128
+// entries for each kernel signature: the GEMVs' table sees up to 20 GemvKernel
+// instantiations a device (GemvShapeFor's 4 shapes and the M > 8 one, for each load width and
+// code order; a model uses ~5), the attention's a looping partial kernel for each warp count
+// of a head shape, so the tables hold several devices before a query repeats (and a repeat
+// only costs the query).
 template <typename Kernel>
 int PersistentSlots(Kernel kernel, int threads) {
   struct Entry {

@@ -3,9 +3,9 @@
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/attention_check.cu ffi/attention_kernels.cu \
 //        -o attention_check
-//   ./attention_check           # every case (each with the library's grid and with the
-//                               # partial kernel's grid capped at 3 chunk indices, which must
-//                               # give the same bits); exit code 0 only if all passed
+//   ./attention_check           # every case (each with the library's grid, the partial
+//                               # kernel's grid capped at 3 chunk indices and uncapped, which
+//                               # must give the same bits); exit code 0 only if all passed
 //   ./attention_check quick     # fewer cases (for the sanitizers)
 //
 // Each case: random bf16 q/k/v, norm weights, caches and float32 cos/sin (never zeros),
@@ -138,7 +138,7 @@ bool Run(const Case& c, uint32_t seed, int chunk_grid, std::vector<uint16_t>* bi
   std::vector<uint16_t> got(out);
   got.insert(got.end(), kc2.begin(), kc2.end());
   got.insert(got.end(), vc2.begin(), vc2.end());
-  const bool same_bits = bits->empty() || *bits == got;
+  const bool same_bits = bits->empty() || *bits == got;  // (a run that failed early leaves it empty)
   if (bits->empty()) *bits = std::move(got);
   for (void* p : {dq, dqn, dkn, dkc, dvc, dout}) CK(cudaFree(p));
   for (float* p : {dcs, dsn, dpart}) CK(cudaFree(p));
@@ -269,15 +269,16 @@ int main(int argc, char** argv) {
     cases.push_back({2, 32, 8, 128, 1, 1025, 0, true, 95});
     cases.push_back({3, 16, 4, 64, 2, 2048, 1, true, 98, true});
   }
-  // Every case twice: with the library's grid, then with the partial kernel's grid capped at
-  // 3 chunk indices (CTAs loop over chunks z, z + 3, ...; the new slot in any pass), which
-  // must give the same bits.
+  // Every case three times: with the library's grid, with the partial kernel's grid capped at
+  // 3 chunk indices (CTAs loop over chunks z, z + 3, ...; the new slot in any pass), and with
+  // a chunk index for every chunk (the one-chunk kernel, where the library's grid loops), which
+  // must all give the same bits.
   int failed = 0, runs = 0;
   double worst = 0;
   for (size_t i = 0; i < cases.size(); ++i) {
     const uint32_t seed = cases[i].seed ? cases[i].seed : 77 + uint32_t(i);
     std::vector<uint16_t> bits;
-    for (int chunk_grid : {0, 3}) {
+    for (int chunk_grid : {0, 3, 65535}) {
       failed += !Run(cases[i], seed, chunk_grid, &bits, &worst);
       ++runs;
     }
