@@ -19,6 +19,8 @@
 //   RJ_BENCH_M=1,2,8 ./layer_check bench|timeline ...  # the rows benchmarked (default 1,8)
 //   RJ_BENCH_T=8192 ./layer_check bench|timeline ...  # cache slots (default 1024, at least
 //                           # the position + 41): a long cache with short rows
+//   RJ_BENCH_LONG_ROW=32767 ./layer_check bench|timeline ...  # row 0 at that position, the
+//                           # others near pos (rows of different lengths; the cache grows to hold it)
 //   RJ_CHUNK_GRID=49 ./layer_check bench|timeline ...  # chunk indices of the attention's
 //                           # partial-kernel grid (default: the library's choice)
 //   RJ_ATTN_WARPS=4|8 ./layer_check bench|timeline ...  # warps a CTA of the attention's
@@ -301,7 +303,9 @@ struct Io {
   size_t scratch_bytes, cache_bytes;
 };
 
-Io MakeIo(const Shape& sh, int M, std::mt19937_64& rng, int pos_lo, int pos_hi) {
+// Rows' positions drawn in [pos_lo, pos_hi]; long_row > 0 puts row 0 at long_row instead (a
+// batch of rows of different lengths). Positions are clamped to the cache.
+Io MakeIo(const Shape& sh, int M, std::mt19937_64& rng, int pos_lo, int pos_hi, int long_row = 0) {
   Io io;
   const size_t act = size_t(M) * sh.D * 2;
   io.x = DevAlloc<void>(act);
@@ -319,6 +323,7 @@ Io MakeIo(const Shape& sh, int M, std::mt19937_64& rng, int pos_lo, int pos_hi) 
   std::vector<int32_t> pos(M);
   std::uniform_int_distribution<int> dp(pos_lo, pos_hi);
   for (int m = 0; m < M; ++m) pos[m] = std::min(dp(rng), sh.T - 1);
+  if (long_row > 0) pos[0] = std::min(long_row, sh.T - 1);
   for (int m = 0; m < M; ++m)
     for (int f = 0; f < sh.Dh / 2; ++f) {
       const double a = pos[m] * std::pow(1e6, -2.0 * f / sh.Dh);
@@ -610,15 +615,17 @@ void EnqueueChain(const Shape& sh, int M, const std::vector<LayerBufs>& w, const
 template <typename Fn>
 void ForEachChain(Fn&& fn) {
   for (Shape sh : kChainShapes) {
-    // The cache holds 1024 slots (or RJ_BENCH_T), or more where the position asks (rows up
-    // to g_pos + 40).
-    sh.T = std::max({sh.T, EnvInts("RJ_BENCH_T", {0}, 0, 1 << 20)[0], (g_pos + 41 + 63) / 64 * 64});
+    // The cache holds 1024 slots (or RJ_BENCH_T), or more where the positions ask (rows up
+    // to g_pos + 40; RJ_BENCH_LONG_ROW: row 0 there instead, the others near g_pos).
+    const int long_row = EnvInts("RJ_BENCH_LONG_ROW", {0}, 0, 1 << 20)[0];
+    sh.T = std::max({sh.T, EnvInts("RJ_BENCH_T", {0}, 0, 1 << 20)[0], (g_pos + 41 + 63) / 64 * 64,
+                     (long_row + 1 + 63) / 64 * 64});
     std::mt19937_64 rng(7);
     std::vector<LayerBufs> w;
     for (int l = 0; l < sh.L; ++l) w.push_back(MakeLayer(sh, rng, false));
     for (int M : EnvInts("RJ_BENCH_M", {1, 8}, 1, 16)) {
       const int lo = std::max(g_pos - 40, 0);
-      Io io = MakeIo(sh, M, rng, lo, std::max(g_pos + 40, lo));
+      Io io = MakeIo(sh, M, rng, lo, std::max(g_pos + 40, lo), long_row);
       fn(sh, M, w, io);
       FreeIo(io);
     }
