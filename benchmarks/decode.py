@@ -334,8 +334,9 @@ def run_one(model_name: str, variant: str, batches: list[int], prompt_len: int, 
     if variant in ANCHORS:
         return run_anchor(model_name, variant, batches, prompt_len, new_tokens, repeats, num_layers,
                           cache_len)  # fmt: skip
+    cache_len = cache_len or prompt_len + new_tokens
     model, graphdef, params, rec = build(model_name, variant, logit_std, num_layers)
-    rec["cache_len"] = cache_len or prompt_len + new_tokens
+    rec["cache_len"] = cache_len
     syncs = [dec.DEFAULT_SYNC_EVERY if x is None else x for x in syncs]
     for b, sampler_name, sync in itertools.product(batches, samplers, syncs):
         sampler = make_sampler(sampler_name)
@@ -408,12 +409,13 @@ def run_anchor(model_name: str, variant: str, batches: list[int], prompt_len: in
     del model, graphdef, lib_params  # the library's copies of the weights re-laid out
     jax.block_until_ready(params)
     # logit_std None: the greedy step's logits are not scaled (no sampler reads them)
+    cache_len = cache_len or prompt_len + new_tokens
     rec.update(variant=variant, weight_bytes=_tree_bytes(params), layout=layout, logit_std=None,
-               cache_len=cache_len or prompt_len + new_tokens)  # fmt: skip
+               cache_len=cache_len)  # fmt: skip
     step = anchor.make_step(config, layout)
     steps = new_tokens - 1
     for b in batches:
-        cache = anchor.init_cache(config, b, cache_len or prompt_len + new_tokens, dtype)
+        cache = anchor.init_cache(config, b, cache_len, dtype)
         rng = np.random.default_rng(b)
         tokens = jnp.asarray(rng.integers(0, config.vocab_size, b), jnp.int32)
         tc = time.perf_counter()
