@@ -200,9 +200,14 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
   // ---- loads ----
   uint4 kr[NTS][KB];
   VVec vr[KS][4];
-  // The cache rows of chunk c (slots t0 .. t0 + n - 1; new_slot, if in the chunk, is not
-  // read: it comes from shared memory).
-  auto load_chunk = [&](int t0, int n, int new_slot) {
+  // The new token's slot, if it lies in the chunk that starts at t0 (else -1).
+  auto new_slot_in = [&](int t0) {
+    return (raw_pos == pos && raw_pos >= t0 && raw_pos < t0 + kChunk) ? raw_pos : -1;
+  };
+  // The cache rows of chunk c: its slots t0 = 64 c .. up to pos (the new slot, if in the
+  // chunk, is not read: it comes from shared memory).
+  auto load_chunk = [&](int c) {
+    const int t0 = c * kChunk, n = min(kChunk, pos + 1 - t0), new_slot = new_slot_in(t0);
 #pragma unroll
     for (int nt = 0; nt < NTS; ++nt) {
       const int j = kslot0 + 8 * nt, t = t0 + j;
@@ -221,11 +226,7 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
                         : VVec{};
       }
   };
-  // The new token's slot, if it lies in the chunk that starts at t0 (else -1).
-  auto new_slot_in = [&](int t0) {
-    return (raw_pos == pos && raw_pos >= t0 && raw_pos < t0 + kChunk) ? raw_pos : -1;
-  };
-  load_chunk(c * kChunk, min(kChunk, pos + 1 - c * kChunk), new_slot_in(c * kChunk));
+  load_chunk(c);
   // Inputs of the whole call, not written by any kernel of the chain: read before the wait.
   const bool has_norm = a.q_norm != nullptr;
   float qw[E], kw[E], cs[E], sn[E];
@@ -398,7 +399,7 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
     if (c * kChunk > pos) break;
     // The next chunk: its cache rows (after the wait now), then sc, mx and sm are rewritten
     // once every warp is past this chunk's reads of them.
-    load_chunk(c * kChunk, min(kChunk, pos + 1 - c * kChunk), new_slot_in(c * kChunk));
+    load_chunk(c);
     __syncthreads();
   }
 }
