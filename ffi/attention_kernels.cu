@@ -138,18 +138,20 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
 //   probabilities enter as bf16 hi + lo (two products, ~2^-17 relative): near-float32
 //   accuracy, close to the FFMA kernel's float32.
 //
-// kWarps warps per CTA: 8 where the grid is small (B <= 2: shorter chains per CTA, 1 CTA
-// per SM either way), 4 above (at B = 8 the live CTAs outnumber the SMs); re-measured with
-// this kernel (RESULTS.md run J8): either choice everywhere is slower somewhere.
+// kWarps warps per CTA: 8 where the grid is small (shorter chains per CTA), 4 where the live
+// CTAs outnumber the SMs' slots (PartialWarps in attention_kernels.h says when).
 //
 // kLoop: the grid has fewer chunk indices than the cache has chunks (PartialGrid), and CTAs
-// loop over their chunks. Without it (every chunk its own CTA) the kernel is the one-chunk
-// code of before the cap: the same SASS for the Qwen3-8B shapes (up to one operand order),
-// a few address instructions placed differently elsewhere (cuobjdump -sass). The looping
-// code, used everywhere, had moved ptxas's placement of loads around the PDL wait and cost
-// 0.3-0.4 us a layer at M = 1 with short caches (RESULTS.md run Z7).
+// loop over their chunks, merging them online into one partial a CTA (the combine then
+// reads one a CTA instead of one a chunk: at 30000 positions an 8B layer's M = 1 / 8 time
+// 99.7 / 346.5 -> 86.3 / 317.4 us, 32B M = 8 475.5 -> 389.5; RESULTS.md AA4). Without it
+// (every chunk its own CTA) the kernel is the one-chunk code of before the cap: the same SASS
+// for the Qwen3-8B shapes (up to one operand order), a few address instructions placed
+// differently elsewhere (cuobjdump -sass). The looping code, used everywhere, had moved
+// ptxas's placement of loads around the PDL wait and cost 0.3-0.4 us a layer at M = 1 with
+// short caches (RESULTS.md run Z7).
 template <int D, int G, int kWarps, bool kLoop>
-__global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttentionArgs a) {
+__device__ __forceinline__ void AttnPartial(const DecodeAttentionArgs& a) {
   constexpr int E = D / 32;                       // elements per lane, warp-per-row prologue
   constexpr int SPW = kChunk / kWarps;            // score slots per warp
   constexpr int NTS = SPW / 8;                    // score n-tiles per warp
@@ -287,6 +289,29 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
   __syncthreads();
   RJ_TIMELINE_MARK(0);  // queries and key normalized and rotated
   const int C = NumChunks(T);
+  // Chunk index z's partial: o (the unnormalized P.V fragments, [t][e] with e < 2 row gi's)
+  // and each row's max and sum (m_[g], l_[g] for g < G) into the scratch at index z.
+  auto StorePartial = [&](int z, const auto& o, const float* m_, const float* l_) {
+    float* part = a.partial + ((size_t(b) * a.Hkv + h) * C + z) * size_t(G) * (D + 2);
+    if (gi < G) {
+      float* dst = part + gi * (D + 2) + warp * DW + 2 * tj * NT;
+      float v[2 * NT];
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+#pragma unroll
+        for (int t = 0; t < NT; ++t) v[e * NT + t] = o[t][e];
+#pragma unroll
+      for (int u = 0; u < NT; ++u) reinterpret_cast<float2*>(dst)[u] = make_float2(v[2 * u], v[2 * u + 1]);
+    }
+    if (threadIdx.x < G) {
+      part[threadIdx.x * (D + 2) + D] = m_[threadIdx.x];
+      part[threadIdx.x * (D + 2) + D + 1] = l_[threadIdx.x];
+    }
+  };
+  // The looping kernel merges its chunks (z, z + Z, ...) online into one partial a CTA, at
+  // index z: the combine reads Z partials instead of one a chunk. A CTA with one chunk
+  // stores that chunk's values bit for bit (the first merge multiplies by 0 and 1).
+  float acc[NT][2] = {}, run_m = -FLT_MAX, run_l = 0.f;
   for (;;) {
     const int t0 = c * kChunk;
     const int n = min(kChunk, pos + 1 - t0);
@@ -379,22 +404,19 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
     }
     RJ_TIMELINE_MARK(3);  // P.V (thread 0's warp)
     // Lane 4 i + j holds row i's dims w DW + 2 j NT + (e NT + t) in o[t][e], e = 0, 1.
-    float* part = a.partial + ((size_t(b) * a.Hkv + h) * C + c) * size_t(G) * (D + 2);
-    if (gi < G) {
-      float* dst = part + gi * (D + 2) + warp * DW + 2 * tj * NT;
-      float v[2 * NT];
+    if constexpr (!kLoop) {
+      StorePartial(c, o, mx, sm);
+      break;
+    } else if (gi < G) {  // merged into this CTA's running partial (copied at the first pass)
+      const float mc = mx[gi], lc = sm[gi], mn = fmaxf(run_m, mc);
+      const float fr = expf(run_m - mn), fc = expf(mc - mn);  // 0 and 1 at the first pass
 #pragma unroll
-      for (int e = 0; e < 2; ++e)
+      for (int t = 0; t < NT; ++t)
 #pragma unroll
-        for (int t = 0; t < NT; ++t) v[e * NT + t] = o[t][e];
-#pragma unroll
-      for (int u = 0; u < NT; ++u) reinterpret_cast<float2*>(dst)[u] = make_float2(v[2 * u], v[2 * u + 1]);
+        for (int e = 0; e < 2; ++e) acc[t][e] = acc[t][e] * fr + o[t][e] * fc;
+      run_l = run_l * fr + lc * fc;
+      run_m = mn;
     }
-    if (threadIdx.x < G) {
-      part[threadIdx.x * (D + 2) + D] = mx[threadIdx.x];
-      part[threadIdx.x * (D + 2) + D + 1] = sm[threadIdx.x];
-    }
-    if constexpr (!kLoop) break;
     c += gridDim.z;
     if (c * kChunk > pos) break;
     // The next chunk: its cache rows (after the wait now), then sc, mx and sm are rewritten
@@ -402,18 +424,44 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
     load_chunk(c);
     __syncthreads();
   }
+  if constexpr (kLoop) {
+    // Every warp holds the same running max and sum of row gi; warp 0's lanes 4 gi store them.
+    __syncthreads();  // every warp is past its reads of mx and sm
+    if (warp == 0 && tj == 0 && gi < G) {
+      mx[gi] = run_m;
+      sm[gi] = run_l;
+    }
+    __syncthreads();
+    StorePartial(blockIdx.z, acc, mx, sm);
+  }
+}
+
+// The one-chunk kernel keeps launch bounds without a CTA count: ptxas's choice there (80
+// registers at 8 warps, 128 at 4, D = 128) is the measured code, and a minimum of one CTA an
+// SM would let it take up to 156. The looping kernel names its CTAs an SM (3 at 8 warps: at
+// most 80 registers; 4 at 4 warps: 128), the occupancy its grid's rounds are counted in; left
+// to itself ptxas took 104 registers at D = 128, G = 8 with 8 warps (two CTAs an SM).
+template <int D, int G, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttentionArgs a) {
+  AttnPartial<D, G, kWarps, false>(a);
+}
+template <int D, int G, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32, kWarps == 8 ? 3 : 4) AttnPartialLoopKernel(DecodeAttentionArgs a) {
+  AttnPartial<D, G, kWarps, true>(a);
 }
 
 // One CTA of kGroups x D threads per (query head, row): out = sum_c e^(m_c - M) acc_c /
-// sum_c e^(m_c - M) l_c.  Thread group j (D threads, one a dim) merges batches j, j +
-// kGroups, ... of kCombineBatch chunks (CombineBatches), so a long cache costs ceil(batches /
-// kGroups) serial L2 round trips instead of one a batch; then group 0 merges the groups'
-// results in group order through shared memory.  With one batch (up to 16 chunks, position
-// 1023) the groups past the first hold nothing and are skipped: the arithmetic is the single
-// group's, bit for bit.  The launch takes kGroups = 1 while the cache has at most
-// 16 chunks (T <= 1024), so short caches pay no barrier.  (Layer chain on an H200, M = 1,
-// RESULTS.md run X3: -2.2 / -2.7 us an 8B / 32B layer at position 4000, -5.0 / -5.1 at
-// 8000, unchanged at 640.)
+// sum_c e^(m_c - M) l_c over the row's partials c (one a chunk, or one a looping partial
+// CTA: `parts` of them, the partial grid's chunk indices).  Thread group j (D threads, one a
+// dim) merges batches j, j + kGroups, ... of kCombineBatch partials (CombineBatches), so many
+// partials cost ceil(batches / kGroups) serial L2 round trips instead of one a batch; then
+// group 0 merges the groups' results in group order through shared memory.  With one batch
+// (up to 16 partials, position 1023) the groups past the first hold nothing and are
+// skipped: the arithmetic is the single group's, bit for bit.  The launch takes kGroups = 1
+// while there are at most 16 partials (T <= 1024, or a looping partial grid of at most 16
+// chunk indices), so short caches pay no barrier.  (Layer chain on an H200, M = 1, RESULTS.md
+// run X3: -2.2 / -2.7 us an 8B / 32B layer at position 4000, -5.0 / -5.1 at 8000, unchanged
+// at 640.)
 //
 // G (query heads a kv head) is a template argument, as in the partial kernel, so the chunk
 // stride G (D + 2) is a constant and h, g take no integer division. With G a runtime value
@@ -425,13 +473,15 @@ __global__ void __launch_bounds__(kWarps * 32) AttnPartialKernel(DecodeAttention
 // schedulers. Layer chain on an H200 (RESULTS.md run Y2, position 640): -0.2 / -1.2 us an 8B
 // layer at M = 1 / 8, -1.3 / -2.7 a 32B layer.
 template <int D, int G, int kGroups>
-__global__ void __launch_bounds__(D * kGroups) AttnCombineKernel(DecodeAttentionArgs a) {
+__global__ void __launch_bounds__(D * kGroups) AttnCombineKernel(DecodeAttentionArgs a, int parts) {
   RJ_TIMELINE_SCOPE(6);
   rjpdl::PdlLaunchDependents();
   const int qh = blockIdx.x, b = blockIdx.y, d = threadIdx.x % D, grp = threadIdx.x / D;
   const int h = qh / G, g = qh % G;
   const int C = NumChunks(a.T);
-  const int nc = ClampPos(a.positions[b], a.T) / kChunk + 1;  // an input of the call
+  // The partials: one a chunk up to the row's position, or one a CTA of the looping partial
+  // kernel (its grid's `parts` chunk indices, fewer than the chunks). An input of the call.
+  const int nc = min(ClampPos(a.positions[b], a.T) / kChunk + 1, parts);
   constexpr int kStride = G * (D + 2);
   const float* base = a.partial + (size_t(b) * a.Hkv + h) * C * kStride + g * (D + 2);
   // An L2 prefetch of this thread's first value (its group's first chunk, clamped into the
@@ -473,34 +523,39 @@ inline dim3 PartialGrid(const DecodeAttentionArgs& a, int slots) {
   return dim3(a.Hkv, a.B, PartialChunkIndices(a.T, a.Hkv * a.B, slots, a.chunk_grid));
 }
 
+// Launches the partial kernel; *parts receives its grid's chunk indices (the partials a row
+// and kv head holds for the combine: one a chunk, or one a looping CTA).
 template <int D, int G, int kWarps>
-cudaError_t LaunchPartial(const DecodeAttentionArgs& a, cudaStream_t stream) {
+cudaError_t LaunchPartial(const DecodeAttentionArgs& a, cudaStream_t stream, int* parts) {
   // The looping kernel's slots size the grid (its registers can differ from the other's).
-  const auto loop = AttnPartialKernel<D, G, kWarps, true>;
+  const auto loop = AttnPartialLoopKernel<D, G, kWarps>;
   const dim3 grid = PartialGrid(a, rjpdl::PersistentSlots(loop, kWarps * 32));
+  *parts = int(grid.z);
   if (int(grid.z) < NumChunks(a.T)) return rjpdl::Launch(loop, grid, dim3(kWarps * 32), 0, stream, a.pdl, a);
-  return rjpdl::Launch(AttnPartialKernel<D, G, kWarps, false>, grid, dim3(kWarps * 32), 0, stream,
+  return rjpdl::Launch(AttnPartialKernel<D, G, kWarps>, grid, dim3(kWarps * 32), 0, stream,
                        a.pdl, a);
 }
 
 template <int D, int G>
 cudaError_t Launch(const DecodeAttentionArgs& a, cudaStream_t stream) {
-  const bool eight = a.partial_warps == 0 ? a.B <= 2 : a.partial_warps == 8;
-  const cudaError_t err = eight ? LaunchPartial<D, G, 8>(a, stream) : LaunchPartial<D, G, 4>(a, stream);
+  const bool eight = PartialWarps(a.B, a.T, a.partial_warps) == 8;
+  int parts = 0;
+  const cudaError_t err =
+      eight ? LaunchPartial<D, G, 8>(a, stream, &parts) : LaunchPartial<D, G, 4>(a, stream, &parts);
   if (err != cudaSuccess) return err;
-  // Thread groups of the combine: one while the cache has at most one batch of chunks, then
+  // Thread groups of the combine: one while there is at most one batch of partials, then
   // up to 512 threads (4 groups at D = 128, 8 at D = 64; 1024 threads would cap the kernel at
-  // 64 registers, which spills its batch of loads): ceil(batches / groups) round trips, 8 at
-  // T = 32768 and D = 128.
-  const int batches = (NumChunks(a.T) + kCombineBatch - 1) / kCombineBatch;
+  // 64 registers, which spills its batch of loads): ceil(batches / groups) round trips, one
+  // for the 49 partials of a looping grid at B = 1 (8-warp CTAs, 132 SMs).
+  const int batches = (parts + kCombineBatch - 1) / kCombineBatch;
   const bool pdl = a.pdl || a.pdl_combine;
   const dim3 cgrid(a.Hq, a.B);
-  if (batches <= 1) return rjpdl::Launch(AttnCombineKernel<D, G, 1>, cgrid, dim3(D), 0, stream, pdl, a);
-  if (batches <= 2) return rjpdl::Launch(AttnCombineKernel<D, G, 2>, cgrid, dim3(2 * D), 0, stream, pdl, a);
+  if (batches <= 1) return rjpdl::Launch(AttnCombineKernel<D, G, 1>, cgrid, dim3(D), 0, stream, pdl, a, parts);
+  if (batches <= 2) return rjpdl::Launch(AttnCombineKernel<D, G, 2>, cgrid, dim3(2 * D), 0, stream, pdl, a, parts);
   if constexpr (D == 64) {
-    if (batches > 4) return rjpdl::Launch(AttnCombineKernel<D, G, 8>, cgrid, dim3(8 * D), 0, stream, pdl, a);
+    if (batches > 4) return rjpdl::Launch(AttnCombineKernel<D, G, 8>, cgrid, dim3(8 * D), 0, stream, pdl, a, parts);
   }
-  return rjpdl::Launch(AttnCombineKernel<D, G, 4>, cgrid, dim3(4 * D), 0, stream, pdl, a);
+  return rjpdl::Launch(AttnCombineKernel<D, G, 4>, cgrid, dim3(4 * D), 0, stream, pdl, a, parts);
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
-"""The decode-attention partial kernel's grid rule (`PartialChunkIndices`, ffi/attention_kernels.h),
-compiled on the CPU with the host C++ compiler: chunk indices for short and long caches."""
+"""The decode-attention partial kernel's launch rules (`PartialChunkIndices`, `PartialWarps`,
+ffi/attention_kernels.h), compiled on the CPU with the host C++ compiler: chunk indices and
+warps a CTA for short and long caches."""
 
 import shutil
 import subprocess
@@ -13,10 +14,19 @@ CUDA_INCLUDE = Path("/usr/local/cuda/include")
 PROGRAM = r"""
 #include <cstdio>
 #include "attention_kernels.h"
+// Lines "g T per_chunk slots chunk_grid" -> PartialChunkIndices, "w B T partial_warps" ->
+// PartialWarps.
 int main() {
-  int T, per_chunk, slots, chunk_grid;
-  while (std::scanf("%d %d %d %d", &T, &per_chunk, &slots, &chunk_grid) == 4)
-    std::printf("%d\n", rjattn::PartialChunkIndices(T, per_chunk, slots, chunk_grid));
+  char op;
+  int x, y, z, w;
+  while (std::scanf(" %c", &op) == 1) {
+    if (op == 'g' && std::scanf("%d %d %d %d", &x, &y, &z, &w) == 4)
+      std::printf("%d\n", rjattn::PartialChunkIndices(x, y, z, w));
+    else if (op == 'w' && std::scanf("%d %d %d", &x, &y, &z) == 3)
+      std::printf("%d\n", rjattn::PartialWarps(x, y, z));
+    else
+      return 1;
+  }
   return 0;
 }
 """
@@ -33,8 +43,8 @@ def chunk_indices(tmp_path_factory):
     subprocess.run([cxx, "-std=c++17", "-O1", f"-I{ROOT / 'ffi'}", f"-I{CUDA_INCLUDE}",
                     str(d / "grid.cc"), "-o", str(exe)], check=True)  # fmt: skip
 
-    def run(cases):
-        text = "".join(" ".join(map(str, c)) + "\n" for c in cases)
+    def run(cases, op="g"):
+        text = "".join(op + " " + " ".join(map(str, c)) + "\n" for c in cases)
         out = subprocess.run([str(exe)], input=text, capture_output=True, text=True, check=True)
         return [int(x) for x in out.stdout.split()]
 
@@ -50,6 +60,7 @@ def test_partial_grid_rule(chunk_indices):
         (4096, 8, 396, 0): 49,  # B = 1: 64 chunks, a round holds 49
         (32768, 64, 528, 0): 32,  # 512 chunks: the floor, at most 16 passes a CTA
         (32768, 8, 396, 0): 49,  # B = 1: one round (49) already keeps passes <= 16 (11)
+        (32768, 16, 396, 0): 48,  # B = 2: two whole rounds of 24, not 32 (a round and a third)
         (65535 * 64, 512, 528, 0): 4096,  # B = 64: the floor binds, not the round (1)
         (4096, 64, 0, 0): 64,  # occupancy unknown: every chunk
         (4096, 64, 528, 3): 3,  # chunk_grid caps (tests)
@@ -57,9 +68,29 @@ def test_partial_grid_rule(chunk_indices):
         (64, 4096, 528, 0): 1,  # one chunk
     }
     assert chunk_indices(list(cases)) == list(cases.values())
-    # Every chunk index has at least one chunk, and no CTA takes more than 16 passes.
+    # Every chunk index has at least one chunk, no CTA takes more than 16 passes, and a capped
+    # grid is whole rounds of resident CTAs.
     for T in (64, 1000, 4096, 8192, 32768, 131072):
-        for per_chunk in (1, 8, 64, 512):
-            (z,) = chunk_indices([(T, per_chunk, 528, 0)])
-            chunks = -(-T // 64)
-            assert 1 <= z <= chunks and -(-chunks // z) <= 16
+        for per_chunk in (1, 8, 16, 64, 512, 1024):
+            for slots in (396, 528):
+                (z,) = chunk_indices([(T, per_chunk, slots, 0)])
+                chunks = -(-T // 64)
+                assert 1 <= z <= chunks and -(-chunks // z) <= 16
+                if z < chunks:
+                    assert z % max(1, slots // per_chunk) == 0
+
+
+def test_partial_warps_rule(chunk_indices):
+    # (B, T, partial_warps) -> warps a partial-kernel CTA: 8 for B <= 2 up to 128 chunks,
+    # 4 for larger batches or longer caches; an explicit 4 or 8 wins.
+    cases = {
+        (1, 640, 0): 8,
+        (2, 8192, 0): 8,  # 128 chunks
+        (1, 8193, 0): 4,  # 129 chunks: read as a long generation
+        (1, 32768, 0): 4,
+        (3, 640, 0): 4,
+        (8, 32768, 0): 4,
+        (8, 640, 8): 8,
+        (1, 640, 4): 4,
+    }
+    assert chunk_indices(list(cases), op="w") == list(cases.values())

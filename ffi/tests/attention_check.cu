@@ -4,8 +4,9 @@
 //   nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/attention_check.cu ffi/attention_kernels.cu \
 //        -o attention_check
 //   ./attention_check           # every case (each with the library's grid, the partial
-//                               # kernel's grid capped at 3 chunk indices and uncapped, which
-//                               # must give the same bits); exit code 0 only if all passed
+//                               # kernel's grid capped at 3 chunk indices and uncapped: the
+//                               # same cache bits, outputs within one bf16 step of each
+//                               # other); exit code 0 only if all passed
 //   ./attention_check quick     # fewer cases (for the sanitizers)
 //
 // Each case: random bf16 q/k/v, norm weights, caches and float32 cos/sin (never zeros),
@@ -41,9 +42,25 @@ struct Case {
   bool rescale = false;  // require a later batch of 16 chunks to raise a head's running max
 };
 
+// Whether two bf16 outputs are at most one bf16 step (of the larger magnitude) plus 1e-4
+// apart: float32 sums in another order differ by ~1e-6 absolute (outputs are O(1) averages
+// of the values), which is many steps of an output near zero; a chunk missed or counted
+// twice moves outputs by ~1 / chunks (>= 2e-3 here).
+bool WithinOneStep(uint16_t a, uint16_t b) {
+  if (a == b) return true;
+  const double x = FromBf16(a), y = FromBf16(b);
+  if (!std::isfinite(x) || !std::isfinite(y)) return false;
+  int e = 0;
+  std::frexp(std::max(std::fabs(x), std::fabs(y)), &e);  // |v| < 2^e
+  return std::fabs(x - y) <= std::ldexp(1.0, e - 8) + 1e-4;  // 8 significant bits
+}
+
 // Runs case c with the partial kernel's grid capped at chunk_grid chunk indices (0: the
-// library's choice). `bits` holds the output and cache of an earlier run of the same case
-// (which must match bit for bit), or is empty and receives them.
+// library's choice). `bits` holds the output and cache of an earlier run of the same case,
+// or is empty and receives them. The cache must match it bit for bit. The looping kernel
+// merges a CTA's chunks before the combine merges the CTAs, so the float32 sums differ in
+// order from the one-chunk kernel's: each output element within one bf16 step of the earlier
+// run's (WithinOneStep).
 bool Run(const Case& c, uint32_t seed, int chunk_grid, std::vector<uint16_t>* bits, double* worst) {
   std::mt19937 rng(seed);
   std::normal_distribution<double> normal(0.0, 1.0);
@@ -138,7 +155,15 @@ bool Run(const Case& c, uint32_t seed, int chunk_grid, std::vector<uint16_t>* bi
   std::vector<uint16_t> got(out);
   got.insert(got.end(), kc2.begin(), kc2.end());
   got.insert(got.end(), vc2.begin(), vc2.end());
-  const bool same_bits = bits->empty() || *bits == got;  // (a run that failed early leaves it empty)
+  size_t out_steps = 0, out_diff = 0;  // outputs more than a step / any step from the earlier run's
+  bool same_cache = true;
+  if (!bits->empty()) {  // (a run that failed early leaves it empty)
+    for (size_t i = 0; i < nq; ++i) {
+      out_steps += !WithinOneStep(got[i], (*bits)[i]);
+      out_diff += got[i] != (*bits)[i];
+    }
+    same_cache = std::equal(got.begin() + nq, got.end(), bits->begin() + nq);
+  }
   if (bits->empty()) *bits = std::move(got);
   for (void* p : {dq, dqn, dkn, dkc, dvc, dout}) CK(cudaFree(p));
   for (float* p : {dcs, dsn, dpart}) CK(cudaFree(p));
@@ -222,11 +247,12 @@ bool Run(const Case& c, uint32_t seed, int chunk_grid, std::vector<uint16_t>* bi
   const double err = std::sqrt(num / den);
   *worst = std::max(*worst, err);
   ok = err <= 5e-3 && slot_bad == 0 && other_bad == 0 && unwritten == 0 &&
-       (!c.rescale || rescaled > 0) && same_bits;
+       (!c.rescale || rescaled > 0) && same_cache && out_steps == 0;
   std::printf("%s B=%d Hq=%d Hkv=%d D=%d T=%d layer=%d norm=%d chunk_grid=%d rel_err=%.2e "
-              "slot_bad=%zu other_changed=%zu unwritten=%zu rescaled_heads=%d same_bits=%d\n",
+              "slot_bad=%zu other_changed=%zu unwritten=%zu rescaled_heads=%d same_cache=%d "
+              "out_differ=%zu out_beyond_step=%zu\n",
               ok ? "ok  " : "FAIL", c.B, c.Hq, c.Hkv, D, c.T, c.layer, c.qk_norm, chunk_grid, err,
-              slot_bad, other_bad, unwritten, rescaled, int(same_bits));
+              slot_bad, other_bad, unwritten, rescaled, int(same_cache), out_diff, out_steps);
   return ok;
 }
 
@@ -261,6 +287,10 @@ int main(int argc, char** argv) {
   // outnumber a round of resident CTAs (8 chunk indices a row on a 132-SM card), so
   // CTAs loop over several chunks, most rows' new slot in a later pass than the first.
   cases.push_back({8, 32, 8, 128, 1, 4096, 0, true});
+  // Looping CTAs that merge up to 11 chunks each, 48 merged partials a row (two whole rounds
+  // of 24 chunk indices at B = 2 with 8-warp CTAs on a 132-SM card) over three of the
+  // combine's batches, row 0 at the last slot.
+  cases.push_back({2, 32, 8, 128, 1, 32768, 0, true, 99});
   if (!quick) {
     // Seeds as run in RESULTS.md X3 (before the 2048-slot cases).
     cases.push_back({1, 32, 8, 128, 1, 9000, 0, true, 92, true});
@@ -269,16 +299,16 @@ int main(int argc, char** argv) {
     cases.push_back({2, 32, 8, 128, 1, 1025, 0, true, 95});
     cases.push_back({3, 16, 4, 64, 2, 2048, 1, true, 98, true});
   }
-  // Every case three times: with the library's grid, with the partial kernel's grid capped at
-  // 3 chunk indices (CTAs loop over chunks z, z + 3, ...; the new slot in any pass), and with
-  // a chunk index for every chunk (the one-chunk kernel, where the library's grid loops), which
-  // must all give the same bits.
+  // Every case three times: with a chunk index for every chunk (the one-chunk kernel), with
+  // the library's grid, and with the partial kernel's grid capped at 3 chunk indices (CTAs
+  // loop over chunks z, z + 3, ...; the new slot in any pass): the same cache bits, outputs
+  // within one bf16 step of the first run's (Run).
   int failed = 0, runs = 0;
   double worst = 0;
   for (size_t i = 0; i < cases.size(); ++i) {
     const uint32_t seed = cases[i].seed ? cases[i].seed : 77 + uint32_t(i);
     std::vector<uint16_t> bits;
-    for (int chunk_grid : {0, 3, 65535}) {
+    for (int chunk_grid : {65535, 0, 3}) {
       failed += !Run(cases[i], seed, chunk_grid, &bits, &worst);
       ++runs;
     }
