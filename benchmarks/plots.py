@@ -8,9 +8,12 @@ run's result can be read at a glance (and a saved run re-drawn later):
   over M relative to M = 1, with the 1.3× line.
 * ``plot_decode``: decode tokens/s per model, variant and batch size, each bar
   labelled with its speedup over the BF16 row of the same model and batch.
+* ``plot_layer_positions``: the layer chain's time (``layer_check bench``, saved as JSON
+  rows) over the cache position, one line per batch rows and build.
 
 Usage:
   python benchmarks/plots.py --kernels kernels.json --decode decode.json --out figures/
+  python benchmarks/plots.py --layers benchmarks/data/layer_attention_AA4_h200.json --out figures/
 
 Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas (headless).
 """
@@ -25,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_decode", "plot_kernels"]
+__all__ = ["layer_series", "plot_decode", "plot_kernels", "plot_layer_positions"]
 
 # The issue's per-projection targets at M = 1 (CUDA and Pallas over bf16) and over M.
 CUDA_TARGET = 3.2
@@ -202,14 +205,80 @@ def plot_decode(
     return _save(fig, path)
 
 
+def layer_series(data: Mapping) -> dict[tuple[str, int, str], list[tuple[int, float]]]:
+    """The lines ``plot_layer_positions`` draws: (model, M, build) -> [(position, us)].
+
+    At each position the row with the fewest cache slots is taken (a bench may time a
+    position with a cache of just its length and with a longer one); positions ascend.
+
+    Args:
+      data: a JSON object with ``rows``: dicts with ``build``, ``position``,
+        ``cache_slots``, ``model``, ``M`` and ``us`` (µs a layer).
+    """
+    best: dict[tuple[str, int, str, int], Mapping] = {}
+    for r in data["rows"]:
+        key = (r["model"], int(r["M"]), r["build"], int(r["position"]))
+        if key not in best or r["cache_slots"] < best[key]["cache_slots"]:
+            best[key] = r
+    series: dict[tuple[str, int, str], list[tuple[int, float]]] = {}
+    for (model, m, build, pos), r in sorted(best.items()):
+        series.setdefault((model, m, build), []).append((pos, float(r["us"])))
+    return series
+
+
+def plot_layer_positions(data: Mapping, path: str | os.PathLike) -> str:
+    """Draws a layer bench over positions (``layer_series``) into one PNG.
+
+    One panel per model: µs a layer over the cache position (log axis), a colour per M
+    (rows of the batch) and a line style per build (the first build in ``data["builds"]``,
+    or in the rows, dashed; the others solid).
+
+    Args:
+      data: ``rows`` as ``layer_series`` reads them; optional ``builds`` (name -> what it
+        is, in drawing order), ``device`` and ``run`` for the title.
+      path: the PNG to write.
+
+    Returns:
+      the path written.
+
+    Raises:
+      ValueError: no rows.
+    """
+    series = layer_series(data)
+    if not series:
+        raise ValueError("no layer bench rows")
+    models = list(dict.fromkeys(k[0] for k in series))
+    builds = list(data.get("builds") or dict.fromkeys(k[2] for k in series))
+    ms = sorted({k[1] for k in series})
+    fig = Figure(figsize=(6.0 * len(models), 4.4))
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    for ax, model in zip(axes, models, strict=True):
+        for i, m in enumerate(ms):
+            for j, build in enumerate(builds):
+                pts = series.get((model, m, build))
+                if not pts:
+                    continue
+                x, y = zip(*pts, strict=True)
+                style = "--" if j == 0 else "-"
+                ax.plot(x, y, style, marker="o", ms=3, color=f"C{i}", label=f"M = {m}, {build}")
+        ax.set_xscale("log")
+        ax.set_xlabel("position (cache slots just above it, or 32768 past 16000)")
+        ax.set_ylabel("µs a layer")
+        where = " on ".join(x for x in (data.get("run"), data.get("device")) if x)
+        ax.set_title(f"{model} layer chain{f' ({where})' if where else ''}", fontsize=9)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kernels", help="kernels.py JSON")
     p.add_argument("--decode", help="decode.py JSON")
-    p.add_argument("--out", default=".", help="folder for kernels.png / decode.png")
+    p.add_argument("--layers", help="layer bench JSON (rows: build, position, model, M, us)")
+    p.add_argument("--out", default=".", help="folder for kernels.png / decode.png / layers.png")
     args = p.parse_args(argv)
-    if not (args.kernels or args.decode):
-        p.error("give --kernels and/or --decode")
+    if not (args.kernels or args.decode or args.layers):
+        p.error("give --kernels, --decode and/or --layers")
     os.makedirs(args.out, exist_ok=True)
     if args.kernels:
         with open(args.kernels) as fh:
@@ -217,6 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.decode:
         with open(args.decode) as fh:
             print(plot_decode(json.load(fh), os.path.join(args.out, "decode.png")))
+    if args.layers:
+        with open(args.layers) as fh:
+            print(plot_layer_positions(json.load(fh), os.path.join(args.out, "layers.png")))
     return 0
 
 

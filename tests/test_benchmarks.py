@@ -130,6 +130,30 @@ def test_plots_draw_the_kernel_and_decode_tables(tmp_path):
     assert (tmp_path / "kernels.png").is_file() and (tmp_path / "decode.png").is_file()
 
 
+def test_plots_draw_a_layer_bench_over_positions(tmp_path):
+    plots = _load_bench("plots")
+    rows = [
+        dict(build="a", position=640, cache_slots=1024, model="m", M=1, us=40.0),
+        dict(build="a", position=640, cache_slots=32768, model="m", M=1, us=45.0),  # longer cache
+        dict(build="a", position=8000, cache_slots=8064, model="m", M=1, us=60.0),
+        dict(build="b", position=8000, cache_slots=8064, model="m", M=1, us=50.0),
+        dict(build="b", position=640, cache_slots=1024, model="m", M=1, us=39.0),
+    ]
+    series = plots.layer_series({"rows": rows})
+    assert series == {("m", 1, "a"): [(640, 40.0), (8000, 60.0)],
+                      ("m", 1, "b"): [(640, 39.0), (8000, 50.0)]}  # fmt: skip
+    with pytest.raises(ValueError, match="no layer bench rows"):
+        plots.plot_layer_positions({"rows": []}, tmp_path / "x.png")
+    # The saved run draws (benchmarks/figures/layer_attention_AA4_h200.png comes from it).
+    path = ROOT / "benchmarks" / "data" / "layer_attention_AA4_h200.json"
+    assert plots.main(["--layers", str(path), "--out", str(tmp_path)]) == 0
+    data = (tmp_path / "layers.png").read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 10_000
+    saved = plots.layer_series(json.loads(path.read_text()))
+    assert saved[("qwen3-8b", 8, "aa4afb6")][-1] == (30000, 346.56)
+    assert saved[("qwen3-8b", 8, "merged partials")][-1][1] < 320
+
+
 def test_decode_benchmark_without_layers(tmp_path):
     """--num-layers 0 times what a step costs outside its layers (embedding, norm, lm_head)."""
     out = tmp_path / "decode.json"
