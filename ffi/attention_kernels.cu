@@ -56,9 +56,9 @@ struct Merge {
   }
 };
 
-// Merges into r the chunks c0, c0 + 1, ... < nc of batches c0 = first, first + step, ...
-// (kCombineBatch chunks each) for element d of one query head (chunk c's partial at base +
-// c * kStride).  Reads through L2 (the partials were written by the previous grid), a
+// Merges into r the partials c0, c0 + 1, ... < nc of batches c0 = first, first + step, ...
+// (kCombineBatch partials each: chunks, or looping CTAs' merged chunks) for element d of one
+// query head (partial c at base + c * kStride).  Reads through L2 (the partials were written by the previous grid), a
 // batch's kCombineBatch maxima, sums and values in one round trip, and merges each batch
 // online: the running sums are rescaled by e^(m_old - m_new) where a batch raises the max.
 // Within one batch this is the arithmetic of one chunk at a time against the running max
@@ -164,9 +164,10 @@ __device__ __forceinline__ void AttnPartial(const DecodeAttentionArgs& a) {
   using VVec = BfVec<NT>;
   // The chunk is the slowest grid index: the live CTAs (chunks at or before pos) come first
   // in launch order, the empty ones after them (they only read the position and leave).
-  // The grid has about a round of resident CTAs' worth of chunk indices (PartialGrid), so a
-  // long cache with short rows does not launch thousands of empty CTAs; CTA z takes chunks
-  // z, z + gridDim.z, ... (one at the positions where the grid holds every chunk).
+  // The grid has whole rounds of resident CTAs' worth of chunk indices where the cache has
+  // more chunks (PartialGrid), so a long cache with short rows does not launch thousands of
+  // empty CTAs; CTA z takes chunks z, z + gridDim.z, ... (one where the grid holds every
+  // chunk).
   const int h = blockIdx.x, b = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int gi = lane / 4, tj = lane % 4;  // fragment row / column group
@@ -289,10 +290,10 @@ __device__ __forceinline__ void AttnPartial(const DecodeAttentionArgs& a) {
   __syncthreads();
   RJ_TIMELINE_MARK(0);  // queries and key normalized and rotated
   const int C = NumChunks(T);
-  // Chunk index z's partial: o (the unnormalized P.V fragments, [t][e] with e < 2 row gi's)
-  // and each row's max and sum (m_[g], l_[g] for g < G) into the scratch at index z.
-  auto StorePartial = [&](int z, const auto& o, const float* m_, const float* l_) {
-    float* part = a.partial + ((size_t(b) * a.Hkv + h) * C + z) * size_t(G) * (D + 2);
+  // The scratch's partial at index z: G rows of D values, then each row's max and sum.
+  auto PartialAt = [&](int z) { return a.partial + ((size_t(b) * a.Hkv + h) * C + z) * size_t(G) * (D + 2); };
+  // The unnormalized P.V fragments o ([t][e], e < 2 row gi's) into partial `part`.
+  auto StoreValues = [&](float* part, const auto& o) {
     if (gi < G) {
       float* dst = part + gi * (D + 2) + warp * DW + 2 * tj * NT;
       float v[2 * NT];
@@ -303,6 +304,11 @@ __device__ __forceinline__ void AttnPartial(const DecodeAttentionArgs& a) {
 #pragma unroll
       for (int u = 0; u < NT; ++u) reinterpret_cast<float2*>(dst)[u] = make_float2(v[2 * u], v[2 * u + 1]);
     }
+  };
+  // Chunk index z's partial: o and each row's max and sum (m_[g], l_[g] for g < G).
+  auto StorePartial = [&](int z, const auto& o, const float* m_, const float* l_) {
+    float* part = PartialAt(z);
+    StoreValues(part, o);
     if (threadIdx.x < G) {
       part[threadIdx.x * (D + 2) + D] = m_[threadIdx.x];
       part[threadIdx.x * (D + 2) + D + 1] = l_[threadIdx.x];
@@ -425,14 +431,14 @@ __device__ __forceinline__ void AttnPartial(const DecodeAttentionArgs& a) {
     __syncthreads();
   }
   if constexpr (kLoop) {
-    // Every warp holds the same running max and sum of row gi; warp 0's lanes 4 gi store them.
-    __syncthreads();  // every warp is past its reads of mx and sm
+    float* part = PartialAt(blockIdx.z);
+    StoreValues(part, acc);
+    // Every warp holds the same running max and sum of row gi (the same merges of the same
+    // mx / sm): warp 0's lanes 4 gi store them from registers, with no barrier.
     if (warp == 0 && tj == 0 && gi < G) {
-      mx[gi] = run_m;
-      sm[gi] = run_l;
+      part[gi * (D + 2) + D] = run_m;
+      part[gi * (D + 2) + D + 1] = run_l;
     }
-    __syncthreads();
-    StorePartial(blockIdx.z, acc, mx, sm);
   }
 }
 
@@ -506,7 +512,8 @@ __global__ void __launch_bounds__(D * kGroups) AttnCombineKernel(DecodeAttention
     }
     __syncthreads();
     if (grp > 0) return;
-    // Group 0 holds chunk 0 (its sum is >= 1), so RaiseMax always rescales where the max rises.
+    // Group 0 holds partial 0 (its sum is >= 1), so RaiseMax always rescales where the max
+    // rises.
     float mt = r.m;
 #pragma unroll
     for (int j = 0; j < kGroups - 1; ++j) mt = fmaxf(mt, sm[j][d]);

@@ -62,9 +62,9 @@ struct DecodeAttentionArgs {
   // benchmarks).
   int partial_warps = 0;
   // Chunk indices of the partial kernel's grid (CTAs loop over the chunks z, z + Z, ...): 0 the
-  // library's choice (every chunk, or one round of resident CTAs, at least chunks / 16, where
-  // the cache has more), else at most this many (tests: attention_check runs every case at 3,
-  // and at 65535, the one-chunk kernel, too).
+  // library's choice (every chunk, or whole rounds of resident CTAs where the cache has more:
+  // PartialChunkIndices), else at most this many (tests: attention_check runs every case at
+  // 3, and at 65535, the one-chunk kernel, too).
   int chunk_grid = 0;
 };
 

@@ -58,10 +58,11 @@ def test_partial_grid_rule(chunk_indices):
         (1024, 64, 528, 0): 8,  # B = 8: 16 chunks, a round holds 8 a row
         (640, 8, 396, 0): 10,  # B = 1, short cache: every chunk (the one-chunk kernel)
         (4096, 8, 396, 0): 49,  # B = 1: 64 chunks, a round holds 49
-        (32768, 64, 528, 0): 32,  # 512 chunks: the floor, at most 16 passes a CTA
-        (32768, 8, 396, 0): 49,  # B = 1: one round (49) already keeps passes <= 16 (11)
-        (32768, 16, 396, 0): 48,  # B = 2: two whole rounds of 24, not 32 (a round and a third)
-        (65535 * 64, 512, 528, 0): 4096,  # B = 64: the floor binds, not the round (1)
+        (32768, 64, 528, 0): 32,  # B = 8, 512 chunks: four whole rounds of 8 (<= 16 passes)
+        (32768, 8, 528, 0): 66,  # B = 1 with 4-warp CTAs (PartialWarps' choice for T > 8192)
+        (32768, 8, 396, 0): 49,  # 8-warp CTAs (partial_warps = 8): one round keeps 11 passes
+        (32768, 16, 396, 0): 48,  # B = 2, 8 warps: two whole rounds of 24, not 32
+        (65535 * 64, 512, 528, 0): 4096,  # B = 64: one index a round, 4096 rounds (16 passes)
         (4096, 64, 0, 0): 64,  # occupancy unknown: every chunk
         (4096, 64, 528, 3): 3,  # chunk_grid caps (tests)
         (100, 64, 528, 65535): 2,  # ... at the chunk count

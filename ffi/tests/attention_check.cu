@@ -39,13 +39,17 @@ struct Case {
   int B, Hq, Hkv, D, L, T, layer;
   bool qk_norm;
   uint32_t seed = 0;     // 0: 77 + the case's index
-  bool rescale = false;  // require a later batch of 16 chunks to raise a head's running max
+  // Require a later batch of 16 chunks to raise some head's running max (counted on the
+  // reference: the combine's batches where every chunk is a partial, the one-chunk runs).
+  bool rescale = false;
+  int warps = 0;  // DecodeAttentionArgs::partial_warps (0: the library's choice)
 };
 
 // Whether two bf16 outputs are at most one bf16 step (of the larger magnitude) plus 1e-4
 // apart: float32 sums in another order differ by ~1e-6 absolute (outputs are O(1) averages
-// of the values), which is many steps of an output near zero; a chunk missed or counted
-// twice moves outputs by ~1 / chunks (>= 2e-3 here).
+// of the values), which is many steps of an output near zero. A chunk missed or counted
+// twice moves an output by about its chunk's mean value over the chunks: caught here where
+// the chunks are few, and by the float64 reference's error bound (rel_err) either way.
 bool WithinOneStep(uint16_t a, uint16_t b) {
   if (a == b) return true;
   const double x = FromBf16(a), y = FromBf16(b);
@@ -142,6 +146,7 @@ bool Run(const Case& c, uint32_t seed, int chunk_grid, std::vector<uint16_t>* bi
   a.B = c.B, a.Hq = c.Hq, a.Hkv = c.Hkv, a.D = D, a.L = c.L, a.T = c.T;
   a.scale = scale, a.eps = eps;
   a.chunk_grid = chunk_grid;
+  a.partial_warps = c.warps;
   if (const char* why = rjattn::DecodeAttentionUnsupportedReason(a)) {
     std::printf("FAIL unsupported: %s\n", why);
     return false;
@@ -248,11 +253,11 @@ bool Run(const Case& c, uint32_t seed, int chunk_grid, std::vector<uint16_t>* bi
   *worst = std::max(*worst, err);
   ok = err <= 5e-3 && slot_bad == 0 && other_bad == 0 && unwritten == 0 &&
        (!c.rescale || rescaled > 0) && same_cache && out_steps == 0;
-  std::printf("%s B=%d Hq=%d Hkv=%d D=%d T=%d layer=%d norm=%d chunk_grid=%d rel_err=%.2e "
-              "slot_bad=%zu other_changed=%zu unwritten=%zu rescaled_heads=%d same_cache=%d "
-              "out_differ=%zu out_beyond_step=%zu\n",
-              ok ? "ok  " : "FAIL", c.B, c.Hq, c.Hkv, D, c.T, c.layer, c.qk_norm, chunk_grid, err,
-              slot_bad, other_bad, unwritten, rescaled, int(same_cache), out_diff, out_steps);
+  std::printf("%s B=%d Hq=%d Hkv=%d D=%d T=%d layer=%d norm=%d warps=%d chunk_grid=%d "
+              "rel_err=%.2e slot_bad=%zu other_changed=%zu unwritten=%zu rescaled_heads=%d "
+              "same_cache=%d out_differ=%zu out_beyond_step=%zu\n",
+              ok ? "ok  " : "FAIL", c.B, c.Hq, c.Hkv, D, c.T, c.layer, c.qk_norm, c.warps, chunk_grid,
+              err, slot_bad, other_bad, unwritten, rescaled, int(same_cache), out_diff, out_steps);
   return ok;
 }
 
@@ -287,10 +292,12 @@ int main(int argc, char** argv) {
   // outnumber a round of resident CTAs (8 chunk indices a row on a 132-SM card), so
   // CTAs loop over several chunks, most rows' new slot in a later pass than the first.
   cases.push_back({8, 32, 8, 128, 1, 4096, 0, true});
-  // Looping CTAs that merge up to 11 chunks each, 48 merged partials a row (two whole rounds
-  // of 24 chunk indices at B = 2 with 8-warp CTAs on a 132-SM card) over three of the
-  // combine's batches, row 0 at the last slot.
+  // A 32768-slot cache, row 0 at the last slot: with the library's 4-warp CTAs (T > 8192)
+  // looping CTAs merge up to 16 chunks each into 33 partials a row (one round on a 132-SM
+  // card); with 8-warp CTAs into up to 11 chunks each, 48 partials a row (two whole rounds of
+  // 24); three of the combine's batches either way.
   cases.push_back({2, 32, 8, 128, 1, 32768, 0, true, 99});
+  cases.push_back({2, 32, 8, 128, 1, 32768, 0, true, 99, false, 8});
   if (!quick) {
     // Seeds as run in RESULTS.md X3 (before the 2048-slot cases).
     cases.push_back({1, 32, 8, 128, 1, 9000, 0, true, 92, true});
