@@ -58,11 +58,12 @@ struct Merge {
 
 // Merges into r the partials c0, c0 + 1, ... < nc of batches c0 = first, first + step, ...
 // (kCombineBatch partials each: chunks, or looping CTAs' merged chunks) for element d of one
-// query head (partial c at base + c * kStride).  Reads through L2 (the partials were written by the previous grid), a
-// batch's kCombineBatch maxima, sums and values in one round trip, and merges each batch
-// online: the running sums are rescaled by e^(m_old - m_new) where a batch raises the max.
-// Within one batch this is the arithmetic of one chunk at a time against the running max
-// (the max of the earlier batches' and this batch's maxima), in chunk order.  (Before: 8
+// query head (partial c at base + c * kStride).  Reads through L2 (the partials were written
+// by the previous grid), a batch's kCombineBatch maxima, sums and values in one round trip,
+// and merges each batch online: the running sums are rescaled by e^(m_old - m_new) where a
+// batch raises the max. Within one batch this is the arithmetic of one partial at a time
+// against the running max (the max of the earlier batches' and this batch's maxima), in
+// order.  (Before: 8
 // chunks a batch and two round trips for each batch after the first, a pass for the maxima
 // and one for the values: three round trips from position 512. Layer chain on an H200,
 // RESULTS.md run W2: -0.4 us an 8B layer at M = 1, position 640; -0.7 and -1.4 us an 8B and
@@ -552,8 +553,9 @@ cudaError_t Launch(const DecodeAttentionArgs& a, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   // Thread groups of the combine: one while there is at most one batch of partials, then
   // up to 512 threads (4 groups at D = 128, 8 at D = 64; 1024 threads would cap the kernel at
-  // 64 registers, which spills its batch of loads): ceil(batches / groups) round trips, one
-  // for the 49 partials of a looping grid at B = 1 (8-warp CTAs, 132 SMs).
+  // 64 registers, which spills its batch of loads): ceil(batches / groups) round trips at
+  // B = 1 on a 132-SM card: one for a looping 8-warp grid's 49 partials (T <= 8192), two for
+  // a 4-warp grid's 66.
   const int batches = (parts + kCombineBatch - 1) / kCombineBatch;
   const bool pdl = a.pdl || a.pdl_combine;
   const dim3 cgrid(a.Hq, a.B);
