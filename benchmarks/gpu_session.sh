@@ -6,7 +6,9 @@
 #   test), TEST_PROCS, TEST_MAXFAIL; KERNELS_ARGS, KERNELS_TIMEOUT; DECODE_ARGS,
 #   DECODE_TIMEOUT, DECODE_JSON (file name under $OUT, default decode.json); PROFILE_ARGS,
 #   PROFILE_TIMEOUT; LAYER_BENCH_ARGS (ffi/tests/layer_check bench's arguments; the binary is
-#   built with nvcc while the rest runs); PIP_EXTRA (extra pip install arguments); TAR_LOGS=1
+#   built with nvcc while the rest runs); ATTENTION_CHECK=1 (ffi/tests/attention_check, the
+#   decode attention against a float64 reference at three grids a case, built the same way,
+#   run at the end); PIP_EXTRA (extra pip install arguments); TAR_LOGS=1
 #   (the logs go into $OUT/logs.tgz, JSON files stay: the device machine returns at most 8
 #   files)
 #   (a benchmark section runs when its *_ARGS variable is set, even to "").
@@ -39,6 +41,12 @@ python3 -m pip install -q --no-build-isolation --no-deps -e . ${PIP_EXTRA:-} > "
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$L/gpu.txt"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 
+ATTN_CHECK=/tmp/attention_check
+if [ "${ATTENTION_CHECK:-0}" = 1 ]; then
+  stamp "attention_check build (background)"
+  (nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/attention_check.cu ffi/attention_kernels.cu \
+    -o "$ATTN_CHECK" > "$L/attention_build.log" 2>&1; echo "build rc=$?" >> "$L/attention_build.log") &
+fi
 LAYER_CHECK=/tmp/layer_check
 if [ -n "${LAYER_BENCH_ARGS+x}" ]; then
   stamp "layer_check build (background)"
@@ -99,6 +107,17 @@ if [ -n "${LAYER_BENCH_ARGS+x}" ]; then
   if [ -x "$LAYER_CHECK" ]; then
     RJ_CODES_ORDER=1 timeout 120 "$LAYER_CHECK" bench $LAYER_BENCH_ARGS > "$L/layer_bench.log" 2>&1
     echo "layer bench rc=$?"
+  fi
+fi
+if [ "${ATTENTION_CHECK:-0}" = 1 ]; then
+  wait
+  stamp "attention_check"
+  tail -1 "$L/attention_build.log"
+  if [ -x "$ATTN_CHECK" ]; then
+    timeout 150 "$ATTN_CHECK" > "$L/attention_check.log" 2>&1
+    echo "attention_check rc=$?"
+    grep "^FAIL" "$L/attention_check.log" | head -5
+    tail -1 "$L/attention_check.log"
   fi
 fi
 stamp "done"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Issue 5's measurement on the issue's card, in one device call (~6 minutes; 5.5 on an H200):
+# Issue 5's measurement on the issue's card, in one device call (~5-7 minutes; on an H200 230 s
+# before the attention checker was added, which runs ~50 s):
 # install, the Qwen3-8B decode table (BF16 `bf16-fattn` against the NVFP4 chain, batch 1 and
-# 8, two repeats), and the layer chain's bench (8B and 32B layers at M = 1 and 8, position
-# ~640), built with nvcc while the decode runs; no tests. It is gpu_session.sh with these
-# settings.
+# 8, two repeats), the layer chain's bench (8B and 32B layers at M = 1 and 8, position
+# ~640) and the attention checker (ffi/tests/attention_check), both built with nvcc while the
+# decode runs; no pytest. It is gpu_session.sh with these settings.
 # Usage on the device machine (repo root): bash benchmarks/h100_session.sh
 # Writes $OUT/decode_8b_<card>.json and $OUT/logs.tgz, and prints the tables.
 set -u
@@ -14,5 +15,5 @@ TESTS=none \
   PIP_EXTRA="--config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES=90-real" \
   DECODE_ARGS="--models qwen3-8b --variants bf16-fattn,cuda-w4a16-chain-model --batch 1,8 --repeats 2" \
   DECODE_TIMEOUT=420 DECODE_JSON="decode_8b_${tag:-gpu}.json" \
-  LAYER_BENCH_ARGS="20 -1 640" TAR_LOGS=1 \
+  LAYER_BENCH_ARGS="20 -1 640" ATTENTION_CHECK=1 TAR_LOGS=1 \
   exec bash "$(dirname "$0")/gpu_session.sh"
