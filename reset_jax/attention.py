@@ -220,7 +220,8 @@ def _cuda(qkv, hq, cos, sin, positions, k_cache, v_cache, layer, q_norm, k_norm,
             jax.ShapeDtypeStruct((b, hq, d), jnp.bfloat16),
             jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
             jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
-            # scratch: each chunk's (P.V, max, sum) per query head
+            # scratch: (P.V, max, sum) per query head of each chunk, or of each looping CTA
+            # (at most one a chunk; ffi/attention_kernels.h)
             jax.ShapeDtypeStruct((b, hkv, chunks, hq // hkv, d + 2), jnp.float32),
         ),
         input_output_aliases={7: 1, 8: 2},
