@@ -306,15 +306,6 @@ __device__ __forceinline__ void AttnPartial(const DecodeAttentionArgs& a) {
       for (int u = 0; u < NT; ++u) reinterpret_cast<float2*>(dst)[u] = make_float2(v[2 * u], v[2 * u + 1]);
     }
   };
-  // Chunk index z's partial: o and each row's max and sum (m_[g], l_[g] for g < G).
-  auto StorePartial = [&](int z, const auto& o, const float* m_, const float* l_) {
-    float* part = PartialAt(z);
-    StoreValues(part, o);
-    if (threadIdx.x < G) {
-      part[threadIdx.x * (D + 2) + D] = m_[threadIdx.x];
-      part[threadIdx.x * (D + 2) + D + 1] = l_[threadIdx.x];
-    }
-  };
   // The looping kernel merges its chunks (z, z + Z, ...) online into one partial a CTA, at
   // index z: the combine reads Z partials instead of one a chunk. A CTA with one chunk
   // stores that chunk's values bit for bit (the first merge multiplies by 0 and 1).
@@ -412,7 +403,12 @@ __device__ __forceinline__ void AttnPartial(const DecodeAttentionArgs& a) {
     RJ_TIMELINE_MARK(3);  // P.V (thread 0's warp)
     // Lane 4 i + j holds row i's dims w DW + 2 j NT + (e NT + t) in o[t][e], e = 0, 1.
     if constexpr (!kLoop) {
-      StorePartial(c, o, mx, sm);
+      float* part = PartialAt(c);  // chunk c's values, then each row's max and sum
+      StoreValues(part, o);
+      if (threadIdx.x < G) {
+        part[threadIdx.x * (D + 2) + D] = mx[threadIdx.x];
+        part[threadIdx.x * (D + 2) + D + 1] = sm[threadIdx.x];
+      }
       break;
     } else if (gi < G) {  // merged into this CTA's running partial (copied at the first pass)
       const float mc = mx[gi], lc = sm[gi], mn = fmaxf(run_m, mc);
@@ -491,7 +487,7 @@ __global__ void __launch_bounds__(D * kGroups) AttnCombineKernel(DecodeAttention
   const int nc = min(ClampPos(a.positions[b], a.T) / kChunk + 1, parts);
   constexpr int kStride = G * (D + 2);
   const float* base = a.partial + (size_t(b) * a.Hkv + h) * C * kStride + g * (D + 2);
-  // An L2 prefetch of this thread's first value (its group's first chunk, clamped into the
+  // An L2 prefetch of this thread's first value (its group's first partial, clamped into the
   // buffer) consumes the batch's address before the wait, so ptxas computes it here, while
   // the partial kernel still runs, instead of sinking it past the wait: 80-108 -> 50-73
   // instructions between the wait and the first load (cuobjdump -sass). Safe before the
@@ -521,7 +517,7 @@ __global__ void __launch_bounds__(D * kGroups) AttnCombineKernel(DecodeAttention
     r.RaiseMax(mt);
 #pragma unroll
     for (int j = 0; j < kGroups - 1; ++j)
-      if (sl[j][d] != 0.f) r.Add(sm[j][d], sl[j][d], so[j][d]);  // a group with chunks
+      if (sl[j][d] != 0.f) r.Add(sm[j][d], sl[j][d], so[j][d]);  // a group with partials
   }
   static_cast<__nv_bfloat16*>(a.out)[(size_t(b) * a.Hq + qh) * D + d] = __float2bfloat16_rn(r.o / r.l);
 }

@@ -24,7 +24,7 @@
 //   RJ_CHUNK_GRID=49 ./layer_check bench|timeline ...  # chunk indices of the attention's
 //                           # partial-kernel grid (default: the library's choice)
 //   RJ_ATTN_WARPS=4|8 ./layer_check bench|timeline ...  # warps a CTA of the attention's
-//                           # partial kernel (default: the library's choice, 8 at M <= 2)
+//                           # partial kernel (default: the library's choice, PartialWarps)
 //   RJ_CODES_ORDER=1 ./layer_check bench|timeline ...  # codes_order 1 (MMA word order; the
 //                           # pattern weights' values are not checked there)
 //
