@@ -16,7 +16,8 @@
 #   TESTS="tests/test_cuda_ffi.py tests/test_nvfp4_matmul.py tests/test_nvfp4_format.py
 #   tests/test_pallas_nvfp4.py" TEST_TIMEOUT=300 DECODE_ARGS="--variants bf16,cuda-w4a16 --batch 1"
 #   bash benchmarks/gpu_session.sh
-# benchmarks/h100_session.sh is this script with the issue's decode rows and the layer bench.
+# benchmarks/h100_session.sh is this script with the issue's decode rows, the layer bench and
+# the attention checker.
 # Writes logs and JSON under $OUT (or ./gpu_out).
 set -u
 OUT=${OUT:-gpu_out}
@@ -41,18 +42,22 @@ python3 -m pip install -q --no-build-isolation --no-deps -e . ${PIP_EXTRA:-} > "
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$L/gpu.txt"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 
+# Builds a checker with nvcc in the background while the rest runs (collected by `wait`):
+# build_checker BINARY LOG SOURCES...; LOG ends with "build rc=N".
+build_checker() {
+  local bin=$1 log=$2
+  shift 2
+  stamp "$(basename "$bin") build (background)"
+  (nvcc -std=c++17 -O3 -arch=sm_90 -I ffi "$@" -o "$bin" > "$log" 2>&1; echo "build rc=$?" >> "$log") &
+}
 ATTN_CHECK=/tmp/attention_check
 if [ "${ATTENTION_CHECK:-0}" = 1 ]; then
-  stamp "attention_check build (background)"
-  (nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/attention_check.cu ffi/attention_kernels.cu \
-    -o "$ATTN_CHECK" > "$L/attention_build.log" 2>&1; echo "build rc=$?" >> "$L/attention_build.log") &
+  build_checker "$ATTN_CHECK" "$L/attention_build.log" ffi/tests/attention_check.cu ffi/attention_kernels.cu
 fi
 LAYER_CHECK=/tmp/layer_check
 if [ -n "${LAYER_BENCH_ARGS+x}" ]; then
-  stamp "layer_check build (background)"
-  (nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/layer_check.cu ffi/decoder_layer.cu \
-    ffi/nvfp4_kernels.cu ffi/attention_kernels.cu -o "$LAYER_CHECK" > "$L/layer_build.log" 2>&1; \
-    echo "build rc=$?" >> "$L/layer_build.log") &
+  build_checker "$LAYER_CHECK" "$L/layer_build.log" ffi/tests/layer_check.cu ffi/decoder_layer.cu \
+    ffi/nvfp4_kernels.cu ffi/attention_kernels.cu
 fi
 
 if [ "${TESTS:-}" != none ]; then
