@@ -48,6 +48,7 @@ of -1, keep -1 in the recorded tokens, and have the host raise after the loop:
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -744,6 +745,57 @@ _TOPK_PER_CHUNK = 16
 _TOPK_MAX_STAGES = 2
 
 
+# The CUDA top-k (ffi/topk_kernels.h) serves k up to this.
+_TOPK_CUDA_MAX_K = 1024
+
+
+def _cuda_top_k_reason(c: int, dtype: Any = jnp.float32) -> str | None:
+    """Why the CUDA top-k kernels cannot serve a traced ``[B, V]`` call of ``dtype`` for
+    ``c`` (a message), or None."""
+    if np.dtype(dtype) not in (
+        np.dtype(jnp.float32),
+        np.dtype(jnp.bfloat16),
+        np.dtype(jnp.float16),
+    ):
+        return f"{np.dtype(dtype).name} values (the kernels order float32, exact for bf16 and f16)"
+    if jax.default_backend() != "gpu":
+        return f"the default backend is {jax.default_backend()!r}, not a CUDA GPU"
+    if c > _TOPK_CUDA_MAX_K:
+        return f"k = {c} > {_TOPK_CUDA_MAX_K}, the most the CUDA top-k serves"
+    from reset_jax.nvfp4 import cuda
+
+    return cuda.gpu_reason()
+
+
+def _top_k_cuda(z: jax.Array, c: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``lax.top_k(z, c)`` through the CUDA kernels, row by row exact or not.
+
+    Args:
+      z: ``[B, V]`` float32, bfloat16 or float16.
+      c: static, ``1 <= c <= min(V, 1024)``.
+
+    Returns:
+      ``(values [B, c] of z's dtype, indices [B, c] int32, exact [B] bool)``; a row is exact (equal to
+      ``lax.top_k``'s values, indices and tie order) unless it holds a NaN or more than
+      4096 of its values tie at or above the kernels' threshold (ffi/topk_kernels.h).
+    """
+    from reset_jax.nvfp4 import cuda
+
+    cuda.ensure_registered()
+    b, v = z.shape
+    vals, idx, exact, _ = jax.ffi.ffi_call(
+        cuda.TARGET_TOPK,
+        (
+            jax.ShapeDtypeStruct((b, c), jnp.float32),
+            jax.ShapeDtypeStruct((b, c), jnp.int32),
+            jax.ShapeDtypeStruct((b,), jnp.int32),
+            jax.ShapeDtypeStruct((cuda.top_k_scratch_words(b, v, c),), jnp.uint32),  # scratch
+        ),
+        vmap_method="sequential",
+    )(z.astype(jnp.float32), k=np.int64(c))
+    return vals.astype(z.dtype), idx, exact != 0
+
+
 def _top_k_candidates(
     z: jax.Array,
     c: int,
@@ -751,8 +803,16 @@ def _top_k_candidates(
     rows: jax.Array | None = None,
     staged: bool | None = None,
     max_stages: int = _TOPK_MAX_STAGES,
+    cuda: bool | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``lax.top_k(z, c)`` for ``[B, V]`` rows in cheap stages, and whether that is exact.
+    """``lax.top_k(z, c)`` for ``[B, V]`` rows, cheaply, and whether that is exact.
+
+    On a GPU with the CUDA library, by default, four small kernels do it
+    (`_top_k_cuda`): 12 us a decode step at B = 1 and 22 at B = 8 (V = 151,936,
+    c = 256, H200), against the stages' 36 and 81 (`benchmarks/sampler_cost.py
+    --pieces`, above the loop's floor; RESULTS.md run AB2). ``exact`` is false only
+    for a row with a NaN, zeros of both signs near its top or a pathological run of
+    ties. Without the library (or with ``staged`` given) the stages below run.
 
     On a GPU, XLA runs ``lax.top_k`` over a large vocabulary as a full sort of every
     row: a bitonic sort at B > 1 (0.37 ms per decode step at B = 8, V = 151,936 on an
@@ -779,11 +839,29 @@ def _top_k_candidates(
       rows: ``[B]`` bool, the rows whose result is used; None: all rows.
       staged: force the stages on (True) or off (False); None: on for a GPU backend.
       max_stages: most chunking stages.
+      cuda: use the CUDA kernels (True: raise ``NotImplementedError`` if they cannot
+        serve), not (False), or None: when ``staged`` is None and they can serve.
+        With both None, the environment variable ``RESET_JAX_TOP_K`` (``auto``,
+        ``cuda``, ``staged`` or ``lax``: one method everywhere, for comparisons) is
+        read when the call is traced.
 
     Returns:
       ``(values [B, c], indices [B, c] int32, exact)``, ``exact`` a bool scalar.
     """
     b, v = z.shape
+    if cuda is None and staged is None:
+        choice = os.environ.get("RESET_JAX_TOP_K", "auto")
+        if choice not in ("auto", "cuda", "staged", "lax"):
+            raise ValueError(f"RESET_JAX_TOP_K={choice!r}: expected auto, cuda, staged or lax")
+        if choice != "auto":
+            cuda, staged = choice == "cuda", choice == "staged"
+    if cuda is None:
+        cuda = staged is None and _cuda_top_k_reason(c, z.dtype) is None
+    elif cuda and (why := _cuda_top_k_reason(c, z.dtype)) is not None:
+        raise NotImplementedError(f"the CUDA top-k cannot serve this call: {why}")
+    if cuda:
+        vals, idx, row_exact = _top_k_cuda(z, c)
+        return vals, idx, jnp.all(row_exact if rows is None else row_exact | ~rows)
     chunk, per = _TOPK_CHUNK, _TOPK_PER_CHUNK
     if staged is None:
         staged = jax.default_backend() == "gpu"  # z is a tracer here: no device
@@ -875,8 +953,9 @@ def sample(
     top token; ``top_p >= 1`` is off. All parameters may differ per row.
 
     Cost: rows with both filters off draw from the full vocabulary with no sort.
-    Filtered rows look at the ``max_candidates`` best tokens (``lax.top_k``, in
-    stages on a GPU, falling back to ``lax.top_k`` where the stages are not exact);
+    Filtered rows look at the ``max_candidates`` best tokens (``lax.top_k``; on a GPU
+    the CUDA top-k kernels, or stages where the library is missing, falling back to
+    ``lax.top_k`` where either is not exact);
     only when some row's kept set may reach beyond them (a large ``k``, or a
     nucleus wider than the candidates) does the batch fall back to a full sort,
     so the result is always exact, and the same on every backend for one key. On

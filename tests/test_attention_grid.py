@@ -2,14 +2,8 @@
 ffi/attention_kernels.h), compiled on the CPU with the host C++ compiler: chunk indices and
 warps a CTA for short and long caches."""
 
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-CUDA_INCLUDE = Path("/usr/local/cuda/include")
+from conftest import build_host_program
 
 PROGRAM = r"""
 #include <cstdio>
@@ -34,19 +28,11 @@ int main() {
 
 @pytest.fixture(scope="module")
 def chunk_indices(tmp_path_factory):
-    cxx = shutil.which("c++") or shutil.which("g++")
-    if cxx is None or not (CUDA_INCLUDE / "cuda_runtime_api.h").exists():
-        pytest.skip("needs a host C++ compiler and the CUDA headers")
-    d = tmp_path_factory.mktemp("grid")
-    (d / "grid.cc").write_text(PROGRAM)
-    exe = d / "grid"
-    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{ROOT / 'ffi'}", f"-I{CUDA_INCLUDE}",
-                    str(d / "grid.cc"), "-o", str(exe)], check=True)  # fmt: skip
+    program = build_host_program(tmp_path_factory.mktemp("grid"), PROGRAM)
 
     def run(cases, op="g"):
         text = "".join(op + " " + " ".join(map(str, c)) + "\n" for c in cases)
-        out = subprocess.run([str(exe)], input=text, capture_output=True, text=True, check=True)
-        return [int(x) for x in out.stdout.split()]
+        return [int(x) for x in program(text).split()]
 
     return run
 

@@ -2,8 +2,9 @@
 # Everything the CUDA kernel needs checked on a GPU machine, in one go:
 #   build (CMake through pip, and the standalone checkers with nvcc), the checkers (GEMV
 #   and decode attention against float64 references, the PDL layer chain against plain
-#   launches, and its per-kernel timeline), compute-sanitizer memcheck (all three) +
-#   racecheck (GEMV with S1 through bar.sync, attention, the named-barrier probe) + synccheck (GEMV), the cost of a kernel boundary (boundary_bench), the
+#   launches, and its per-kernel timeline, the sampler's top-k against a host sort),
+#   compute-sanitizer memcheck (all four) + racecheck (GEMV with S1 through bar.sync,
+#   attention, top-k, the named-barrier probe) + synccheck (GEMV), the cost of a kernel boundary (boundary_bench), the
 #   memory side of a persistent layer (stream_probe), the kernel-variant micro-benchmark, the GPU tests, and benchmarks/kernels.py.
 # Usage (repository root, on the GPU machine):  bash ffi/tests/run_gpu_checks.sh [outdir]
 # Logs go to outdir (default $OUT or /tmp/nvfp4_gpu_checks); a short summary is printed.
@@ -50,6 +51,9 @@ nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I ffi ffi/tests/layer_check.cu ffi/de
 nvcc -std=c++17 -O3 -arch=sm_90 -rdc=true -I ffi -DRJ_TIMELINE ffi/tests/layer_check.cu ffi/decoder_layer.cu \
   ffi/nvfp4_kernels.cu ffi/attention_kernels.cu -o /tmp/layer_timeline > "$LOG/build_layer_timeline.log" 2>&1 || { echo "timeline build failed"; exit 1; }
 
+nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I ffi ffi/tests/topk_check.cu ffi/topk_kernels.cu \
+  -o /tmp/topk_check > "$LOG/build_topk_check.log" 2>&1 || { echo "top-k checker build failed"; exit 1; }
+
 nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/boundary_bench.cu -o /tmp/boundary_bench \
   > "$LOG/build_boundary_bench.log" 2>&1 || { echo "boundary bench build failed"; exit 1; }
 nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/stream_probe.cu -o /tmp/stream_probe \
@@ -61,6 +65,10 @@ echo "== layer timeline"; /tmp/layer_timeline timeline > "$LOG/layer_timeline.lo
 echo "== attention";  /tmp/attention_check > "$LOG/attention.log" 2>&1; echo "rc=$?"; grep -E "FAIL|check:" "$LOG/attention.log" | tail -5
 echo "== attention memcheck";  compute-sanitizer --tool memcheck /tmp/attention_check quick > "$LOG/attention_memcheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/attention_memcheck.log"
 echo "== attention racecheck"; compute-sanitizer --tool racecheck /tmp/attention_check quick > "$LOG/attention_racecheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/attention_racecheck.log"
+echo "== top-k";      /tmp/topk_check > "$LOG/topk.log" 2>&1; echo "rc=$?"; grep -E "FAIL|check:|time" "$LOG/topk.log" | tail -5
+for tool in memcheck racecheck; do
+  echo "== top-k $tool"; compute-sanitizer --tool $tool /tmp/topk_check quick > "$LOG/topk_$tool.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/topk_$tool.log"
+done
 echo "== checker";    /tmp/nvfp4_check check > "$LOG/check.log" 2>&1; echo "rc=$?"; grep -E "FAIL|check:" "$LOG/check.log" | tail -5
 echo "== checker without S1"; /tmp/nvfp4_check_s0 check quick > "$LOG/check_s0.log" 2>&1; echo "rc=$?"; grep -E "FAIL|check:" "$LOG/check_s0.log" | tail -3
 echo "== memcheck";   compute-sanitizer --tool memcheck /tmp/nvfp4_check check quick > "$LOG/memcheck.log" 2>&1; echo "rc=$?"; tail -1 "$LOG/memcheck.log"
@@ -79,6 +87,6 @@ echo "== boundary";   timeout 300 /tmp/boundary_bench 32 20 > "$LOG/boundary.log
 echo "== stream";     timeout 120 /tmp/stream_probe 36 5000 "$LOG/stream_trace.txt" > "$LOG/stream_probe.log" 2>&1; echo "rc=$?"; tail -n +2 "$LOG/stream_probe.log"
 echo "== stream gemv"; timeout 120 /tmp/stream_probe gemv 36 5000 > "$LOG/stream_gemv.log" 2>&1; echo "rc=$?"; tail -n +2 "$LOG/stream_gemv.log"
 echo "== variants";   /tmp/nvfp4_check bench 12 > "$LOG/harness_bench.log" 2>&1; echo "rc=$?"
-echo "== pytest";     PYTHONPATH=$ROOT $PY -m pytest -q -p no:cacheprovider tests/test_cuda_ffi.py tests/test_nvfp4_matmul.py tests/test_decode_attention.py tests/test_decoder_layers.py > "$LOG/pytest.log" 2>&1; echo "rc=$?"; tail -3 "$LOG/pytest.log"
+echo "== pytest";     PYTHONPATH=$ROOT $PY -m pytest -q -p no:cacheprovider tests/test_cuda_ffi.py tests/test_nvfp4_matmul.py tests/test_decode_attention.py tests/test_decoder_layers.py tests/test_topk.py > "$LOG/pytest.log" 2>&1; echo "rc=$?"; tail -3 "$LOG/pytest.log"
 echo "== benchmark";  PYTHONPATH=$ROOT $PY benchmarks/kernels.py --m 1,2,4,8,16 --m-other 1,8 --out "$LOG/kernels.json" > "$LOG/kernels.log" 2>&1; echo "rc=$?"
 grep -A400 "^shape" "$LOG/kernels.log"

@@ -47,6 +47,7 @@ TARGET_W4A4 = "reset_jax_nvfp4_w4a4"
 TARGET_ADD_NORM_W4A16 = "reset_jax_nvfp4_add_norm_w4a16"
 TARGET_DECODE_ATTENTION = "reset_jax_decode_attention"  # reset_jax.attention
 TARGET_DECODER_LAYERS = "reset_jax_decoder_layers"  # reset_jax.decoder_layers
+TARGET_TOPK = "reset_jax_top_k"  # reset_jax.sampling
 # bf16 mma.sync and cp/ld cache hints need Ampere; sm_80 machine code ships.
 _MIN_COMPUTE_CAPABILITY = 8.0
 _BF16 = np.dtype(jnp.bfloat16)
@@ -135,6 +136,7 @@ def _register() -> None:
             (TARGET_ADD_NORM_W4A16, "ResetJaxNvfp4AddNormW4A16"),
             (TARGET_DECODE_ATTENTION, "ResetJaxDecodeAttention"),
             (TARGET_DECODER_LAYERS, "ResetJaxDecoderLayers"),
+            (TARGET_TOPK, "ResetJaxTopK"),
         ):
             jax.ffi.register_ffi_target(
                 name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA"
@@ -167,6 +169,14 @@ def device_reason(x: jax.Array) -> str | None:
     platform = _platform(x)
     if platform != "gpu":
         return f"not on a CUDA GPU (platform {platform!r})"
+    return gpu_reason()
+
+
+def gpu_reason() -> str | None:
+    """Why the library's kernels cannot run on this process's first GPU (a message), or None.
+
+    `device_reason` without an array: for code traced under ``jit`` on the default backend.
+    """
     cc = _compute_capability()
     if cc is None:
         return "not an NVIDIA GPU"
@@ -174,6 +184,24 @@ def device_reason(x: jax.Array) -> str | None:
         return f"compute capability {cc} < {_MIN_COMPUTE_CAPABILITY} (needs sm_80: bf16 mma.sync)"
     lib, reason = _library()
     return reason if lib is None else None
+
+
+def top_k_scratch_words(b: int, v: int, k: int) -> int:
+    """Elements of the CUDA top-k's uint32 scratch result for ``z [b, v]`` and ``k``.
+
+    The library's own count (``rjtopk::TopkScratchWords``, through ctypes), so the layout
+    has one definition.
+
+    Raises:
+      NotImplementedError: the library is not built or does not load.
+    """
+    lib, reason = _library()
+    if lib is None:
+        raise NotImplementedError(reason)
+    fn = lib.ResetJaxTopKScratchWords
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int)
+    return int(fn(b, v, k))
 
 
 def ensure_registered() -> None:

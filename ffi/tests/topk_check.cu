@@ -1,0 +1,255 @@
+// Standalone checker for the sampler's top-k kernels (no JAX), against a host reference: a
+// stable sort of each row by value (descending, +0.0 above -0.0), index order for ties.
+//
+//   nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/topk_check.cu ffi/topk_kernels.cu -o topk_check
+//   ./topk_check          # every case, then timings; exit code 0 only if all passed
+//   ./topk_check quick    # fewer cases, no timings (for the sanitizers)
+//
+// Each case: fresh random rows (never zeros unless the case is about zeros); outputs poisoned
+// before the call and fully written; rows the kernels call exact must equal the reference bit
+// for bit (indices and values), and a case says which rows must be exact (NaN rows, rows with
+// zeros of both signs among the candidates and rows with too many candidates may not be).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "tests/host_util.h"
+#include "topk_kernels.h"
+
+namespace {
+
+uint32_t HostKey(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+enum class Expect { kAllExact, kNanRowsInexact, kAllInexact, kAnyExactness };
+
+struct Case {
+  std::string name;
+  int B, V, C;
+  Expect expect;
+  std::vector<float> z;  // [B, V]
+};
+
+std::vector<float> Normal(int B, int V, float std, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d(0.f, std);
+  std::vector<float> z(size_t(B) * V);
+  for (auto& x : z) x = d(g);
+  return z;
+}
+
+float RoundBf16(float x) { return FloatFromBf16(Bf16FromFloat(x)); }
+
+std::vector<Case> Cases(bool quick) {
+  std::vector<Case> cs;
+  const int V = 151936;
+  for (int B : {1, 3, 8}) cs.push_back({"random", B, V, 256, Expect::kAllExact, Normal(B, V, 7.f, 11 + B)});
+  if (!quick) {
+    for (int C : {1, 20, 255, 1024})
+      cs.push_back({"random C", 2, V, C, Expect::kAllExact, Normal(2, V, 7.f, 100 + C)});
+    {
+      auto z = Normal(4, V, 7.f, 21);
+      for (auto& x : z) x = RoundBf16(x);
+      cs.push_back({"bf16 ties", 4, V, 256, Expect::kAllExact, z});
+    }
+    {
+      auto z = Normal(4, V, 7.f, 22);
+      for (auto& x : z) x = std::round(x / 4.f);
+      cs.push_back({"integer ties", 4, V, 256, Expect::kAnyExactness, z});
+    }
+    {
+      auto z = Normal(2, V, 7.f, 23);
+      for (int b = 0; b < 2; ++b)
+        for (int i = 0; i < 100; ++i) z[size_t(b) * V + 1000 + i] = 100.f + i;
+      cs.push_back({"clustered", 2, V, 256, Expect::kAllExact, z});
+    }
+    for (bool both : {true, false}) {
+      // 300 zeros above negative values: of both signs (inexact: XLA's order of signed zeros
+      // is not one rule) or all -0.0 (exact: the top 256 in index order).
+      auto z = Normal(2, V, 1.f, 24);
+      for (auto& x : z) x = -1.f - std::fabs(x);
+      std::mt19937 g(5);
+      for (int b = 0; b < 2; ++b)
+        for (int n = 0; n < 300; ++n) z[size_t(b) * V + g() % V] = (both && (g() & 1)) ? 0.f : -0.f;
+      cs.push_back({both ? "signed zeros" : "-0.0 on top", 2, V, 256,
+                    both ? Expect::kAllInexact : Expect::kAllExact, z});
+    }
+    {
+      auto z = Normal(3, V, 7.f, 25);
+      z[size_t(1) * V + 77] = NAN;
+      cs.push_back({"NaN row 1", 3, V, 256, Expect::kNanRowsInexact, z});
+    }
+    {
+      // -inf everywhere but 400 values: exact (the 256th is finite).
+      std::vector<float> z(size_t(2) * V, -INFINITY);
+      std::mt19937 g(6);
+      for (int b = 0; b < 2; ++b)
+        for (int n = 0; n < 400; ++n) z[size_t(b) * V + g() % V] = float(int(g() % 1000)) / 8.f;
+      cs.push_back({"masked", 2, V, 256, Expect::kAllExact, z});
+    }
+    {
+      std::vector<float> z(size_t(2) * V, 0.5f);  // every value equal: more than kCap candidates
+      cs.push_back({"all equal", 2, V, 256, Expect::kAnyExactness, z});
+    }
+    for (int v : {32000, 49152, 5000, 300, 256, 1000003})
+      cs.push_back({"V " + std::to_string(v), 2, v, 256,
+                    v == 5000 ? Expect::kAnyExactness : Expect::kAllExact, Normal(2, v, 3.f, v)});
+    cs.push_back({"V 17 C 5", 3, 17, 5, Expect::kAllExact, Normal(3, 17, 1.f, 17)});
+    cs.push_back({"70000 rows", 70000, 40, 5, Expect::kAllExact, Normal(70000, 40, 1.f, 40)});
+  }
+  return cs;
+}
+
+// Reference top-C of one row: (indices, values).
+void Reference(const float* row, int V, int C, std::vector<int32_t>& idx) {
+  std::vector<int32_t> order(V);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return HostKey(row[a]) > HostKey(row[b]); });
+  idx.assign(order.begin(), order.begin() + C);
+}
+
+struct Buffers {
+  float *z = nullptr, *vals = nullptr;
+  int32_t *idx = nullptr, *exact = nullptr;
+  uint32_t* scratch = nullptr;
+  void Free() {
+    CK(cudaFree(z));
+    CK(cudaFree(vals));
+    CK(cudaFree(idx));
+    CK(cudaFree(exact));
+    CK(cudaFree(scratch));
+  }
+};
+
+Buffers Alloc(int B, int V, int C) {
+  Buffers d;
+  CK(cudaMalloc(&d.z, size_t(B) * V * 4));
+  CK(cudaMalloc(&d.vals, size_t(B) * C * 4));
+  CK(cudaMalloc(&d.idx, size_t(B) * C * 4));
+  CK(cudaMalloc(&d.exact, size_t(B) * 4));
+  CK(cudaMalloc(&d.scratch, rjtopk::TopkScratchWords(B, V, C) * 4));
+  return d;
+}
+
+rjtopk::TopkArgs Args(const Buffers& d, int B, int V, int C) {
+  rjtopk::TopkArgs a;
+  a.z = d.z, a.vals = d.vals, a.idx = d.idx, a.exact = d.exact, a.scratch = d.scratch;
+  a.B = B, a.V = V, a.C = C;
+  return a;
+}
+
+bool RunCase(const Case& c) {
+  const int B = c.B, V = c.V, C = c.C;
+  Buffers d = Alloc(B, V, C);
+  CK(cudaMemcpy(d.z, c.z.data(), c.z.size() * 4, cudaMemcpyHostToDevice));
+  // Poison: outputs and scratch (the kernels must not rely on a cleared scratch).
+  CK(cudaMemset(d.vals, 0xFF, size_t(B) * C * 4));
+  CK(cudaMemset(d.idx, 0xAB, size_t(B) * C * 4));
+  CK(cudaMemset(d.exact, 0x7F, size_t(B) * 4));
+  CK(cudaMemset(d.scratch, 0x5A, rjtopk::TopkScratchWords(B, V, C) * 4));
+  const rjtopk::TopkArgs a = Args(d, B, V, C);
+  if (const char* why = rjtopk::TopkUnsupportedReason(a)) {
+    std::printf("FAIL %s: unsupported: %s\n", c.name.c_str(), why);
+    d.Free();
+    return false;
+  }
+  CK(rjtopk::LaunchTopk(a, nullptr));
+  CK(cudaDeviceSynchronize());
+  std::vector<float> vals(size_t(B) * C);
+  std::vector<int32_t> idx(size_t(B) * C), exact(B);
+  CK(cudaMemcpy(vals.data(), d.vals, vals.size() * 4, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(idx.data(), d.idx, idx.size() * 4, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(exact.data(), d.exact, B * 4, cudaMemcpyDeviceToHost));
+  d.Free();
+  bool ok = true;
+  int n_exact = 0, written = 0;
+  std::vector<int32_t> want;
+  for (int b = 0; b < B; ++b) {
+    const float* row = c.z.data() + size_t(b) * V;
+    bool has_nan = false;
+    for (int i = 0; i < V; ++i) has_nan |= std::isnan(row[i]);
+    if (exact[b] != 0 && exact[b] != 1) {
+      std::printf("FAIL %s row %d: exact flag %d unwritten\n", c.name.c_str(), b, exact[b]);
+      ok = false;
+      continue;
+    }
+    for (int i = 0; i < C; ++i) {
+      const int32_t id = idx[size_t(b) * C + i];
+      written += id >= 0 && id < V;
+    }
+    const bool must = c.expect == Expect::kAllExact ||
+                      (c.expect == Expect::kNanRowsInexact && !has_nan);
+    if (c.expect == Expect::kAllInexact && exact[b]) {
+      std::printf("FAIL %s row %d: reported exact\n", c.name.c_str(), b);
+      ok = false;
+    }
+    if (must && !exact[b]) {
+      std::printf("FAIL %s row %d: reported inexact\n", c.name.c_str(), b);
+      ok = false;
+    }
+    if (has_nan && exact[b]) {
+      std::printf("FAIL %s row %d: a NaN row reported exact\n", c.name.c_str(), b);
+      ok = false;
+    }
+    if (!exact[b]) continue;
+    ++n_exact;
+    Reference(row, V, C, want);
+    for (int i = 0; i < C; ++i) {
+      const int32_t id = idx[size_t(b) * C + i];
+      const float v = vals[size_t(b) * C + i];
+      if (id != want[i] || std::memcmp(&v, &row[want[i]], 4) != 0) {
+        std::printf("FAIL %s row %d rank %d: got (%d, %a), want (%d, %a)\n", c.name.c_str(), b,
+                    i, id, v, want[i], row[want[i]]);
+        ok = false;
+        break;
+      }
+    }
+  }
+  std::printf("%s %-14s B=%d V=%d C=%d slice=%d exact_rows=%d/%d written=%d/%d\n",
+              ok ? "ok  " : "FAIL", c.name.c_str(), B, V, C, rjtopk::TopkSliceSize(V, C),
+              n_exact, B, written, B * C);
+  return ok;
+}
+
+void Time(int B, int V, int C) {
+  Buffers d = Alloc(B, V, C);
+  const auto z = Normal(B, V, 7.f, 99);
+  CK(cudaMemcpy(d.z, z.data(), z.size() * 4, cudaMemcpyHostToDevice));
+  const rjtopk::TopkArgs a = Args(d, B, V, C);
+  cudaStream_t st;
+  CK(cudaStreamCreate(&st));
+  // A CUDA graph of 20 calls, as XLA's command buffers run them.
+  const float ms = GraphMedianMs(st, 15, [&](cudaStream_t s) {
+    for (int r = 0; r < 20; ++r) CK(rjtopk::LaunchTopk(a, s));
+  });
+  std::printf("time B=%d V=%d C=%d: %.2f us a call (median of 15 graphs of 20 calls)\n", B, V, C,
+              1e3 * ms / 20);
+  CK(cudaStreamDestroy(st));
+  d.Free();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+  int failed = 0, n = 0;
+  for (const Case& c : Cases(quick)) {
+    ++n;
+    failed += !RunCase(c);
+  }
+  std::printf("topk check: %d cases, %d failed\n", n, failed);
+  if (!quick) {
+    for (int B : {1, 2, 8}) Time(B, 151936, 256);
+  }
+  return failed ? 1 : 0;
+}

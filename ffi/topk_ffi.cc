@@ -1,0 +1,80 @@
+// XLA FFI handler for the sampler's exact top-k (see reset_jax/sampling.py and topk_kernels.h).
+//
+// Exported symbol (registered from Python with jax.ffi.register_ffi_target):
+//   ResetJaxTopK(z; k) -> (vals, idx, exact, scratch)
+// Shapes: z [B, V] f32; vals [B, k] f32 and idx [B, k] s32, lax.top_k(z, k) for every row whose
+// exact [B] s32 is 1 (0: the row holds a NaN, or its values tie too widely; the caller falls
+// back); scratch u32 [rjtopk::TopkScratchWords(B, V, k)], contents undefined on entry and exit.
+// No synchronisation, no allocation: command-buffer (CUDA graph) compatible.
+#include <cstdint>
+#include <string>
+
+#include <cuda_runtime_api.h>
+
+#include "ffi_common.h"
+#include "topk_kernels.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using reset_jax_ffi::Dims;
+using reset_jax_ffi::Shaped;
+
+ffi::Error Invalid(const std::string& msg) {
+  return ffi::Error::InvalidArgument("reset_jax top-k: " + msg);
+}
+
+ffi::Error TopKImpl(cudaStream_t stream, ffi::AnyBuffer z, ffi::Result<ffi::AnyBuffer> vals,
+                    ffi::Result<ffi::AnyBuffer> idx, ffi::Result<ffi::AnyBuffer> exact,
+                    ffi::Result<ffi::AnyBuffer> scratch, int64_t k) {
+  using T = ffi::DataType;
+  const auto zd = z.dimensions();
+  if (zd.size() != 2 || z.element_type() != T::F32)
+    return Invalid("z must be float32 [B, V], got " + Dims(zd));
+  const int64_t B = zd[0], V = zd[1];
+  if (B > INT32_MAX || V > INT32_MAX || k > INT32_MAX || k < 0)
+    return Invalid("shape too large for 32-bit indexing");
+  rjtopk::TopkArgs a;
+  a.B = int(B), a.V = int(V), a.C = int(k);
+  if (!Shaped(*vals, T::F32, {B, k})) return Invalid("vals must be float32 [B, k]");
+  if (!Shaped(*idx, T::S32, {B, k})) return Invalid("idx must be int32 [B, k]");
+  if (!Shaped(*exact, T::S32, {B})) return Invalid("exact must be int32 [B]");
+  a.z = static_cast<const float*>(z.untyped_data());
+  a.vals = static_cast<float*>(vals->untyped_data());
+  a.idx = static_cast<int32_t*>(idx->untyped_data());
+  a.exact = static_cast<int32_t*>(exact->untyped_data());
+  a.scratch = static_cast<uint32_t*>(scratch->untyped_data());
+  if (const char* why = rjtopk::TopkUnsupportedReason(a)) return Invalid(why);
+  const size_t want = rjtopk::TopkScratchWords(a.B, a.V, a.C);
+  if (scratch->element_type() != T::U32 || scratch->element_count() != want)
+    return Invalid("scratch must be uint32 with " + std::to_string(want) + " elements");
+  if (cudaError_t err = rjtopk::LaunchTopk(a, stream); err != cudaSuccess)
+    return ffi::Error::Internal(std::string("reset_jax top-k: launch: ") + cudaGetErrorName(err) +
+                                ": " + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* ResetJaxTopK(
+    XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResetJaxTopK, TopKImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // z
+                                  .Ret<ffi::AnyBuffer>()  // vals
+                                  .Ret<ffi::AnyBuffer>()  // idx
+                                  .Ret<ffi::AnyBuffer>()  // exact
+                                  .Ret<ffi::AnyBuffer>()  // scratch
+                                  .Attr<int64_t>("k"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+// The scratch result's element count for z [B, V] and k (for reset_jax/sampling.py, through
+// ctypes: the one definition of the layout).
+extern "C" __attribute__((visibility("default"))) size_t ResetJaxTopKScratchWords(int B, int V,
+                                                                                  int k) {
+  return rjtopk::TopkScratchWords(B, V, k);
+}

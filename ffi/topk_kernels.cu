@@ -1,0 +1,254 @@
+// Exact top-k of float32 rows (see topk_kernels.h for the contract and the method).
+#include <cstdint>
+
+#include "topk_kernels.h"
+
+namespace rjtopk {
+
+namespace {
+
+constexpr int kThreads = 256;        // every kernel
+constexpr int kWarps = kThreads / 32;
+
+// The order key of a float: larger floats give larger keys (a total order: -0.0 below +0.0).
+__device__ __forceinline__ uint32_t Key(float f) {
+  const uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The scratch: maxima [B, ns], rows [B, kRowWords], candidates [B, TopkRowCap(V)] u64.
+struct Scratch {
+  uint32_t* maxima;
+  uint32_t* rows;
+  unsigned long long* cand;
+};
+
+Scratch Split(uint32_t* s, int B, int ns) {
+  return {s, s + size_t(B) * ns,
+          reinterpret_cast<unsigned long long*>(s + TopkCandidateOffset(B, ns))};
+}
+
+// Kernel 1: the largest key of each slice of S elements (a warp a slice, 8 slices a CTA).
+template <int S>
+__global__ void __launch_bounds__(kThreads) SliceMaxKernel(const float* __restrict__ z, int B,
+                                                           int V, int ns,
+                                                           uint32_t* __restrict__ maxima) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int s = blockIdx.x * kWarps + warp;
+  if (s >= ns) return;
+  const int base = s * S;
+  for (int b = blockIdx.y; b < B; b += gridDim.y) {  // rows beyond the grid's 65535
+    const float* row = z + size_t(b) * V;
+    uint32_t m = 0;
+#pragma unroll
+    for (int j = 0; j < S / 32; ++j) {
+      const int i = base + j * 32 + lane;
+      if (i < V) m = max(m, Key(__ldg(row + i)));
+    }
+    m = __reduce_max_sync(0xffffffffu, m);
+    if (lane == 0) maxima[size_t(b) * ns + s] = m;
+  }
+}
+
+// Kernel 2: L = the C-th largest slice maximum of each row (a CTA a row, radix select over
+// 8-bit digits from the top); L = 0 where the row has fewer than C slices. Also clears the
+// row's candidate count and NaN flag for kernel 3.
+__global__ void __launch_bounds__(kThreads) ThresholdKernel(const uint32_t* __restrict__ maxima,
+                                                            int ns, int C,
+                                                            uint32_t* __restrict__ rows) {
+  __shared__ uint32_t hist[256];
+  __shared__ uint32_t sh_prefix, sh_need;
+  const int b = blockIdx.x;
+  const uint32_t* mk = maxima + size_t(b) * ns;
+  uint32_t prefix = 0, mask = 0, need = uint32_t(C);
+  if (ns >= C) {
+    // Invariant: `need` (>= 1) of the keys under `prefix` / `mask` are the rank-C key or above
+    // it among them, so the C-th largest is the need-th largest key matching the prefix.
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      hist[threadIdx.x] = 0;
+      __syncthreads();
+      for (int i = threadIdx.x; i < ns; i += kThreads) {
+        const uint32_t k = mk[i];
+        if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & 255u], 1u);
+      }
+      __syncthreads();
+      if (threadIdx.x < 32) {
+        // Lane l holds digits 255 - 8l down to 248 - 8l; an inclusive scan from the top digit.
+        const int lane = threadIdx.x;
+        uint32_t h[8], sum = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          h[j] = hist[255 - 8 * lane - j];
+          sum += h[j];
+        }
+        uint32_t incl = sum;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const uint32_t t = __shfl_up_sync(0xffffffffu, incl, o);
+          if (lane >= o) incl += t;
+        }
+        uint32_t acc = incl - sum;
+        if (acc < need && need <= incl) {  // exactly one lane
+          int d = 255 - 8 * lane - 7;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            if (need <= acc + h[j]) {
+              d = 255 - 8 * lane - j;
+              break;
+            }
+            acc += h[j];
+          }
+          sh_prefix = prefix | (uint32_t(d) << shift);
+          sh_need = need - acc;
+        }
+      }
+      __syncthreads();
+      prefix = sh_prefix;
+      need = sh_need;
+      mask |= 0xFFu << shift;
+    }
+  }
+  if (threadIdx.x == 0) {
+    uint32_t* r = rows + size_t(b) * kRowWords;
+    r[0] = ns >= C ? prefix : 0u;
+    r[1] = 0u;
+    r[2] = 0u;
+  }
+}
+
+// Kernel 3: appends every element with key >= L to its row's candidates as (key << 32) |
+// (0xFFFFFFFF - index), so that a larger word is a larger value or, for equal values, a
+// smaller index. Counts past the row's capacity are kept (the row is then inexact); NaN in the
+// row and zeros of either sign among the candidates set the row's flags.
+template <int S>
+__global__ void __launch_bounds__(kThreads) CollectKernel(const float* __restrict__ z, int B,
+                                                          int V, int ns,
+                                                          uint32_t* __restrict__ rows,
+                                                          unsigned long long* __restrict__ cand) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int s = blockIdx.x * kWarps + warp;
+  if (s >= ns) return;
+  const int cap = TopkRowCap(V);
+  const int base = s * S;
+  for (int b = blockIdx.y; b < B; b += gridDim.y) {
+    const float* row = z + size_t(b) * V;
+    uint32_t* r = rows + size_t(b) * kRowWords;
+    unsigned long long* out = cand + size_t(b) * cap;
+    const uint32_t L = r[0];
+    unsigned flags = 0;
+#pragma unroll
+    for (int j = 0; j < S / 32; ++j) {
+      const int i = base + j * 32 + lane;
+      bool take = false;
+      unsigned long long word = 0;
+      if (i < V) {
+        const float f = __ldg(row + i);
+        if (f != f) flags |= kNanSeen;
+        const uint32_t k = Key(f);
+        take = k >= L;
+        if (take && f == 0.f) flags |= (k == 0x7FFFFFFFu) ? kNegZero : kPosZero;
+        word = (static_cast<unsigned long long>(k) << 32) | (0xFFFFFFFFu - uint32_t(i));
+      }
+      const unsigned ballot = __ballot_sync(0xffffffffu, take);
+      if (ballot) {
+        uint32_t first = 0;
+        if (lane == 0) first = atomicAdd(r + 1, uint32_t(__popc(ballot)));
+        first = __shfl_sync(0xffffffffu, first, 0);
+        if (take) {
+          const uint32_t p = first + __popc(ballot & ((1u << lane) - 1u));
+          if (p < uint32_t(cap)) out[p] = word;
+        }
+      }
+    }
+    flags = __reduce_or_sync(0xffffffffu, flags);
+    if (flags && lane == 0) atomicOr(r + 2, flags);
+  }
+}
+
+// Kernel 4: sorts each row's candidates (bitonic, descending, in shared memory) and writes the
+// first C: indices, the values read back from z (their own sign bits), and exactness.
+__global__ void __launch_bounds__(kThreads) SortKernel(const float* __restrict__ z, int V, int C,
+                                                       const uint32_t* __restrict__ rows,
+                                                       const unsigned long long* __restrict__ cand,
+                                                       float* __restrict__ vals,
+                                                       int32_t* __restrict__ idx,
+                                                       int32_t* __restrict__ exact) {
+  __shared__ unsigned long long s[kCap];
+  const int b = blockIdx.x;
+  const uint32_t* r = rows + size_t(b) * kRowWords;
+  const uint32_t count = r[1], cap = uint32_t(TopkRowCap(V));
+  const int n = int(min(count, cap));
+  int P = 1;
+  while (P < max(n, C)) P <<= 1;
+  const unsigned long long* in = cand + size_t(b) * cap;
+  for (int i = threadIdx.x; i < P; i += kThreads) s[i] = i < n ? in[i] : 0ull;  // 0: below all
+  __syncthreads();
+  for (int k = 2; k <= P; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int t = threadIdx.x; t < P / 2; t += kThreads) {
+        const int i = 2 * t - (t & (j - 1));  // the pair (i, i + j), bit j of i clear
+        const unsigned long long a = s[i], c = s[i + j];
+        if ((a < c) == ((i & k) == 0)) {  // descending blocks where bit k of i is clear
+          s[i] = c;
+          s[i + j] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+  // n >= C always (kernel 2's bound), so the first C words are elements; the check keeps a
+  // broken bound from reading outside the row.
+  const uint32_t flags = r[2];
+  bool ok = count <= cap && !(flags & kNanSeen) && (flags & (kNegZero | kPosZero)) !=
+                                                      (kNegZero | kPosZero);
+  for (int i = threadIdx.x; i < C; i += kThreads) {
+    const uint32_t id = 0xFFFFFFFFu - uint32_t(s[i] & 0xFFFFFFFFull);
+    const bool in_row = id < uint32_t(V);
+    idx[size_t(b) * C + i] = in_row ? int32_t(id) : 0;
+    vals[size_t(b) * C + i] = in_row ? z[size_t(b) * V + id] : __int_as_float(0x7fc00000);
+    if (!in_row) ok = false;
+  }
+  ok = __syncthreads_and(ok);
+  if (threadIdx.x == 0) exact[b] = ok ? 1 : 0;
+}
+
+template <int S>
+cudaError_t LaunchWith(const TopkArgs& a, cudaStream_t stream) {
+  const int ns = TopkSlices(a.V, a.C);
+  const Scratch sc = Split(a.scratch, a.B, ns);
+  const dim3 slices((ns + kWarps - 1) / kWarps, a.B < 65535 ? a.B : 65535);
+  SliceMaxKernel<S><<<slices, kThreads, 0, stream>>>(a.z, a.B, a.V, ns, sc.maxima);
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  ThresholdKernel<<<a.B, kThreads, 0, stream>>>(sc.maxima, ns, a.C, sc.rows);
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  CollectKernel<S><<<slices, kThreads, 0, stream>>>(a.z, a.B, a.V, ns, sc.rows, sc.cand);
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  SortKernel<<<a.B, kThreads, 0, stream>>>(a.z, a.V, a.C, sc.rows, sc.cand, a.vals, a.idx,
+                                           a.exact);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+const char* TopkUnsupportedReason(const TopkArgs& a) {
+  if (a.B < 1 || a.V < 1) return "empty logits";
+  if (a.C < 1) return "k must be at least 1";
+  if (a.C > a.V) return "k is larger than the vocabulary";
+  if (a.C > kMaxC) return "k is larger than 1024, the most the kernel serves";
+  if (a.V > INT32_MAX - 256) return "rows too long for 32-bit indexing";
+  if (!a.z || !a.vals || !a.idx || !a.exact || !a.scratch) return "null buffer";
+  if (reinterpret_cast<uintptr_t>(a.scratch) % 8 != 0) return "scratch is not 8-byte aligned";
+  return nullptr;
+}
+
+cudaError_t LaunchTopk(const TopkArgs& a, cudaStream_t stream) {
+  if (TopkUnsupportedReason(a)) return cudaErrorInvalidValue;
+  switch (TopkSliceSize(a.V, a.C)) {
+    case 256: return LaunchWith<256>(a, stream);
+    case 128: return LaunchWith<128>(a, stream);
+    case 64: return LaunchWith<64>(a, stream);
+    default: return LaunchWith<32>(a, stream);
+  }
+}
+
+}  // namespace rjtopk

@@ -1,0 +1,92 @@
+// Exact top-k of float32 rows for the sampler (reset_jax/sampling.py), in four small kernels.
+//
+// y = lax.top_k(z, C) for z [B, V]: the C largest values of each row in descending order, equal
+// values in index order, +0.0 above -0.0. XLA's GPU top-k does not order signed zeros the same
+// way at every shape (measured: +0.0 first among negative values, index order in a row of
+// zeros), so a row whose candidates hold zeros of both signs is reported inexact, as is a row
+// holding a NaN; the caller falls back to lax.top_k for those.
+//
+// The method: a threshold that provably keeps every top-C element, then an exact sort of what
+// passes it.
+//   1. SliceMax: the row is cut into slices of S elements (S = 32..256, one warp each); each
+//      slice's largest key is written.
+//   2. Threshold: one CTA a row selects L, the C-th largest of the slice maxima (radix select).
+//      At least C slices hold an element >= L, so the row's C-th largest value is >= L and every
+//      top-C element passes "key >= L". With fewer than C slices, L = 0 (every element passes).
+//   3. Collect: the slices are read again; elements with key >= L are appended to the row's
+//      candidate list (TopkRowCap(V) entries; more are counted, not stored). Random rows of
+//      V = 151,936 give ~330 candidates for C = 256.
+//   4. Sort: one CTA a row sorts its candidates as 64-bit (key, ~index) words, bitonic in shared
+//      memory, and writes the first C. A row is exact unless it overflowed its capacity, held a
+//      NaN, or had zeros of both signs among its candidates.
+// Keys: the float's bits mapped to an unsigned total order (negative: all bits flipped;
+// positive: the sign bit set).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+// The header also compiles without nvcc (tests/test_topk.py builds its launch arithmetic).
+#ifdef __CUDACC__
+#define RJTOPK_HOST_DEVICE __host__ __device__
+#else
+#define RJTOPK_HOST_DEVICE
+#endif
+
+namespace rjtopk {
+
+constexpr int kCap = 4096;   // most candidates a row can hold (the sort's shared memory: 32 KiB)
+constexpr int kMaxC = 1024;  // largest C served
+
+struct TopkArgs {
+  const float* z = nullptr;  // [B, V]
+  float* vals = nullptr;     // [B, C]
+  int32_t* idx = nullptr;    // [B, C]
+  int32_t* exact = nullptr;  // [B]: 1 where the row's result is lax.top_k's, else 0
+  uint32_t* scratch = nullptr;  // TopkScratchWords(B, V, C) words, 8-byte aligned
+  int B = 0, V = 0, C = 0;
+};
+
+// Per-row words of the scratch after the slice maxima: threshold key, candidate count, flags
+// (kNanSeen, kNegZero, kPosZero among the candidates), unused.
+constexpr int kRowWords = 4;
+constexpr unsigned kNanSeen = 1u, kNegZero = 2u, kPosZero = 4u;
+
+// Elements a slice (a warp of the first and third kernels): the largest power of two in
+// [32, 256] that leaves at least 2C slices, else 32.
+inline int TopkSliceSize(int V, int C) {
+  for (int S = 256; S > 32; S >>= 1)
+    if ((int64_t(V) + S - 1) / S >= 2 * int64_t(C)) return S;
+  return 32;
+}
+
+// Number of slices of a row.
+inline int TopkSlices(int V, int C) {
+  const int S = TopkSliceSize(V, C);
+  return int((int64_t(V) + S - 1) / S);
+}
+
+// Candidates a row of V values can hold: min(kCap, V) (never more than the row has).
+RJTOPK_HOST_DEVICE inline int TopkRowCap(int V) { return V < kCap ? V : kCap; }
+
+// Where the candidates start in the scratch (uint32 words, 8-byte aligned): after the slice
+// maxima [B, slices] and the row words [B, kRowWords].
+inline size_t TopkCandidateOffset(int B, int slices) {
+  const size_t w = size_t(B) * slices + size_t(B) * kRowWords;
+  return (w + 1) & ~size_t(1);
+}
+
+// Scratch words (uint32) the launch needs: slice maxima, row words, candidates
+// [B, TopkRowCap(V)] u64.
+inline size_t TopkScratchWords(int B, int V, int C) {
+  return TopkCandidateOffset(B, TopkSlices(V, C)) + size_t(B) * TopkRowCap(V) * 2;
+}
+
+// Why these arguments cannot be served (a message), or nullptr.
+const char* TopkUnsupportedReason(const TopkArgs& a);
+// Enqueues the four kernels on `stream`. Returns the first CUDA error.
+cudaError_t LaunchTopk(const TopkArgs& a, cudaStream_t stream);
+
+}  // namespace rjtopk

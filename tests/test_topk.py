@@ -1,0 +1,280 @@
+"""The sampler's CUDA top-k (`sampling._top_k_cuda`, ffi/topk_kernels.{h,cu}).
+
+CPU: a NumPy model of the kernels' method (slice maxima, the threshold L, candidates,
+their sort) against a stable sort of each row, so the claim the kernels rest on -- every
+top-k element passes ``key >= L`` -- is tested on random, tied, clustered, masked and
+adversarial rows; the launch arithmetic of the header (slice size, scratch words)
+compiled with the host compiler, against the model and against the built library's
+export; the dispatch (``cuda=True`` off a GPU raises, ``RESET_JAX_TOP_K``). GPU
+(marked): the kernels against ``lax.top_k`` on the same rows, their exact flags against
+the model's, and the sampler's tokens with the kernels against the staged top-k's.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import build_host_program
+
+from reset_jax import sampling as S
+
+gpu = pytest.mark.gpu
+CAP = 4096  # rjtopk::kCap
+ROW_WORDS = 4  # rjtopk::kRowWords
+
+
+# ----------------------------------------------------------------------------
+# The method, in NumPy
+# ----------------------------------------------------------------------------
+
+
+def keys(z: np.ndarray) -> np.ndarray:
+    """The kernels' order key of float32 values (a total order: -0.0 below +0.0), as uint64."""
+    u = np.ascontiguousarray(z, np.float32).view(np.uint32).astype(np.uint64)
+    return np.where(u & 0x80000000, ~u & 0xFFFFFFFF, u | 0x80000000)
+
+
+def slice_size(v: int, c: int) -> int:
+    for s in (256, 128, 64):
+        if -(-v // s) >= 2 * c:
+            return s
+    return 32
+
+
+def model_top_k(row: np.ndarray, c: int) -> tuple[np.ndarray, bool, int]:
+    """(indices [c], exact, candidates) of one row by the kernels' method."""
+    v = row.shape[0]
+    k = keys(row)
+    s = slice_size(v, c)
+    ns = -(-v // s)
+    maxima = np.pad(k, (0, ns * s - v)).reshape(ns, s).max(axis=1)  # padding: key 0
+    lo = np.sort(maxima)[::-1][c - 1] if ns >= c else 0
+    cand = np.nonzero(k >= lo)[0]
+    order = cand[np.lexsort((cand, -k[cand].astype(np.int64)))]  # key desc, index asc
+    zeros = row[cand][row[cand] == 0]
+    both_zeros = np.signbit(zeros).any() and not np.signbit(zeros).all()
+    exact = len(cand) <= CAP and not np.isnan(row).any() and not both_zeros
+    return order[:c], exact, len(cand)
+
+
+def reference(row: np.ndarray, c: int) -> np.ndarray:
+    """lax.top_k's indices: value descending, ties by index (rows without zeros of both
+    signs, whose order XLA's GPU top-k does not keep to one rule)."""
+    k = keys(row).astype(np.int64)
+    return np.argsort(-k, kind="stable")[:c]
+
+
+def rows(v: int, kind: str, rng: np.random.Generator) -> np.ndarray:
+    z = (rng.standard_normal(v) * 7).astype(np.float32)
+    if kind == "bf16 ties":
+        z = np.asarray(jnp.asarray(z, jnp.bfloat16).astype(jnp.float32))
+    elif kind == "integer ties":
+        z = np.round(z / 4)
+    elif kind == "clustered":
+        z[v // 3 : v // 3 + min(100, v // 3)] = 100 + np.arange(min(100, v // 3))
+    elif kind == "masked":
+        z[:] = -np.inf
+        z[rng.integers(0, v, 400)] = rng.integers(0, 1000, 400) / 8
+    elif kind in ("zeros on top", "-0.0 on top"):
+        z = -1 - np.abs(z)
+        both = kind == "zeros on top"
+        z[rng.integers(0, v, 300)] = np.where((rng.random(300) < 0.5) & both, 0.0, -0.0)
+    elif kind == "all equal":
+        z[:] = 0.5
+    elif kind == "one slice holds the top":  # the threshold falls far: overflow, not error
+        z[:5000] = 100 + rng.standard_normal(5000)
+    return z
+
+
+EXACT_KINDS = ("random", "bf16 ties", "clustered", "masked", "-0.0 on top")
+
+
+@pytest.mark.parametrize("v,c", [(151936, 256), (151936, 20), (151936, 1024), (32000, 256),
+                                 (49152, 256), (300, 256), (256, 256), (1000003, 256), (17, 5)])  # fmt: skip
+@pytest.mark.parametrize("kind", EXACT_KINDS)
+def test_method_keeps_every_top_k_element(v, c, kind):
+    """Where the method says exact, it is lax.top_k's result; on these rows it says so."""
+    rng = np.random.default_rng(v + c)
+    if kind in ("masked", "-0.0 on top") and v < 1000:
+        pytest.skip("300-400 special values need a longer row")
+    row = rows(v, kind, rng)
+    got, exact, n = model_top_k(row, c)
+    if kind == "masked" and c > 400:  # the k-th value is -inf: every slice passes, too many
+        assert not exact and n == v
+        return
+    assert exact, (kind, n)
+    np.testing.assert_array_equal(got, reference(row, c))
+
+
+def test_method_candidates_and_overflow():
+    rng = np.random.default_rng(3)
+    # Random rows of the Qwen3 vocabulary keep a few hundred candidates for k = 256.
+    counts = [model_top_k(rows(151936, "random", rng), 256)[2] for _ in range(5)]
+    assert all(256 <= n <= 600 for n in counts), counts
+    # Rows whose values tie or crowd past the cap are reported, never wrong.
+    assert not model_top_k(rows(151936, "zeros on top", rng), 256)[1]  # signed zeros: XLA's
+    for kind in ("all equal", "one slice holds the top", "integer ties"):
+        row = rows(151936, kind, rng)
+        got, exact, n = model_top_k(row, 256)
+        assert exact == (n <= CAP)
+        if exact:
+            np.testing.assert_array_equal(got, reference(row, 256))
+    assert not model_top_k(rows(151936, "all equal", rng), 256)[1]
+    assert not model_top_k(rows(5000, "random", rng), 256)[1]  # < k slices: every value
+    row = rows(151936, "random", rng)
+    row[77] = np.nan
+    assert not model_top_k(row, 256)[1]
+
+
+# ----------------------------------------------------------------------------
+# The header's launch arithmetic, compiled on the CPU
+# ----------------------------------------------------------------------------
+
+PROGRAM = r"""
+#include <cstdio>
+#include "topk_kernels.h"
+// Lines "B V C" -> "slice scratch_words".
+int main() {
+  int b, v, c;
+  while (std::scanf("%d %d %d", &b, &v, &c) == 3)
+    std::printf("%d %zu\n", rjtopk::TopkSliceSize(v, c), rjtopk::TopkScratchWords(b, v, c));
+  return 0;
+}
+"""
+SHAPES = [(1, 151936, 256), (8, 151936, 256), (3, 32000, 256), (2, 49152, 20), (5, 17, 5),
+          (1, 1000003, 1024), (7, 300, 256), (70000, 40, 5)]  # fmt: skip
+
+
+def scratch_words(b: int, v: int, c: int) -> int:
+    ns = -(-v // slice_size(v, c))
+    head = b * ns + b * ROW_WORDS
+    return head + (head & 1) + b * min(CAP, v) * 2
+
+
+@pytest.fixture(scope="module")
+def header_rules(tmp_path_factory):
+    program = build_host_program(tmp_path_factory.mktemp("topk"), PROGRAM)
+    out = program("".join(f"{b} {v} {c}\n" for b, v, c in SHAPES))
+    return [tuple(int(x) for x in line.split()) for line in out.splitlines()]
+
+
+def test_header_matches_the_method(header_rules):
+    for (b, v, c), (s, words) in zip(SHAPES, header_rules, strict=True):
+        assert s == slice_size(v, c), (b, v, c)
+        assert words == scratch_words(b, v, c), (b, v, c)
+    assert header_rules[0][0] == 256  # the Qwen3 vocabulary, k = 256: 594 slices of 256
+
+
+def test_library_export_matches_the_header(header_rules):
+    from reset_jax.nvfp4 import cuda
+
+    if cuda.library_path() is None:
+        pytest.skip("the CUDA library is not built")
+    try:
+        got = [cuda.top_k_scratch_words(b, v, c) for b, v, c in SHAPES]
+    except AttributeError:
+        pytest.skip("the built library predates the top-k kernels")
+    assert got == [w for _, w in header_rules]
+
+
+# ----------------------------------------------------------------------------
+# Dispatch
+# ----------------------------------------------------------------------------
+
+
+def test_dispatch(monkeypatch):
+    z = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3000)), jnp.float32)
+    want = jax.lax.top_k(z, 64)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(NotImplementedError, match=r"CUDA top-k cannot serve.*'cpu'"):
+            S._top_k_candidates(z, 64, cuda=True)
+    assert "int32" in S._cuda_top_k_reason(64, jnp.int32)
+    assert S._cuda_top_k_reason(2000) is not None
+    for choice in ("lax", "staged", "auto"):
+        monkeypatch.setenv("RESET_JAX_TOP_K", choice)
+        _, i, exact = S._top_k_candidates(z, 64)  # eager: traced anew every call
+        assert bool(exact)
+        np.testing.assert_array_equal(np.asarray(i), np.asarray(want[1]), err_msg=choice)
+    monkeypatch.setenv("RESET_JAX_TOP_K", "fast")
+    with pytest.raises(ValueError, match="RESET_JAX_TOP_K"):
+        S._top_k_candidates(z, 64)
+
+
+# ----------------------------------------------------------------------------
+# GPU
+# ----------------------------------------------------------------------------
+
+
+@gpu
+def test_cuda_top_k_is_lax_top_k():
+    rng = np.random.default_rng(5)
+    cases = {}
+    for kind in (*EXACT_KINDS, "integer ties", "all equal", "one slice holds the top",
+                 "zeros on top"):  # fmt: skip
+        cases[kind] = (np.stack([rows(151936, kind, rng) for _ in range(3)]), 256)
+    nan = np.stack([rows(151936, "random", rng) for _ in range(3)])
+    nan[1, 77] = np.nan
+    cases["NaN in row 1"] = (nan, 256)
+    for v, c in ((32000, 256), (49152, 20), (300, 256), (1000003, 1024), (17, 5), (5000, 256)):
+        cases[f"V {v} k {c}"] = (np.stack([rows(v, "random", rng) for _ in range(2)]), c)
+    cand = jax.jit(functools.partial(S._top_k_candidates, cuda=True), static_argnums=1)
+    per_row = jax.jit(S._top_k_cuda, static_argnums=1)
+    exact_rows = 0
+    for name, (x, c) in cases.items():
+        want_v, want_i = jax.lax.top_k(jnp.asarray(x), c)
+        v, i, exact = per_row(jnp.asarray(x), c)
+        model = [model_top_k(r, c)[1] for r in x]
+        np.testing.assert_array_equal(np.asarray(exact), model, err_msg=name)
+        for r in np.nonzero(model)[0]:
+            np.testing.assert_array_equal(np.asarray(i[r]), np.asarray(want_i[r]), err_msg=name)
+            np.testing.assert_array_equal(  # bit for bit: the signs of zeros too
+                np.asarray(v[r]).view(np.int32), np.asarray(want_v[r]).view(np.int32), err_msg=name
+            )
+            exact_rows += 1
+        assert bool(cand(jnp.asarray(x), c)[2]) == all(model), name
+        # With its fallback the sampler's top-k is lax.top_k on every row.
+        _, got_i = S._top_k_rows(jnp.asarray(x), c)
+        np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i), err_msg=name)
+    assert exact_rows >= 30
+    # bf16 values come back as bf16, the same as lax.top_k's.
+    zb = jnp.asarray(cases["random"][0], jnp.bfloat16)
+    for got, want in zip(S._top_k_rows(zb, 256), jax.lax.top_k(zb, 256), strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    # Rows outside `rows` do not make the result inexact.
+    x = jnp.asarray(cases["NaN in row 1"][0])
+    assert not bool(cand(x, 256)[2])
+    assert bool(cand(x, 256, rows=jnp.asarray([True, False, True]))[2])
+
+
+@gpu
+def test_sampler_tokens_with_cuda_top_k_are_the_staged_ones():
+    """`sample` draws the same tokens whichever exact top-k gives its candidates."""
+    rng = np.random.default_rng(12)
+    logits = (rng.standard_normal((8, 151936)) * 6).astype(np.float32)
+    logits[5, 1000:1200] = 30.0  # ties at the top
+    t = np.array([0.0, 0.7, 0.7, 1.0, 0.7, 1.0, 0.6, 0.5], np.float32)
+    top_p = np.array([1.0, 1.0, 0.9, 1.0, 0.5, 0.95, 0.95, 0.99], np.float32)
+    top_k = np.array([0, 0, 0, 5, 40, 20, 20, 300], np.int32)
+
+    def with_method(cuda):
+        def fn(key, x):
+            orig = S._top_k_candidates
+            S._top_k_candidates = functools.partial(orig, cuda=cuda, staged=None if cuda else True)
+            try:
+                return S._sample.__wrapped__(key, x, t, top_p, top_k, max_candidates=256)
+            finally:
+                S._top_k_candidates = orig
+
+        return jax.jit(fn)
+
+    kernels, staged = with_method(True), with_method(False)
+    for seed in range(6):
+        key = jax.random.key(seed)
+        np.testing.assert_array_equal(
+            np.asarray(kernels(key, logits)), np.asarray(staged(key, logits))
+        )
