@@ -6,9 +6,11 @@ integer ties, clustered values, signed zeros, masked (-inf) rows and a NaN, for
 each method that can run here: ``cuda`` (the CUDA kernels, ffi/topk_kernels.h;
 GPU with the library only), ``staged`` (chunked ``lax.top_k`` stages) and, as the
 reference, ``lax.top_k``. Then times each at B = 1, 2 and 8, vocabulary 151,936,
-k = 256: ``--iters`` calls inside one jitted ``fori_loop`` (what a decode step
-pays, no dispatch), median of ``--reps`` loops, minus the same loop without the
-top-k.
+k = 256: ``--iters`` calls inside one jitted ``fori_loop`` (no dispatch), median of
+``--reps`` loops, minus the same loop without the top-k. ``cuda`` and ``staged``
+are timed with their fallback's ``lax.cond``, whose predicate a GPU reads back every
+call; the sampler pays that once a step for all its fallbacks, and
+``benchmarks/sampler_cost.py --pieces`` times the top-k without it.
 
     python3 benchmarks/topk.py [--reps 15] [--iters 64]
 
@@ -29,10 +31,10 @@ import numpy as np
 from reset_jax import sampling
 
 
-def methods(k: int) -> dict:
+def methods(vocab: int, k: int) -> dict:
     """name -> f(z) returning (values, indices), exact (with its fallback) where needed."""
     out = {}
-    if sampling._cuda_top_k_reason(k) is None:
+    if sampling._cuda_top_k_reason((8, vocab), k) is None:
         out["cuda"] = functools.partial(sampling._top_k_rows, c=k)
     out["staged"] = functools.partial(sampling._top_k_rows, c=k, staged=True)
     out["lax.top_k"] = lambda z: jax.lax.top_k(z, k)
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
         "masked": jnp.asarray(masked),
         "NaN": z.at[2, 77].set(jnp.nan),
     }
-    fns = methods(a.k)
+    fns = methods(a.vocab, a.k)
     ref = jax.jit(fns["lax.top_k"])
     bad = 0
     print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}); methods {list(fns)}")

@@ -118,8 +118,8 @@ __global__ void __launch_bounds__(kThreads) ThresholdKernel(const uint32_t* __re
 
 // Kernel 3: appends every element with key >= L to its row's candidates as (key << 32) |
 // (0xFFFFFFFF - index), so that a larger word is a larger value or, for equal values, a
-// smaller index. Counts past the row's capacity are kept (the row is then inexact); NaN in the
-// row and zeros of either sign among the candidates set the row's flags.
+// smaller index. Counts past the row's capacity are kept (the row is then inexact); NaN and
+// zeros of either sign anywhere in the row set the row's flags.
 template <int S>
 __global__ void __launch_bounds__(kThreads) CollectKernel(const float* __restrict__ z, int B,
                                                           int V, int ns,
@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kThreads) CollectKernel(const float* __restric
         if (f != f) flags |= kNanSeen;
         const uint32_t k = Key(f);
         take = k >= L;
-        if (take && f == 0.f) flags |= (k == 0x7FFFFFFFu) ? kNegZero : kPosZero;
+        if (f == 0.f) flags |= (k == 0x7FFFFFFFu) ? kNegZero : kPosZero;
         word = (static_cast<unsigned long long>(k) << 32) | (0xFFFFFFFFu - uint32_t(i));
       }
       const unsigned ballot = __ballot_sync(0xffffffffu, take);
@@ -198,9 +198,12 @@ __global__ void __launch_bounds__(kThreads) SortKernel(const float* __restrict__
   }
   // n >= C always (kernel 2's bound), so the first C words are elements; the check keeps a
   // broken bound from reading outside the row.
+  // Zeros of both signs matter where L does not exceed +0.0: XLA may take a -0.0 as equal to
+  // a +0.0 (at B = 1, or k <= 16) or as below it, and L = +0.0 would leave every -0.0 out.
   const uint32_t flags = r[2];
-  bool ok = count <= cap && !(flags & kNanSeen) && (flags & (kNegZero | kPosZero)) !=
-                                                      (kNegZero | kPosZero);
+  const bool signed_zeros = (flags & (kNegZero | kPosZero)) == (kNegZero | kPosZero) &&
+                            r[0] <= 0x80000000u;
+  bool ok = count <= cap && !(flags & kNanSeen) && !signed_zeros;
   for (int i = threadIdx.x; i < C; i += kThreads) {
     const uint32_t id = 0xFFFFFFFFu - uint32_t(s[i] & 0xFFFFFFFFull);
     const bool in_row = id < uint32_t(V);

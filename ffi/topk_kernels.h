@@ -1,10 +1,10 @@
 // Exact top-k of float32 rows for the sampler (reset_jax/sampling.py), in four small kernels.
 //
 // y = lax.top_k(z, C) for z [B, V]: the C largest values of each row in descending order, equal
-// values in index order, +0.0 above -0.0. XLA's GPU top-k does not order signed zeros the same
-// way at every shape (measured: +0.0 first among negative values, index order in a row of
-// zeros), so a row whose candidates hold zeros of both signs is reported inexact, as is a row
-// holding a NaN; the caller falls back to lax.top_k for those.
+// values in index order, +0.0 above -0.0. XLA's GPU top-k does not order signed zeros by one
+// rule (measured: equal, in index order, at B = 1 or C <= 16; +0.0 first at B > 1 with larger
+// C), so a row with zeros of both signs is reported inexact where zeros can reach its top C
+// (L <= +0.0, below), as is a row holding a NaN; the caller falls back to lax.top_k for those.
 //
 // The method: a threshold that provably keeps every top-C element, then an exact sort of what
 // passes it.
@@ -18,7 +18,9 @@
 //      V = 151,936 give ~330 candidates for C = 256.
 //   4. Sort: one CTA a row sorts its candidates as 64-bit (key, ~index) words, bitonic in shared
 //      memory, and writes the first C. A row is exact unless it overflowed its capacity, held a
-//      NaN, or had zeros of both signs among its candidates.
+//      NaN, or held zeros of both signs with L <= +0.0.
+// A shape with fewer than 2C slices of 32 and V > 4096 passes most of each row: the caller
+// should not send it (reset_jax/sampling.py's _cuda_top_k_reason).
 // Keys: the float's bits mapped to an unsigned total order (negative: all bits flipped;
 // positive: the sign bit set).
 #pragma once
@@ -50,7 +52,7 @@ struct TopkArgs {
 };
 
 // Per-row words of the scratch after the slice maxima: threshold key, candidate count, flags
-// (kNanSeen, kNegZero, kPosZero among the candidates), unused.
+// (kNanSeen, kNegZero, kPosZero: seen anywhere in the row), unused.
 constexpr int kRowWords = 4;
 constexpr unsigned kNanSeen = 1u, kNegZero = 2u, kPosZero = 4u;
 

@@ -745,23 +745,33 @@ _TOPK_PER_CHUNK = 16
 _TOPK_MAX_STAGES = 2
 
 
-# The CUDA top-k (ffi/topk_kernels.h) serves k up to this.
+# The CUDA top-k (ffi/topk_kernels.h) serves k up to this; a row holds up to this many
+# candidates, and slices are at least this wide.
 _TOPK_CUDA_MAX_K = 1024
+_TOPK_CUDA_CAP = 4096
+_TOPK_CUDA_MIN_SLICE = 32
 
 
-def _cuda_top_k_reason(c: int, dtype: Any = jnp.float32) -> str | None:
+def _cuda_top_k_reason(shape: tuple[int, int], c: int, dtype: Any = jnp.float32) -> str | None:
     """Why the CUDA top-k kernels cannot serve a traced ``[B, V]`` call of ``dtype`` for
     ``c`` (a message), or None."""
+    b, v = shape
     if np.dtype(dtype) not in (
         np.dtype(jnp.float32),
         np.dtype(jnp.bfloat16),
         np.dtype(jnp.float16),
     ):
         return f"{np.dtype(dtype).name} values (the kernels order float32, exact for bf16 and f16)"
-    if jax.default_backend() != "gpu":
-        return f"the default backend is {jax.default_backend()!r}, not a CUDA GPU"
     if c > _TOPK_CUDA_MAX_K:
         return f"k = {c} > {_TOPK_CUDA_MAX_K}, the most the CUDA top-k serves"
+    if b == 0 or c < 1 or c > v:
+        return f"z {shape}, k = {c}: nothing to select"
+    if v > _TOPK_CUDA_CAP and -(-v // _TOPK_CUDA_MIN_SLICE) < 2 * c:
+        # Too few slices for a threshold well below the k-th value: most of each row would
+        # pass it and overflow the candidates, every call.
+        return f"V = {v} is too short a row for k = {c} (fewer than 2k slices of 32)"
+    if jax.default_backend() != "gpu":
+        return f"the default backend is {jax.default_backend()!r}, not a CUDA GPU"
     from reset_jax.nvfp4 import cuda
 
     return cuda.gpu_reason()
@@ -775,9 +785,10 @@ def _top_k_cuda(z: jax.Array, c: int) -> tuple[jax.Array, jax.Array, jax.Array]:
       c: static, ``1 <= c <= min(V, 1024)``.
 
     Returns:
-      ``(values [B, c] of z's dtype, indices [B, c] int32, exact [B] bool)``; a row is exact (equal to
-      ``lax.top_k``'s values, indices and tie order) unless it holds a NaN or more than
-      4096 of its values tie at or above the kernels' threshold (ffi/topk_kernels.h).
+      ``(values [B, c] of z's dtype, indices [B, c] int32, exact [B] bool)``; a row is
+      exact (equal to ``lax.top_k``'s values, indices and tie order) unless it holds a
+      NaN, zeros of both signs that can reach its top, or more than 4096 values at or
+      above the kernels' threshold (ffi/topk_kernels.h).
     """
     from reset_jax.nvfp4 import cuda
 
@@ -856,12 +867,21 @@ def _top_k_candidates(
         if choice != "auto":
             cuda, staged = choice == "cuda", choice == "staged"
     if cuda is None:
-        cuda = staged is None and _cuda_top_k_reason(c, z.dtype) is None
-    elif cuda and (why := _cuda_top_k_reason(c, z.dtype)) is not None:
+        cuda = staged is None and _cuda_top_k_reason(z.shape, c, z.dtype) is None
+    elif cuda and (why := _cuda_top_k_reason(z.shape, c, z.dtype)) is not None:
         raise NotImplementedError(f"the CUDA top-k cannot serve this call: {why}")
     if cuda:
-        vals, idx, row_exact = _top_k_cuda(z, c)
-        return vals, idx, jnp.all(row_exact if rows is None else row_exact | ~rows)
+
+        def kernels(z):
+            vals, idx, row_exact = _top_k_cuda(z, c)
+            return vals, idx, jnp.all(row_exact if rows is None else row_exact | ~rows)
+
+        def elsewhere(z):  # a CPU device of a GPU host: lax.top_k, as on a CPU backend
+            return _top_k_candidates(z, c, staged=False, cuda=False)
+
+        # The default backend says GPU, but the call may be placed on another device: the
+        # branch is picked when the computation is lowered for its platform.
+        return jax.lax.platform_dependent(z, cuda=kernels, default=elsewhere)
     chunk, per = _TOPK_CHUNK, _TOPK_PER_CHUNK
     if staged is None:
         staged = jax.default_backend() == "gpu"  # z is a tracer here: no device

@@ -55,9 +55,10 @@ def model_top_k(row: np.ndarray, c: int) -> tuple[np.ndarray, bool, int]:
     lo = np.sort(maxima)[::-1][c - 1] if ns >= c else 0
     cand = np.nonzero(k >= lo)[0]
     order = cand[np.lexsort((cand, -k[cand].astype(np.int64)))]  # key desc, index asc
-    zeros = row[cand][row[cand] == 0]
+    zeros = row[row == 0]
     both_zeros = np.signbit(zeros).any() and not np.signbit(zeros).all()
-    exact = len(cand) <= CAP and not np.isnan(row).any() and not both_zeros
+    signed_zeros = both_zeros and lo <= 0x80000000  # L at or below +0.0
+    exact = len(cand) <= min(CAP, v) and not np.isnan(row).any() and not signed_zeros
     return order[:c], exact, len(cand)
 
 
@@ -83,6 +84,10 @@ def rows(v: int, kind: str, rng: np.random.Generator) -> np.ndarray:
         z = -1 - np.abs(z)
         both = kind == "zeros on top"
         z[rng.integers(0, v, 300)] = np.where((rng.random(300) < 0.5) & both, 0.0, -0.0)
+    elif kind == "+0.0 at the threshold":  # L = +0.0 leaves the -0.0 out; XLA may take one
+        z = -1 - np.abs(z)
+        for j in range(min(300, v // 256)):
+            z[256 * j + 200], z[256 * j + 10] = 0.0, -0.0
     elif kind == "all equal":
         z[:] = 0.5
     elif kind == "one slice holds the top":  # the threshold falls far: overflow, not error
@@ -117,6 +122,10 @@ def test_method_candidates_and_overflow():
     assert all(256 <= n <= 600 for n in counts), counts
     # Rows whose values tie or crowd past the cap are reported, never wrong.
     assert not model_top_k(rows(151936, "zeros on top", rng), 256)[1]  # signed zeros: XLA's
+    for c in (5, 16, 256):  # L = +0.0 and a -0.0 in the row: inexact, whatever the candidates
+        row = rows(151936, "+0.0 at the threshold", rng)
+        assert not model_top_k(row, c)[1]
+        assert model_top_k(np.where(row == 0, 0.0, row).astype(np.float32), c)[1]  # one sign
     for kind in ("all equal", "one slice holds the top", "integer ties"):
         row = rows(151936, kind, rng)
         got, exact, n = model_top_k(row, 256)
@@ -192,8 +201,11 @@ def test_dispatch(monkeypatch):
     if jax.default_backend() != "gpu":
         with pytest.raises(NotImplementedError, match=r"CUDA top-k cannot serve.*'cpu'"):
             S._top_k_candidates(z, 64, cuda=True)
-    assert "int32" in S._cuda_top_k_reason(64, jnp.int32)
-    assert S._cuda_top_k_reason(2000) is not None
+    assert "int32" in S._cuda_top_k_reason((2, 3000), 64, jnp.int32)
+    assert "k = 2000" in S._cuda_top_k_reason((2, 3000), 2000)
+    assert "nothing to select" in S._cuda_top_k_reason((0, 3000), 64)
+    assert "too short" in S._cuda_top_k_reason((2, 32000), 1024)  # 1000 slices of 32
+    assert "too short" not in (S._cuda_top_k_reason((2, 4096), 1024) or "")  # 4096 fit
     for choice in ("lax", "staged", "auto"):
         monkeypatch.setenv("RESET_JAX_TOP_K", choice)
         _, i, exact = S._top_k_candidates(z, 64)  # eager: traced anew every call
@@ -202,6 +214,24 @@ def test_dispatch(monkeypatch):
     monkeypatch.setenv("RESET_JAX_TOP_K", "fast")
     with pytest.raises(ValueError, match="RESET_JAX_TOP_K"):
         S._top_k_candidates(z, 64)
+
+
+def test_kernels_branch_is_chosen_by_the_lowering_platform(monkeypatch):
+    """Where the default backend is a GPU but the call is lowered for the CPU (a CPU device
+    of a GPU host), the CPU gets lax.top_k: here the kernels' branch is a stand-in that would
+    give wrong indices, and the CPU must not run it."""
+    monkeypatch.setattr(S, "_cuda_top_k_reason", lambda *a: None)
+
+    def stand_in(z, c):
+        b = z.shape[0]
+        return jnp.zeros((b, c), z.dtype), jnp.zeros((b, c), jnp.int32), jnp.ones((b,), bool)
+
+    monkeypatch.setattr(S, "_top_k_cuda", stand_in)
+    x = np.random.default_rng(1).standard_normal((2, 3000)).astype(np.float32)
+    with jax.default_device(jax.devices("cpu")[0]):
+        _, i, exact = jax.jit(lambda z: S._top_k_candidates(z, 64))(jnp.asarray(x))
+    assert bool(exact)
+    np.testing.assert_array_equal(np.asarray(i), np.argsort(-x, axis=-1, kind="stable")[:, :64])
 
 
 # ----------------------------------------------------------------------------
@@ -221,6 +251,19 @@ def test_cuda_top_k_is_lax_top_k():
     cases["NaN in row 1"] = (nan, 256)
     for v, c in ((32000, 256), (49152, 20), (300, 256), (1000003, 1024), (17, 5), (5000, 256)):
         cases[f"V {v} k {c}"] = (np.stack([rows(v, "random", rng) for _ in range(2)]), c)
+    # One row and k <= 16, where XLA orders -0.0 and +0.0 as equal (and k = 256 at B > 1,
+    # where it puts +0.0 first): the kernels must not vouch for either.
+    for b, c in ((1, 5), (1, 16), (1, 256), (3, 16), (3, 256)):
+        zeros = np.stack([rows(151936, "+0.0 at the threshold", rng) for _ in range(b)])
+        cases[f"+0.0 at the threshold B {b} k {c}"] = (zeros, c)
+        cases[f"zeros on top B {b} k {c}"] = (
+            np.stack([rows(151936, "zeros on top", rng) for _ in range(b)]),
+            c,
+        )
+        cases[f"random B {b} k {c}"] = (
+            np.stack([rows(151936, "random", rng) for _ in range(b)]),
+            c,
+        )
     cand = jax.jit(functools.partial(S._top_k_candidates, cuda=True), static_argnums=1)
     per_row = jax.jit(S._top_k_cuda, static_argnums=1)
     exact_rows = 0
@@ -235,7 +278,10 @@ def test_cuda_top_k_is_lax_top_k():
                 np.asarray(v[r]).view(np.int32), np.asarray(want_v[r]).view(np.int32), err_msg=name
             )
             exact_rows += 1
-        assert bool(cand(jnp.asarray(x), c)[2]) == all(model), name
+        if S._cuda_top_k_reason(x.shape, c) is None:
+            assert bool(cand(jnp.asarray(x), c)[2]) == all(model), name
+        else:  # a row too short for its k: the sampler does not send it (every row overflows)
+            assert not any(model) and "too short" in S._cuda_top_k_reason(x.shape, c), name
         # With its fallback the sampler's top-k is lax.top_k on every row.
         _, got_i = S._top_k_rows(jnp.asarray(x), c)
         np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i), err_msg=name)

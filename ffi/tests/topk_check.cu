@@ -83,6 +83,14 @@ std::vector<Case> Cases(bool quick) {
       cs.push_back({both ? "signed zeros" : "-0.0 on top", 2, V, 256,
                     both ? Expect::kAllInexact : Expect::kAllExact, z});
     }
+    for (int C : {5, 256}) {
+      // +0.0 at 256j + 200, -0.0 at 256j + 10: L = +0.0 leaves every -0.0 out, which XLA may
+      // take as equal to +0.0 (B = 1): inexact.
+      auto z = Normal(1, V, 1.f, 26);
+      for (auto& x : z) x = -1.f - std::fabs(x);
+      for (int j = 0; j < 300; ++j) z[256 * j + 200] = 0.f, z[256 * j + 10] = -0.f;
+      cs.push_back({"+0.0 at L", 1, V, C, Expect::kAllInexact, z});
+    }
     {
       auto z = Normal(3, V, 7.f, 25);
       z[size_t(1) * V + 77] = NAN;
@@ -214,6 +222,11 @@ bool RunCase(const Case& c) {
         break;
       }
     }
+  }
+  if (written != B * C) {
+    std::printf("FAIL %s: %d of %d indices written inside the row\n", c.name.c_str(), written,
+                B * C);
+    ok = false;
   }
   std::printf("%s %-14s B=%d V=%d C=%d slice=%d exact_rows=%d/%d written=%d/%d\n",
               ok ? "ok  " : "FAIL", c.name.c_str(), B, V, C, rjtopk::TopkSliceSize(V, C),
