@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kThreads) SliceMaxKernel(const float* __restri
 
 // Kernel 2: L = the C-th largest slice maximum of each row (a CTA a row, radix select over
 // 8-bit digits from the top); L = 0 where the row has fewer than C slices. Also clears the
-// row's candidate count and NaN flag for kernel 3.
+// row's candidate count and flags for kernel 3.
 __global__ void __launch_bounds__(kThreads) ThresholdKernel(const uint32_t* __restrict__ maxima,
                                                             int ns, int C,
                                                             uint32_t* __restrict__ rows) {
@@ -196,14 +196,14 @@ __global__ void __launch_bounds__(kThreads) SortKernel(const float* __restrict__
       __syncthreads();
     }
   }
-  // n >= C always (kernel 2's bound), so the first C words are elements; the check keeps a
-  // broken bound from reading outside the row.
   // Zeros of both signs matter where L does not exceed +0.0: XLA may take a -0.0 as equal to
   // a +0.0 (at B = 1, or k <= 16) or as below it, and L = +0.0 would leave every -0.0 out.
   const uint32_t flags = r[2];
   const bool signed_zeros = (flags & (kNegZero | kPosZero)) == (kNegZero | kPosZero) &&
                             r[0] <= 0x80000000u;
   bool ok = count <= cap && !(flags & kNanSeen) && !signed_zeros;
+  // n >= C always (kernel 2's bound), so the first C words are elements; the check keeps a
+  // broken bound from reading outside the row.
   for (int i = threadIdx.x; i < C; i += kThreads) {
     const uint32_t id = 0xFFFFFFFFu - uint32_t(s[i] & 0xFFFFFFFFull);
     const bool in_row = id < uint32_t(V);
