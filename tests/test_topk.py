@@ -23,7 +23,7 @@ from conftest import build_host_program
 from reset_jax import sampling as S
 
 gpu = pytest.mark.gpu
-CAP = 4096  # rjtopk::kCap
+CAP = S._TOPK_CUDA_CAP  # rjtopk::kCap (test_sampling_mirrors_the_header_constants)
 ROW_WORDS = 4  # rjtopk::kRowWords
 
 
@@ -176,6 +176,28 @@ def test_header_matches_the_method(header_rules):
         assert s == slice_size(v, c), (b, v, c)
         assert words == scratch_words(b, v, c), (b, v, c)
     assert header_rules[0][0] == 256  # the Qwen3 vocabulary, k = 256: 594 slices of 256
+
+
+def test_sampling_mirrors_the_header_constants(tmp_path):
+    """The limits `sampling._cuda_top_k_reason` applies before it sends a call are the
+    kernels' own: the candidates a row holds, the largest k, the narrowest slice."""
+    program = build_host_program(
+        tmp_path,
+        r"""
+#include <cstdio>
+#include "topk_kernels.h"
+int main() {
+  std::printf("%d %d %d\n", rjtopk::kCap, rjtopk::kMaxC, rjtopk::TopkSliceSize(1, 1024));
+  return 0;
+}
+""",
+    )
+    cap, max_c, min_slice = (int(x) for x in program("").split())
+    assert (cap, max_c, min_slice) == (
+        S._TOPK_CUDA_CAP,
+        S._TOPK_CUDA_MAX_K,
+        S._TOPK_CUDA_MIN_SLICE,
+    )
 
 
 def test_library_export_matches_the_header(header_rules):
