@@ -5,7 +5,9 @@ and for ReSET the temperature rule), ``sampling.sample`` (top-p / top-k draw) an
 ``sampling.observe``. This times exactly that on ``[B, V]`` logits (std
 ``--logit-std``, the decode benchmark's setting) in a jitted ``fori_loop`` of
 ``--iters`` steps with the sampler state carried from step to step, so the loop
-runs what ``decode_loop`` runs per token, without the model. The variants are
+runs what ``decode_loop`` runs per token, without the model. The rule and the
+knobs (top-p 0.95, top-k off, temperature 0.6) are loop data, as in the decode
+loop, not constants XLA could fold. The variants are
 timed in interleaved rounds in one process; the table gives the median and the
 quartiles of the per-step time, and ReSET minus fixed, which is the ReSET rule's
 own cost (both rules compute the entropy: the decode loop records it).
@@ -47,11 +49,13 @@ def _loop(body_fn, init_state, iters: int):
     """A jitted loop of ``iters`` steps: ``(state, token) = body_fn(key, state, logits)``.
 
     The logits change every step by a negligible amount that depends on the token,
-    so no step can be hoisted or skipped.
+    so no step can be hoisted or skipped. ``init_state`` is an argument of the compiled
+    loop, not a constant in it (XLA would sink loop-invariant constants into the body
+    and fold what they decide).
     """
 
     @jax.jit
-    def run(key, logits):
+    def run_from(key, logits, init_state):
         def body(i, c):
             key, st, acc, x = c
             key, sub = jax.random.split(key)
@@ -62,46 +66,57 @@ def _loop(body_fn, init_state, iters: int):
         acc = jnp.zeros((logits.shape[0],), jnp.int32)
         return jax.lax.fori_loop(0, iters, body, (key, init_state, acc, logits))
 
+    def run(key, logits):
+        return run_from(key, logits, init_state)
+
+    run.lower = lambda key, logits: run_from.lower(key, logits, init_state)
     return run
 
 
 def variants(batch: int, vocab: int, pieces: bool) -> dict:
-    """Name -> (body_fn, initial state) for one batch size."""
-    top_p = jnp.full((batch,), 0.95, jnp.float32)
-    top_k = jnp.zeros((batch,), jnp.int32)
+    """Name -> (body_fn, initial state) for one batch size.
+
+    The rule and the knobs (temperature, top-p, top-k) ride in the loop's state, as in the
+    decode loop, where they are arguments: closed over, they would be constants that XLA
+    folds (a constant top-p < 1 removes the plain draw, a constant temperature the argmax).
+    """
+    knobs = dict(
+        t=jnp.full((batch,), 0.6, jnp.float32),
+        top_p=jnp.full((batch,), 0.95, jnp.float32),
+        top_k=jnp.zeros((batch,), jnp.int32),
+    )
     out = {}
     for name, rule in _rules(vocab).items():
 
-        def full(key, st, x, rule=rule):
-            st, temperature, _ = sampling.step(rule, st, x)
-            tok = sampling.sample(key, x, temperature, top_p=top_p, top_k=top_k)
-            return sampling.observe(rule, st, tok), tok
+        def full(key, st, x):
+            rule_state, kn = st
+            rule_state, temperature, _ = sampling.step(kn["rule"], rule_state, x)
+            tok = sampling.sample(key, x, temperature, top_p=kn["top_p"], top_k=kn["top_k"])
+            return (sampling.observe(kn["rule"], rule_state, tok), kn), tok
 
-        out[name] = (full, sampling.init_state(rule, batch))
+        out[name] = (full, (sampling.init_state(rule, batch), dict(knobs, rule=rule)))
     if pieces:
-        t = jnp.full((batch,), 0.6, jnp.float32)
         c = min(256, vocab)
-        zero = jnp.zeros((), jnp.int32)
 
-        def entropy(key, st, x):
-            return st, (sampling.token_entropy(x) > 1e30).astype(jnp.int32)
+        def entropy(key, kn, x):
+            return kn, (sampling.token_entropy(x) > 1e30).astype(jnp.int32)
 
-        def top_k_piece(key, st, x):
+        def top_k_piece(key, kn, x):
             _, idx, exact = sampling._top_k_candidates(x, c)
-            return st, idx[:, 0] + exact.astype(jnp.int32)
+            return kn, idx[:, 0] + exact.astype(jnp.int32)
 
-        def sample(key, st, x):
-            return st, sampling.sample(key, x, t, top_p=top_p, top_k=top_k)
+        def sample(key, kn, x):
+            return kn, sampling.sample(key, x, kn["t"], top_p=kn["top_p"], top_k=kn["top_k"])
 
-        def loop_only(key, st, x):
-            return st, jnp.zeros((x.shape[0],), jnp.int32)
+        def loop_only(key, kn, x):
+            return kn, jnp.zeros((x.shape[0],), jnp.int32)
 
         out.update(
             {
-                "loop": (loop_only, zero),
-                "entropy": (entropy, zero),
-                "top-k": (top_k_piece, zero),
-                "sample": (sample, zero),
+                "loop": (loop_only, knobs),
+                "entropy": (entropy, knobs),
+                "top-k": (top_k_piece, knobs),
+                "sample": (sample, knobs),
             }
         )
     return out

@@ -3,8 +3,9 @@
 The rule is specified in ``shared/docs/reset-algorithm.md``; this module follows
 it decision for decision. Everything that runs per token is pure ``jnp``/``lax``
 over a batch of rows, so it runs inside the jitted decode loop with no Python
-per token. (On a GPU, XLA reads back the one-byte predicate of the one ``lax.cond``
-`sample` has there, its exact fallback; the ReSET rule itself has none.)
+per token. (On a GPU, XLA reads back the index of the one ``lax.switch`` `sample`
+has there, which picks the draws a batch needs besides the filtered one and the exact
+fallback; the ReSET rule itself has none.)
 
 Protocol (what the decode loop calls; both rules implement it)::
 
@@ -979,9 +980,9 @@ def sample(
     only when some row's kept set may reach beyond them (a large ``k``, or a
     nucleus wider than the candidates) does the batch fall back to a full sort,
     so the result is always exact, and the same on every backend for one key. On
-    a GPU one ``lax.cond`` guards both fallbacks (one predicate read back per
-    call): the plain draw and the filtered one both run and each row picks its
-    own. On the CPU each runs only where some row needs it.
+    a GPU the filtered draw always runs and one ``lax.switch`` (one index read back
+    per call) adds what the batch needs besides: the plain draw, the argmax, or the
+    fallbacks. On the CPU each draw runs only where some row needs it.
 
     Args:
       key: PRNG key.
@@ -1023,51 +1024,86 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, branchless=None):
     need = drawn & ~plain
     key_plain, key_filtered = jax.random.split(key)
     zero = jnp.zeros((b,), jnp.int32)
+    c = min(max_candidates, vocab)
 
     def draw_plain():
         return jax.random.categorical(key_plain, z, axis=-1).astype(jnp.int32)
 
-    def draw_filtered():
+    def argmax():
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw_from(vals, idx, log_norm_all):  # (token, whether each row's kept set fits)
+        return _sample_candidates(key_filtered, vals, idx, k_eff, top_p, log_norm_all, vocab)
+
+    def all_fit(fits):  # every row that needs a filtered draw
+        return jnp.all(fits | ~need)
+
+    def draw_candidates():
+        """The filtered draw from the top-c candidates, and whether it is exact for every
+        row that needs it (no fallback)."""
         log_norm_all = jax.nn.logsumexp(z, axis=-1)
-        c = min(max_candidates, vocab)
-
-        def draw_from(vals, idx):  # (token, whether each row's kept set fits the candidates)
-            return _sample_candidates(key_filtered, vals, idx, k_eff, top_p, log_norm_all, vocab)
-
-        def all_fit(fits):  # every row that needs a filtered draw
-            return jnp.all(fits | ~need)
-
         vals, idx, exact = _top_k_candidates(z, c, rows=need)
-        token, fits = draw_from(vals, idx)
+        token, fits = draw_from(vals, idx, log_norm_all)
+        return token, exact & all_fit(fits), exact, log_norm_all
+
+    def draw_exactly(exact, log_norm_all):
+        """The filtered draw where `draw_candidates` was not exact: ``lax.top_k``'s
+        candidates where the top-k was not, then a full sort where a kept set reaches
+        past the candidates; the tokens the CPU form gives."""
 
         def full_sort():
-            return draw_from(*_sorted_descending(z))[0]
+            return draw_from(*_sorted_descending(z), log_norm_all)[0]
 
-        def exact_candidates():  # the staged top-k was not exact: lax.top_k's, as on the CPU
-            tok, fits = draw_from(*jax.lax.top_k(z, c))
+        def exact_candidates():
+            tok, fits = draw_from(*jax.lax.top_k(z, c), log_norm_all)
             return jax.lax.cond(all_fit(fits), lambda: tok, full_sort)
 
-        # One predicate read per call; the branches behind it run only in the rare case,
-        # and give the tokens the CPU form (exact candidates first) gives.
-        ok = exact & all_fit(fits)
-        fallback = lambda: jax.lax.cond(exact, full_sort, exact_candidates)  # noqa: E731
-        return jax.lax.cond(ok, lambda: token, fallback).astype(jnp.int32)
+        return jax.lax.cond(exact, full_sort, exact_candidates)
 
     if branchless is None:
         branchless = jax.default_backend() == "gpu"
     if branchless:
-        # On a GPU every lax.cond reads its predicate back to the host each token
-        # (~15 us of idle GPU in a decode loop, H100), more than both draws cost, so
-        # both run for every row and the rows pick; only the rare fallbacks keep a cond.
-        tok_plain, tok_filtered = draw_plain(), draw_filtered()
+        # On a GPU every lax.cond reads its predicate back to the host each token (~16 us
+        # of idle GPU a step at B = 1, ~19 at B = 8, H200, RESULTS.md AC1), more than the
+        # draws cost. So the candidates' draw runs for every batch, and one lax.switch,
+        # whose index is the one value read back, runs what else the batch needs: the
+        # plain draw over V (rows with both filters off; ~14 us at B = 8), the argmax
+        # (greedy rows), or the exact fallback (rare; it runs both of those too).
+        token, ok, exact, log_norm_all = draw_candidates()
+
+        def branch(with_plain, with_greedy):
+            def run():
+                return (
+                    draw_plain() if with_plain else zero,
+                    token,
+                    argmax() if with_greedy else zero,
+                )
+
+            return run
+
+        def fallback():
+            return draw_plain(), draw_exactly(exact, log_norm_all).astype(jnp.int32), argmax()
+
+        branches = [branch(p, g) for p in (False, True) for g in (False, True)] + [fallback]
+        index = jnp.where(
+            ok,
+            2 * jnp.any(drawn & plain).astype(jnp.int32) + jnp.any(greedy).astype(jnp.int32),
+            len(branches) - 1,
+        )
+        tok_plain, tok_filtered, tok_greedy = jax.lax.switch(index, branches)
     else:
-        # On the CPU the plain draw over V is the expensive part: skip what no row uses.
+        # On the CPU the draws over V are the expensive part: skip what no row uses.
+
+        def draw_filtered():
+            tok, ok, exact, log_norm_all = draw_candidates()
+            # The branch behind the predicate runs only in the rare case.
+            return jax.lax.cond(ok, lambda: tok, lambda: draw_exactly(exact, log_norm_all))
+
         tok_plain = jax.lax.cond(jnp.any(drawn & plain), draw_plain, lambda: zero)
         tok_filtered = jax.lax.cond(jnp.any(need), draw_filtered, lambda: zero)
+        tok_greedy = argmax()
     token = jnp.where(
-        greedy,
-        jnp.argmax(logits, axis=-1).astype(jnp.int32),
-        jnp.where(plain, tok_plain, tok_filtered),
+        greedy, tok_greedy, jnp.where(plain, tok_plain, tok_filtered.astype(jnp.int32))
     )
     return jnp.where(valid, token, INVALID_TOKEN).astype(jnp.int32)
 

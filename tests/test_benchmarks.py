@@ -507,4 +507,12 @@ def test_sampler_cost_loop_runs_the_rule():
     for i in range(3):
         state, tok = run(jax.random.key(i), state, logits)
         assert tok.shape == (2,) and bool(jnp.all((tok >= 0) & (tok < 512)))
-    assert state.count.tolist() == [3, 3] and state.num_generated.tolist() == [3, 3]
+    rule_state, knobs = state
+    assert rule_state.count.tolist() == [3, 3] and rule_state.num_generated.tolist() == [3, 3]
+    # The knobs are loop data, not constants XLA could fold: the compiled loop keeps the
+    # plain draw (a categorical over V) that a constant top-p < 1 would remove.
+    # The knobs are loop data, as in the decode loop, not constants XLA could fold (on a
+    # GPU a constant top-p < 1 removed the plain draw, a constant temperature the argmax).
+    text = mod._loop(body, state, 4).lower(jax.random.key(0), logits).as_text()
+    top_p = float(knobs["top_p"][0])
+    assert f"dense<{top_p:.9g}>" not in text and "dense<0.949999988>" not in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -809,6 +810,13 @@ def test_branchless_sampler_draws_the_same_tokens():
         "clustered": [2, 8],  # the staged top-k is not exact, the candidates suffice
         "no filtered row": [0, 1, 6],
         "no plain row": [2, 3, 4, 5, 7],
+        # One of each branch of the GPU form's lax.switch (no fallback):
+        "filtered only": [2, 3, 4, 6],
+        "greedy and filtered": [0, 2, 4],
+        "plain and filtered": [1, 2, 3],
+        "plain, greedy and filtered": [0, 1, 3],
+        "greedy only": [0, 6],
+        "plain only": [1],
     }
     staged = jax.jit(
         lambda *a, **k: _with_staged_top_k(S._sample.__wrapped__, *a, **k),
@@ -826,6 +834,34 @@ def test_branchless_sampler_draws_the_same_tokens():
     cand = functools.partial(S._top_k_candidates, staged=True)
     assert not bool(cand(jnp.asarray(logits[[8]]), 256)[2])
     assert bool(cand(jnp.asarray(logits[[1, 2, 3, 4]]), 256)[2])
+
+
+def test_branchless_sampler_reads_back_one_index():
+    """The GPU form of the sampler has one conditional per call (XLA reads its index
+    back to the host, ~16 us of idle GPU a step), a five-way switch: the filtered draw
+    alone, with the argmax, with the plain draw, with both, or the exact fallback."""
+    b, v = 2, 5000
+    args = (
+        jax.random.key(0),
+        jnp.zeros((b, v)),
+        jnp.ones(b),
+        jnp.full(b, 0.9),
+        jnp.zeros(b, jnp.int32),
+    )
+    for branchless, want in ((True, 1), (False, 2)):
+        text = S._sample.lower(*args, max_candidates=256, branchless=branchless).as_text()
+        top = [ln for ln in text.splitlines() if "stablehlo.case" in ln]
+        # The lowered text nests each branch's ops inside the case's regions; count the
+        # cases at the sampler's own level by their indentation.
+        depth = min(len(ln) - len(ln.lstrip()) for ln in top)
+        outer = [ln for ln in top if len(ln) - len(ln.lstrip()) == depth]
+        assert len(outer) == want, (branchless, top)
+    compiled = S._sample.lower(*args, max_candidates=256, branchless=True).compile().as_text()
+    entry = compiled[compiled.index("ENTRY") :]
+    entry = entry[: entry.index("\n}\n")]
+    (cond,) = [ln for ln in entry.splitlines() if " conditional(" in ln]
+    assert cond.count("branch_computations={") == 1
+    assert len(re.search(r"branch_computations=\{([^}]*)\}", cond).group(1).split(",")) == 5
 
 
 def _with_staged_top_k(fn, *args, **kwargs):
