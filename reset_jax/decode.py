@@ -304,12 +304,17 @@ def _advance(
     bad = token < 0  # the sampler's mark for NaN / all -inf logits
     ok = active & ~bad
     n = state.tokens.shape[1]
-    # Past the last column every row is done (the buffer-full rule below), so the
-    # clamped column is only ever rewritten with its own values.
-    col = jnp.minimum(state.step, n - 1)
+    # Each active row writes its value at column `step` (below N: the buffer-full rule
+    # below ends a row at the last column); a finished row's index is N, out of range, so
+    # its write is dropped. One scatter a buffer, which reads nothing back (a masked
+    # column write was a read and a write: two kernels a buffer on a GPU).
+    rows = jnp.arange(state.tokens.shape[0])
+    col = jnp.where(active, state.step, n)
 
     def put(buf, value):
-        return buf.at[:, col].set(jnp.where(active, value, buf[:, col]))
+        return buf.at[rows, col].set(
+            value, mode="drop", unique_indices=True, indices_are_sorted=True
+        )
 
     lengths = state.lengths + ok.astype(jnp.int32)
     # -1 pads the stop ids (and marks a bad token): never a match.
