@@ -295,7 +295,7 @@ def _advance(
     """
     sampler_state, temperature, entropy = sampling.step(sampler, state.sampler_state, logits)
     # One key per step for the whole batch: `sample` draws every row at once
-    # (vmapping it per row would turn its lax.conds into always-taken selects).
+    # (vmapping it per row would turn its lax.switch / lax.conds into always-taken selects).
     key = jax.random.fold_in(state.rng, state.step)
     token = sampling.sample(key, logits, temperature, top_p=knobs.top_p, top_k=knobs.top_k)
     sampler_state = sampling.observe(sampler, sampler_state, token)

@@ -1067,8 +1067,9 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, branchless=None):
         # of idle GPU a step at B = 1, ~19 at B = 8, H200, RESULTS.md AC1), more than the
         # draws cost. So the candidates' draw runs for every batch, and one lax.switch,
         # whose index is the one value read back, runs what else the batch needs: the
-        # plain draw over V (rows with both filters off; ~14 us at B = 8), the argmax
-        # (greedy rows), or the exact fallback (rare; it runs both of those too).
+        # plain draw over V (rows with both filters off), the argmax (greedy rows), or
+        # the exact fallback (rare; it runs both of those too). Top-p batches: -3 us a
+        # step at B = 1, -6 at B = 8 (RESULTS.md AC3); plain ones +1 / +4.
         token, ok, exact, log_norm_all = draw_candidates()
 
         def branch(with_plain, with_greedy):

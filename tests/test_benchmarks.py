@@ -509,10 +509,10 @@ def test_sampler_cost_loop_runs_the_rule():
         assert tok.shape == (2,) and bool(jnp.all((tok >= 0) & (tok < 512)))
     rule_state, knobs = state
     assert rule_state.count.tolist() == [3, 3] and rule_state.num_generated.tolist() == [3, 3]
-    # The knobs are loop data, not constants XLA could fold: the compiled loop keeps the
-    # plain draw (a categorical over V) that a constant top-p < 1 would remove.
-    # The knobs are loop data, as in the decode loop, not constants XLA could fold (on a
-    # GPU a constant top-p < 1 removed the plain draw, a constant temperature the argmax).
+    # The rule and the knobs are loop data, as in the decode loop, not constants XLA could
+    # fold (on a GPU a constant top-p < 1 removed the plain draw, a constant temperature
+    # the argmax): none of their values is a constant of the lowered loop.
     text = mod._loop(body, state, 4).lower(jax.random.key(0), logits).as_text()
-    top_p = float(knobs["top_p"][0])
-    assert f"dense<{top_p:.9g}>" not in text and "dense<0.949999988>" not in text
+    rule = knobs["rule"]
+    for value in (float(knobs["top_p"][0]), float(knobs["t"][0]), float(rule.t_low)):
+        assert f"dense<{value:.9g}>" not in text, value

@@ -786,8 +786,9 @@ def test_staged_top_k_is_lax_top_k():
 
 
 def test_branchless_sampler_draws_the_same_tokens():
-    """The GPU form of the sampler (both draws run, one lax.cond guarding the fallbacks,
-    staged top-k) gives the very tokens of the CPU form (a lax.cond per draw, lax.top_k),
+    """The GPU form of the sampler (the filtered draw always, one lax.switch adding the
+    plain draw, the argmax or the fallbacks; staged top-k) gives the very tokens of the CPU
+    form (a lax.cond per draw, lax.top_k),
     for every kind of row: greedy, plain, top-p, top-k, bad logits, a nucleus wider than
     the candidates (the full sort), values clustered in one chunk (the staged top-k is
     not exact: lax.top_k's candidates), and batches where no row needs one of the draws."""
