@@ -697,23 +697,72 @@ def test_distribution_per_row_parameters():
 
 
 def test_candidate_path_and_full_sort_agree():
-    """The capped lax.top_k path and the full-sort fallback give the same distribution."""
+    """The capped lax.top_k path, the wider candidates and the full-sort fallback give the
+    same distribution."""
     rng = np.random.default_rng(9)
     z = rng.standard_normal(60).astype(np.float32) * 0.5
     n = 20000
     x = np.tile(z, (n, 1))
     want = _expected(z, 1.0, 0, 0.5)
-    assert (want > 0).sum() > 8  # the nucleus is wider than 8 candidates
-    for cap in (8, 60):  # 8 forces the full-sort fallback; 60 fits
-        tok = np.asarray(S.sample(jax.random.key(cap), x, 1.0, top_p=0.5, max_candidates=cap))
+    assert 8 < (want > 0).sum() <= 32  # the nucleus is wider than 8 candidates, not 32
+    # (8, 8): the full sort; (8, 32): the wider candidates; (60, 60): the first ones fit.
+    for cap, wide in ((8, 8), (8, 32), (60, 60)):
+        tok = np.asarray(
+            S.sample(
+                jax.random.key(cap + wide),
+                x,
+                1.0,
+                top_p=0.5,
+                max_candidates=cap,
+                wide_candidates=wide,
+            )
+        )
         got = np.bincount(tok, minlength=60) / n
         assert np.all(got[want == 0] == 0)
         sigma = np.sqrt(want * (1 - want) / n)
-        assert np.all(np.abs(got - want) <= 5 * sigma + 1e-12), cap
-    # top-k above the cap falls back too, and stays exact.
-    tok = np.asarray(S.sample(jax.random.key(3), x, 1.0, top_k=20, max_candidates=8))
-    assert set(np.unique(tok)) <= set(np.argsort(-z)[:20].tolist())
-    assert len(np.unique(tok)) == 20
+        assert np.all(np.abs(got - want) <= 5 * sigma + 1e-12), (cap, wide)
+    # top-k above the cap falls back too (to the wider candidates, or past them to the
+    # full sort), and stays exact.
+    for wide in (8, 32):
+        tok = np.asarray(
+            S.sample(jax.random.key(3), x, 1.0, top_k=20, max_candidates=8, wide_candidates=wide)
+        )
+        assert set(np.unique(tok)) <= set(np.argsort(-z)[:20].tolist())
+        assert len(np.unique(tok)) == 20
+
+
+def test_wide_candidates_before_a_full_sort():
+    """A batch whose kept sets do not fit the first candidates draws from the
+    ``wide_candidates`` best, the same draw as from ``lax.top_k``'s; only a kept set wider
+    than those too takes the full sort, the draw over every token in order."""
+    rng = np.random.default_rng(5)
+    v = 5000
+    x = jnp.asarray(rng.standard_normal((2, v)).astype(np.float32) * 2.0)
+    t = jnp.ones(2)
+    key = jax.random.key(7)
+    _, key_filtered = jax.random.split(key)
+
+    def by_hand(vals, idx, top_p):  # the draw of `_sample` from given descending candidates
+        k_eff = jnp.full((2,), v, jnp.int32)
+        lse = jax.nn.logsumexp(x, axis=-1)
+        return S._sample_candidates(key_filtered, vals, idx, k_eff, top_p, lse, v)
+
+    # Nuclei of these rows: ~2 tokens at top-p 0.05, 111-144 at 0.5, 609-687 at 0.8,
+    # 1153-1259 at 0.9.
+    cases = ((0.5, 1024, 1024), (0.8, 256, v), (0.9, 1024, v), (0.05, 1024, 64))
+    for top_p, wide, want_from in cases:
+        p = jnp.full((2,), top_p, jnp.float32)
+        got = S.sample(key, x, t, top_p=p, max_candidates=64, wide_candidates=wide)
+        if want_from == v:
+            want, fits = by_hand(*S._sorted_descending(x), p)
+        else:
+            want, fits = by_hand(*jax.lax.top_k(x, want_from), p)
+        assert bool(jnp.all(fits)), (top_p, wide)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"{top_p}")
+        # ... and the batch's kept sets really needed that width: not the narrower one.
+        narrower = {1024: 64, v: wide, 64: None}[want_from]
+        if narrower is not None:
+            assert not bool(jnp.all(by_hand(*jax.lax.top_k(x, narrower), p)[1]))
 
 
 def test_staged_top_k_is_lax_top_k():
@@ -789,8 +838,9 @@ def test_branchless_sampler_draws_the_same_tokens():
     """The GPU form of the sampler (the filtered draw always, one lax.switch adding the
     plain draw, the argmax or the fallbacks; staged top-k) gives the very tokens of the CPU
     form (a lax.cond per draw, lax.top_k),
-    for every kind of row: greedy, plain, top-p, top-k, bad logits, a nucleus wider than
-    the candidates (the full sort), values clustered in one chunk (the staged top-k is
+    for every kind of row: greedy, plain, top-p, top-k, bad logits, kept sets wider than
+    the candidates (the wide candidates) and than those too (the full sort), values
+    clustered in one chunk (the staged top-k is
     not exact: lax.top_k's candidates), and batches where no row needs one of the draws."""
     rng = np.random.default_rng(11)
     v = 20000
@@ -801,12 +851,18 @@ def test_branchless_sampler_draws_the_same_tokens():
     # there): its candidates still hold top_p = 0.6 of the mass, but not the right tokens.
     logits[8, 640:670] = 40.0
     logits[8, 1280:1296] = 40.0
-    t = np.array([0.0, 0.7, 0.7, 1.0, 0.7, 1.0, 0.7, 0.5, 1.0], np.float32)
-    top_p = np.array([1.0, 1.0, 0.9, 1.0, 0.5, 0.95, 0.9, 0.99, 0.6], np.float32)
-    top_k = np.array([0, 0, 0, 5, 40, 0, 0, 300, 0], np.int32)
+    # Row 9: a nucleus of ~400 tokens, wider than the 256 candidates, not the 1024 wide ones.
+    logits = np.concatenate([logits, rng.standard_normal((1, v)).astype(np.float32) * 2.0])
+    t = np.array([0.0, 0.7, 0.7, 1.0, 0.7, 1.0, 0.7, 0.5, 1.0, 1.0], np.float32)
+    top_p = np.array([1.0, 1.0, 0.9, 1.0, 0.5, 0.95, 0.9, 0.99, 0.6, 0.5], np.float32)
+    top_k = np.array([0, 0, 0, 5, 40, 0, 0, 300, 0, 0], np.int32)
     run = jax.jit(S._sample, static_argnames=("max_candidates", "branchless"))
     mixes = {
-        "all kinds": [0, 1, 2, 3, 4, 5, 6, 7, 8],
+        "all kinds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+        # Kept sets wider than the candidates but within the 1024 wide ones (a top-k of
+        # 300, a nucleus of ~400): no full sort.
+        "wide candidates": [1, 2, 7, 9],
+        "wide candidates, clustered": [7, 8, 9],
         "candidates suffice": [0, 1, 2, 3, 4, 6],  # the fast path, no fallback
         "clustered": [2, 8],  # the staged top-k is not exact, the candidates suffice
         "no filtered row": [0, 1, 6],
