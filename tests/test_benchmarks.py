@@ -516,3 +516,54 @@ def test_sampler_cost_loop_runs_the_rule():
     rule = knobs["rule"]
     for value in (float(knobs["top_p"][0]), float(knobs["t"][0]), float(rule.t_low)):
         assert f"dense<{value:.9g}>" not in text, value
+
+
+def test_nucleus_sizes_counts_the_kept_prefix():
+    """benchmarks/nucleus_widths.py: the kept-set size is the fewest best tokens whose mass
+    reaches top-p, checked against a plain loop; greedy steps keep one token, masked
+    (-inf) tokens never count."""
+    import numpy as np
+
+    mod = _load_bench("nucleus_widths")
+    uniform = np.zeros(10)
+    peaked = np.array([30.0] + [0.0] * 9)
+    masked = np.array([0.0] * 4 + [-np.inf] * 6)
+    got = mod.nucleus_sizes(np.stack([uniform, peaked, masked]), np.ones(3), 0.95)
+    assert got.tolist() == [10, 1, 4]
+    assert mod.nucleus_sizes(masked[None], np.ones(1), 1.0).tolist() == [4]
+    assert mod.nucleus_sizes(uniform[None], np.zeros(1), 0.95).tolist() == [1]  # greedy
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((20, 300)) * 2.0
+    temps = rng.uniform(0.3, 1.5, 20)
+    for top_p in (0.3, 0.9):
+        want = []
+        for row, t in zip(logits, temps):
+            p = np.exp(row / t - (row / t).max())
+            p /= p.sum()
+            mass, n = 0.0, 0
+            for q in sorted(p, reverse=True):
+                mass, n = mass + q, n + 1
+                if mass >= top_p:
+                    break
+            want.append(n)
+        np.testing.assert_array_equal(mod.nucleus_sizes(logits, temps, top_p), want)
+    rec = mod.summarize(np.array([1, 100, 300, 2000]), np.array([False, True, True, True]))
+    assert rec["caps"][256]["share"] == 0.5 and rec["caps"][256]["share_at_t_high"] == 2 / 3
+    assert abs(rec["caps"][1024]["batch_8_has_one"] - (1 - 0.75**8)) < 1e-12
+    with pytest.raises(ValueError, match="top_p"):
+        mod.nucleus_sizes(logits, temps, 0.0)
+
+
+@pytest.mark.slow
+def test_nucleus_widths_benchmark_on_the_default_model(tmp_path, capsys):
+    """benchmarks/nucleus_widths.py end to end: the default model, one prompt, a few
+    tokens."""
+    mod = _load_bench("nucleus_widths")
+    if not mod.DEFAULT_DATA.exists():
+        pytest.skip("shared/data not beside the repository")
+    out = tmp_path / "n.json"
+    assert mod.main(["--prompts", "1", "--max-new-tokens", "8", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| 256 |" in text and "a batch of 8 has one" in text
+    rec = json.loads(out.read_text())
+    assert 1 <= rec["steps"] <= 8 and set(rec["caps"]) == {"64", "256", "1024"}
