@@ -18,6 +18,13 @@ Pieces (``--pieces``) time one part each in the same loop: ``entropy``
 cost, which the ``loop`` row measures.
 
     python3 benchmarks/sampler_cost.py [--batch 1,8] [--pieces] [--step-ms 2.75,3.46]
+        [--logit-std 7.0] [--against REV[,REV]]
+
+``--logit-std`` sets how flat the logits are: at the default 7 the top-p 0.95 nucleus at
+T = 0.6 is a few tokens; at 3.0 ~300 (wider than the 256 candidates: the sampler's wide
+draw every step); at 2.0 thousands (its full sort). ``--against`` also times the sampler
+of other git revisions in the same loop (``fixed@REV``, ``reset@REV``), for an A/B in one
+process.
 
 ``--step-ms`` (one per batch size) prints ReSET minus fixed as a share of a decode
 step of that length (e.g. the NVFP4 step from ``benchmarks/decode.py``).
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import jax
@@ -73,12 +81,43 @@ def _loop(body_fn, init_state, iters: int):
     return run
 
 
-def variants(batch: int, vocab: int, pieces: bool) -> dict:
+def load_sampling_at(rev: str):
+    """``reset_jax/sampling.py`` as it was at git revision ``rev``, as a module of its own
+    (its ``sample`` for ``--against``; the rules stay the current ones)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        text = subprocess.run(
+            ["git", "show", f"{rev}:reset_jax/sampling.py"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        why = getattr(e, "stderr", None) or e
+        raise SystemExit(f"--against {rev}: cannot read reset_jax/sampling.py there: {why}") from e
+    path = Path(tempfile.mkdtemp()) / f"sampling_at_{rev.replace('/', '_')}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def variants(batch: int, vocab: int, pieces: bool, against: dict | None = None) -> dict:
     """Name -> (body_fn, initial state) for one batch size.
 
     The rule and the knobs (temperature, top-p, top-k) ride in the loop's state, as in the
     decode loop, where they are arguments: closed over, they would be constants that XLA
     folds (a constant top-p < 1 removes the plain draw, a constant temperature the argmax).
+    ``against``: {label: module} of other ``sample`` functions (`load_sampling_at`), each
+    timed in the whole step with both rules as ``fixed@label`` and ``reset@label``.
     """
     knobs = dict(
         t=jnp.full((batch,), 0.6, jnp.float32),
@@ -86,15 +125,18 @@ def variants(batch: int, vocab: int, pieces: bool) -> dict:
         top_k=jnp.zeros((batch,), jnp.int32),
     )
     out = {}
-    for name, rule in _rules(vocab).items():
+    samplers = {"": sampling.sample, **{f"@{k}": m.sample for k, m in (against or {}).items()}}
+    for label, sample_fn in samplers.items():
+        for name, rule in _rules(vocab).items():
 
-        def full(key, st, x):
-            rule_state, kn = st
-            rule_state, temperature, _ = sampling.step(kn["rule"], rule_state, x)
-            tok = sampling.sample(key, x, temperature, top_p=kn["top_p"], top_k=kn["top_k"])
-            return (sampling.observe(kn["rule"], rule_state, tok), kn), tok
+            def full(key, st, x, sample_fn=sample_fn):
+                rule_state, kn = st
+                rule_state, temperature, _ = sampling.step(kn["rule"], rule_state, x)
+                tok = sample_fn(key, x, temperature, top_p=kn["top_p"], top_k=kn["top_k"])
+                return (sampling.observe(kn["rule"], rule_state, tok), kn), tok
 
-        out[name] = (full, (sampling.init_state(rule, batch), dict(knobs, rule=rule)))
+            state = (sampling.init_state(rule, batch), dict(knobs, rule=rule))
+            out[name + label] = (full, state)
     if pieces:
         c = min(256, vocab)
 
@@ -122,11 +164,21 @@ def variants(batch: int, vocab: int, pieces: bool) -> dict:
     return out
 
 
-def measure(batch: int, vocab: int, iters: int, rounds: int, pieces: bool, logit_std: float):
+def measure(
+    batch: int,
+    vocab: int,
+    iters: int,
+    rounds: int,
+    pieces: bool,
+    logit_std: float,
+    against: dict | None = None,
+):
     """Per-step microseconds of every variant: ``{name: [rounds]}`` (after one warm-up run)."""
     key = jax.random.key(0)
     logits = logit_std * jax.random.normal(jax.random.key(1), (batch, vocab), jnp.float32)
-    runs = {n: _loop(fn, st, iters) for n, (fn, st) in variants(batch, vocab, pieces).items()}
+    runs = {
+        n: _loop(fn, st, iters) for n, (fn, st) in variants(batch, vocab, pieces, against).items()
+    }
     for run in runs.values():
         jax.block_until_ready(run(key, logits))
     times = {n: [] for n in runs}
@@ -148,6 +200,11 @@ def main(argv=None) -> int:
     p.add_argument("--pieces", action="store_true", help="also time entropy, top-k, sample")
     p.add_argument("--step-ms", default=None, help="decode step ms per batch size (for the share)")
     p.add_argument("--json", default=None, help="write the per-round times here")
+    p.add_argument(
+        "--against",
+        default=None,
+        help="comma-separated git revisions whose sampling.sample is also timed, side by side",
+    )
     a = p.parse_args(argv)
     batches = [int(b) for b in a.batch.split(",")]
     steps = [float(s) for s in a.step_ms.split(",")] if a.step_ms else []
@@ -155,11 +212,15 @@ def main(argv=None) -> int:
         p.error(f"--step-ms needs one value per batch size ({len(batches)})")
     if a.iters < 1 or a.rounds < 1:
         p.error("--iters and --rounds must be >= 1")
-    print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), V = {a.vocab}")
+    against = {r: load_sampling_at(r) for r in a.against.split(",")} if a.against else None
+    print(
+        f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), V = {a.vocab}, "
+        f"logit std {a.logit_std}"
+    )
     print("| B | variant | µs/step (median) | quartiles |\n|---|---|---|---|")
     record = {}
     for i, b in enumerate(batches):
-        times = measure(b, a.vocab, a.iters, a.rounds, a.pieces, a.logit_std)
+        times = measure(b, a.vocab, a.iters, a.rounds, a.pieces, a.logit_std, against)
         record[b] = times
         med = {n: float(np.median(v)) for n, v in times.items()}
         for n, v in times.items():

@@ -498,6 +498,28 @@ def test_sampler_cost_benchmark(tmp_path, capsys):
         mod.main(["--batch", "1,8", "--step-ms", "2.0"])  # one step time per batch size
 
 
+def test_sampler_cost_against_another_revision(capsys):
+    """--against times another revision's sampler in the same loop, side by side: here the
+    one before the lax.switch, which draws the same tokens."""
+    mod = _load_bench("sampler_cost")
+    try:
+        old = mod.load_sampling_at("8976df7")
+    except SystemExit as e:  # a shallow clone may not hold that commit
+        pytest.skip(str(e))
+    body, state = mod.variants(2, 512, pieces=False, against={"8976df7": old})["reset@8976df7"]
+    new_body, new_state = mod.variants(2, 512, pieces=False)["reset"]
+    logits = 3.0 * jax.random.normal(jax.random.key(2), (2, 512))
+    got = mod._loop(body, state, 5)(jax.random.key(0), logits)
+    want = mod._loop(new_body, new_state, 5)(jax.random.key(0), logits)
+    assert got[2].tolist() == want[2].tolist()  # the summed tokens of 5 steps
+    args = ["--batch", "1", "--vocab", "512", "--iters", "2", "--rounds", "1"]
+    assert mod.main([*args, "--logit-std", "2.0", "--against", "8976df7"]) == 0
+    out = capsys.readouterr().out
+    assert "| 1 | reset@8976df7 |" in out and "logit std 2.0" in out
+    with pytest.raises(SystemExit, match="no-such-rev"):
+        mod.load_sampling_at("no-such-rev")
+
+
 def test_sampler_cost_loop_runs_the_rule():
     """The timed ReSET body is the decode loop's: step, sample, observe, with state carried."""
     mod = _load_bench("sampler_cost")
