@@ -44,8 +44,9 @@ def nucleus_sizes(logits: np.ndarray, temperatures: np.ndarray, top_p: float) ->
       top_p: the nucleus mass, in ``(0, 1]``.
 
     Returns:
-      ``[S]`` int: the fewest best tokens whose probability mass reaches ``top_p``
-      (at least 1; all finite tokens when ``top_p`` is 1).
+      ``[S]`` int: the fewest best tokens whose probability mass (float64) reaches
+      ``top_p``; at least 1, at most the finite tokens. (The sampler sums in float32, which
+      can keep one token more or fewer at a tie with ``top_p``.)
     """
     from reset_jax.sampling import GREEDY_TEMPERATURE
 
@@ -140,6 +141,8 @@ def main(argv=None) -> int:
         steps = logits[len(ids) - 1 : len(ids) - 1 + len(gen)]
         sizes.append(nucleus_sizes(steps, res.temperatures[row], a.top_p))
         temps.append(np.asarray(res.temperatures[row]))
+    if not sizes:
+        raise SystemExit("no row generated a token: nothing to measure")
     sizes, temps = np.concatenate(sizes), np.concatenate(temps)
     rec = summarize(sizes, temps >= float(np.max(rule.t_high)) - 1e-6)
     rec.update(model=name, prompts=a.prompts, max_new_tokens=a.max_new_tokens, top_p=a.top_p,

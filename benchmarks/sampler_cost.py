@@ -20,11 +20,12 @@ cost, which the ``loop`` row measures.
     python3 benchmarks/sampler_cost.py [--batch 1,8] [--pieces] [--step-ms 2.75,3.46]
         [--logit-std 7.0] [--against REV[,REV]]
 
-``--logit-std`` sets how flat the logits are: at the default 7 the top-p 0.95 nucleus at
-T = 0.6 is a few tokens; at 3.0 ~300 (wider than the 256 candidates: the sampler's wide
-draw every step); at 2.0 thousands (its full sort). ``--against`` also times the sampler
-of other git revisions in the same loop (``fixed@REV``, ``reset@REV``), for an A/B in one
-process.
+``--logit-std`` sets how flat the logits are. At the default 7 the top-p 0.95 nucleus is a
+few tokens for both rules. At 3.0 the fixed rule's (T = 0.6) is ~300-600 tokens, wider than
+the 256 candidates: its batch takes the sampler's wide draw (the 1024 best) every step; the
+ReSET rule picks T = 1 on these flat rows, whose nuclei of ~10,000 take the full sort. At
+2.0 both take the full sort. ``--against`` also times the sampler of other git revisions
+in the same loop (``fixed@REV``, ``reset@REV``), for an A/B in one process.
 
 ``--step-ms`` (one per batch size) prints ReSET minus fixed as a share of a decode
 step of that length (e.g. the NVFP4 step from ``benchmarks/decode.py``).
