@@ -106,8 +106,7 @@ ffi::Error DecodeAttentionImpl(cudaStream_t stream, ffi::AnyBuffer qkv,
     return ffi::Error::Internal(std::string("reset_jax decode attention: cache copy: ") +
                                 cudaGetErrorString(err));
   if (cudaError_t err = rjattn::LaunchDecodeAttention(a, stream); err != cudaSuccess)
-    return ffi::Error::Internal(std::string("reset_jax decode attention: launch: ") +
-                                cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+    return reset_jax_ffi::CudaFailure("reset_jax decode attention: launch", err);
   return ffi::Error::Success();
 }
 

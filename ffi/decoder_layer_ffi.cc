@@ -179,8 +179,7 @@ ffi::Error DecoderLayersImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuff
     a.qkv.codes_order = a.o.codes_order = a.gate_up.codes_order = a.down.codes_order = codes_order;
     if (const char* why = rjlayer::DecoderLayerUnsupportedReason(a)) return Invalid(why + where);
     if (cudaError_t err = rjlayer::LaunchDecoderLayer(a, stream); err != cudaSuccess)
-      return ffi::Error::Internal("reset_jax decoder layers: launch" + where + ": " +
-                                  cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+      return reset_jax_ffi::CudaFailure("reset_jax decoder layers: launch" + where, err);
   }
   return ffi::Error::Success();
 }

@@ -1,4 +1,5 @@
-// Helpers shared by the FFI handlers (nvfp4_ffi.cc, attention_ffi.cc).
+// Helpers shared by the FFI handlers (nvfp4_ffi.cc, attention_ffi.cc, decoder_layer_ffi.cc,
+// topk_ffi.cc).
 #pragma once
 
 #include <cstdint>
@@ -20,6 +21,12 @@ inline std::string Dims(xla::ffi::AnyBuffer::Dimensions d) {
     s += std::to_string(d[i]);
   }
   return s + "]";
+}
+
+// An Internal error for a failed CUDA call: "<what>: <error name>: <error string>".
+inline xla::ffi::Error CudaFailure(const std::string& what, cudaError_t err) {
+  return xla::ffi::Error::Internal(what + ": " + cudaGetErrorName(err) + ": " +
+                                   cudaGetErrorString(err));
 }
 
 // Whether `b` has element type `t` and exactly the dimensions `dims`.

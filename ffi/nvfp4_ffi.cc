@@ -31,8 +31,7 @@ ffi::Error Invalid(const std::string& msg) {
 }
 
 ffi::Error CudaError(cudaError_t err, const char* what) {
-  return ffi::Error::Internal(std::string("reset_jax NVFP4 matmul: ") + what + ": " +
-                              cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+  return reset_jax_ffi::CudaFailure(std::string("reset_jax NVFP4 matmul: ") + what, err);
 }
 
 bool IsScalarF32(const ffi::AnyBuffer& b) {

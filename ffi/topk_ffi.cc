@@ -51,8 +51,7 @@ ffi::Error TopKImpl(cudaStream_t stream, ffi::AnyBuffer z, ffi::Result<ffi::AnyB
   if (scratch->element_type() != T::U32 || scratch->element_count() != want)
     return Invalid("scratch must be uint32 with " + std::to_string(want) + " elements");
   if (cudaError_t err = rjtopk::LaunchTopk(a, stream); err != cudaSuccess)
-    return ffi::Error::Internal(std::string("reset_jax top-k: launch: ") + cudaGetErrorName(err) +
-                                ": " + cudaGetErrorString(err));
+    return reset_jax_ffi::CudaFailure("reset_jax top-k: launch", err);
   return ffi::Error::Success();
 }
 
