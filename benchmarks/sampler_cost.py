@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -83,25 +84,30 @@ def _loop(body_fn, init_state, iters: int):
 
 
 def load_sampling_at(rev: str):
-    """``reset_jax/sampling.py`` as it was at git revision ``rev``, as a module of its own
-    (its ``sample`` for ``--against``; the rules stay the current ones)."""
+    """``reset_jax/sampling.py`` as it was at git revision ``rev`` (or the file at path ``rev``,
+    for a machine without the git history), as a module of its own (its ``sample`` for
+    ``--against``; the rules stay the current ones)."""
     import importlib.util
     import subprocess
     import tempfile
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    try:
-        text = subprocess.run(
-            ["git", "show", f"{rev}:reset_jax/sampling.py"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError) as e:
-        why = getattr(e, "stderr", None) or e
-        raise SystemExit(f"--against {rev}: cannot read reset_jax/sampling.py there: {why}") from e
+    if rev.endswith(".py"):
+        if not Path(rev).is_file():
+            raise SystemExit(f"--against {rev}: no such file")
+        text, rev = Path(rev).read_text(), Path(rev).stem
+    else:
+        try:
+            text = subprocess.run(
+                ["git", "show", f"{rev}:reset_jax/sampling.py"],
+                cwd=Path(__file__).resolve().parents[1],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        except (OSError, subprocess.CalledProcessError) as e:
+            why = getattr(e, "stderr", None) or e
+            raise SystemExit(f"--against {rev}: cannot read reset_jax/sampling.py: {why}") from e
     path = Path(tempfile.mkdtemp()) / f"sampling_at_{rev.replace('/', '_')}.py"
     path.write_text(text)
     spec = importlib.util.spec_from_file_location(path.stem, path)
@@ -204,7 +210,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--against",
         default=None,
-        help="comma-separated git revisions whose sampling.sample is also timed, side by side",
+        help="comma-separated git revisions (or paths to a saved sampling.py) whose "
+        "sampling.sample is also timed, side by side",
     )
     a = p.parse_args(argv)
     batches = [int(b) for b in a.batch.split(",")]
@@ -213,7 +220,12 @@ def main(argv=None) -> int:
         p.error(f"--step-ms needs one value per batch size ({len(batches)})")
     if a.iters < 1 or a.rounds < 1:
         p.error("--iters and --rounds must be >= 1")
-    against = {r: load_sampling_at(r) for r in a.against.split(",")} if a.against else None
+    against = None
+    if a.against:  # labelled by revision, or by a saved file's name without ".py"
+        against = {
+            os.path.basename(r).removesuffix(".py"): load_sampling_at(r)
+            for r in a.against.split(",")
+        }
     print(
         f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), V = {a.vocab}, "
         f"logit std {a.logit_std}"
