@@ -520,6 +520,21 @@ def test_sampler_cost_against_another_revision(capsys):
         mod.load_sampling_at("no-such-rev")
 
 
+def test_sampler_cost_against_a_saved_file(tmp_path):
+    """--against also takes a saved sampling.py (the GPU machine has no git history): its
+    sample is that file's, under the file's name."""
+    mod = _load_bench("sampler_cost")
+    src = Path(__file__).resolve().parents[1] / "reset_jax" / "sampling.py"
+    saved = tmp_path / "sampling_v0.py"
+    saved.write_text(src.read_text() + "\nMARK = 'saved'\n")
+    old = mod.load_sampling_at(str(saved))
+    assert old.MARK == "saved" and old.sample is not None
+    body, _ = mod.variants(1, 256, pieces=False, against={"sampling_v0": old})["reset@sampling_v0"]
+    assert callable(body)
+    with pytest.raises(SystemExit, match="no such file"):
+        mod.load_sampling_at(str(tmp_path / "missing.py"))
+
+
 def test_sampler_cost_loop_runs_the_rule():
     """The timed ReSET body is the decode loop's: step, sample, observe, with state carried."""
     mod = _load_bench("sampler_cost")
@@ -584,8 +599,15 @@ def test_nucleus_widths_benchmark_on_the_default_model(tmp_path, capsys):
     if not mod.DEFAULT_DATA.exists():
         pytest.skip("shared/data not beside the repository")
     out = tmp_path / "n.json"
-    assert mod.main(["--prompts", "1", "--max-new-tokens", "8", "--json", str(out)]) == 0
+    args = ["--prompts", "1", "--max-new-tokens", "8", "--json", str(out)]
+    assert mod.main([*args, "--fixed-temperature", "0.6"]) == 0
     text = capsys.readouterr().out
-    assert "| 256 |" in text and "a batch of 8 has one" in text
+    assert "| ReSET | 256 |" in text and "| fixed T = 0.6 | 256 |" in text
+    assert "a batch of 8 has one" in text
     rec = json.loads(out.read_text())
     assert 1 <= rec["steps"] <= 8 and set(rec["caps"]) == {"64", "256", "1024"}
+    # The fixed rule's count is over the same steps, at its one temperature.
+    assert rec["fixed"]["steps"] == rec["steps"] and rec["fixed"]["temperature"] == 0.6
+    assert set(rec["fixed"]["caps"]) == {"64", "256", "1024"}
+    with pytest.raises(SystemExit):
+        mod.main([*args, "--fixed-temperature", "0"])
