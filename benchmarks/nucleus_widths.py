@@ -14,11 +14,13 @@ uses, almost never need either. This measures how often real steps do:
 
 It prints the share of steps wider than 64 / 256 / 1024 tokens, overall and at
 ``t_high``, with the chance that a batch of 8 such steps has one (each row drawn
-independently), and writes JSON.
+independently), and writes JSON. ``--fixed-temperature T`` also counts the same steps'
+kept sets at one fixed temperature (the baseline rule ReSET's cost is measured against;
+the sequences are still ReSET's, so this is the fixed rule on ReSET's contexts).
 
     python3 benchmarks/nucleus_widths.py [--prompts 16] [--max-new-tokens 256]
         [--model smollm2-135m-instruct] [--data ../shared/data/gsm8k-dev-50.jsonl]
-        [--json out.json]
+        [--fixed-temperature 0.6] [--json out.json]
 """
 
 from __future__ import annotations
@@ -94,8 +96,16 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--fixed-temperature",
+        type=float,
+        default=None,
+        help="also count the kept sets at this one temperature (the fixed rule)",
+    )
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    if a.fixed_temperature is not None and not a.fixed_temperature > 0:
+        p.error(f"--fixed-temperature must be > 0, got {a.fixed_temperature}")
     if a.prompts < 1 or a.max_new_tokens < 1:
         p.error("--prompts and --max-new-tokens must be >= 1")
     if not Path(a.data).exists():
@@ -130,7 +140,7 @@ def main(argv=None) -> int:
     gen_s = time.perf_counter() - t0
     graphdef, params = nnx.split(model)
     forward = jax.jit(lambda params, ids: nnx.merge(graphdef, params)(ids))
-    sizes, temps = [], []
+    sizes, temps, fixed = [], [], []
     for row, prompt in enumerate(tqdm(prompts, desc="steps' logits", unit="row")):
         ids = _encode(tok, prompt, True)
         gen = res.token_ids[row]
@@ -141,22 +151,31 @@ def main(argv=None) -> int:
         steps = logits[len(ids) - 1 : len(ids) - 1 + len(gen)]
         sizes.append(nucleus_sizes(steps, res.temperatures[row], a.top_p))
         temps.append(np.asarray(res.temperatures[row]))
+        if a.fixed_temperature is not None:
+            at = np.full(len(steps), a.fixed_temperature, np.float64)
+            fixed.append(nucleus_sizes(steps, at, a.top_p))
     if not sizes:
         raise SystemExit("no row generated a token: nothing to measure")
     sizes, temps = np.concatenate(sizes), np.concatenate(temps)
     rec = summarize(sizes, temps >= float(np.max(rule.t_high)) - 1e-6)
     rec.update(model=name, prompts=a.prompts, max_new_tokens=a.max_new_tokens, top_p=a.top_p,
                t_low=defaults["t_low"], tau0=defaults["tau0"], generate_s=gen_s)  # fmt: skip
+    if fixed:
+        rec["fixed"] = summarize(np.concatenate(fixed), np.zeros(len(sizes), bool))
+        rec["fixed"]["temperature"] = a.fixed_temperature
     print(f"{name}: {rec['steps']} steps ({rec['steps_at_t_high']} at t_high), top-p {a.top_p}")
-    print("| kept set wider than | steps | steps at t_high | a batch of 8 has one |")
-    print("|---|---|---|---|")
-    for cap, c in rec["caps"].items():
-        print(
-            f"| {cap} | {100 * c['share']:.2f} % | {100 * c['share_at_t_high']:.2f} % "
-            f"| {100 * c['batch_8_has_one']:.1f} % |"
-        )
-    if "percentiles" in rec:
-        print(f"sizes: percentiles {rec['percentiles']}, max {rec['max']}")
+    print("| rule | kept set wider than | steps | steps at t_high | a batch of 8 has one |")
+    print("|---|---|---|---|---|")
+    for label, r in (("ReSET", rec), (f"fixed T = {a.fixed_temperature}", rec.get("fixed"))):
+        for cap, c in (r or {}).get("caps", {}).items():
+            high = f"{100 * c['share_at_t_high']:.2f} %" if r is rec else "-"
+            print(
+                f"| {label} | {cap} | {100 * c['share']:.2f} % | {high} "
+                f"| {100 * c['batch_8_has_one']:.1f} % |"
+            )
+    for label, r in (("ReSET", rec), ("fixed", rec.get("fixed"))):
+        if r and "percentiles" in r:
+            print(f"{label} sizes: percentiles {r['percentiles']}, max {r['max']}")
     if a.json:
         Path(a.json).write_text(json.dumps(rec, indent=1))
     return 0
