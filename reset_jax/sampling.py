@@ -1045,6 +1045,9 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, wide_candidates=102
     def draw_from(vals, idx, log_norm_all):  # (token, whether each row's kept set fits)
         return _sample_candidates(key_filtered, vals, idx, k_eff, top_p, log_norm_all, vocab)
 
+    def full_sort(log_norm_all):  # the filtered draw from every token, sorted
+        return draw_from(*_sorted_descending(z), log_norm_all)[0]
+
     def all_fit(fits):  # every row that needs a filtered draw
         return jnp.all(fits | ~need)
 
@@ -1062,25 +1065,23 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, wide_candidates=102
         same from the ``c_wide`` best; past those, a full sort. The tokens the CPU form
         gives."""
 
-        def full_sort():
-            return draw_from(*_sorted_descending(z), log_norm_all)[0]
-
         def draw_or(vals, idx, past):
             """The draw from candidates ``vals``/``idx``, or ``past()`` where some kept
             set is wider than them."""
             tok, fits = draw_from(vals, idx, log_norm_all)
             return jax.lax.cond(all_fit(fits), lambda: tok, past)
 
+        sort = functools.partial(full_sort, log_norm_all)
         if c_wide <= c:
-            wide = full_sort
+            wide = sort
         else:
 
             def wide():
                 vals, idx, fast_exact = _top_k_candidates(z, c_wide, rows=need)
                 return jax.lax.cond(
                     fast_exact,
-                    lambda: draw_or(vals, idx, full_sort),
-                    lambda: draw_or(*jax.lax.top_k(z, c_wide), full_sort),
+                    lambda: draw_or(vals, idx, sort),
+                    lambda: draw_or(*jax.lax.top_k(z, c_wide), sort),
                 )
 
         # Where the first candidates' top-k was exact, their draw did not fit: some kept
@@ -1095,9 +1096,29 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, wide_candidates=102
         # draws cost. So the candidates' draw runs for every batch, and one lax.switch,
         # whose index is the one value read back, runs what else the batch needs: the
         # plain draw over V (rows with both filters off), the argmax (greedy rows), or
-        # the exact fallback (rare; it runs both of those too). Top-p batches: -3 us a
-        # step at B = 1, -6 at B = 8 (RESULTS.md AC3); plain ones +1 / +4.
+        # where the candidates did not hold every kept set, the exact fallback (with both
+        # of those). Top-p
+        # batches: -3 us a step at B = 1, -6 at B = 8 (RESULTS.md AC3); plain ones +1 / +4.
         token, ok, exact, log_norm_all = draw_candidates()
+
+        def filtered_exactly():
+            """The fallback's token, behind one more readback where the first candidates
+            were exact and the wide ones are too (the common fallback): their draw where
+            it holds every kept set, else the full sort. Not draw_exactly's three nested
+            conds; the same tokens (its wide draw and its full sort are these)."""
+            if c_wide <= c:
+                return draw_exactly(exact, log_norm_all)
+            vals, idx, wide_exact = _top_k_candidates(z, c_wide, rows=need)
+            tok_wide, fits = draw_from(vals, idx, log_norm_all)
+            which = jnp.where(exact & wide_exact, jnp.where(all_fit(fits), 0, 1), 2)
+            return jax.lax.switch(
+                which,
+                [
+                    lambda: tok_wide,
+                    lambda: full_sort(log_norm_all),
+                    lambda: draw_exactly(exact, log_norm_all),
+                ],
+            )
 
         def branch(with_plain, with_greedy):
             def run():
@@ -1110,7 +1131,9 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, wide_candidates=102
             return run
 
         def fallback():
-            return draw_plain(), draw_exactly(exact, log_norm_all).astype(jnp.int32), argmax()
+            # Both other draws too: a branch for each of their mixes would compile the
+            # fallback's sorts four times (GPU compile time, AD4).
+            return draw_plain(), filtered_exactly().astype(jnp.int32), argmax()
 
         branches = [branch(p, g) for p in (False, True) for g in (False, True)] + [fallback]
         index = jnp.where(

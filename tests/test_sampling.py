@@ -863,6 +863,8 @@ def test_branchless_sampler_draws_the_same_tokens():
         # 300, a nucleus of ~400): no full sort.
         "wide candidates": [1, 2, 7, 9],
         "wide candidates, clustered": [7, 8, 9],
+        "wide candidates and greedy": [0, 7, 9],
+        "full sort, plain and greedy": [0, 1, 5],
         "candidates suffice": [0, 1, 2, 3, 4, 6],  # the fast path, no fallback
         "clustered": [2, 8],  # the staged top-k is not exact, the candidates suffice
         "no filtered row": [0, 1, 6],
@@ -919,6 +921,48 @@ def test_branchless_sampler_reads_back_one_index():
     (cond,) = [ln for ln in entry.splitlines() if " conditional(" in ln]
     assert cond.count("branch_computations={") == 1
     assert len(re.search(r"branch_computations=\{([^}]*)\}", cond).group(1).split(",")) == 5
+
+
+def _conds(jaxpr, *, nested: bool) -> list:
+    """The ``cond`` equations of ``jaxpr`` (through pjit and other sub-jaxprs; inside other
+    conds' branches too where ``nested``)."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "cond":
+            out.append(eqn)
+            if not nested:
+                continue
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    out += _conds(sub, nested=nested)
+    return out
+
+
+def test_branchless_fallback_reaches_the_wide_draw_behind_one_more_readback():
+    """On a GPU each conditional reads a value back (~16 us). The common fallbacks (a kept
+    set wider than the 256 candidates: within the 1024 wide ones, or past them) take their
+    token behind the switch and one more conditional, whose branches for them hold none:
+    not the three nested conds of the exact fallback."""
+    b, v = 2, 5000
+    args = (
+        jax.random.key(0),
+        jnp.zeros((b, v)),
+        jnp.ones(b),
+        jnp.full(b, 0.9),
+        jnp.zeros(b, jnp.int32),
+    )
+    fn = functools.partial(S._sample, max_candidates=256, branchless=True)
+    (switch,) = _conds(jax.make_jaxpr(fn)(*args).jaxpr, nested=False)
+    *first, fallback = switch.params["branches"]
+    assert len(first) == 4 and all(not _conds(br.jaxpr, nested=True) for br in first)
+    (inner,) = _conds(fallback.jaxpr, nested=False)
+    inside = sorted(len(_conds(br.jaxpr, nested=True)) for br in inner.params["branches"])
+    assert inside[:2] == [0, 0] and inside[2] >= 3, inside
+    # Its sorts compile once each (GPU compile time): the full sort of the common
+    # fallback, and draw_exactly's own (four, in its nested conds).
+    assert jax.jit(fn).lower(*args).as_text().count("stablehlo.sort") <= 5
 
 
 def _with_staged_top_k(fn, *args, **kwargs):
