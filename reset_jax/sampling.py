@@ -1095,52 +1095,48 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, wide_candidates=102
         # of idle GPU a step at B = 1, ~19 at B = 8, H200, RESULTS.md AC1), more than the
         # draws cost. So the candidates' draw runs for every batch, and one lax.switch,
         # whose index is the one value read back, runs what else the batch needs: the
-        # plain draw over V (rows with both filters off), the argmax (greedy rows), or
-        # where the candidates did not hold every kept set, the exact fallback (with both
-        # of those). Top-p
+        # plain draw over V (rows with both filters off), the argmax (greedy rows), or,
+        # where the candidates did not hold every kept set, the exact fallback. Top-p
         # batches: -3 us a step at B = 1, -6 at B = 8 (RESULTS.md AC3); plain ones +1 / +4.
         token, ok, exact, log_norm_all = draw_candidates()
 
-        def filtered_exactly():
-            """The fallback's token, behind one more readback where the first candidates
-            were exact and the wide ones are too (the common fallback): their draw where
-            it holds every kept set, else the full sort. Not draw_exactly's three nested
-            conds; the same tokens (its wide draw and its full sort are these)."""
-            if c_wide <= c:
-                return draw_exactly(exact, log_norm_all)
-            vals, idx, wide_exact = _top_k_candidates(z, c_wide, rows=need)
-            tok_wide, fits = draw_from(vals, idx, log_norm_all)
-            which = jnp.where(exact & wide_exact, jnp.where(all_fit(fits), 0, 1), 2)
-            return jax.lax.switch(
-                which,
-                [
-                    lambda: tok_wide,
-                    lambda: full_sort(log_norm_all),
-                    lambda: draw_exactly(exact, log_norm_all),
-                ],
-            )
+        # Which of the other draws the batch needs: 2 * (a plain row) + (a greedy row).
+        mix = 2 * jnp.any(drawn & plain).astype(jnp.int32) + jnp.any(greedy).astype(jnp.int32)
 
-        def branch(with_plain, with_greedy):
+        def branch(filtered, with_plain, with_greedy):
             def run():
                 return (
                     draw_plain() if with_plain else zero,
-                    token,
+                    filtered().astype(jnp.int32),
                     argmax() if with_greedy else zero,
                 )
 
             return run
 
-        def fallback():
-            # Both other draws too: a branch for each of their mixes would compile the
-            # fallback's sorts four times (GPU compile time, AD4).
-            return draw_plain(), filtered_exactly().astype(jnp.int32), argmax()
+        def mixes(filtered):  # the four branches of one filtered draw, in `mix` order
+            return [branch(filtered, p, g) for p in (False, True) for g in (False, True)]
 
-        branches = [branch(p, g) for p in (False, True) for g in (False, True)] + [fallback]
-        index = jnp.where(
-            ok,
-            2 * jnp.any(drawn & plain).astype(jnp.int32) + jnp.any(greedy).astype(jnp.int32),
-            len(branches) - 1,
-        )
+        def fallback():
+            """The exact fallback, behind one more readback, not draw_exactly's three nested
+            conds, where the first candidates were exact and the wide ones are too (the
+            common case): the wide candidates' draw where it holds every kept set (with
+            only the other draws the batch needs), else the full sort. The same tokens:
+            draw_exactly's wide draw and full sort are these. The sorts' branches run both
+            other draws, so that each compiles once (GPU compile time, AD4)."""
+            if c_wide <= c:
+                return branch(lambda: draw_exactly(exact, log_norm_all), True, True)()
+            vals, idx, wide_exact = _top_k_candidates(z, c_wide, rows=need)
+            tok_wide, fits = draw_from(vals, idx, log_norm_all)
+            inner = [
+                *mixes(lambda: tok_wide),
+                branch(lambda: full_sort(log_norm_all), True, True),
+                branch(lambda: draw_exactly(exact, log_norm_all), True, True),
+            ]
+            which = jnp.where(exact & wide_exact, jnp.where(all_fit(fits), mix, 4), 5)
+            return jax.lax.switch(which, inner)
+
+        branches = [*mixes(lambda: token), fallback]
+        index = jnp.where(ok, mix, len(branches) - 1)
         tok_plain, tok_filtered, tok_greedy = jax.lax.switch(index, branches)
     else:
         # On the CPU the draws over V are the expensive part: skip what no row uses.

@@ -940,11 +940,25 @@ def _conds(jaxpr, *, nested: bool) -> list:
     return out
 
 
+def _prims(jaxpr) -> set:
+    """The primitives' names in ``jaxpr`` and all its sub-jaxprs."""
+    out = set()
+    for eqn in jaxpr.eqns:
+        out.add(eqn.primitive.name)
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    out |= _prims(sub)
+    return out
+
+
 def test_branchless_fallback_reaches_the_wide_draw_behind_one_more_readback():
     """On a GPU each conditional reads a value back (~16 us). The common fallbacks (a kept
     set wider than the 256 candidates: within the 1024 wide ones, or past them) take their
     token behind the switch and one more conditional, whose branches for them hold none:
-    not the three nested conds of the exact fallback."""
+    not the three nested conds of the exact fallback. The wide draw runs the plain draw
+    and the argmax only where the batch needs them."""
     b, v = 2, 5000
     args = (
         jax.random.key(0),
@@ -958,8 +972,12 @@ def test_branchless_fallback_reaches_the_wide_draw_behind_one_more_readback():
     *first, fallback = switch.params["branches"]
     assert len(first) == 4 and all(not _conds(br.jaxpr, nested=True) for br in first)
     (inner,) = _conds(fallback.jaxpr, nested=False)
-    inside = sorted(len(_conds(br.jaxpr, nested=True)) for br in inner.params["branches"])
-    assert inside[:2] == [0, 0] and inside[2] >= 3, inside
+    # The wide draw with each mix of the other draws, the full sort, draw_exactly.
+    inside = [len(_conds(br.jaxpr, nested=True)) for br in inner.params["branches"]]
+    assert inside[:5] == [0] * 5 and inside[5] >= 3, inside
+    # The wide draw's first branch (no plain row, no greedy row) runs neither other draw.
+    assert not {"argmax", "random_bits"} & _prims(inner.params["branches"][0].jaxpr)
+    assert {"argmax", "random_bits"} <= _prims(inner.params["branches"][3].jaxpr)
     # Its sorts compile once each (GPU compile time): the full sort of the common
     # fallback, and draw_exactly's own (four, in its nested conds).
     assert jax.jit(fn).lower(*args).as_text().count("stablehlo.sort") <= 5
