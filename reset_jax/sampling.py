@@ -987,7 +987,7 @@ def sample(
     more than a step's sampling.) On
     a GPU the filtered draw always runs and one ``lax.switch`` (one index read back
     per call) adds what the batch needs besides: the plain draw, the argmax, or the
-    fallbacks. On the CPU each draw runs only where some row needs it.
+    fallbacks (which read back one more index). On the CPU each draw runs only where some row needs it.
 
     Args:
       key: PRNG key.
