@@ -29,6 +29,16 @@ in the same loop (``fixed@REV``, ``reset@REV``), for an A/B in one process.
 
 ``--step-ms`` (one per batch size) prints ReSET minus fixed as a share of a decode
 step of that length (e.g. the NVFP4 step from ``benchmarks/decode.py``).
+
+``--paths`` times each rule's whole step on logits that force each of the sampler's paths
+(`PATHS`: the candidates, the wide draw, the full sort), and with ``--rates FILE`` (a
+``nucleus_widths.py --fixed-temperature`` JSON: how often a real model's steps keep more than
+256 and 1024 tokens under each rule) prints each rule's expected cost a step at those rates
+and their difference: ReSET's cost on real logits, which random logits never show (its
+``t_high`` steps widen the nucleus; a fixed T = 0.6 rarely does).
+
+    python3 benchmarks/sampler_cost.py --paths --rates \
+        benchmarks/data/nucleus_widths_smollm2_AD5_cpu.json --step-ms 2.035,2.681
 """
 
 from __future__ import annotations
@@ -197,6 +207,106 @@ def measure(
     return times
 
 
+# --paths: logits that force each of the sampler's paths for both rules. A row holds
+# this many near-equal best values (scattered over the row, so no top-k stage sees them
+# clustered) far above the rest: its top-p 0.95 nucleus is ~95 % of them at any
+# temperature the rules pick. 512 -> ~486 tokens, past the 256 candidates, within the
+# 1024 wide ones; 4096 -> ~3890, past those too (the full sort).
+PATHS = {"fast": None, "wide": 512, "full": 4096}
+
+
+def forced_logits(path: str, batch: int, vocab: int, logit_std: float, key) -> jax.Array:
+    """``[batch, vocab]`` float32 logits whose top-p 0.95 draw takes ``path`` of `PATHS`:
+    ``fast`` is the usual random logits (std ``logit_std``)."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    if PATHS[path] is None:
+        return logit_std * jax.random.normal(k1, (batch, vocab), jnp.float32)
+    n = PATHS[path]
+    if vocab < n:
+        raise ValueError(f"path {path!r} needs a vocabulary of at least {n}, got {vocab}")
+    rest = jax.random.normal(k1, (batch, vocab), jnp.float32) - 40.0
+    pos = jnp.argsort(jax.random.uniform(k2, (batch, vocab)), axis=-1)[:, :n]
+    top = 0.01 * jax.random.normal(k3, (batch, n), jnp.float32)
+    return rest.at[jnp.arange(batch)[:, None], pos].set(top)
+
+
+def measure_paths(batch: int, vocab: int, iters: int, rounds: int, logit_std: float, against):
+    """``{path: {variant: [rounds]}}``: every variant's whole step (µs) on each path's
+    logits, all interleaved in each round (one compile a variant)."""
+    key = jax.random.key(0)
+    logits = {
+        p: forced_logits(p, batch, vocab, logit_std, jax.random.key(i + 1))
+        for i, p in enumerate(PATHS)
+    }
+    runs = {
+        n: _loop(fn, st, iters) for n, (fn, st) in variants(batch, vocab, False, against).items()
+    }
+    for run in runs.values():
+        for x in logits.values():
+            jax.block_until_ready(run(key, x))
+    times = {p: {n: [] for n in runs} for p in logits}
+    for _ in range(rounds):
+        for n, run in runs.items():
+            for p, x in logits.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(run(key, x))
+                times[p][n].append(1e6 * (time.perf_counter() - t0) / iters)
+    return times
+
+
+def path_rates(shares: dict, batch: int) -> dict:
+    """The share of batch steps that take each path, from per-row shares of kept sets
+    wider than 256 and 1024 (``nucleus_widths`` JSON ``caps``; rows independent): a batch
+    takes the full sort where some row is past 1024, else the wide draw where some row is
+    past 256."""
+    wide_or_more = 1.0 - (1.0 - float(shares["256"]["share"])) ** batch
+    full = 1.0 - (1.0 - float(shares["1024"]["share"])) ** batch
+    return {"fast": 1.0 - wide_or_more, "wide": wide_or_more - full, "full": full}
+
+
+def expected_us(path_us: dict, rates: dict) -> float:
+    """A step's expected µs: each path's time weighted by how often a batch takes it."""
+    return sum(rates[p] * path_us[p] for p in PATHS)
+
+
+def load_rates(path: str) -> dict:
+    """``{"reset": caps, "fixed": caps}`` from a ``nucleus_widths.py --fixed-temperature``
+    JSON, checked."""
+    with open(path) as f:
+        rec = json.load(f)
+    if "fixed" not in rec:
+        raise SystemExit(
+            f"--rates {path}: no fixed rule's counts (run nucleus_widths.py with --fixed-temperature)"
+        )
+    t = rec["fixed"].get("temperature")
+    if t is not None and abs(float(t) - 0.6) > 1e-6:
+        raise SystemExit(f"--rates {path}: its fixed rule ran at T = {t}; this benchmark's is 0.6")
+    return {"reset": rec["caps"], "fixed": rec["fixed"]["caps"], "model": rec.get("model")}
+
+
+def _print_paths(b, times, rates, step_ms):
+    med = {p: {n: float(np.median(v)) for n, v in t.items()} for p, t in times.items()}
+    print("| B | variant | " + " | ".join(f"{p} µs" for p in PATHS) + " |")
+    print("|---|---|" + "---|" * len(PATHS))
+    for n in med["fast"]:
+        print(f"| {b} | {n} | " + " | ".join(f"{med[p][n]:.2f}" for p in PATHS) + " |")
+    if rates is None:
+        return None
+    print("| B | rule | " + " | ".join(f"{p} share" for p in PATHS) + " | expected µs/step |")
+    print("|---|---|" + "---|" * (len(PATHS) + 1))
+    exp = {}
+    for n in med["fast"]:
+        rule = n.split("@")[0]
+        r = path_rates(rates[rule], b)
+        exp[n] = expected_us({p: med[p][n] for p in PATHS}, r)
+        cells = " | ".join(f"{100 * r[p]:.2f} %" for p in PATHS)
+        print(f"| {b} | {n} | {cells} | {exp[n]:.2f} |")
+    extra = exp["reset"] - exp["fixed"]
+    share = f" = {100 * extra / (1e3 * step_ms):.3f} % of a {step_ms} ms step" if step_ms else ""
+    print(f"| {b} | **reset − fixed, expected** | **{extra:+.2f}**{share} |")
+    return exp
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
@@ -213,7 +323,22 @@ def main(argv=None) -> int:
         help="comma-separated git revisions (or paths to a saved sampling.py) whose "
         "sampling.sample is also timed, side by side",
     )
+    p.add_argument(
+        "--paths",
+        action="store_true",
+        help="time every variant on logits that force each sampler path (fast, wide, full)",
+    )
+    p.add_argument(
+        "--rates",
+        default=None,
+        help="with --paths: a nucleus_widths.py --fixed-temperature JSON; prints each rule's "
+        "expected cost a step at those rates",
+    )
     a = p.parse_args(argv)
+    if a.rates and not a.paths:
+        p.error("--rates needs --paths")
+    if a.paths and a.pieces:
+        p.error("--paths times whole steps; leave out --pieces")
     batches = [int(b) for b in a.batch.split(",")]
     steps = [float(s) for s in a.step_ms.split(",")] if a.step_ms else []
     if steps and len(steps) != len(batches):
@@ -230,8 +355,22 @@ def main(argv=None) -> int:
         f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), V = {a.vocab}, "
         f"logit std {a.logit_std}"
     )
-    print("| B | variant | µs/step (median) | quartiles |\n|---|---|---|---|")
     record = {}
+    if a.paths:
+        rates = load_rates(a.rates) if a.rates else None
+        if rates:
+            print(f"rates: {a.rates} ({rates['model']}), rows independent")
+        expected = {}
+        for i, b in enumerate(batches):
+            times = measure_paths(b, a.vocab, a.iters, a.rounds, a.logit_std, against)
+            record[b] = times
+            expected[b] = _print_paths(b, times, rates, steps[i] if steps else None)
+        if a.json:
+            with open(a.json, "w") as f:
+                out = {"vocab": a.vocab, "iters": a.iters, "paths": PATHS, "us_per_step": record}
+                json.dump(dict(out, expected_us=expected), f, indent=1)
+        return 0
+    print("| B | variant | µs/step (median) | quartiles |\n|---|---|---|---|")
     for i, b in enumerate(batches):
         times = measure(b, a.vocab, a.iters, a.rounds, a.pieces, a.logit_std, against)
         record[b] = times

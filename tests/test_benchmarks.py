@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -533,6 +534,68 @@ def test_sampler_cost_against_a_saved_file(tmp_path):
     assert callable(body)
     with pytest.raises(SystemExit, match="no such file"):
         mod.load_sampling_at(str(tmp_path / "missing.py"))
+
+
+def test_sampler_cost_paths_force_each_sampler_path():
+    """--paths: each logits set's top-p 0.95 nucleus falls where its path says, at every
+    temperature the rules pick (fixed 0.6; ReSET 0.1 or 1.0): within the 256 candidates,
+    past them but within the 1024 wide ones, past those (float64 count)."""
+    mod = _load_bench("sampler_cost")
+    widths = _load_bench("nucleus_widths")
+    v = 8192
+    for path, (lo, hi) in {"fast": (1, 256), "wide": (257, 1024), "full": (1025, v)}.items():
+        x = np.asarray(mod.forced_logits(path, 3, v, 7.0, jax.random.key(4)))
+        assert x.shape == (3, v) and x.dtype == np.float32 and np.isfinite(x).all()
+        for t in (0.1, 0.6, 1.0):
+            sizes = widths.nucleus_sizes(x, np.full(3, t), 0.95)
+            assert ((lo <= sizes) & (sizes <= hi)).all(), (path, t, sizes)
+    with pytest.raises(ValueError, match="at least 4096"):
+        mod.forced_logits("full", 1, 2000, 7.0, jax.random.key(0))
+
+
+def test_sampler_cost_expected_cost_at_real_rates(tmp_path, capsys):
+    """A batch takes the full sort where some row is past 1024, else the wide draw where
+    some row is past 256 (rows independent); the expected step weights each path's time."""
+    mod = _load_bench("sampler_cost")
+    caps = {"256": {"share": 0.1}, "1024": {"share": 0.02}}
+    r = mod.path_rates(caps, 1)
+    assert r == pytest.approx({"fast": 0.9, "wide": 0.08, "full": 0.02})
+    r8 = mod.path_rates(caps, 8)
+    assert r8["full"] == pytest.approx(1 - 0.98**8) and r8["fast"] == pytest.approx(0.9**8)
+    assert sum(r8.values()) == pytest.approx(1.0)
+    assert mod.expected_us({"fast": 10.0, "wide": 20.0, "full": 100.0}, r) == pytest.approx(
+        0.9 * 10 + 0.08 * 20 + 0.02 * 100
+    )
+    rates = tmp_path / "r.json"
+    rec = {
+        "caps": caps,
+        "model": "m",
+        "fixed": {"caps": {"256": {"share": 0.0}, "1024": {"share": 0.0}}, "temperature": 0.6},
+    }
+    rates.write_text(json.dumps(rec))
+    out = tmp_path / "o.json"
+    args = ["--batch", "1", "--vocab", "4096", "--iters", "2", "--rounds", "1", "--paths"]
+    assert mod.main([*args, "--rates", str(rates), "--json", str(out), "--step-ms", "2.0"]) == 0
+    text = capsys.readouterr().out
+    assert "| 1 | reset | 90.00 % | 8.00 % | 2.00 % |" in text
+    assert "| 1 | fixed | 100.00 % | 0.00 % | 0.00 % |" in text
+    assert "reset − fixed, expected" in text and "% of a 2.0 ms step" in text
+    got = json.loads(out.read_text())
+    assert set(got["us_per_step"]["1"]) == {"fast", "wide", "full"}
+    times = {p: np.median(got["us_per_step"]["1"][p]["reset"]) for p in ("fast", "wide", "full")}
+    want = mod.expected_us(times, r)
+    assert got["expected_us"]["1"]["reset"] == pytest.approx(want)
+    # A rates file without the fixed rule's counts, or from another fixed temperature.
+    del rec["fixed"]
+    rates.write_text(json.dumps(rec))
+    with pytest.raises(SystemExit, match="fixed-temperature"):
+        mod.main([*args, "--rates", str(rates)])
+    rec["fixed"] = {"caps": caps, "temperature": 0.7}
+    rates.write_text(json.dumps(rec))
+    with pytest.raises(SystemExit, match=r"T = 0\.7"):
+        mod.main([*args, "--rates", str(rates)])
+    with pytest.raises(SystemExit):
+        mod.main(["--rates", str(rates)])  # --rates needs --paths
 
 
 def test_sampler_cost_loop_runs_the_rule():
