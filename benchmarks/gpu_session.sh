@@ -5,7 +5,8 @@
 #   env: TESTS ("none" skips the tests), TEST_TIMEOUT (whole run), TEST_CASE_TIMEOUT (one
 #   test), TEST_PROCS, TEST_MAXFAIL; KERNELS_ARGS, KERNELS_TIMEOUT; DECODE_ARGS,
 #   DECODE_TIMEOUT, DECODE_JSON (file name under $OUT, default decode.json); PROFILE_ARGS,
-#   PROFILE_TIMEOUT; LAYER_BENCH_ARGS (ffi/tests/layer_check bench's arguments; the binary is
+#   PROFILE_TIMEOUT; SAMPLER_ARGS (benchmarks/sampler_cost.py's arguments), SAMPLER_TIMEOUT;
+#   LAYER_BENCH_ARGS (ffi/tests/layer_check bench's arguments; the binary is
 #   built with nvcc while the rest runs); ATTENTION_CHECK=1 (ffi/tests/attention_check, the
 #   decode attention against a float64 reference at three grids a case, built the same way,
 #   run at the end); PIP_EXTRA (extra pip install arguments); TAR_LOGS=1
@@ -103,6 +104,12 @@ if [ -n "${PROFILE_ARGS+x}" ]; then
   XLA_FLAGS="$DECODE_XLA_FLAGS" timeout "${PROFILE_TIMEOUT:-150}" python3 benchmarks/profile_decode.py $PROFILE_ARGS --json "$OUT/profile.json" > "$L/profile.log" 2>&1
   echo "profile rc=$?"
 fi
+# shellcheck disable=SC2086
+if [ -n "${SAMPLER_ARGS+x}" ]; then
+  stamp "sampler cost"
+  XLA_FLAGS="$DECODE_XLA_FLAGS" timeout "${SAMPLER_TIMEOUT:-120}" python3 benchmarks/sampler_cost.py $SAMPLER_ARGS --json "$OUT/sampler_cost.json" > "$L/sampler_cost.log" 2>&1
+  echo "sampler cost rc=$?"
+fi
 
 # shellcheck disable=SC2086
 if [ -n "${LAYER_BENCH_ARGS+x}" ]; then
@@ -128,6 +135,7 @@ fi
 stamp "done"
 [ -f "$L/kernels.log" ] && tail -45 "$L/kernels.log"
 [ -f "$L/decode.log" ] && grep -v '^{' "$L/decode.log" | tail -30
+[ -f "$L/sampler_cost.log" ] && grep "^|\|^rates" "$L/sampler_cost.log" | tail -24
 [ -f "$L/profile.log" ] && grep -v "^[IWE][0-9]" "$L/profile.log" | tail -30
 [ -f "$L/layer_bench.log" ] && grep " all \|shape" "$L/layer_bench.log"
 if [ "${TAR_LOGS:-0}" = 1 ]; then tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$L"; fi

@@ -6,8 +6,9 @@
 # ~640) and the attention checker (ffi/tests/attention_check), both built with nvcc while the
 # rest runs; of pytest the sampler's and the decode loop's tests (tests/test_topk.py: the CUDA
 # top-k against lax.top_k; tests/test_sampling.py, tests/test_decode.py: they carry no `gpu`
-# marker, and 7499457's record scatter and a47e704's lax.switch have not run on a GPU with the
-# library built; ~2 minutes). It is gpu_session.sh with these settings.
+# marker; 1e8bf15's fallback has not run on a GPU as committed; ~2 minutes); the sampler's
+# cost on each path and ReSET's at the default model's real rates (sampler_cost.py --paths
+# --rates, ~1 minute). It is gpu_session.sh with these settings.
 # Usage on the device machine (repo root): bash benchmarks/h100_session.sh
 # Writes $OUT/decode_8b_<card>.json and $OUT/logs.tgz, and prints the tables.
 set -u
@@ -18,5 +19,6 @@ TESTS="tests/test_topk.py tests/test_sampling.py tests/test_decode.py" TEST_TIME
   PIP_EXTRA="--config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES=90-real" \
   DECODE_ARGS="--models qwen3-8b --variants bf16-fattn,cuda-w4a16-chain-model --batch 1,8 --repeats 2" \
   DECODE_TIMEOUT=420 DECODE_JSON="decode_8b_${tag:-gpu}.json" \
+  SAMPLER_ARGS="--batch 1,8 --rounds 9 --paths --rates benchmarks/data/nucleus_widths_smollm2_AD5_cpu.json" \
   LAYER_BENCH_ARGS="20 -1 640" ATTENTION_CHECK=1 TAR_LOGS=1 \
   exec bash "$(dirname "$0")/gpu_session.sh"
