@@ -162,6 +162,10 @@ def main(argv=None) -> int:
                t_low=defaults["t_low"], tau0=defaults["tau0"], generate_s=gen_s)  # fmt: skip
     if fixed:
         rec["fixed"] = summarize(np.concatenate(fixed), np.zeros(len(sizes), bool))
+        # One temperature: no t_high steps to count.
+        del rec["fixed"]["steps_at_t_high"]
+        for c in rec["fixed"]["caps"].values():
+            del c["share_at_t_high"]
         rec["fixed"]["temperature"] = a.fixed_temperature
     print(f"{name}: {rec['steps']} steps ({rec['steps_at_t_high']} at t_high), top-p {a.top_p}")
     print("| rule | kept set wider than | steps | steps at t_high | a batch of 8 has one |")

@@ -18,14 +18,16 @@ Pieces (``--pieces``) time one part each in the same loop: ``entropy``
 cost, which the ``loop`` row measures.
 
     python3 benchmarks/sampler_cost.py [--batch 1,8] [--pieces] [--step-ms 2.75,3.46]
-        [--logit-std 7.0] [--against REV[,REV]]
+        [--logit-std 7.0] [--against REV|FILE.py[,...]] [--paths [--rates FILE.json]]
 
 ``--logit-std`` sets how flat the logits are. At the default 7 the top-p 0.95 nucleus is a
 few tokens for both rules. At 3.0 the fixed rule's (T = 0.6) is ~300-600 tokens, wider than
 the 256 candidates: its batch takes the sampler's wide draw (the 1024 best) every step; the
 ReSET rule picks T = 1 on these flat rows, whose nuclei of ~10,000 take the full sort. At
-2.0 both take the full sort. ``--against`` also times the sampler of other git revisions
-in the same loop (``fixed@REV``, ``reset@REV``), for an A/B in one process.
+2.0 both take the full sort. ``--against`` also times the sampler of other git revisions,
+or of saved copies of ``reset_jax/sampling.py`` (``git show REV:reset_jax/sampling.py``, for a
+machine without the history), in the same loop (``fixed@REV``, ``reset@REV``; a file is
+labelled by its name), for an A/B in one process.
 
 ``--step-ms`` (one per batch size) prints ReSET minus fixed as a share of a decode
 step of that length (e.g. the NVFP4 step from ``benchmarks/decode.py``).
@@ -347,10 +349,12 @@ def main(argv=None) -> int:
         p.error("--iters and --rounds must be >= 1")
     against = None
     if a.against:  # labelled by revision, or by a saved file's name without ".py"
-        against = {
-            os.path.basename(r).removesuffix(".py"): load_sampling_at(r)
-            for r in a.against.split(",")
-        }
+        against = {}
+        for r in a.against.split(","):
+            label = os.path.basename(r).removesuffix(".py") if r.endswith(".py") else r
+            if label in against:
+                p.error(f"--against: two samplers labelled {label!r}")
+            against[label] = load_sampling_at(r)
     print(
         f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), V = {a.vocab}, "
         f"logit std {a.logit_std}"

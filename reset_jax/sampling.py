@@ -987,7 +987,7 @@ def sample(
     more than a step's sampling.) On
     a GPU the filtered draw always runs and one ``lax.switch`` (one index read back
     per call) adds what the batch needs besides: the plain draw, the argmax, or the
-    fallbacks (which read back one more index). On the CPU each draw runs only where some row needs it.
+    fallbacks (which read back one more index, more where a top-k was not exact). On the CPU each draw runs only where some row needs it.
 
     Args:
       key: PRNG key.
@@ -1143,7 +1143,7 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, wide_candidates=102
 
         def draw_filtered():
             tok, ok, exact, log_norm_all = draw_candidates()
-            # The branch behind the predicate runs only in the rare case.
+            # The branch behind the predicate runs only where the candidates fell short.
             return jax.lax.cond(ok, lambda: tok, lambda: draw_exactly(exact, log_norm_all))
 
         tok_plain = jax.lax.cond(jnp.any(drawn & plain), draw_plain, lambda: zero)

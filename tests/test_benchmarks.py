@@ -534,6 +534,12 @@ def test_sampler_cost_against_a_saved_file(tmp_path):
     assert callable(body)
     with pytest.raises(SystemExit, match="no such file"):
         mod.load_sampling_at(str(tmp_path / "missing.py"))
+    # Revisions keep their names; two files of one name would share a label.
+    other = tmp_path / "b" / "sampling_v0.py"
+    other.parent.mkdir()
+    other.write_text(saved.read_text())
+    with pytest.raises(SystemExit):
+        mod.main(["--batch", "1", "--against", f"{saved},{other}"])
 
 
 def test_sampler_cost_paths_force_each_sampler_path():
@@ -671,6 +677,7 @@ def test_nucleus_widths_benchmark_on_the_default_model(tmp_path, capsys):
     assert 1 <= rec["steps"] <= 8 and set(rec["caps"]) == {"64", "256", "1024"}
     # The fixed rule's count is over the same steps, at its one temperature.
     assert rec["fixed"]["steps"] == rec["steps"] and rec["fixed"]["temperature"] == 0.6
+    assert "steps_at_t_high" not in rec["fixed"]
     assert set(rec["fixed"]["caps"]) == {"64", "256", "1024"}
     with pytest.raises(SystemExit):
         mod.main([*args, "--fixed-temperature", "0"])

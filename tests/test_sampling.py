@@ -864,6 +864,7 @@ def test_branchless_sampler_draws_the_same_tokens():
         "wide candidates": [1, 2, 7, 9],
         "wide candidates, clustered": [7, 8, 9],
         "wide candidates and greedy": [0, 7, 9],
+        "wide candidates, plain and greedy": [0, 1, 7],
         "full sort, plain and greedy": [0, 1, 5],
         "candidates suffice": [0, 1, 2, 3, 4, 6],  # the fast path, no fallback
         "clustered": [2, 8],  # the staged top-k is not exact, the candidates suffice
@@ -985,6 +986,42 @@ def test_branchless_fallback_reaches_the_wide_draw_behind_one_more_readback():
     # Its sorts compile once each (GPU compile time): the full sort of the common
     # fallback, and draw_exactly's own (four, in its nested conds).
     assert jax.jit(fn).lower(*args).as_text().count("stablehlo.sort") <= 5
+
+
+def test_branchless_fallback_when_one_top_k_is_not_exact():
+    """The fallback's wide draw is taken only where both the first and the wide top-k were
+    exact; where either was not (the staged top-k on clustered values), the GPU form takes
+    draw_exactly, as the CPU form does. Two batches at 64 / 128 candidates: the first top-k
+    inexact and the wide one exact, and the reverse."""
+    rng = np.random.default_rng(3)
+    # First inexact, wide exact: 20 equal best values in the first 128-wide chunk (a stage
+    # keeps 16 a chunk), top-p 0.5.
+    x_a = rng.standard_normal((2, 1000)).astype(np.float32)
+    x_a[:, :20] = 5.0
+    a = (x_a, np.ones(2, np.float32), np.full(2, 0.5, np.float32), np.zeros(2, np.int32))
+    # First exact, wide inexact: 64 best values spread over the chunks, 40 next-best ones
+    # in the first chunk, top-k 100.
+    x_b = np.full((2, 3000), -20.0, np.float32)
+    spread = np.concatenate([np.arange(133, 3000, 128)[:22] + o for o in (0, 1, 2)])[:64]
+    x_b[:, spread] = 2.0
+    x_b[:, :40] = 1.9
+    b = (x_b, np.ones(2, np.float32), np.ones(2, np.float32), np.full(2, 100, np.int32))
+    cand = functools.partial(S._top_k_candidates, staged=True)
+    assert not bool(cand(jnp.asarray(x_a), 64)[2]) and bool(cand(jnp.asarray(x_a), 128)[2])
+    assert bool(cand(jnp.asarray(x_b), 64)[2]) and not bool(cand(jnp.asarray(x_b), 128)[2])
+    static = ("max_candidates", "wide_candidates", "branchless")
+    cpu = jax.jit(S._sample, static_argnames=static)
+    gpu = jax.jit(
+        lambda *a, **k: _with_staged_top_k(S._sample.__wrapped__, *a, **k), static_argnames=static
+    )
+    for args in (a, b):
+        for seed in range(12):
+            key = jax.random.key(seed)
+            sizes = dict(max_candidates=64, wide_candidates=128)
+            want = np.asarray(cpu(key, *args, **sizes, branchless=False))
+            np.testing.assert_array_equal(
+                np.asarray(gpu(key, *args, **sizes, branchless=True)), want
+            )
 
 
 def _with_staged_top_k(fn, *args, **kwargs):
