@@ -656,6 +656,7 @@ def test_nucleus_sizes_counts_the_kept_prefix():
     rec = mod.summarize(np.array([1, 100, 300, 2000]), np.array([False, True, True, True]))
     assert rec["caps"][256]["share"] == 0.5 and rec["caps"][256]["share_at_t_high"] == 2 / 3
     assert abs(rec["caps"][1024]["batch_8_has_one"] - (1 - 0.75**8)) < 1e-12
+    assert rec["caps"][512]["share"] == 0.25 and rec["caps"][4096]["share"] == 0.0
     with pytest.raises(ValueError, match="top_p"):
         mod.nucleus_sizes(logits, temps, 0.0)
 
@@ -674,10 +675,10 @@ def test_nucleus_widths_benchmark_on_the_default_model(tmp_path, capsys):
     assert "| ReSET | 256 |" in text and "| fixed T = 0.6 | 256 |" in text
     assert "a batch of 8 has one" in text
     rec = json.loads(out.read_text())
-    assert 1 <= rec["steps"] <= 8 and set(rec["caps"]) == {"64", "256", "1024"}
+    assert 1 <= rec["steps"] <= 8 and set(rec["caps"]) == {"64", "256", "512", "1024", "4096"}
     # The fixed rule's count is over the same steps, at its one temperature.
     assert rec["fixed"]["steps"] == rec["steps"] and rec["fixed"]["temperature"] == 0.6
     assert "steps_at_t_high" not in rec["fixed"]
-    assert set(rec["fixed"]["caps"]) == {"64", "256", "1024"}
+    assert set(rec["fixed"]["caps"]) == {"64", "256", "512", "1024", "4096"}
     with pytest.raises(SystemExit):
         mod.main([*args, "--fixed-temperature", "0"])
