@@ -900,18 +900,22 @@ def test_branchless_sampler_draws_the_same_tokens():
     assert bool(cand(jnp.asarray(logits[[1, 2, 3, 4]]), 256)[2])
 
 
-def test_branchless_sampler_reads_back_one_index():
-    """The GPU form of the sampler has one conditional per call (XLA reads its index
-    back to the host, ~16 us of idle GPU a step), a five-way switch: the filtered draw
-    alone, with the argmax, with the plain draw, with both, or the exact fallback."""
-    b, v = 2, 5000
-    args = (
+def _top_p_args(b: int, v: int) -> tuple:
+    """`_sample`'s arguments for a [b, v] batch of top-p 0.9 rows at T = 1."""
+    return (
         jax.random.key(0),
         jnp.zeros((b, v)),
         jnp.ones(b),
         jnp.full(b, 0.9),
         jnp.zeros(b, jnp.int32),
     )
+
+
+def test_branchless_sampler_reads_back_one_index():
+    """The GPU form of the sampler has one conditional per call (XLA reads its index
+    back to the host, ~16 us of idle GPU a step), a five-way switch: the filtered draw
+    alone, with the argmax, with the plain draw, with both, or the exact fallback."""
+    args = _top_p_args(2, 5000)
     for branchless, want in ((True, 1), (False, 2)):
         text = S._sample.lower(*args, max_candidates=256, branchless=branchless).as_text()
         top = [ln for ln in text.splitlines() if "stablehlo.case" in ln]
@@ -964,14 +968,7 @@ def test_branchless_fallback_reaches_the_wide_draw_behind_one_more_readback():
     token behind the switch and one more conditional, whose branches for them hold none:
     not the three nested conds of the exact fallback. The wide draw runs the plain draw
     and the argmax only where the batch needs them."""
-    b, v = 2, 5000
-    args = (
-        jax.random.key(0),
-        jnp.zeros((b, v)),
-        jnp.ones(b),
-        jnp.full(b, 0.9),
-        jnp.zeros(b, jnp.int32),
-    )
+    args = _top_p_args(2, 5000)
     fn = functools.partial(S._sample, max_candidates=256, branchless=True)
     (switch,) = _conds(jax.make_jaxpr(fn)(*args).jaxpr, nested=False)
     *first, fallback = switch.params["branches"]
