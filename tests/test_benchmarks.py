@@ -602,6 +602,16 @@ def test_sampler_cost_expected_cost_at_real_rates(tmp_path, capsys):
         mod.main([*args, "--rates", str(rates)])
     with pytest.raises(SystemExit):
         mod.main(["--rates", str(rates)])  # --rates needs --paths
+    # The saved rates that h100_session.sh passes load, with both rules' counts.
+    saved = mod.load_rates(
+        str(ROOT / "benchmarks" / "data" / "nucleus_widths_smollm2_AD5_cpu.json")
+    )
+    assert mod.path_rates(saved["reset"], 8)["wide"] > 0.1
+    assert mod.path_rates(saved["fixed"], 8)["fast"] == 1.0
+    assert (
+        "nucleus_widths_smollm2_AD5_cpu.json"
+        in (ROOT / "benchmarks" / "h100_session.sh").read_text()
+    )
 
 
 def test_sampler_cost_loop_runs_the_rule():
