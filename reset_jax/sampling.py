@@ -986,10 +986,11 @@ def sample(
     ``t_high``, none at a fixed T = 0.6; 0.20 % wider than 1024. On a GPU a full sort of
     the rows costs far more than a step's sampling.) A ``top_k`` of at most
     ``max_candidates`` keeps every kept set within the candidates: no wide draw and no
-    full sort, at the price of cutting the widest nuclei. On a GPU the filtered draw always runs and one
-    ``lax.switch`` (one index read back per call) adds what the batch needs besides: the
-    plain draw, the argmax, or the fallbacks (which read back one more index, more where
-    a top-k was not exact). On the CPU each draw runs only where some row needs it.
+    full sort, at the price of cutting the widest nuclei. On a GPU the filtered draw
+    always runs and one ``lax.switch`` (one index read back per call) adds what the batch
+    needs besides: the plain draw, the argmax, or the fallbacks (which read back one more
+    index, more where a top-k was not exact). On the CPU each draw runs only where some
+    row needs it.
 
     Args:
       key: PRNG key.
