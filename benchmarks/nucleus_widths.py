@@ -20,7 +20,8 @@ the sequences are still ReSET's, so this is the fixed rule on ReSET's contexts).
 
     python3 benchmarks/nucleus_widths.py [--prompts 16] [--max-new-tokens 256]
         [--model smollm2-135m-instruct] [--data ../shared/data/gsm8k-dev-50.jsonl]
-        [--fixed-temperature 0.6] [--json out.json]
+        [--fixed-temperature 0.6] [--json out.json] [--plot out.png]
+    python3 benchmarks/nucleus_widths.py --from-json out.json --plot out.png
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 # 256 and 1024: the sampler's candidates and wide candidates; 512 and 4096: what other sizes
 # would leave to the fallbacks.
 CAPS = (64, 256, 512, 1024, 4096)
+CCDF_GRID = tuple(2**i for i in range(15))  # 1 ... 16384
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k-dev-50.jsonl"
 
 
@@ -82,12 +84,59 @@ def summarize(sizes: np.ndarray, at_high: np.ndarray, batch: int = 8) -> dict:
             "share_at_t_high": float(np.mean(sizes[at_high] > cap)) if at_high.any() else 0.0,
             f"batch_{batch}_has_one": 1.0 - (1.0 - share) ** batch,
         }
+    # Share of steps wider than each power of two, for the figure (`plot_widths`).
+    out["ccdf"] = {str(n): float(np.mean(sizes > n)) if len(sizes) else 0.0 for n in CCDF_GRID}
+    if at_high.any():
+        out["ccdf_at_t_high"] = {str(n): float(np.mean(sizes[at_high] > n)) for n in CCDF_GRID}
     if len(sizes):
         out["percentiles"] = dict(
             zip(("50", "90", "99", "99.9"), np.percentile(sizes, [50, 90, 99, 99.9]).tolist())
         )
         out["max"] = int(sizes.max())
     return out
+
+
+def plot_widths(rec: dict, path: str, batch: int = 8) -> str:
+    """Draws a `main` JSON record: the share of steps (and of batches of ``batch``, rows
+    independent) whose kept set is wider than n, over n, for ReSET (all steps and those at
+    ``t_high``) and the fixed rule, with the sampler's 256 candidates and 1024 wide ones
+    marked. Returns ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    curves = [("ReSET, all steps", rec.get("ccdf"), "C0", "-")]
+    curves.append(("ReSET, steps at t_high", rec.get("ccdf_at_t_high"), "C0", ":"))
+    if rec.get("ccdf"):
+        one = {n: 1.0 - (1.0 - s) ** batch for n, s in rec["ccdf"].items()}
+        curves.append((f"ReSET, a batch of {batch} has one", one, "C0", "--"))
+    fixed = rec.get("fixed") or {}
+    if fixed.get("ccdf"):
+        curves.append((f"fixed T = {fixed.get('temperature')}", fixed["ccdf"], "C1", "-"))
+    floor = 0.5 / max(int(rec.get("steps", 1)), 1)  # below one step: drawn at the floor
+    for label, ccdf, color, style in curves:
+        if not ccdf:
+            continue
+        xs = [int(n) for n in ccdf]
+        ys = [max(float(v), floor) for v in ccdf.values()]
+        ax.step(xs, ys, where="post", color=color, linestyle=style, label=label)
+    for n, name in ((256, "256 candidates"), (1024, "1024 wide candidates")):
+        ax.axvline(n, color="0.5", linewidth=0.8)
+        ax.text(n * 1.08, 0.6, name, rotation=90, va="top", fontsize=8, color="0.3")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_ylim(floor, 1.2)
+    ax.set_xlabel("kept set (top-p nucleus) wider than n tokens")
+    ax.set_ylabel("share of steps")
+    ax.set_title(
+        f"{rec.get('model')}: {rec.get('steps')} GSM8K steps, top-p {rec.get('top_p')}",
+        fontsize=10,
+    )
+    ax.legend(fontsize=8, loc="lower left")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
 
 
 def main(argv=None) -> int:
@@ -105,7 +154,19 @@ def main(argv=None) -> int:
         help="also count the kept sets at this one temperature (the fixed rule)",
     )
     p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="draw the shares over widths into this PNG")
+    p.add_argument(
+        "--from-json",
+        default=None,
+        help="draw --plot from a saved JSON of this script instead of running the model",
+    )
     a = p.parse_args(argv)
+    if a.from_json:
+        if not a.plot:
+            p.error("--from-json needs --plot")
+        with open(a.from_json) as f:
+            print(plot_widths(json.load(f), a.plot))
+        return 0
     if a.fixed_temperature is not None and not a.fixed_temperature > 0:
         p.error(f"--fixed-temperature must be > 0, got {a.fixed_temperature}")
     if a.prompts < 1 or a.max_new_tokens < 1:
@@ -184,6 +245,8 @@ def main(argv=None) -> int:
             print(f"{label} sizes: percentiles {r['percentiles']}, max {r['max']}")
     if a.json:
         Path(a.json).write_text(json.dumps(rec, indent=1))
+    if a.plot:
+        print(plot_widths(rec, a.plot))
     return 0
 
 

@@ -667,6 +667,9 @@ def test_nucleus_sizes_counts_the_kept_prefix():
     assert rec["caps"][256]["share"] == 0.5 and rec["caps"][256]["share_at_t_high"] == 2 / 3
     assert abs(rec["caps"][1024]["batch_8_has_one"] - (1 - 0.75**8)) < 1e-12
     assert rec["caps"][512]["share"] == 0.25 and rec["caps"][4096]["share"] == 0.0
+    # The figure's curve: the share wider than each power of two.
+    assert rec["ccdf"]["1"] == 0.75 and rec["ccdf"]["256"] == 0.5 and rec["ccdf"]["2048"] == 0.0
+    assert rec["ccdf_at_t_high"]["64"] == 1.0 and rec["ccdf_at_t_high"]["1024"] == 1 / 3
     with pytest.raises(ValueError, match="top_p"):
         mod.nucleus_sizes(logits, temps, 0.0)
 
@@ -692,3 +695,9 @@ def test_nucleus_widths_benchmark_on_the_default_model(tmp_path, capsys):
     assert set(rec["fixed"]["caps"]) == {"64", "256", "512", "1024", "4096"}
     with pytest.raises(SystemExit):
         mod.main([*args, "--fixed-temperature", "0"])
+    # The figure, from the run and again from its JSON.
+    png = tmp_path / "w.png"
+    assert mod.main(["--from-json", str(out), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    with pytest.raises(SystemExit):
+        mod.main(["--from-json", str(out)])  # needs --plot
