@@ -341,6 +341,9 @@ def main(argv=None) -> int:
         p.error("--rates needs --paths")
     if a.paths and a.pieces:
         p.error("--paths times whole steps; leave out --pieces")
+    widest = max(n for n in PATHS.values() if n is not None)
+    if a.paths and a.vocab < widest:
+        p.error(f"--paths needs --vocab of at least {widest} (its full-sort logits), got {a.vocab}")
     batches = [int(b) for b in a.batch.split(",")]
     steps = [float(s) for s in a.step_ms.split(",")] if a.step_ms else []
     if steps and len(steps) != len(batches):

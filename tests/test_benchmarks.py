@@ -602,6 +602,8 @@ def test_sampler_cost_expected_cost_at_real_rates(tmp_path, capsys):
         mod.main([*args, "--rates", str(rates)])
     with pytest.raises(SystemExit):
         mod.main(["--rates", str(rates)])  # --rates needs --paths
+    with pytest.raises(SystemExit):
+        mod.main(["--paths", "--vocab", "2000"])  # too small for the full sort's logits
     # The saved rates that h100_session.sh passes load, with both rules' counts.
     saved = mod.load_rates(
         str(ROOT / "benchmarks" / "data" / "nucleus_widths_smollm2_AD5_cpu.json")
