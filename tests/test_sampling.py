@@ -932,6 +932,15 @@ def test_branchless_sampler_reads_back_one_index():
     assert len(re.search(r"branch_computations=\{([^}]*)\}", cond).group(1).split(",")) == 5
 
 
+def _sub_jaxprs(eqn):
+    """The jaxprs inside an equation's parameters (pjit bodies, cond branches, ...)."""
+    for v in eqn.params.values():
+        for sub in v if isinstance(v, (tuple, list)) else (v,):
+            sub = getattr(sub, "jaxpr", sub)
+            if hasattr(sub, "eqns"):
+                yield sub
+
+
 def _conds(jaxpr, *, nested: bool) -> list:
     """The ``cond`` equations of ``jaxpr`` (through pjit and other sub-jaxprs; inside other
     conds' branches too where ``nested``)."""
@@ -941,11 +950,8 @@ def _conds(jaxpr, *, nested: bool) -> list:
             out.append(eqn)
             if not nested:
                 continue
-        for v in eqn.params.values():
-            for sub in v if isinstance(v, (tuple, list)) else (v,):
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    out += _conds(sub, nested=nested)
+        for sub in _sub_jaxprs(eqn):
+            out += _conds(sub, nested=nested)
     return out
 
 
@@ -954,11 +960,8 @@ def _prims(jaxpr) -> set:
     out = set()
     for eqn in jaxpr.eqns:
         out.add(eqn.primitive.name)
-        for v in eqn.params.values():
-            for sub in v if isinstance(v, (tuple, list)) else (v,):
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    out |= _prims(sub)
+        for sub in _sub_jaxprs(eqn):
+            out |= _prims(sub)
     return out
 
 
