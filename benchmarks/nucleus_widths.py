@@ -74,19 +74,27 @@ def nucleus_sizes(logits: np.ndarray, temperatures: np.ndarray, top_p: float) ->
     return out
 
 
-def summarize(sizes: np.ndarray, at_high: np.ndarray, batch: int = 8) -> dict:
-    """Shares of steps wider than each cap (all steps, and those at ``t_high``)."""
-    out = {"steps": len(sizes), "steps_at_t_high": int(at_high.sum()), "caps": {}}
+def _batch_has_one(share: float, batch: int) -> float:
+    """The chance that a batch of ``batch`` rows (independent) has a row of ``share``."""
+    return 1.0 - (1.0 - share) ** batch
+
+
+def summarize(sizes: np.ndarray, at_high: np.ndarray | None, batch: int = 8) -> dict:
+    """Shares of steps wider than each cap: all steps, and those at ``t_high`` (a bool mask
+    over the steps; None for one temperature, which leaves the ``t_high`` fields out)."""
+    out = {"steps": len(sizes), "caps": {}}
+    if at_high is not None:
+        out["steps_at_t_high"] = int(at_high.sum())
     for cap in CAPS:
         share = float(np.mean(sizes > cap)) if len(sizes) else 0.0
-        out["caps"][cap] = {
-            "share": share,
-            "share_at_t_high": float(np.mean(sizes[at_high] > cap)) if at_high.any() else 0.0,
-            f"batch_{batch}_has_one": 1.0 - (1.0 - share) ** batch,
-        }
+        out["caps"][cap] = {"share": share}
+        if at_high is not None:
+            high = float(np.mean(sizes[at_high] > cap)) if at_high.any() else 0.0
+            out["caps"][cap]["share_at_t_high"] = high
+        out["caps"][cap][f"batch_{batch}_has_one"] = _batch_has_one(share, batch)
     # Share of steps wider than each power of two, for the figure (`plot_widths`).
     out["ccdf"] = {str(n): float(np.mean(sizes > n)) if len(sizes) else 0.0 for n in CCDF_GRID}
-    if at_high.any():
+    if at_high is not None and at_high.any():
         out["ccdf_at_t_high"] = {str(n): float(np.mean(sizes[at_high] > n)) for n in CCDF_GRID}
     if len(sizes):
         out["percentiles"] = dict(
@@ -110,7 +118,7 @@ def plot_widths(rec: dict, path: str, batch: int = 8) -> str:
     curves = [("ReSET, all steps", rec.get("ccdf"), "C0", "-")]
     curves.append(("ReSET, steps at t_high", rec.get("ccdf_at_t_high"), "C0", ":"))
     if rec.get("ccdf"):
-        one = {n: 1.0 - (1.0 - s) ** batch for n, s in rec["ccdf"].items()}
+        one = {n: _batch_has_one(s, batch) for n, s in rec["ccdf"].items()}
         curves.append((f"ReSET, a batch of {batch} has one", one, "C0", "--"))
     fixed = rec.get("fixed") or {}
     if fixed.get("ccdf"):
@@ -224,11 +232,7 @@ def main(argv=None) -> int:
     rec.update(model=name, prompts=a.prompts, max_new_tokens=a.max_new_tokens, top_p=a.top_p,
                t_low=defaults["t_low"], tau0=defaults["tau0"], generate_s=gen_s)  # fmt: skip
     if fixed:
-        rec["fixed"] = summarize(np.concatenate(fixed), np.zeros(len(sizes), bool))
-        # One temperature: no t_high steps to count.
-        del rec["fixed"]["steps_at_t_high"]
-        for c in rec["fixed"]["caps"].values():
-            del c["share_at_t_high"]
+        rec["fixed"] = summarize(np.concatenate(fixed), None)  # one temperature
         rec["fixed"]["temperature"] = a.fixed_temperature
     print(f"{name}: {rec['steps']} steps ({rec['steps_at_t_high']} at t_high), top-p {a.top_p}")
     print("| rule | kept set wider than | steps | steps at t_high | a batch of 8 has one |")

@@ -672,6 +672,9 @@ def test_nucleus_sizes_counts_the_kept_prefix():
     # The figure's curve: the share wider than each power of two.
     assert rec["ccdf"]["1"] == 0.75 and rec["ccdf"]["256"] == 0.5 and rec["ccdf"]["2048"] == 0.0
     assert rec["ccdf_at_t_high"]["64"] == 1.0 and rec["ccdf_at_t_high"]["1024"] == 1 / 3
+    one_t = mod.summarize(np.array([1, 100, 300, 2000]), None)  # one temperature
+    assert "steps_at_t_high" not in one_t and "ccdf_at_t_high" not in one_t
+    assert one_t["caps"][256] == {"share": 0.5, "batch_8_has_one": 1 - 0.5**8}
     with pytest.raises(ValueError, match="top_p"):
         mod.nucleus_sizes(logits, temps, 0.0)
 
