@@ -57,12 +57,16 @@ import numpy as np
 
 from reset_jax import sampling
 
+# The fixed rule's temperature (and the pieces' one): the saved rates of `--rates` must
+# have counted the fixed rule at it.
+FIXED_T = 0.6
+
 
 def _rules(vocab: int) -> dict:
     # Qwen's "\n" and ".\n\n" ids; any ids below the vocabulary do.
     nl, dnl = min(198, vocab - 1), min(271, vocab - 1)
     return {
-        "fixed": sampling.FixedTemperature.create(0.6),
+        "fixed": sampling.FixedTemperature.create(FIXED_T),
         "reset": sampling.ReSETConfig.create(t_low=0.1, tau0=0.55, nl_ids=[nl], dnl_ids=[dnl]),
     }
 
@@ -139,7 +143,7 @@ def variants(batch: int, vocab: int, pieces: bool, against: dict | None = None) 
     timed in the whole step with both rules as ``fixed@label`` and ``reset@label``.
     """
     knobs = dict(
-        t=jnp.full((batch,), 0.6, jnp.float32),
+        t=jnp.full((batch,), FIXED_T, jnp.float32),
         top_p=jnp.full((batch,), 0.95, jnp.float32),
         top_k=jnp.zeros((batch,), jnp.int32),
     )
@@ -183,6 +187,23 @@ def variants(batch: int, vocab: int, pieces: bool, against: dict | None = None) 
     return out
 
 
+def _time_interleaved(runs: dict, logits: dict, iters: int, rounds: int) -> dict:
+    """``{logits name: {run name: [rounds]}}``: µs a step of every run on every logits set,
+    after one warm-up each; each round times them all in turn, so drifts hit all alike."""
+    key = jax.random.key(0)
+    for run in runs.values():
+        for x in logits.values():
+            jax.block_until_ready(run(key, x))
+    times = {p: {n: [] for n in runs} for p in logits}
+    for _ in range(rounds):
+        for n, run in runs.items():
+            for p, x in logits.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(run(key, x))
+                times[p][n].append(1e6 * (time.perf_counter() - t0) / iters)
+    return times
+
+
 def measure(
     batch: int,
     vocab: int,
@@ -193,20 +214,11 @@ def measure(
     against: dict | None = None,
 ):
     """Per-step microseconds of every variant: ``{name: [rounds]}`` (after one warm-up run)."""
-    key = jax.random.key(0)
     logits = logit_std * jax.random.normal(jax.random.key(1), (batch, vocab), jnp.float32)
     runs = {
         n: _loop(fn, st, iters) for n, (fn, st) in variants(batch, vocab, pieces, against).items()
     }
-    for run in runs.values():
-        jax.block_until_ready(run(key, logits))
-    times = {n: [] for n in runs}
-    for _ in range(rounds):  # interleaved, so drifts hit every variant alike
-        for n, run in runs.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(run(key, logits))
-            times[n].append(1e6 * (time.perf_counter() - t0) / iters)
-    return times
+    return _time_interleaved(runs, {"": logits}, iters, rounds)[""]
 
 
 # --paths: logits that force each of the sampler's paths for both rules. A row holds
@@ -235,7 +247,6 @@ def forced_logits(path: str, batch: int, vocab: int, logit_std: float, key) -> j
 def measure_paths(batch: int, vocab: int, iters: int, rounds: int, logit_std: float, against):
     """``{path: {variant: [rounds]}}``: every variant's whole step (µs) on each path's
     logits, all interleaved in each round (one compile a variant)."""
-    key = jax.random.key(0)
     logits = {
         p: forced_logits(p, batch, vocab, logit_std, jax.random.key(i + 1))
         for i, p in enumerate(PATHS)
@@ -243,17 +254,7 @@ def measure_paths(batch: int, vocab: int, iters: int, rounds: int, logit_std: fl
     runs = {
         n: _loop(fn, st, iters) for n, (fn, st) in variants(batch, vocab, False, against).items()
     }
-    for run in runs.values():
-        for x in logits.values():
-            jax.block_until_ready(run(key, x))
-    times = {p: {n: [] for n in runs} for p in logits}
-    for _ in range(rounds):
-        for n, run in runs.items():
-            for p, x in logits.items():
-                t0 = time.perf_counter()
-                jax.block_until_ready(run(key, x))
-                times[p][n].append(1e6 * (time.perf_counter() - t0) / iters)
-    return times
+    return _time_interleaved(runs, logits, iters, rounds)
 
 
 def path_rates(shares: dict, batch: int) -> dict:
@@ -281,8 +282,10 @@ def load_rates(path: str) -> dict:
             f"--rates {path}: no fixed rule's counts (run nucleus_widths.py with --fixed-temperature)"
         )
     t = rec["fixed"].get("temperature")
-    if t is not None and abs(float(t) - 0.6) > 1e-6:
-        raise SystemExit(f"--rates {path}: its fixed rule ran at T = {t}; this benchmark's is 0.6")
+    if t is not None and abs(float(t) - FIXED_T) > 1e-6:
+        raise SystemExit(
+            f"--rates {path}: its fixed rule ran at T = {t}; this benchmark's is {FIXED_T}"
+        )
     return {"reset": rec["caps"], "fixed": rec["fixed"]["caps"], "model": rec.get("model")}
 
 
