@@ -18,7 +18,8 @@ Pieces (``--pieces``) time one part each in the same loop: ``entropy``
 cost, which the ``loop`` row measures.
 
     python3 benchmarks/sampler_cost.py [--batch 1,8] [--pieces] [--step-ms 2.75,3.46]
-        [--logit-std 7.0] [--against REV|FILE.py[,...]] [--paths [--rates FILE.json]]
+        [--logit-std 7.0] [--against REV|FILE.py[,...]]
+        [--paths [--rates FILE.json] [--profile DIR]]
 
 ``--logit-std`` sets how flat the logits are. At the default 7 the top-p 0.95 nucleus is a
 few tokens for both rules. At 3.0 the fixed rule's (T = 0.6) is ~300-600 tokens, wider than
@@ -41,6 +42,10 @@ and their difference: ReSET's cost on real logits, which random logits never sho
 
     python3 benchmarks/sampler_cost.py --paths --rates \
         benchmarks/data/nucleus_widths_smollm2_AD5_cpu.json --step-ms 2.035,2.681
+
+``--profile DIR`` (GPU, with ``--paths``) then traces one loop of each variant on each path
+and prints where its step goes: the kernels by the JAX source line of their op, and the idle
+gaps (the conditionals' readbacks) by the kernels around them.
 """
 
 from __future__ import annotations
@@ -257,6 +262,68 @@ def measure_paths(batch: int, vocab: int, iters: int, rounds: int, logit_std: fl
     return _time_interleaved(runs, logits, iters, rounds)
 
 
+def profile_paths(batch: int, vocab: int, iters: int, logit_std: float, trace_root: str) -> dict:
+    """``{path: {variant: account}}``: one traced loop of every current-tree variant on each
+    path's logits (`forced_logits`), read back kernel by kernel with ``profile_decode``'s
+    helpers (GPU only: a CPU trace has no kernels). An account holds the traced wall, span,
+    kernel-busy and idle time a step, its kernels by kind (``rows``), by the JAX source line
+    of their op (``ops``) and the idle gaps by the kernels around them (``gaps``); see
+    ``profile_decode.account``. The idle time is mostly the conditionals' readbacks."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import profile_decode as prof  # benchmarks/profile_decode.py, next to this file
+
+    logits = {
+        p: forced_logits(p, batch, vocab, logit_std, jax.random.key(i + 1))
+        for i, p in enumerate(PATHS)
+    }
+    runs = {n: _loop(fn, st, iters) for n, (fn, st) in variants(batch, vocab, False).items()}
+    key = jax.random.key(0)
+    out = {}
+    for p, x in logits.items():
+        out[p] = {}
+        for n, run in runs.items():
+            jax.block_until_ready(run(key, x))  # compiled, graphs instantiated
+            trace_dir = os.path.join(trace_root, f"b{batch}_{p}_{n}")
+            with jax.profiler.trace(trace_dir):
+                t0 = time.perf_counter()
+                jax.block_until_ready(run(key, x))
+                wall = time.perf_counter() - t0
+            events, ops, op_source, _, _ = prof.gpu_events(trace_dir, with_ops=True)
+            acc = prof.account(events, iters, wall)
+            acc["ops"] = prof.op_table(events, ops, op_source, iters)
+            acc["gaps"] = prof.gap_table(events, ops, op_source, iters)
+            out[p][n] = acc
+    return out
+
+
+def _print_profile(b: int, prof: dict, top: int) -> None:
+    print(f"\nB = {b}: one traced loop a path (µs a step)")
+    print("| path | variant | traced wall | GPU span | kernels busy | idle | kernels |")
+    print("|---|---|---|---|---|---|---|")
+    for p, accs in prof.items():
+        for n, a in accs.items():
+            print(
+                f"| {p} | {n} | {1e3 * a['wall_ms_per_token']:.1f} | "
+                f"{1e3 * a['gpu_span_ms_per_token']:.1f} | "
+                f"{1e3 * a['kernel_busy_ms_per_token']:.1f} | "
+                f"{1e3 * a['idle_ms_per_token']:.1f} | {a['kernels_per_token']:.0f} |"
+            )
+    for p, accs in prof.items():
+        for n, a in accs.items():
+            print(f"\nB = {b}, {p}, {n}: kernels by JAX source (top {top})")
+            print("| op | µs/step | calls/step |\n|---|---|---|")
+            for r in a["ops"][:top]:
+                print(f"| {r['op']} | {r['us_per_token']:.2f} | {r['calls_per_token']:.2f} |")
+            print("| idle before → after | µs/step | gaps/step |\n|---|---|---|")
+            for r in a["gaps"][:5]:
+                print(
+                    f"| {r['before']} → {r['after']} | {r['us_per_token']:.2f} | "
+                    f"{r['gaps_per_token']:.2f} |"
+                )
+
+
 def path_rates(shares: dict, batch: int) -> dict:
     """The share of batch steps that take each path, from per-row shares of kept sets
     wider than 256 and 1024 (``nucleus_widths`` JSON ``caps``; rows independent): a batch
@@ -339,9 +406,29 @@ def main(argv=None) -> int:
         help="with --paths: a nucleus_widths.py --fixed-temperature JSON; prints each rule's "
         "expected cost a step at those rates",
     )
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="with --paths, on a GPU: after the timing, trace one loop of each variant on "
+        "each path into this folder and print its kernels by JAX source line",
+    )
     a = p.parse_args(argv)
     if a.rates and not a.paths:
         p.error("--rates needs --paths")
+    if a.profile and not a.paths:
+        p.error("--profile needs --paths")
+    if a.profile:
+        # Keep the CUDA graphs on while tracing, as the timed loops run (before JAX starts;
+        # too late where the backend is already up).
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_enable_command_buffers_during_profiling" not in flags:
+            os.environ["XLA_FLAGS"] = (
+                flags + " --xla_enable_command_buffers_during_profiling=true"
+            ).strip()
+        if jax.default_backend() != "gpu":
+            p.error(
+                f"--profile reads GPU kernels from a trace; the backend is {jax.default_backend()}"
+            )
     if a.paths and a.pieces:
         p.error("--paths times whole steps; leave out --pieces")
     widest = max(n for n in PATHS.values() if n is not None)
@@ -370,15 +457,19 @@ def main(argv=None) -> int:
         rates = load_rates(a.rates) if a.rates else None
         if rates:
             print(f"rates: {a.rates} ({rates['model']}), rows independent")
-        expected = {}
+        expected, profiles = {}, {}
         for i, b in enumerate(batches):
             times = measure_paths(b, a.vocab, a.iters, a.rounds, a.logit_std, against)
             record[b] = times
             expected[b] = _print_paths(b, times, rates, steps[i] if steps else None)
+            if a.profile:
+                prof = profile_paths(b, a.vocab, a.iters, a.logit_std, a.profile)
+                _print_profile(b, prof, top=14)
+                profiles[b] = prof
         if a.json:
             with open(a.json, "w") as f:
                 out = {"vocab": a.vocab, "iters": a.iters, "paths": PATHS, "us_per_step": record}
-                json.dump(dict(out, expected_us=expected), f, indent=1)
+                json.dump(dict(out, expected_us=expected, profiles=profiles), f, indent=1)
         return 0
     print("| B | variant | µs/step (median) | quartiles |\n|---|---|---|---|")
     for i, b in enumerate(batches):

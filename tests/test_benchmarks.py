@@ -559,6 +559,44 @@ def test_sampler_cost_paths_force_each_sampler_path():
         mod.forced_logits("full", 1, 2000, 7.0, jax.random.key(0))
 
 
+def test_sampler_cost_profile_accounts_each_path(tmp_path, monkeypatch, capsys):
+    """--profile: one traced loop of each variant on each path, its kernels accounted a step
+    (the trace's GPU kernels stand in here: a CPU trace has none), and a clear error where
+    it cannot run."""
+    mod = _load_bench("sampler_cost")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import profile_decode
+
+    iters, seen = 4, []
+
+    def fake_gpu_events(trace_dir, with_ops=False):
+        seen.append(os.path.basename(trace_dir))
+        # Per step: a 3 µs kernel, 16 µs idle (a readback), a 5 µs kernel.
+        events, ops = [], []
+        for i in range(iters):
+            t = i * 30_000
+            events += [("input_reduce_fusion", t, 3_000), ("loop_select_fusion", t + 19_000, 5_000)]
+            ops += ["jit(run_from)/while/body/reduce_max", "jit(run_from)/while/body/select_n"]
+        return events, ops, {}, [], [None] * len(events)
+
+    monkeypatch.setattr(profile_decode, "gpu_events", fake_gpu_events)
+    prof = mod.profile_paths(2, 4096, iters, 7.0, str(tmp_path))
+    assert set(prof) == set(mod.PATHS) and all(set(a) == {"fixed", "reset"} for a in prof.values())
+    assert sorted(seen) == sorted(f"b2_{p}_{n}" for p in mod.PATHS for n in ("fixed", "reset"))
+    acc = prof["wide"]["reset"]
+    assert acc["steps"] == iters and acc["kernels_per_token"] == 2
+    assert acc["kernel_busy_ms_per_token"] * 1e3 == pytest.approx(8.0)
+    assert acc["ops"][0]["us_per_token"] == pytest.approx(5.0)
+    assert acc["gaps"][0]["us_per_token"] == pytest.approx(16.0)  # the readback, each step
+    mod._print_profile(2, prof, top=3)
+    text = capsys.readouterr().out
+    assert "| wide | reset |" in text and "select_n | 5.00 | 1.00 |" in text
+    with pytest.raises(SystemExit):
+        mod.main(["--profile", str(tmp_path)])  # needs --paths
+    with pytest.raises(SystemExit):
+        mod.main(["--paths", "--profile", str(tmp_path)])  # needs a GPU
+
+
 def test_sampler_cost_expected_cost_at_real_rates(tmp_path, capsys):
     """A batch takes the full sort where some row is past 1024, else the wide draw where
     some row is past 256 (rows independent); the expected step weights each path's time."""
