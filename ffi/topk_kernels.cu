@@ -7,7 +7,7 @@ namespace rjtopk {
 
 namespace {
 
-constexpr int kThreads = 256;        // every kernel
+constexpr int kThreads = 256;        // every kernel but the sort past C = 256 (1024)
 constexpr int kWarps = kThreads / 32;
 
 // The order key of a float: larger floats give larger keys (a total order: -0.0 below +0.0).
@@ -119,60 +119,85 @@ __global__ void __launch_bounds__(kThreads) ThresholdKernel(const uint32_t* __re
 // Kernel 3: appends every element with key >= L to its row's candidates as (key << 32) |
 // (0xFFFFFFFF - index), so that a larger word is a larger value or, for equal values, a
 // smaller index. Counts past the row's capacity are kept (the row is then inexact); NaN and
-// zeros of either sign anywhere in the row set the row's flags.
+// zeros of either sign anywhere in the row set the row's flags. A CTA reserves its slots with
+// one atomic a row (all the row's CTAs add to one counter: an atomic a warp and a chunk of 32
+// took 9.9 us at k = 1024, B = 8, H200, against 5.0 at k = 256; RESULTS.md AE1); the words'
+// order in the list does not matter (kernel 4 sorts them).
 template <int S>
 __global__ void __launch_bounds__(kThreads) CollectKernel(const float* __restrict__ z, int B,
                                                           int V, int ns,
                                                           uint32_t* __restrict__ rows,
                                                           unsigned long long* __restrict__ cand) {
+  constexpr int J = S / 32;
+  __shared__ uint32_t warp_first[kWarps];
+  __shared__ uint32_t cta_first;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int s = blockIdx.x * kWarps + warp;
-  if (s >= ns) return;
+  const bool live = s < ns;  // warps past the last slice take part in the barriers only
   const int cap = TopkRowCap(V);
   const int base = s * S;
-  for (int b = blockIdx.y; b < B; b += gridDim.y) {
+  const uint32_t below = (1u << lane) - 1u;
+  for (int b = blockIdx.y; b < B; b += gridDim.y) {  // the same trip count in the whole CTA
     const float* row = z + size_t(b) * V;
     uint32_t* r = rows + size_t(b) * kRowWords;
     unsigned long long* out = cand + size_t(b) * cap;
     const uint32_t L = r[0];
     unsigned flags = 0;
+    unsigned long long word[J];
+    uint32_t ballot[J], count = 0;
 #pragma unroll
-    for (int j = 0; j < S / 32; ++j) {
+    for (int j = 0; j < J; ++j) {
       const int i = base + j * 32 + lane;
       bool take = false;
-      unsigned long long word = 0;
-      if (i < V) {
+      word[j] = 0;
+      if (live && i < V) {
         const float f = __ldg(row + i);
         if (f != f) flags |= kNanSeen;
         const uint32_t k = Key(f);
         take = k >= L;
         if (f == 0.f) flags |= (k == 0x7FFFFFFFu) ? kNegZero : kPosZero;
-        word = (static_cast<unsigned long long>(k) << 32) | (0xFFFFFFFFu - uint32_t(i));
+        word[j] = (static_cast<unsigned long long>(k) << 32) | (0xFFFFFFFFu - uint32_t(i));
       }
-      const unsigned ballot = __ballot_sync(0xffffffffu, take);
-      if (ballot) {
-        uint32_t first = 0;
-        if (lane == 0) first = atomicAdd(r + 1, uint32_t(__popc(ballot)));
-        first = __shfl_sync(0xffffffffu, first, 0);
-        if (take) {
-          const uint32_t p = first + __popc(ballot & ((1u << lane) - 1u));
-          if (p < uint32_t(cap)) out[p] = word;
-        }
+      ballot[j] = __ballot_sync(0xffffffffu, take);
+      count += __popc(ballot[j]);
+    }
+    if (lane == 0) warp_first[warp] = count;
+    __syncthreads();
+    if (threadIdx.x == 0) {  // the warps' offsets, and the CTA's slots in the row's list
+      uint32_t total = 0;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const uint32_t c = warp_first[w];
+        warp_first[w] = total;
+        total += c;
       }
+      cta_first = total ? atomicAdd(r + 1, total) : 0u;
+    }
+    __syncthreads();
+    uint32_t p = cta_first + warp_first[warp];
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      if ((ballot[j] >> lane) & 1u) {
+        const uint32_t q = p + __popc(ballot[j] & below);
+        if (q < uint32_t(cap)) out[q] = word[j];
+      }
+      p += __popc(ballot[j]);
     }
     flags = __reduce_or_sync(0xffffffffu, flags);
     if (flags && lane == 0) atomicOr(r + 2, flags);
+    if (b + int(gridDim.y) < B) __syncthreads();  // warp_first is refilled for the next row
   }
 }
 
 // Kernel 4: sorts each row's candidates (bitonic, descending, in shared memory) and writes the
 // first C: indices, the values read back from z (their own sign bits), and exactness.
-__global__ void __launch_bounds__(kThreads) SortKernel(const float* __restrict__ z, int V, int C,
-                                                       const uint32_t* __restrict__ rows,
-                                                       const unsigned long long* __restrict__ cand,
-                                                       float* __restrict__ vals,
-                                                       int32_t* __restrict__ idx,
-                                                       int32_t* __restrict__ exact) {
+template <int kT>
+__global__ void __launch_bounds__(kT, 1) SortKernel(const float* __restrict__ z, int V, int C,
+                                                    const uint32_t* __restrict__ rows,
+                                                    const unsigned long long* __restrict__ cand,
+                                                    float* __restrict__ vals,
+                                                    int32_t* __restrict__ idx,
+                                                    int32_t* __restrict__ exact) {
   __shared__ unsigned long long s[kCap];
   const int b = blockIdx.x;
   const uint32_t* r = rows + size_t(b) * kRowWords;
@@ -181,11 +206,11 @@ __global__ void __launch_bounds__(kThreads) SortKernel(const float* __restrict__
   int P = 1;
   while (P < max(n, C)) P <<= 1;
   const unsigned long long* in = cand + size_t(b) * cap;
-  for (int i = threadIdx.x; i < P; i += kThreads) s[i] = i < n ? in[i] : 0ull;  // 0: below all
+  for (int i = threadIdx.x; i < P; i += kT) s[i] = i < n ? in[i] : 0ull;  // 0: below all
   __syncthreads();
   for (int k = 2; k <= P; k <<= 1) {
     for (int j = k >> 1; j > 0; j >>= 1) {
-      for (int t = threadIdx.x; t < P / 2; t += kThreads) {
+      for (int t = threadIdx.x; t < P / 2; t += kT) {
         const int i = 2 * t - (t & (j - 1));  // the pair (i, i + j), bit j of i clear
         const unsigned long long a = s[i], c = s[i + j];
         if ((a < c) == ((i & k) == 0)) {  // descending blocks where bit k of i is clear
@@ -193,7 +218,15 @@ __global__ void __launch_bounds__(kThreads) SortKernel(const float* __restrict__
           s[i + j] = a;
         }
       }
-      __syncthreads();
+      // A stage with j <= 32 touches only its warps' own words: thread t = 32q + u pairs
+      // words inside [64q, 64q + 64), and a warp's t, t + kT, ... are its own blocks q in
+      // every stage. So between two such stages a warp barrier does (most of a sort's
+      // stages); before a stage with j > 32, and before the results are read, the block's.
+      const int next_j = j > 1 ? j >> 1 : k;  // the next stage: (k, j / 2), else (2k, k)
+      if (j <= 32 && next_j <= 32 && !(j == 1 && k == P))
+        __syncwarp();
+      else
+        __syncthreads();
     }
   }
   // Zeros of both signs matter where L does not exceed +0.0: XLA may take a -0.0 as equal to
@@ -204,7 +237,7 @@ __global__ void __launch_bounds__(kThreads) SortKernel(const float* __restrict__
   bool ok = count <= cap && !(flags & kNanSeen) && !signed_zeros;
   // n >= C always (kernel 2's bound), so the first C words are elements; the check keeps a
   // broken bound from reading outside the row.
-  for (int i = threadIdx.x; i < C; i += kThreads) {
+  for (int i = threadIdx.x; i < C; i += kT) {
     const uint32_t id = 0xFFFFFFFFu - uint32_t(s[i] & 0xFFFFFFFFull);
     const bool in_row = id < uint32_t(V);
     idx[size_t(b) * C + i] = in_row ? int32_t(id) : 0;
@@ -226,8 +259,13 @@ cudaError_t LaunchWith(const TopkArgs& a, cudaStream_t stream) {
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   CollectKernel<S><<<slices, kThreads, 0, stream>>>(a.z, a.B, a.V, ns, sc.rows, sc.cand);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-  SortKernel<<<a.B, kThreads, 0, stream>>>(a.z, a.V, a.C, sc.rows, sc.cand, a.vals, a.idx,
-                                           a.exact);
+  // Past C = 256 a row sorts 2048-4096 words: 1024 threads, one pair each a stage.
+  if (a.C > 256)
+    SortKernel<1024><<<a.B, 1024, 0, stream>>>(a.z, a.V, a.C, sc.rows, sc.cand, a.vals, a.idx,
+                                                a.exact);
+  else
+    SortKernel<kThreads><<<a.B, kThreads, 0, stream>>>(a.z, a.V, a.C, sc.rows, sc.cand, a.vals,
+                                                        a.idx, a.exact);
   return cudaGetLastError();
 }
 

@@ -53,6 +53,8 @@ std::vector<Case> Cases(bool quick) {
   std::vector<Case> cs;
   const int V = 151936;
   for (int B : {1, 3, 8}) cs.push_back({"random", B, V, 256, Expect::kAllExact, Normal(B, V, 7.f, 11 + B)});
+  // The 1024-thread sort (C > 256), in the quick cases too (racecheck).
+  cs.push_back({"random 1024", 3, V, 1024, Expect::kAllExact, Normal(3, V, 3.f, 31)});
   if (!quick) {
     for (int C : {1, 20, 255, 1024})
       cs.push_back({"random C", 2, V, C, Expect::kAllExact, Normal(2, V, 7.f, 100 + C)});
@@ -262,7 +264,8 @@ int main(int argc, char** argv) {
   }
   std::printf("topk check: %d cases, %d failed\n", n, failed);
   if (!quick) {
-    for (int B : {1, 2, 8}) Time(B, 151936, 256);
+    for (int C : {256, 1024})
+      for (int B : {1, 2, 8}) Time(B, 151936, C);
   }
   return failed ? 1 : 0;
 }
