@@ -189,8 +189,44 @@ __global__ void __launch_bounds__(kThreads) CollectKernel(const float* __restric
   }
 }
 
-// Kernel 4: sorts each row's candidates (bitonic, descending, in shared memory) and writes the
-// first C: indices, the values read back from z (their own sign bits), and exactness.
+// Kernel 4: sorts each row's candidates (bitonic, descending) and writes the first C: indices,
+// the values read back from z (their own sign bits), and exactness.
+//
+// The words are padded to P (a power of two, at least 64) with zeros (below every word) and
+// cut into blocks of 64: warp w holds blocks w, w + W, ... in registers (lane l: words 64q + l
+// and 64q + 32 + l). A bitonic stage that pairs words j apart with j <= 32 stays inside a
+// block: j = 32 pairs a lane's own two words, j <= 16 pairs lanes l and l ^ j (a shuffle). So
+// the sort of each block (k <= 64) and the last six stages of every later k run in registers,
+// and only the stages with j >= 64 go through shared memory, with a block barrier each: at P =
+// 512, 6 of 45 stages (the shared-memory form with a barrier a stage took 8.9 us at C = 256,
+// B = 8, H200; RESULTS.md AE1).
+template <int kT, int kMaxBlocks>
+__device__ __forceinline__ void RegisterStage(unsigned long long (&x)[kMaxBlocks][2], int nb,
+                                              int warp, int lane, int k, int j) {
+  constexpr int W = kT / 32;
+#pragma unroll
+  for (int m = 0; m < kMaxBlocks; ++m) {
+    const int q = warp + m * W;
+    if (q >= nb) break;  // uniform in the warp
+    if (j == 32) {
+      const bool desc = ((64 * q + lane) & k) == 0;  // descending where bit k is clear
+      const unsigned long long a = x[m][0], c = x[m][1];
+      const unsigned long long hi = a > c ? a : c, lo = a > c ? c : a;
+      x[m][0] = desc ? hi : lo;
+      x[m][1] = desc ? lo : hi;
+    } else {
+      const bool lower = (lane & j) == 0;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const bool desc = ((64 * q + 32 * h + lane) & k) == 0;
+        const unsigned long long a = x[m][h], c = __shfl_xor_sync(0xffffffffu, a, j);
+        // The lower word of a pair keeps the larger in a descending run, the smaller else.
+        x[m][h] = (desc == lower) ? (a > c ? a : c) : (a > c ? c : a);
+      }
+    }
+  }
+}
+
 template <int kT>
 __global__ void __launch_bounds__(kT, 1) SortKernel(const float* __restrict__ z, int V, int C,
                                                     const uint32_t* __restrict__ rows,
@@ -198,18 +234,42 @@ __global__ void __launch_bounds__(kT, 1) SortKernel(const float* __restrict__ z,
                                                     float* __restrict__ vals,
                                                     int32_t* __restrict__ idx,
                                                     int32_t* __restrict__ exact) {
+  constexpr int W = kT / 32;
+  constexpr int kMaxBlocks = (kCap / 64 + W - 1) / W;  // 64-word blocks a warp holds, at most
   __shared__ unsigned long long s[kCap];
   const int b = blockIdx.x;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const uint32_t* r = rows + size_t(b) * kRowWords;
   const uint32_t count = r[1], cap = uint32_t(TopkRowCap(V));
   const int n = int(min(count, cap));
-  int P = 1;
-  while (P < max(n, C)) P <<= 1;
+  int P = 64;
+  while (P < max(n, C)) P <<= 1;  // <= kCap: n <= cap and C <= kMaxC
+  const int nb = P / 64;
   const unsigned long long* in = cand + size_t(b) * cap;
-  for (int i = threadIdx.x; i < P; i += kT) s[i] = i < n ? in[i] : 0ull;  // 0: below all
-  __syncthreads();
-  for (int k = 2; k <= P; k <<= 1) {
-    for (int j = k >> 1; j > 0; j >>= 1) {
+  unsigned long long x[kMaxBlocks][2];
+#pragma unroll
+  for (int m = 0; m < kMaxBlocks; ++m) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int q = warp + m * W, i = 64 * q + 32 * h + lane;
+      x[m][h] = (q < nb && i < n) ? in[i] : 0ull;  // 0: below all
+    }
+  }
+  auto store = [&] {
+#pragma unroll
+    for (int m = 0; m < kMaxBlocks; ++m) {
+      const int q = warp + m * W;
+      if (q >= nb) break;
+      s[64 * q + lane] = x[m][0];
+      s[64 * q + 32 + lane] = x[m][1];
+    }
+  };
+  for (int k = 2; k <= 64; k <<= 1)
+    for (int j = k >> 1; j > 0; j >>= 1) RegisterStage<kT>(x, nb, warp, lane, k, j);
+  for (int k = 128; k <= P; k <<= 1) {
+    store();
+    __syncthreads();
+    for (int j = k >> 1; j >= 64; j >>= 1) {
       for (int t = threadIdx.x; t < P / 2; t += kT) {
         const int i = 2 * t - (t & (j - 1));  // the pair (i, i + j), bit j of i clear
         const unsigned long long a = s[i], c = s[i + j];
@@ -218,17 +278,19 @@ __global__ void __launch_bounds__(kT, 1) SortKernel(const float* __restrict__ z,
           s[i + j] = a;
         }
       }
-      // A stage with j <= 32 touches only its warps' own words: thread t = 32q + u pairs
-      // words inside [64q, 64q + 64), and a warp's t, t + kT, ... are its own blocks q in
-      // every stage. So between two such stages a warp barrier does (most of a sort's
-      // stages); before a stage with j > 32, and before the results are read, the block's.
-      const int next_j = j > 1 ? j >> 1 : k;  // the next stage: (k, j / 2), else (2k, k)
-      if (j <= 32 && next_j <= 32 && !(j == 1 && k == P))
-        __syncwarp();
-      else
-        __syncthreads();
+      __syncthreads();
     }
+#pragma unroll
+    for (int m = 0; m < kMaxBlocks; ++m) {
+      const int q = warp + m * W;
+      if (q >= nb) break;
+      x[m][0] = s[64 * q + lane];
+      x[m][1] = s[64 * q + 32 + lane];
+    }
+    for (int j = 32; j > 0; j >>= 1) RegisterStage<kT>(x, nb, warp, lane, k, j);
   }
+  store();  // a warp rewrites only its own blocks: no barrier before, one after
+  __syncthreads();
   // Zeros of both signs matter where L does not exceed +0.0: XLA may take a -0.0 as equal to
   // a +0.0 (at B = 1, or k <= 16) or as below it, and L = +0.0 would leave every -0.0 out.
   const uint32_t flags = r[2];
@@ -259,7 +321,7 @@ cudaError_t LaunchWith(const TopkArgs& a, cudaStream_t stream) {
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   CollectKernel<S><<<slices, kThreads, 0, stream>>>(a.z, a.B, a.V, ns, sc.rows, sc.cand);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-  // Past C = 256 a row sorts 2048-4096 words: 1024 threads, one pair each a stage.
+  // Past C = 256 a row sorts 2048-4096 words: 1024 threads (two blocks of 64 words a warp).
   if (a.C > 256)
     SortKernel<1024><<<a.B, 1024, 0, stream>>>(a.z, a.V, a.C, sc.rows, sc.cand, a.vals, a.idx,
                                                 a.exact);
