@@ -16,9 +16,10 @@
 //   3. Collect: the slices are read again; elements with key >= L are appended to the row's
 //      candidate list (TopkRowCap(V) entries; more are counted, not stored). Random rows of
 //      V = 151,936 give ~330 candidates for C = 256.
-//   4. Sort: one CTA a row sorts its candidates as 64-bit (key, ~index) words, bitonic in shared
-//      memory, and writes the first C. A row is exact unless it overflowed its capacity, held a
-//      NaN, or held zeros of both signs with L <= +0.0.
+//   4. Sort: one CTA a row sorts its candidates as 64-bit (key, ~index) words, bitonic (the
+//      stages within 64-word blocks in registers, the others in shared memory), and writes the
+//      first C. A row is exact unless it overflowed its capacity, held a NaN, or held zeros of
+//      both signs with L <= +0.0.
 // A shape with fewer than 2C slices of 32 and V > 4096 passes most of each row: the caller
 // should not send it (reset_jax/sampling.py's _cuda_top_k_reason).
 // Keys: the float's bits mapped to an unsigned total order (negative: all bits flipped;
