@@ -25,8 +25,8 @@ cost, which the ``loop`` row measures.
 few tokens for both rules. At 3.0 the fixed rule's (T = 0.6) is ~300-600 tokens, wider than
 the 256 candidates: its batch takes the sampler's wide draw (the 1024 best) every step; the
 ReSET rule picks T = 1 on these flat rows, whose nuclei of ~10,000 take the full sort. At
-2.0 both take the full sort. ``--against`` also times the sampler of other git revisions,
-or of saved copies of ``reset_jax/sampling.py`` (``git show REV:reset_jax/sampling.py``, for a
+2.0 both take the full sort. ``--against`` also times the sampler (rules, ``step``,
+``sample``, ``observe``) of other git revisions, or of saved copies of ``reset_jax/sampling.py`` (``git show REV:reset_jax/sampling.py``, for a
 machine without the history), in the same loop (``fixed@REV``, ``reset@REV``; a file is
 labelled by its name), for an A/B in one process.
 
@@ -67,12 +67,14 @@ from reset_jax import sampling
 FIXED_T = 0.6
 
 
-def _rules(vocab: int) -> dict:
+def _rules(vocab: int, mod=sampling) -> dict:
+    """Both rules as module ``mod`` (``reset_jax.sampling`` or a `load_sampling_at` copy)
+    defines them."""
     # Qwen's "\n" and ".\n\n" ids; any ids below the vocabulary do.
     nl, dnl = min(198, vocab - 1), min(271, vocab - 1)
     return {
-        "fixed": sampling.FixedTemperature.create(FIXED_T),
-        "reset": sampling.ReSETConfig.create(t_low=0.1, tau0=0.55, nl_ids=[nl], dnl_ids=[dnl]),
+        "fixed": mod.FixedTemperature.create(FIXED_T),
+        "reset": mod.ReSETConfig.create(t_low=0.1, tau0=0.55, nl_ids=[nl], dnl_ids=[dnl]),
     }
 
 
@@ -106,8 +108,8 @@ def _loop(body_fn, init_state, iters: int):
 
 def load_sampling_at(rev: str):
     """``reset_jax/sampling.py`` as it was at git revision ``rev`` (or the file at path ``rev``,
-    for a machine without the git history), as a module of its own (its ``sample`` for
-    ``--against``; the rules stay the current ones)."""
+    for a machine without the git history), as a module of its own (its rules, ``step``,
+    ``sample`` and ``observe`` for ``--against``)."""
     import importlib.util
     import subprocess
     import tempfile
@@ -144,8 +146,9 @@ def variants(batch: int, vocab: int, pieces: bool, against: dict | None = None) 
     The rule and the knobs (temperature, top-p, top-k) ride in the loop's state, as in the
     decode loop, where they are arguments: closed over, they would be constants that XLA
     folds (a constant top-p < 1 removes the plain draw, a constant temperature the argmax).
-    ``against``: {label: module} of other ``sample`` functions (`load_sampling_at`), each
-    timed in the whole step with both rules as ``fixed@label`` and ``reset@label``.
+    ``against``: {label: module} of other revisions' samplers (`load_sampling_at`): their
+    rules, ``step``, ``sample`` and ``observe``, each timed in the whole step as
+    ``fixed@label`` and ``reset@label``.
     """
     knobs = dict(
         t=jnp.full((batch,), FIXED_T, jnp.float32),
@@ -153,17 +156,17 @@ def variants(batch: int, vocab: int, pieces: bool, against: dict | None = None) 
         top_k=jnp.zeros((batch,), jnp.int32),
     )
     out = {}
-    samplers = {"": sampling.sample, **{f"@{k}": m.sample for k, m in (against or {}).items()}}
-    for label, sample_fn in samplers.items():
-        for name, rule in _rules(vocab).items():
+    modules = {"": sampling, **{f"@{k}": m for k, m in (against or {}).items()}}
+    for label, mod in modules.items():
+        for name, rule in _rules(vocab, mod).items():
 
-            def full(key, st, x, sample_fn=sample_fn):
+            def full(key, st, x, mod=mod):
                 rule_state, kn = st
-                rule_state, temperature, _ = sampling.step(kn["rule"], rule_state, x)
-                tok = sample_fn(key, x, temperature, top_p=kn["top_p"], top_k=kn["top_k"])
-                return (sampling.observe(kn["rule"], rule_state, tok), kn), tok
+                rule_state, temperature, _ = mod.step(kn["rule"], rule_state, x)
+                tok = mod.sample(key, x, temperature, top_p=kn["top_p"], top_k=kn["top_k"])
+                return (mod.observe(kn["rule"], rule_state, tok), kn), tok
 
-            state = (sampling.init_state(rule, batch), dict(knobs, rule=rule))
+            state = (mod.init_state(rule, batch), dict(knobs, rule=rule))
             out[name + label] = (full, state)
     if pieces:
         c = min(256, vocab)

@@ -30,8 +30,8 @@ the step spans the whole sequence) is kept bitwise by construction, see
 Cost. Both rules measure the entropy (the decode loop records it), so every
 pass over the ``[B, V]`` logits is shared with the fixed temperature. What ReSET
 adds is per-row arithmetic on a few ``[B]`` numbers, written to compile into
-a handful of small fused kernels: the state is packed into one float32 and one
-int32 array (``ReSETState``), and the boundary membership tests and the window
+a handful of small fused kernels: the state is packed into one int32 array
+(``ReSETState``, the float32 sums as their bits), and the boundary membership tests and the window
 sum are unrolled into elementwise code (for id arrays and windows up to 64;
 longer ones use one reduction). ``tests/test_sampler_cost.py`` pins this in the
 compiled HLO: no extra op on a ``V``-sized array, no extra reduction or sort.
@@ -301,28 +301,36 @@ def _knob(x: Any, name: str) -> jax.Array:
 # ----------------------------------------------------------------------------
 
 
-# Column layout of the packed ReSET state (see ``ReSETState``).
-_SUM_COLS = 4  # stats[:, :4] = total_hi, total_lo, step_hi, step_lo; stats[:, 4:] = ring
-_COUNT, _STEP_COUNT, _LAST, _PREV, _NUM_GENERATED = range(5)
+# Column layout of the packed ReSET state (``ReSETState.data``, int32): the float32 bits of
+# total_hi, total_lo, step_hi, step_lo and the W ring slots, then the integer columns.
+_SUM_COLS = 4
+_COUNT, _STEP_COUNT, _LAST, _PREV, _NUM_GENERATED, _BAD = range(6)
+_INT_COLS = 6
+
+
+def _f32_bits(x: jax.Array) -> jax.Array:
+    """float32 -> its int32 bits (exact, both ways)."""
+    return jax.lax.bitcast_convert_type(x, jnp.int32)
 
 
 @struct.dataclass
 class ReSETState:
-    """Per-row ReSET state; every leaf leads with the batch axis ``B``.
+    """Per-row ReSET state, packed into one int32 array that leads with the batch axis ``B``.
 
-    The per-row numbers are packed into one float32 and one int32 array, so that
-    inside the decode loop a step updates two small arrays (two fused kernels,
-    and at most two loop-carry copies) instead of ten. Read them through the
-    named properties below.
+    One array, so that inside the decode loop a step rewrites one small buffer (one fused
+    kernel for ``step``, one for ``observe``, and one loop-carry copy) rather than one a
+    field; the float32 statistics are stored as their bits (``lax.bitcast_convert_type``,
+    exact). Read the fields through the properties below.
 
     Attributes:
-      stats: ``[B, 4 + W]`` float32: ``total_hi``, ``total_lo``, ``step_hi``,
-        ``step_lo``, then the ``W`` ring slots.
-      counts: ``[B, 5]`` int32: ``count``, ``step_count``, ``last_token``,
-        ``prev_token``, ``num_generated``.
-      bad: ``[B]`` bool, sticky: the row has seen unusable logits.
+      data: ``[B, 4 + W + 6]`` int32: the bits of ``total_hi``, ``total_lo``, ``step_hi``,
+        ``step_lo`` and the ``W`` ring slots, then ``count``, ``step_count``,
+        ``last_token``, ``prev_token``, ``num_generated`` and ``bad`` (0 or 1).
 
-    Properties (views of ``stats`` / ``counts``):
+    Properties (views of ``data``):
+      window: the ring's length ``W`` (static).
+      stats: ``[B, 4 + W]`` float32, the four sums then the ring.
+      counts: ``[B, 5]`` int32, ``count`` to ``num_generated``.
       ring: ``[B, W]`` float32, entropy number ``i`` of the row lives in slot ``i % W``.
       total_hi: ``[B]`` float32, float-float sum of every recorded entropy (high part).
       total_lo: ``[B]`` float32, its low part.
@@ -333,11 +341,25 @@ class ReSETState:
       last_token: ``[B]`` int32, the last generated token (-1 before any).
       prev_token: ``[B]`` int32, the one before it (-1 before any).
       num_generated: ``[B]`` int32, tokens observed so far (prompt excluded).
+      bad: ``[B]`` bool, sticky: the row has seen unusable logits.
     """
 
-    stats: jax.Array
-    counts: jax.Array
-    bad: jax.Array
+    data: jax.Array
+
+    @property
+    def window(self) -> int:
+        return self.data.shape[-1] - _SUM_COLS - _INT_COLS
+
+    def _int(self, col: int) -> jax.Array:
+        return self.data[..., _SUM_COLS + self.window + col]
+
+    @property
+    def stats(self) -> jax.Array:
+        return jax.lax.bitcast_convert_type(self.data[..., : _SUM_COLS + self.window], jnp.float32)
+
+    @property
+    def counts(self) -> jax.Array:
+        return self.data[..., _SUM_COLS + self.window : _SUM_COLS + self.window + _BAD]
 
     @property
     def ring(self) -> jax.Array:
@@ -361,23 +383,36 @@ class ReSETState:
 
     @property
     def count(self) -> jax.Array:
-        return self.counts[..., _COUNT]
+        return self._int(_COUNT)
 
     @property
     def step_count(self) -> jax.Array:
-        return self.counts[..., _STEP_COUNT]
+        return self._int(_STEP_COUNT)
 
     @property
     def last_token(self) -> jax.Array:
-        return self.counts[..., _LAST]
+        return self._int(_LAST)
 
     @property
     def prev_token(self) -> jax.Array:
-        return self.counts[..., _PREV]
+        return self._int(_PREV)
 
     @property
     def num_generated(self) -> jax.Array:
-        return self.counts[..., _NUM_GENERATED]
+        return self._int(_NUM_GENERATED)
+
+    @property
+    def bad(self) -> jax.Array:
+        return self._int(_BAD) != 0
+
+    def with_columns(self, cols: dict[int, jax.Array]) -> ReSETState:
+        """A state with column ``c`` of ``data`` replaced by ``cols[c]`` (``[B]`` int32), the
+        others kept: elementwise selects, which XLA fuses into one kernel."""
+        col = jnp.arange(self.data.shape[-1], dtype=jnp.int32)
+        data = self.data
+        for c, v in cols.items():
+            data = jnp.where(col == c, v[..., None], data)
+        return self.replace(data=data)
 
 
 @struct.dataclass
@@ -470,13 +505,11 @@ class ReSETConfig:
     def init_state(self, batch_size: int) -> ReSETState:
         """Fresh state for ``batch_size`` rows (see ``init_state``)."""
         b, w = batch_size, self.window
-        # count, step_count and num_generated 0; last_token and prev_token -1.
-        counts = jnp.broadcast_to(jnp.array([0, 0, -1, -1, 0], jnp.int32), (b, 5))
-        return ReSETState(
-            stats=jnp.zeros((b, _SUM_COLS + w), jnp.float32),
-            counts=counts,
-            bad=jnp.zeros((b,), bool),
-        )
+        # Sums and ring 0.0 (bits 0); count, step_count, num_generated and bad 0;
+        # last_token and prev_token -1.
+        ints = jnp.array([0, 0, -1, -1, 0, 0], jnp.int32)
+        row = jnp.concatenate([jnp.zeros((_SUM_COLS + w,), jnp.int32), ints])
+        return ReSETState(data=jnp.broadcast_to(row, (b, _SUM_COLS + w + _INT_COLS)))
 
     def step_with_info(
         self, state: ReSETState, logits: jax.Array
@@ -485,7 +518,10 @@ class ReSETConfig:
         h = token_entropy(logits)  # [B]
         valid = ~jnp.isnan(h)
         new_state, temperature, info = self._decide(state, jnp.where(valid, h, 0.0))
-        new_state = _select_rows(valid, new_state, state).replace(bad=state.bad | ~valid)
+        bad_col = _SUM_COLS + self.window + _BAD
+        new_state = _select_rows(valid, new_state, state).with_columns(
+            {bad_col: (state.bad | ~valid).astype(jnp.int32)}
+        )
         temperature = jnp.where(valid, temperature, jnp.nan)
         return new_state, temperature, h, info
 
@@ -541,28 +577,38 @@ class ReSETConfig:
         temperature = jnp.where(h >= tau, t_high, t_low)
 
         # 7. Only now record h.
-        slot = (count % w)[:, None] == jnp.arange(w)[None, :]
         total_hi, total_lo = _acc_add(state.total_hi, state.total_lo, h)
         step_hi, step_lo = _acc_add(step_hi, step_lo, h)
-        sums = jnp.stack([total_hi, total_lo, step_hi, step_lo], axis=-1)
-        ring = jnp.where(slot, h[:, None], state.ring)
-        counts = state.counts
-        new_state = state.replace(
-            stats=jnp.concatenate([sums, ring], axis=-1),
-            counts=jnp.concatenate(
-                [jnp.stack([count + 1, step_count + 1], axis=-1), counts[:, _LAST:]], axis=-1
-            ),
+        c0 = _SUM_COLS + w
+        new_state = state.with_columns(
+            {
+                0: _f32_bits(total_hi),
+                1: _f32_bits(total_lo),
+                2: _f32_bits(step_hi),
+                3: _f32_bits(step_lo),
+                c0 + _COUNT: count + 1,
+                c0 + _STEP_COUNT: step_count + 1,
+            }
+        )
+        # h into ring slot count % w (column _SUM_COLS + slot).
+        col = jnp.arange(c0 + _INT_COLS, dtype=jnp.int32)[None, :]
+        ring_col = (_SUM_COLS + count % w)[:, None]
+        new_state = new_state.replace(
+            data=jnp.where(col == ring_col, _f32_bits(h)[:, None], new_state.data)
         )
         return new_state, temperature, StepInfo(boundary, h_step, h_bar, uncertain)
 
     def observe(self, state: ReSETState, token: jax.Array) -> ReSETState:
         """See the module-level ``observe``."""
         token = jnp.asarray(token, jnp.int32)
-        c = state.counts
-        counts = jnp.stack(
-            [c[:, _COUNT], c[:, _STEP_COUNT], token, c[:, _LAST], c[:, _NUM_GENERATED] + 1], axis=-1
+        c0 = _SUM_COLS + self.window
+        return state.with_columns(
+            {
+                c0 + _LAST: token,
+                c0 + _PREV: state.last_token,
+                c0 + _NUM_GENERATED: state.num_generated + 1,
+            }
         )
-        return state.replace(counts=counts)
 
 
 @struct.dataclass

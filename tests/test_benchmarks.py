@@ -523,15 +523,17 @@ def test_sampler_cost_against_another_revision(capsys):
 
 def test_sampler_cost_against_a_saved_file(tmp_path):
     """--against also takes a saved sampling.py (the GPU machine has no git history): its
-    sample is that file's, under the file's name."""
+    sampler (rules, step, sample, observe) is that file's, under the file's name."""
     mod = _load_bench("sampler_cost")
     src = Path(__file__).resolve().parents[1] / "reset_jax" / "sampling.py"
     saved = tmp_path / "sampling_v0.py"
     saved.write_text(src.read_text() + "\nMARK = 'saved'\n")
     old = mod.load_sampling_at(str(saved))
     assert old.MARK == "saved" and old.sample is not None
-    body, _ = mod.variants(1, 256, pieces=False, against={"sampling_v0": old})["reset@sampling_v0"]
+    body, st = mod.variants(1, 256, pieces=False, against={"sampling_v0": old})["reset@sampling_v0"]
     assert callable(body)
+    # The whole sampler is that file's: its rule and state too, not only its sample.
+    assert isinstance(st[1]["rule"], old.ReSETConfig) and isinstance(st[0], old.ReSETState)
     with pytest.raises(SystemExit, match="no such file"):
         mod.load_sampling_at(str(tmp_path / "missing.py"))
     # Revisions keep their names; two files of one name would share a label.
