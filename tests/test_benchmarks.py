@@ -593,10 +593,14 @@ def test_sampler_cost_profile_accounts_each_path(tmp_path, monkeypatch, capsys):
     mod._print_profile(2, prof, top=3)
     text = capsys.readouterr().out
     assert "| wide | reset |" in text and "select_n | 5.00 | 1.00 |" in text
+    # The flag --profile adds (for the CUDA graphs under the profiler) stays in this test.
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
     with pytest.raises(SystemExit):
         mod.main(["--profile", str(tmp_path)])  # needs --paths
+    monkeypatch.setattr(mod.jax, "default_backend", lambda: "cpu")  # also on a GPU host
     with pytest.raises(SystemExit):
         mod.main(["--paths", "--profile", str(tmp_path)])  # needs a GPU
+    assert "xla_enable_command_buffers_during_profiling=true" in os.environ["XLA_FLAGS"]
 
 
 def test_sampler_cost_expected_cost_at_real_rates(tmp_path, capsys):
