@@ -252,43 +252,34 @@ def forced_logits(path: str, batch: int, vocab: int, logit_std: float, key) -> j
     return rest.at[jnp.arange(batch)[:, None], pos].set(top)
 
 
-def measure_paths(batch: int, vocab: int, iters: int, rounds: int, logit_std: float, against):
-    """``{path: {variant: [rounds]}}``: every variant's whole step (µs) on each path's
-    logits, all interleaved in each round (one compile a variant)."""
-    logits = {
+def path_logits(batch: int, vocab: int, logit_std: float) -> dict:
+    """``{path: [batch, vocab] logits}`` for every path of `PATHS` (`forced_logits`)."""
+    return {
         p: forced_logits(p, batch, vocab, logit_std, jax.random.key(i + 1))
         for i, p in enumerate(PATHS)
     }
-    runs = {
-        n: _loop(fn, st, iters) for n, (fn, st) in variants(batch, vocab, False, against).items()
-    }
-    return _time_interleaved(runs, logits, iters, rounds)
 
 
-def profile_paths(batch: int, vocab: int, iters: int, logit_std: float, trace_root: str) -> dict:
-    """``{path: {variant: account}}``: one traced loop of every current-tree variant on each
-    path's logits (`forced_logits`), read back kernel by kernel with ``profile_decode``'s
-    helpers (GPU only: a CPU trace has no kernels). An account holds the traced wall, span,
-    kernel-busy and idle time a step, its kernels by kind (``rows``), by the JAX source line
-    of their op (``ops``) and the idle gaps by the kernels around them (``gaps``); see
-    ``profile_decode.account``. The idle time is mostly the conditionals' readbacks."""
+def profile_paths(runs: dict, logits: dict, iters: int, trace_root: str) -> dict:
+    """``{path: {variant: account}}``: one traced loop of each of ``runs`` (`_loop`s of
+    ``iters`` steps, already compiled by the timing) on each of ``logits`` (`path_logits`),
+    read back kernel by kernel with ``profile_decode``'s helpers (GPU only: a CPU trace has
+    no kernels). An account holds the traced wall, span, kernel-busy and idle time a step,
+    its kernels by kind (``rows``), by the JAX source line of their op (``ops``) and the
+    idle gaps by the kernels around them (``gaps``); see ``profile_decode.account``. The
+    idle time is mostly the conditionals' readbacks."""
     here = os.path.dirname(os.path.abspath(__file__))
     if here not in sys.path:
         sys.path.insert(0, here)
     import profile_decode as prof  # benchmarks/profile_decode.py, next to this file
 
-    logits = {
-        p: forced_logits(p, batch, vocab, logit_std, jax.random.key(i + 1))
-        for i, p in enumerate(PATHS)
-    }
-    runs = {n: _loop(fn, st, iters) for n, (fn, st) in variants(batch, vocab, False).items()}
     key = jax.random.key(0)
     out = {}
     for p, x in logits.items():
         out[p] = {}
         for n, run in runs.items():
             jax.block_until_ready(run(key, x))  # compiled, graphs instantiated
-            trace_dir = os.path.join(trace_root, f"b{batch}_{p}_{n}")
+            trace_dir = os.path.join(trace_root, f"b{x.shape[0]}_{p}_{n}")
             with jax.profiler.trace(trace_dir):
                 t0 = time.perf_counter()
                 jax.block_until_ready(run(key, x))
@@ -395,8 +386,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--against",
         default=None,
-        help="comma-separated git revisions (or paths to a saved sampling.py) whose "
-        "sampling.sample is also timed, side by side",
+        help="comma-separated git revisions (or paths to a saved sampling.py) whose sampler "
+        "(rules, step, sample, observe) is also timed, side by side",
     )
     p.add_argument(
         "--paths",
@@ -462,11 +453,17 @@ def main(argv=None) -> int:
             print(f"rates: {a.rates} ({rates['model']}), rows independent")
         expected, profiles = {}, {}
         for i, b in enumerate(batches):
-            times = measure_paths(b, a.vocab, a.iters, a.rounds, a.logit_std, against)
+            logits = path_logits(b, a.vocab, a.logit_std)
+            runs = {
+                n: _loop(fn, st, a.iters)
+                for n, (fn, st) in variants(b, a.vocab, False, against).items()
+            }
+            times = _time_interleaved(runs, logits, a.iters, a.rounds)
             record[b] = times
             expected[b] = _print_paths(b, times, rates, steps[i] if steps else None)
             if a.profile:
-                prof = profile_paths(b, a.vocab, a.iters, a.logit_std, a.profile)
+                ours = {n: r for n, r in runs.items() if "@" not in n}  # not --against's
+                prof = profile_paths(ours, logits, a.iters, a.profile)
                 _print_profile(b, prof, top=14)
                 profiles[b] = prof
         if a.json:

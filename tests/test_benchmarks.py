@@ -582,7 +582,8 @@ def test_sampler_cost_profile_accounts_each_path(tmp_path, monkeypatch, capsys):
         return events, ops, {}, [], [None] * len(events)
 
     monkeypatch.setattr(profile_decode, "gpu_events", fake_gpu_events)
-    prof = mod.profile_paths(2, 4096, iters, 7.0, str(tmp_path))
+    runs = {n: mod._loop(fn, st, iters) for n, (fn, st) in mod.variants(2, 4096, False).items()}
+    prof = mod.profile_paths(runs, mod.path_logits(2, 4096, 7.0), iters, str(tmp_path))
     assert set(prof) == set(mod.PATHS) and all(set(a) == {"fixed", "reset"} for a in prof.values())
     assert sorted(seen) == sorted(f"b2_{p}_{n}" for p in mod.PATHS for n in ("fixed", "reset"))
     acc = prof["wide"]["reset"]
