@@ -74,7 +74,7 @@ def nucleus_sizes(logits: np.ndarray, temperatures: np.ndarray, top_p: float) ->
     return out
 
 
-def _batch_has_one(share: float, batch: int) -> float:
+def batch_has_one(share: float, batch: int) -> float:
     """The chance that a batch of ``batch`` rows (independent) has a row of ``share``."""
     return 1.0 - (1.0 - share) ** batch
 
@@ -91,7 +91,7 @@ def summarize(sizes: np.ndarray, at_high: np.ndarray | None, batch: int = 8) -> 
         if at_high is not None:
             high = float(np.mean(sizes[at_high] > cap)) if at_high.any() else 0.0
             out["caps"][cap]["share_at_t_high"] = high
-        out["caps"][cap][f"batch_{batch}_has_one"] = _batch_has_one(share, batch)
+        out["caps"][cap][f"batch_{batch}_has_one"] = batch_has_one(share, batch)
     # Share of steps wider than each power of two, for the figure (`plot_widths`).
     out["ccdf"] = {str(n): float(np.mean(sizes > n)) if len(sizes) else 0.0 for n in CCDF_GRID}
     if at_high is not None and at_high.any():
@@ -118,7 +118,7 @@ def plot_widths(rec: dict, path: str, batch: int = 8) -> str:
     curves = [("ReSET, all steps", rec.get("ccdf"), "C0", "-")]
     curves.append(("ReSET, steps at t_high", rec.get("ccdf_at_t_high"), "C0", ":"))
     if rec.get("ccdf"):
-        one = {n: _batch_has_one(s, batch) for n, s in rec["ccdf"].items()}
+        one = {n: batch_has_one(s, batch) for n, s in rec["ccdf"].items()}
         curves.append((f"ReSET, a batch of {batch} has one", one, "C0", "--"))
     fixed = rec.get("fixed") or {}
     if fixed.get("ccdf"):

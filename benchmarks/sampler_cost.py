@@ -252,6 +252,16 @@ def forced_logits(path: str, batch: int, vocab: int, logit_std: float, key) -> j
     return rest.at[jnp.arange(batch)[:, None], pos].set(top)
 
 
+def _bench_module(name: str):
+    """The benchmark script ``benchmarks/<name>.py`` next to this one, imported."""
+    import importlib
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module(name)
+
+
 def path_logits(batch: int, vocab: int, logit_std: float) -> dict:
     """``{path: [batch, vocab] logits}`` for every path of `PATHS` (`forced_logits`)."""
     return {
@@ -268,10 +278,7 @@ def profile_paths(runs: dict, logits: dict, iters: int, trace_root: str) -> dict
     its kernels by kind (``rows``), by the JAX source line of their op (``ops``) and the
     idle gaps by the kernels around them (``gaps``); see ``profile_decode.account``. The
     idle time is mostly the conditionals' readbacks."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    import profile_decode as prof  # benchmarks/profile_decode.py, next to this file
+    prof = _bench_module("profile_decode")
 
     key = jax.random.key(0)
     out = {}
@@ -323,8 +330,9 @@ def path_rates(shares: dict, batch: int) -> dict:
     wider than 256 and 1024 (``nucleus_widths`` JSON ``caps``; rows independent): a batch
     takes the full sort where some row is past 1024, else the wide draw where some row is
     past 256."""
-    wide_or_more = 1.0 - (1.0 - float(shares["256"]["share"])) ** batch
-    full = 1.0 - (1.0 - float(shares["1024"]["share"])) ** batch
+    has_one = _bench_module("nucleus_widths").batch_has_one
+    wide_or_more = has_one(float(shares["256"]["share"]), batch)
+    full = has_one(float(shares["1024"]["share"]), batch)
     return {"fast": 1.0 - wide_or_more, "wide": wide_or_more - full, "full": full}
 
 
