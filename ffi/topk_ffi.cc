@@ -1,10 +1,14 @@
-// XLA FFI handler for the sampler's exact top-k (see reset_jax/sampling.py and topk_kernels.h).
+// XLA FFI handlers for the sampler's exact top-k and full row sort (see reset_jax/sampling.py,
+// topk_kernels.h and sort_kernels.h).
 //
-// Exported symbol (registered from Python with jax.ffi.register_ffi_target):
+// Exported symbols (registered from Python with jax.ffi.register_ffi_target):
 //   ResetJaxTopK(z; k) -> (vals, idx, exact, scratch)
 // Shapes: z [B, V] f32; vals [B, k] f32 and idx [B, k] s32, lax.top_k(z, k) for every row whose
 // exact [B] s32 is 1 (0: the row holds a NaN, or its values tie too widely; the caller falls
 // back); scratch u32 [rjtopk::TopkScratchWords(B, V, k)], contents undefined on entry and exit.
+//   ResetJaxSortRows(z) -> (vals, idx, scratch)
+// Shapes: z [B, V] f32; vals [B, V] f32 and idx [B, V] s32, every row sorted descending (ties
+// in index order, NaNs last); scratch u8 [rjsort::SortScratchBytes(B, V)].
 // No synchronisation, no allocation: command-buffer (CUDA graph) compatible.
 #include <cstdint>
 #include <string>
@@ -12,6 +16,7 @@
 #include <cuda_runtime_api.h>
 
 #include "ffi_common.h"
+#include "sort_kernels.h"
 #include "topk_kernels.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -24,6 +29,10 @@ using reset_jax_ffi::Shaped;
 
 ffi::Error Invalid(const std::string& msg) {
   return ffi::Error::InvalidArgument("reset_jax top-k: " + msg);
+}
+
+ffi::Error InvalidSort(const std::string& msg) {
+  return ffi::Error::InvalidArgument("reset_jax sort: " + msg);
 }
 
 ffi::Error TopKImpl(cudaStream_t stream, ffi::AnyBuffer z, ffi::Result<ffi::AnyBuffer> vals,
@@ -55,6 +64,34 @@ ffi::Error TopKImpl(cudaStream_t stream, ffi::AnyBuffer z, ffi::Result<ffi::AnyB
   return ffi::Error::Success();
 }
 
+ffi::Error SortRowsImpl(cudaStream_t stream, ffi::AnyBuffer z, ffi::Result<ffi::AnyBuffer> vals,
+                        ffi::Result<ffi::AnyBuffer> idx, ffi::Result<ffi::AnyBuffer> scratch) {
+  using T = ffi::DataType;
+  const auto zd = z.dimensions();
+  if (zd.size() != 2 || z.element_type() != T::F32)
+    return InvalidSort("z must be float32 [B, V], got " + Dims(zd));
+  const int64_t B = zd[0], V = zd[1];
+  if (B < 1 || V < 1 || B * V > INT32_MAX)
+    return InvalidSort("z " + Dims(zd) + ": expected 1 to 2^31 - 1 elements");
+  if (!Shaped(*vals, T::F32, {B, V})) return InvalidSort("vals must be float32 [B, V]");
+  if (!Shaped(*idx, T::S32, {B, V})) return InvalidSort("idx must be int32 [B, V]");
+  rjsort::SortArgs a;
+  a.B = int(B), a.V = int(V);
+  a.z = static_cast<const float*>(z.untyped_data());
+  a.vals = static_cast<float*>(vals->untyped_data());
+  a.idx = static_cast<int32_t*>(idx->untyped_data());
+  a.scratch = scratch->untyped_data();
+  a.scratch_bytes = scratch->size_bytes();
+  if (const char* why = rjsort::SortUnsupportedReason(a)) return InvalidSort(why);
+  const size_t want = rjsort::SortScratchBytes(a.B, a.V);
+  if (want == 0) return InvalidSort("cub's scratch size query failed");
+  if (scratch->element_type() != T::U8 || scratch->size_bytes() != want)
+    return InvalidSort("scratch must be uint8 with " + std::to_string(want) + " elements");
+  if (cudaError_t err = rjsort::LaunchSortRows(a, stream); err != cudaSuccess)
+    return reset_jax_ffi::CudaFailure("reset_jax sort: launch", err);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* ResetJaxTopK(
@@ -76,4 +113,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResetJaxTopK, TopKImpl,
 extern "C" __attribute__((visibility("default"))) size_t ResetJaxTopKScratchWords(int B, int V,
                                                                                   int k) {
   return rjtopk::TopkScratchWords(B, V, k);
+}
+
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* ResetJaxSortRows(
+    XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResetJaxSortRows, SortRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // z
+                                  .Ret<ffi::AnyBuffer>()  // vals
+                                  .Ret<ffi::AnyBuffer>()  // idx
+                                  .Ret<ffi::AnyBuffer>(),  // scratch
+                              {ffi::Traits::kCmdBufferCompatible});
+
+// The sort's scratch bytes for z [B, V], or 0 where the shape cannot be served or cub's size query
+// failed (for reset_jax/sampling.py, through ctypes). Touches the current CUDA device.
+extern "C" __attribute__((visibility("default"))) size_t ResetJaxSortScratchBytes(int B, int V) {
+  return rjsort::SortScratchBytes(B, V);
 }

@@ -1,6 +1,7 @@
 // Exact top-k of float32 rows (see topk_kernels.h for the contract and the method).
 #include <cstdint>
 
+#include "order_key.cuh"
 #include "topk_kernels.h"
 
 namespace rjtopk {
@@ -10,11 +11,7 @@ namespace {
 constexpr int kThreads = 256;        // every kernel but the sort past C = 256 (1024)
 constexpr int kWarps = kThreads / 32;
 
-// The order key of a float: larger floats give larger keys (a total order: -0.0 below +0.0).
-__device__ __forceinline__ uint32_t Key(float f) {
-  const uint32_t u = __float_as_uint(f);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
+using rjkeys::OrderKey;
 
 // The scratch: maxima [B, ns], rows [B, kRowWords], candidates [B, TopkRowCap(V)] u64.
 struct Scratch {
@@ -43,7 +40,7 @@ __global__ void __launch_bounds__(kThreads) SliceMaxKernel(const float* __restri
 #pragma unroll
     for (int j = 0; j < S / 32; ++j) {
       const int i = base + j * 32 + lane;
-      if (i < V) m = max(m, Key(__ldg(row + i)));
+      if (i < V) m = max(m, OrderKey(__ldg(row + i)));
     }
     m = __reduce_max_sync(0xffffffffu, m);
     if (lane == 0) maxima[size_t(b) * ns + s] = m;
@@ -153,7 +150,7 @@ __global__ void __launch_bounds__(kThreads) CollectKernel(const float* __restric
       if (live && i < V) {
         const float f = __ldg(row + i);
         if (f != f) flags |= kNanSeen;
-        const uint32_t k = Key(f);
+        const uint32_t k = OrderKey(f);
         take = k >= L;
         if (f == 0.f) flags |= (k == 0x7FFFFFFFu) ? kNegZero : kPosZero;
         word[j] = (static_cast<unsigned long long>(k) << 32) | (0xFFFFFFFFu - uint32_t(i));

@@ -779,11 +779,88 @@ def replay(
 # ----------------------------------------------------------------------------
 
 
-def _sorted_descending(z: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Full descending sort of ``[B, V]`` with ties in index order."""
-    iota = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
-    neg, idx = jax.lax.sort((-z, iota), dimension=z.ndim - 1, num_keys=1, is_stable=True)
-    return -neg, idx
+def _cuda_sort_reason(shape: tuple[int, ...], dtype: Any = jnp.float32) -> str | None:
+    """Why the CUDA row sort cannot serve a traced ``[B, V]`` sort of ``dtype`` (a
+    message), or None."""
+    if len(shape) != 2:
+        return f"z {shape} is not [B, V]"
+    b, v = shape
+    if (why := _cuda_dtype_reason(dtype)) is not None:
+        return why
+    if b < 1 or v < 1 or b * v >= 2**31:
+        return f"z {shape}: the sort serves 1 to 2**31 - 1 elements"
+    if jax.default_backend() != "gpu":
+        return f"the default backend is {jax.default_backend()!r}, not a CUDA GPU"
+    from reset_jax.nvfp4 import cuda
+
+    return cuda.gpu_reason()
+
+
+def _sorted_descending(z: jax.Array, *, cuda: bool | None = None) -> tuple[jax.Array, jax.Array]:
+    """Full descending sort of ``[B, V]`` rows: equal values in index order, -0.0 equal
+    to +0.0, NaNs last (as ``lax.sort`` compares them).
+
+    On a GPU with the CUDA library, by default, one radix sort of every row at once
+    (``ffi/sort_kernels.h``, cub's onesweep on ``row | value`` keys); XLA sorts
+    ``[8, 151936]`` with a bitonic network of 28 kernels (~370 us a call on an H200,
+    RESULTS.md AF1). Elsewhere ``lax.sort``. Both give the same values (bit for bit)
+    and indices.
+
+    Args:
+      z: ``[B, V]`` float32, bfloat16 or float16 (the CUDA sort; any float for
+        ``lax.sort``).
+      cuda: use the CUDA sort (True: raise ``NotImplementedError`` if it cannot serve),
+        not (False), or None: where it can serve, unless the environment variable
+        ``RESET_JAX_SORT`` (``auto``, ``cuda`` or ``xla``, read when the call is traced)
+        says otherwise.
+
+    Returns:
+      ``(values [B, V] of z's dtype, indices [B, V] int32)``.
+    """
+    if cuda is None:
+        choice = os.environ.get("RESET_JAX_SORT", "auto")
+        if choice not in ("auto", "cuda", "xla"):
+            raise ValueError(f"RESET_JAX_SORT={choice!r}: expected auto, cuda or xla")
+        if choice != "auto":
+            cuda = choice == "cuda"
+    why = _cuda_sort_reason(z.shape, z.dtype)
+    if cuda and why is not None:
+        raise NotImplementedError(f"the CUDA row sort cannot serve this call: {why}")
+
+    def with_xla(z):
+        iota = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
+        neg, idx = jax.lax.sort((-z, iota), dimension=z.ndim - 1, num_keys=1, is_stable=True)
+        return -neg, idx
+
+    if cuda is False or why is not None:
+        return with_xla(z)
+    # The call may be placed on a CPU device of a GPU host: picked when lowered.
+    return jax.lax.platform_dependent(z, cuda=_sort_rows_cuda, default=with_xla)
+
+
+def _sort_rows_cuda(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`_sorted_descending` through the CUDA sort (``ffi/sort_kernels.h``).
+
+    Args:
+      z: ``[B, V]`` float32, bfloat16 or float16, ``B * V < 2**31``.
+
+    Returns:
+      ``(values [B, V] of z's dtype, indices [B, V] int32)``.
+    """
+    from reset_jax.nvfp4 import cuda
+
+    cuda.ensure_registered()
+    b, v = z.shape
+    vals, idx, _ = jax.ffi.ffi_call(
+        cuda.TARGET_SORT_ROWS,
+        (
+            jax.ShapeDtypeStruct((b, v), jnp.float32),
+            jax.ShapeDtypeStruct((b, v), jnp.int32),
+            jax.ShapeDtypeStruct((cuda.sort_scratch_bytes(b, v),), jnp.uint8),  # scratch
+        ),
+        vmap_method="sequential",
+    )(z.astype(jnp.float32))
+    return vals.astype(z.dtype), idx
 
 
 # Staged top-k (see _top_k_candidates).
@@ -799,16 +876,20 @@ _TOPK_CUDA_CAP = 4096
 _TOPK_CUDA_MIN_SLICE = 32
 
 
+def _cuda_dtype_reason(dtype: Any) -> str | None:
+    """Why the sampler's CUDA kernels (top-k, row sort) cannot take values of ``dtype``, or
+    None: they order float32, which holds bfloat16 and float16 values exactly."""
+    if np.dtype(dtype) in (np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16)):
+        return None
+    return f"{np.dtype(dtype).name} values (the kernels order float32, exact for bf16 and f16)"
+
+
 def _cuda_top_k_reason(shape: tuple[int, int], c: int, dtype: Any = jnp.float32) -> str | None:
     """Why the CUDA top-k kernels cannot serve a traced ``[B, V]`` call of ``dtype`` for
     ``c`` (a message), or None."""
     b, v = shape
-    if np.dtype(dtype) not in (
-        np.dtype(jnp.float32),
-        np.dtype(jnp.bfloat16),
-        np.dtype(jnp.float16),
-    ):
-        return f"{np.dtype(dtype).name} values (the kernels order float32, exact for bf16 and f16)"
+    if (why := _cuda_dtype_reason(dtype)) is not None:
+        return why
     if c > _TOPK_CUDA_MAX_K:
         return f"k = {c} > {_TOPK_CUDA_MAX_K}, the most the CUDA top-k serves"
     if b == 0 or c < 1 or c > v:

@@ -1,4 +1,5 @@
-"""The sampler's CUDA top-k (`sampling._top_k_cuda`, ffi/topk_kernels.{h,cu}).
+"""The sampler's CUDA top-k (`sampling._top_k_cuda`, ffi/topk_kernels.{h,cu}) and its full
+row sort (`sampling._sorted_descending`, ffi/sort_kernels.{h,cu}).
 
 CPU: a NumPy model of the kernels' method (slice maxima, the threshold L, candidates,
 their sort) against a stable sort of each row, so the claim the kernels rest on -- every
@@ -7,7 +8,9 @@ adversarial rows; the launch arithmetic of the header (slice size, scratch words
 compiled with the host compiler, against the model and against the built library's
 export; the dispatch (``cuda=True`` off a GPU raises, ``RESET_JAX_TOP_K``). GPU
 (marked): the kernels against ``lax.top_k`` on the same rows, their exact flags against
-the model's, and the sampler's tokens with the kernels against the staged top-k's.
+the model's, and the sampler's tokens with the kernels against the staged top-k's. The sort: its order
+(ties, signed zeros, infinities, NaNs) against NumPy on the CPU, its dispatch, and on a GPU
+the CUDA sort against ``lax.sort`` bit for bit.
 """
 
 from __future__ import annotations
@@ -346,3 +349,128 @@ def test_sampler_tokens_with_cuda_top_k_are_the_staged_ones():
         np.testing.assert_array_equal(
             np.asarray(kernels(key, logits)), np.asarray(staged(key, logits))
         )
+
+
+# ----------------------------------------------------------------------------
+# The full row sort
+# ----------------------------------------------------------------------------
+
+
+def sort_reference(x: np.ndarray) -> np.ndarray:
+    """Indices of each row by value, largest first, ties in index order, -0.0 equal to +0.0,
+    NaNs last (any sign or payload)."""
+    rank = np.where(np.isnan(x), -1, keys(np.where(x == 0, np.float32(0), x)).astype(np.int64))
+    return np.argsort(-rank, axis=-1, kind="stable")
+
+
+def special_rows(b: int, v: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows of quarter-integers (many ties, +0.0 among them) with -0.0, +-inf and NaNs of
+    both signs and several payloads scattered in."""
+    x = (np.round(rng.standard_normal((b, v)) * 8) / 4).astype(np.float32)
+    flat = x.reshape(-1)
+    at = rng.integers(0, flat.size, max(8, flat.size // 40))
+    kind = rng.integers(0, 5, at.size)
+    nan_bits = (0x7FC00000 | rng.integers(0, 1 << 16, at.size)).astype(np.uint32)
+    nan_bits |= (rng.integers(0, 2, at.size).astype(np.uint32) << 31).astype(np.uint32)
+    nans = nan_bits.view(np.float32)
+    flat[at] = np.select(
+        [kind == 0, kind == 1, kind == 2, kind == 3], [-0.0, np.inf, -np.inf, 0.0], nans
+    )
+    return x
+
+
+def test_sorted_descending_order():
+    """The contract both sorts meet (here lax.sort's): values descending, ties in index
+    order, -0.0 equal to +0.0, NaNs last, every value's bits kept."""
+    rng = np.random.default_rng(3)
+    for x in (special_rows(3, 5000, rng), rng.standard_normal((2, 700)).astype(np.float32)):
+        want = sort_reference(x)
+        for fn in (S._sorted_descending, jax.jit(S._sorted_descending)):
+            vals, idx = fn(jnp.asarray(x))
+            np.testing.assert_array_equal(np.asarray(idx), want)
+            np.testing.assert_array_equal(  # bit for bit: signed zeros and NaN payloads too
+                np.asarray(vals).view(np.uint32),
+                np.take_along_axis(x, want, axis=-1).view(np.uint32),
+            )
+
+
+def test_sort_dispatch(monkeypatch):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 300)), jnp.float32)
+    want = sort_reference(np.asarray(x))
+    assert "int32" in S._cuda_sort_reason((2, 300), jnp.int32)
+    assert "2**31" in S._cuda_sort_reason((2**16, 2**15))
+    assert "2**31" in S._cuda_sort_reason((0, 300))
+    assert "not [B, V]" in S._cuda_sort_reason((2, 3, 4))
+    if jax.default_backend() != "gpu":
+        with pytest.raises(NotImplementedError, match=r"CUDA row sort cannot serve.*'cpu'"):
+            S._sorted_descending(x, cuda=True)
+        monkeypatch.setenv("RESET_JAX_SORT", "cuda")
+        with pytest.raises(NotImplementedError, match="CUDA row sort"):
+            S._sorted_descending(x)
+    for choice in ("xla", "auto"):
+        monkeypatch.setenv("RESET_JAX_SORT", choice)
+        np.testing.assert_array_equal(np.asarray(S._sorted_descending(x)[1]), want)
+    monkeypatch.setenv("RESET_JAX_SORT", "cub")
+    with pytest.raises(ValueError, match="RESET_JAX_SORT"):
+        S._sorted_descending(x)
+
+
+def test_sort_kernels_branch_is_chosen_by_the_lowering_platform(monkeypatch):
+    """A GPU host's CPU device gets lax.sort: the kernels' branch is a stand-in giving wrong
+    indices here, and the CPU must not run it."""
+    monkeypatch.setattr(S, "_cuda_sort_reason", lambda *a: None)
+    monkeypatch.setattr(S, "_sort_rows_cuda", lambda z: (z, jnp.zeros(z.shape, jnp.int32)))
+    x = np.random.default_rng(1).standard_normal((2, 3000)).astype(np.float32)
+    with jax.default_device(jax.devices("cpu")[0]):
+        _, idx = jax.jit(S._sorted_descending)(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(idx), sort_reference(x))
+
+
+def test_library_sort_scratch_query():
+    """The library's scratch count: cub's size query needs a CUDA device, so without one it
+    fails with a clear error, never a made-up size."""
+    from reset_jax.nvfp4 import cuda
+
+    if cuda.library_path() is None:
+        pytest.skip("the CUDA library is not built")
+    if not hasattr(cuda._library()[0], "ResetJaxSortScratchBytes"):
+        pytest.skip("the built library predates the row sort")
+    with pytest.raises(ValueError, match="cannot serve"):
+        cuda.sort_scratch_bytes(2**16, 2**15)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="query failed"):
+            cuda.sort_scratch_bytes(8, 151936)
+        return
+    n = 8 * 151936
+    got = cuda.sort_scratch_bytes(8, 151936)
+    assert 20 * n <= got < 40 * n  # keys twice (16 B), one set of values (4 B), cub's storage
+
+
+@gpu
+def test_cuda_sort_is_lax_sort():
+    rng = np.random.default_rng(9)
+    cases = {
+        "random B 1": (rng.standard_normal((1, 151936)) * 7).astype(np.float32),
+        "random B 8": (rng.standard_normal((8, 151936)) * 3).astype(np.float32),
+        "specials B 5": special_rows(5, 151936, rng),
+        "V 17": rng.standard_normal((3, 17)).astype(np.float32),
+        "70000 rows": rng.standard_normal((70000, 40)).astype(np.float32),
+    }
+    cases["bf16 ties B 3"] = np.asarray(
+        jnp.asarray(cases["random B 8"][:3], jnp.bfloat16).astype(jnp.float32)
+    )
+    kernels = jax.jit(functools.partial(S._sorted_descending, cuda=True))
+    xla = jax.jit(functools.partial(S._sorted_descending, cuda=False))
+    for name, x in cases.items():
+        vals, idx = kernels(jnp.asarray(x))
+        want_v, want_i = xla(jnp.asarray(x))
+        np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_i), err_msg=name)
+        np.testing.assert_array_equal(
+            np.asarray(vals).view(np.uint32), np.asarray(want_v).view(np.uint32), err_msg=name
+        )
+        if x.shape[0] <= 8:
+            np.testing.assert_array_equal(np.asarray(idx), sort_reference(x), err_msg=name)
+    zb = jnp.asarray(cases["random B 8"], jnp.bfloat16)
+    got, want = kernels(zb), xla(zb)
+    assert got[0].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))

@@ -52,7 +52,7 @@ nvcc -std=c++17 -O3 -arch=sm_90 -rdc=true -I ffi -DRJ_TIMELINE ffi/tests/layer_c
   ffi/nvfp4_kernels.cu ffi/attention_kernels.cu -o /tmp/layer_timeline > "$LOG/build_layer_timeline.log" 2>&1 || { echo "timeline build failed"; exit 1; }
 
 nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I ffi ffi/tests/topk_check.cu ffi/topk_kernels.cu \
-  -o /tmp/topk_check > "$LOG/build_topk_check.log" 2>&1 || { echo "top-k checker build failed"; exit 1; }
+  ffi/sort_kernels.cu -o /tmp/topk_check > "$LOG/build_topk_check.log" 2>&1 || { echo "top-k checker build failed"; exit 1; }
 
 nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/boundary_bench.cu -o /tmp/boundary_bench \
   > "$LOG/build_boundary_bench.log" 2>&1 || { echo "boundary bench build failed"; exit 1; }

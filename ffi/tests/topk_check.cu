@@ -1,7 +1,9 @@
-// Standalone checker for the sampler's top-k kernels (no JAX), against a host reference: a
-// stable sort of each row by value (descending, +0.0 above -0.0), index order for ties.
+// Standalone checker for the sampler's top-k kernels and its full row sort (no JAX), against a
+// host reference: a stable sort of each row by value (descending, NaNs last; +0.0 above -0.0 for
+// the top-k, the two equal for the sort), index order for ties.
 //
-//   nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/topk_check.cu ffi/topk_kernels.cu -o topk_check
+//   nvcc -std=c++17 -O3 -arch=sm_90 -I ffi ffi/tests/topk_check.cu ffi/topk_kernels.cu \
+//     ffi/sort_kernels.cu -o topk_check
 //   ./topk_check          # every case, then timings; exit code 0 only if all passed
 //   ./topk_check quick    # fewer cases, no timings (for the sanitizers)
 //
@@ -9,6 +11,7 @@
 // before the call and fully written; rows the kernels call exact must equal the reference bit
 // for bit (indices and values), and a case says which rows must be exact (NaN rows, rows with
 // zeros of both signs among the candidates and rows with too many candidates may not be).
+// The full sort (SortCases) must equal the reference in every row.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,6 +23,7 @@
 #include <vector>
 
 #include "tests/host_util.h"
+#include "sort_kernels.h"
 #include "topk_kernels.h"
 
 namespace {
@@ -119,12 +123,19 @@ std::vector<Case> Cases(bool quick) {
   return cs;
 }
 
-// Reference top-C of one row: (indices, values).
-void Reference(const float* row, int V, int C, std::vector<int32_t>& idx) {
+// Reference top-C of one row (indices): descending, ties in index order, NaNs last, and +0.0
+// above -0.0 (the top-k, which never reports a NaN row exact) or the two equal (the sort, as
+// lax.sort has them).
+void Reference(const float* row, int V, int C, std::vector<int32_t>& idx,
+               bool zeros_equal = false) {
   std::vector<int32_t> order(V);
   std::iota(order.begin(), order.end(), 0);
+  auto rank = [&](int32_t i) {
+    const float f = zeros_equal && row[i] == 0.f ? 0.f : row[i];
+    return std::isnan(f) ? int64_t(-1) : int64_t(HostKey(f));
+  };
   std::stable_sort(order.begin(), order.end(),
-                   [&](int32_t a, int32_t b) { return HostKey(row[a]) > HostKey(row[b]); });
+                   [&](int32_t a, int32_t b) { return rank(a) > rank(b); });
   idx.assign(order.begin(), order.begin() + C);
 }
 
@@ -253,6 +264,134 @@ void Time(int B, int V, int C) {
   d.Free();
 }
 
+// The full sort's cases: (name, B, V, rows).
+struct SortCase {
+  std::string name;
+  int B, V;
+  std::vector<float> z;
+};
+
+std::vector<SortCase> SortCases(bool quick) {
+  std::vector<SortCase> cs;
+  const int V = 151936;
+  cs.push_back({"sort random", 8, V, Normal(8, V, 3.f, 201)});
+  cs.push_back({"sort V 17", 3, 17, Normal(3, 17, 1.f, 202)});
+  {
+    // Ties, signed zeros, infinities and NaNs (with payloads and both signs) in one batch.
+    auto z = Normal(5, V, 2.f, 203);
+    for (auto& x : z) x = std::round(x * 4.f) / 4.f;  // many ties, +0.0 among them
+    std::mt19937 g(7);
+    for (int n = 0; n < 4000; ++n) {
+      const size_t i = g() % z.size();
+      const uint32_t kind = g() % 5;
+      uint32_t nan_bits = 0x7fc00000u | (g() & 0xffffu) | ((g() & 1) << 31);
+      float nan;
+      std::memcpy(&nan, &nan_bits, 4);
+      z[i] = kind == 0 ? -0.f : kind == 1 ? INFINITY : kind == 2 ? -INFINITY : kind == 3 ? 0.f : nan;
+    }
+    cs.push_back({"sort specials", 5, V, z});
+  }
+  if (!quick) {
+    cs.push_back({"sort B 1", 1, V, Normal(1, V, 7.f, 204)});
+    cs.push_back({"sort B 2", 2, V, Normal(2, V, 7.f, 205)});
+    {
+      auto z = Normal(3, V, 7.f, 206);
+      for (auto& x : z) x = RoundBf16(x);
+      cs.push_back({"sort bf16 ties", 3, V, z});
+    }
+    {
+      std::vector<float> z(size_t(2) * V, 0.5f);
+      cs.push_back({"sort all equal", 2, V, z});
+    }
+    cs.push_back({"sort 70000 rows", 70000, 40, Normal(70000, 40, 1.f, 207)});
+    cs.push_back({"sort V 1", 9, 1, Normal(9, 1, 1.f, 208)});
+  }
+  return cs;
+}
+
+bool RunSortCase(const SortCase& c) {
+  const int B = c.B, V = c.V;
+  const size_t n = size_t(B) * V, bytes = rjsort::SortScratchBytes(B, V);
+  if (bytes == 0) {
+    std::printf("FAIL %s: no scratch size\n", c.name.c_str());
+    return false;
+  }
+  float *z, *vals;
+  int32_t* idx;
+  void* scratch;
+  CK(cudaMalloc(&z, n * 4));
+  CK(cudaMalloc(&vals, n * 4));
+  CK(cudaMalloc(&idx, n * 4));
+  CK(cudaMalloc(&scratch, bytes));
+  CK(cudaMemcpy(z, c.z.data(), n * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemset(vals, 0xFF, n * 4));
+  CK(cudaMemset(idx, 0xAB, n * 4));
+  CK(cudaMemset(scratch, 0x5A, bytes));
+  rjsort::SortArgs a;
+  a.z = z, a.vals = vals, a.idx = idx, a.scratch = scratch, a.scratch_bytes = bytes;
+  a.B = B, a.V = V;
+  if (const char* why = rjsort::SortUnsupportedReason(a)) {
+    std::printf("FAIL %s: unsupported: %s\n", c.name.c_str(), why);
+    return false;
+  }
+  CK(rjsort::LaunchSortRows(a, nullptr));
+  CK(cudaDeviceSynchronize());
+  std::vector<float> got_v(n);
+  std::vector<int32_t> got_i(n), want;
+  CK(cudaMemcpy(got_v.data(), vals, n * 4, cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(got_i.data(), idx, n * 4, cudaMemcpyDeviceToHost));
+  CK(cudaFree(z));
+  CK(cudaFree(vals));
+  CK(cudaFree(idx));
+  CK(cudaFree(scratch));
+  bool ok = true;
+  for (int b = 0; b < B && ok; ++b) {
+    const float* row = c.z.data() + size_t(b) * V;
+    Reference(row, V, V, want, /*zeros_equal=*/true);
+    for (int i = 0; i < V; ++i) {
+      const int32_t id = got_i[size_t(b) * V + i];
+      const float v = got_v[size_t(b) * V + i];
+      if (id != want[i] || std::memcmp(&v, &row[want[i]], 4) != 0) {
+        std::printf("FAIL %s row %d rank %d: got (%d, %a), want (%d, %a)\n", c.name.c_str(), b,
+                    i, id, v, want[i], row[want[i]]);
+        ok = false;
+        break;
+      }
+    }
+  }
+  std::printf("%s %-14s B=%d V=%d scratch=%zu bytes\n", ok ? "ok  " : "FAIL", c.name.c_str(), B,
+              V, bytes);
+  return ok;
+}
+
+void TimeSort(int B, int V) {
+  const size_t n = size_t(B) * V, bytes = rjsort::SortScratchBytes(B, V);
+  float *z, *vals;
+  int32_t* idx;
+  void* scratch;
+  CK(cudaMalloc(&z, n * 4));
+  CK(cudaMalloc(&vals, n * 4));
+  CK(cudaMalloc(&idx, n * 4));
+  CK(cudaMalloc(&scratch, bytes));
+  const auto h = Normal(B, V, 7.f, 98);
+  CK(cudaMemcpy(z, h.data(), n * 4, cudaMemcpyHostToDevice));
+  rjsort::SortArgs a;
+  a.z = z, a.vals = vals, a.idx = idx, a.scratch = scratch, a.scratch_bytes = bytes;
+  a.B = B, a.V = V;
+  cudaStream_t st;
+  CK(cudaStreamCreate(&st));
+  const float ms = GraphMedianMs(st, 15, [&](cudaStream_t s) {
+    for (int r = 0; r < 20; ++r) CK(rjsort::LaunchSortRows(a, s));
+  });
+  std::printf("time sort B=%d V=%d: %.2f us a call (median of 15 graphs of 20 calls)\n", B, V,
+              1e3 * ms / 20);
+  CK(cudaStreamDestroy(st));
+  CK(cudaFree(z));
+  CK(cudaFree(vals));
+  CK(cudaFree(idx));
+  CK(cudaFree(scratch));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -262,10 +401,15 @@ int main(int argc, char** argv) {
     ++n;
     failed += !RunCase(c);
   }
+  for (const SortCase& c : SortCases(quick)) {
+    ++n;
+    failed += !RunSortCase(c);
+  }
   std::printf("topk check: %d cases, %d failed\n", n, failed);
   if (!quick) {
     for (int C : {256, 1024})
       for (int B : {1, 2, 8}) Time(B, 151936, C);
+    for (int B : {1, 2, 8}) TimeSort(B, 151936);
   }
   return failed ? 1 : 0;
 }

@@ -48,6 +48,7 @@ TARGET_ADD_NORM_W4A16 = "reset_jax_nvfp4_add_norm_w4a16"
 TARGET_DECODE_ATTENTION = "reset_jax_decode_attention"  # reset_jax.attention
 TARGET_DECODER_LAYERS = "reset_jax_decoder_layers"  # reset_jax.decoder_layers
 TARGET_TOPK = "reset_jax_top_k"  # reset_jax.sampling
+TARGET_SORT_ROWS = "reset_jax_sort_rows"  # reset_jax.sampling
 # bf16 mma.sync and cp/ld cache hints need Ampere; sm_80 machine code ships.
 _MIN_COMPUTE_CAPABILITY = 8.0
 _BF16 = np.dtype(jnp.bfloat16)
@@ -137,6 +138,7 @@ def _register() -> None:
             (TARGET_DECODE_ATTENTION, "ResetJaxDecodeAttention"),
             (TARGET_DECODER_LAYERS, "ResetJaxDecoderLayers"),
             (TARGET_TOPK, "ResetJaxTopK"),
+            (TARGET_SORT_ROWS, "ResetJaxSortRows"),
         ):
             jax.ffi.register_ffi_target(
                 name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA"
@@ -202,6 +204,31 @@ def top_k_scratch_words(b: int, v: int, k: int) -> int:
     fn.restype = ctypes.c_size_t
     fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int)
     return int(fn(b, v, k))
+
+
+def sort_scratch_bytes(b: int, v: int) -> int:
+    """Bytes of the CUDA row sort's uint8 scratch result for ``z [b, v]``.
+
+    The library's own count (``rjsort::SortScratchBytes``, through ctypes): cub's
+    temporary storage for this GPU's architecture plus the sort's key and value buffers.
+
+    Raises:
+      NotImplementedError: the library is not built or does not load.
+      ValueError: the shape cannot be served (empty, or more than 2**31 - 1 elements),
+        or cub's size query failed on this GPU.
+    """
+    lib, reason = _library()
+    if lib is None:
+        raise NotImplementedError(reason)
+    fn = lib.ResetJaxSortScratchBytes
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = (ctypes.c_int, ctypes.c_int)
+    if not (1 <= b and 1 <= v and b * v < 2**31):
+        raise ValueError(f"the CUDA row sort cannot serve z [{b}, {v}]: 1 to 2**31 - 1 elements")
+    n = int(fn(b, v))
+    if n == 0:
+        raise ValueError(f"the CUDA row sort's scratch size query failed for z [{b}, {v}]")
+    return n
 
 
 def ensure_registered() -> None:

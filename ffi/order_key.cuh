@@ -1,0 +1,15 @@
+// The order key of a float32 for the sampler's kernels (topk_kernels.cu, sort_kernels.cu): the
+// float's bits mapped to an unsigned total order in which larger floats have larger keys
+// (negative: all bits flipped; positive: the sign bit set), so -0.0 sits just below +0.0.
+#pragma once
+
+#include <cstdint>
+
+namespace rjkeys {
+
+__device__ __forceinline__ uint32_t OrderKey(float f) {
+  const uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+}  // namespace rjkeys
