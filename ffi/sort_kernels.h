@@ -4,7 +4,8 @@
 // (vals, idx) = (z[b, idx], idx) with idx the row's indices ordered by value, largest first,
 // equal values in index order, where -0.0 equals +0.0 and every NaN is equal and last: what
 // `lax.sort((-z, iota), num_keys=1, is_stable=True)` gives, negated back, for every row (jax's
-// sort comparator canonicalises signed zeros and NaNs).
+// sort comparator canonicalises signed zeros and NaNs). vals are z's own bits (XLA's GPU sort
+// writes any NaN back as 0x7fffffff).
 //
 // The method: one radix sort of all B * V elements at once (cub::DeviceRadixSort, onesweep), on
 // 64-bit keys (row << 32 | ~order key of the value, -0.0 keyed as +0.0; NaN: all ones) with the

@@ -1,7 +1,10 @@
 // Exact top-k of float32 rows (see topk_kernels.h for the contract and the method).
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "order_key.cuh"
+#include "pdl.cuh"
 #include "topk_kernels.h"
 
 namespace rjtopk {
@@ -30,6 +33,7 @@ template <int S>
 __global__ void __launch_bounds__(kThreads) SliceMaxKernel(const float* __restrict__ z, int B,
                                                            int V, int ns,
                                                            uint32_t* __restrict__ maxima) {
+  rjpdl::PdlLaunchDependents();  // kernel 2 may start; it waits for this grid (pdl.cuh)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int s = blockIdx.x * kWarps + warp;
   if (s >= ns) return;
@@ -55,6 +59,8 @@ __global__ void __launch_bounds__(kThreads) ThresholdKernel(const uint32_t* __re
                                                             uint32_t* __restrict__ rows) {
   __shared__ uint32_t hist[256];
   __shared__ uint32_t sh_prefix, sh_need;
+  rjpdl::PdlLaunchDependents();  // kernel 3 may start and load its slices of z
+  rjpdl::PdlWait();              // the maxima come from kernel 1
   const int b = blockIdx.x;
   const uint32_t* mk = maxima + size_t(b) * ns;
   uint32_t prefix = 0, mask = 0, need = uint32_t(C);
@@ -134,10 +140,19 @@ __global__ void __launch_bounds__(kThreads) CollectKernel(const float* __restric
   const int cap = TopkRowCap(V);
   const int base = s * S;
   const uint32_t below = (1u << lane) - 1u;
+  rjpdl::PdlLaunchDependents();  // kernel 4 may start; it waits for this grid
   for (int b = blockIdx.y; b < B; b += gridDim.y) {  // the same trip count in the whole CTA
     const float* row = z + size_t(b) * V;
     uint32_t* r = rows + size_t(b) * kRowWords;
     unsigned long long* out = cand + size_t(b) * cap;
+    // The slice's values first: z is the chain's input, so these loads may overlap kernel 2.
+    float vals[J];
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const int i = base + j * 32 + lane;
+      vals[j] = (live && i < V) ? __ldg(row + i) : 0.f;
+    }
+    rjpdl::PdlWait();  // L, and the count and flags kernel 2 cleared (a no-op after the first)
     const uint32_t L = r[0];
     unsigned flags = 0;
     unsigned long long word[J];
@@ -148,7 +163,7 @@ __global__ void __launch_bounds__(kThreads) CollectKernel(const float* __restric
       bool take = false;
       word[j] = 0;
       if (live && i < V) {
-        const float f = __ldg(row + i);
+        const float f = vals[j];
         if (f != f) flags |= kNanSeen;
         const uint32_t k = OrderKey(f);
         take = k >= L;
@@ -234,6 +249,7 @@ __global__ void __launch_bounds__(kT, 1) SortKernel(const float* __restrict__ z,
   constexpr int W = kT / 32;
   constexpr int kMaxBlocks = (kCap / 64 + W - 1) / W;  // 64-word blocks a warp holds, at most
   __shared__ unsigned long long s[kCap];
+  rjpdl::PdlWait();  // the candidates come from kernel 3
   const int b = blockIdx.x;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const uint32_t* r = rows + size_t(b) * kRowWords;
@@ -312,23 +328,33 @@ cudaError_t LaunchWith(const TopkArgs& a, cudaStream_t stream) {
   const int ns = TopkSlices(a.V, a.C);
   const Scratch sc = Split(a.scratch, a.B, ns);
   const dim3 slices((ns + kWarps - 1) / kWarps, a.B < 65535 ? a.B : 65535);
+  // The first kernel waits for everything before it on the stream; the other three are
+  // programmatic dependents of the one before them where a.pdl (pdl.cuh).
   SliceMaxKernel<S><<<slices, kThreads, 0, stream>>>(a.z, a.B, a.V, ns, sc.maxima);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-  ThresholdKernel<<<a.B, kThreads, 0, stream>>>(sc.maxima, ns, a.C, sc.rows);
-  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-  CollectKernel<S><<<slices, kThreads, 0, stream>>>(a.z, a.B, a.V, ns, sc.rows, sc.cand);
-  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  if (cudaError_t e = rjpdl::Launch(ThresholdKernel, dim3(a.B), dim3(kThreads), 0, stream, a.pdl,
+                                    sc.maxima, ns, a.C, sc.rows);
+      e != cudaSuccess)
+    return e;
+  if (cudaError_t e = rjpdl::Launch(CollectKernel<S>, slices, dim3(kThreads), 0, stream, a.pdl,
+                                    a.z, a.B, a.V, ns, sc.rows, sc.cand);
+      e != cudaSuccess)
+    return e;
   // Past C = 256 a row sorts 2048-4096 words: 1024 threads (two blocks of 64 words a warp).
-  if (a.C > 256)
-    SortKernel<1024><<<a.B, 1024, 0, stream>>>(a.z, a.V, a.C, sc.rows, sc.cand, a.vals, a.idx,
-                                                a.exact);
-  else
-    SortKernel<kThreads><<<a.B, kThreads, 0, stream>>>(a.z, a.V, a.C, sc.rows, sc.cand, a.vals,
-                                                        a.idx, a.exact);
-  return cudaGetLastError();
+  const int sort_threads = a.C > 256 ? 1024 : kThreads;
+  return rjpdl::Launch(a.C > 256 ? SortKernel<1024> : SortKernel<kThreads>, dim3(a.B),
+                       dim3(sort_threads), 0, stream, a.pdl, a.z, a.V, a.C, sc.rows, sc.cand,
+                       a.vals, a.idx, a.exact);
 }
 
 }  // namespace
+
+bool TopkPdlDefault() {
+  const char* env = std::getenv("RESET_JAX_TOPK_PDL");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  int device = 0;
+  return cudaGetDevice(&device) == cudaSuccess && rjpdl::DeviceSupportsPdl(device);
+}
 
 const char* TopkUnsupportedReason(const TopkArgs& a) {
   if (a.B < 1 || a.V < 1) return "empty logits";

@@ -50,6 +50,10 @@ struct TopkArgs {
   int32_t* exact = nullptr;  // [B]: 1 where the row's result is lax.top_k's, else 0
   uint32_t* scratch = nullptr;  // TopkScratchWords(B, V, C) words, 8-byte aligned
   int B = 0, V = 0, C = 0;
+  // Launch kernels 2-4 as programmatic dependents of the kernel before them (ffi/pdl.cuh;
+  // sm_90+ only, the caller checks): each starts while the one before it finishes, and the
+  // collect loads its slices of z before it waits.
+  bool pdl = false;
 };
 
 // Per-row words of the scratch after the slice maxima: threshold key, candidate count, flags
@@ -89,7 +93,11 @@ inline size_t TopkScratchWords(int B, int V, int C) {
 
 // Why these arguments cannot be served (a message), or nullptr.
 const char* TopkUnsupportedReason(const TopkArgs& a);
-// Enqueues the four kernels on `stream`. Returns the first CUDA error.
+// TopkArgs::pdl for the current device: true on sm_90+ unless the environment variable
+// RESET_JAX_TOPK_PDL is "0" (for comparisons).
+bool TopkPdlDefault();
+// Enqueues the four kernels on `stream` (kernels 2-4 as programmatic dependents where a.pdl).
+// Returns the first CUDA error.
 cudaError_t LaunchTopk(const TopkArgs& a, cudaStream_t stream);
 
 }  // namespace rjtopk

@@ -803,8 +803,8 @@ def _sorted_descending(z: jax.Array, *, cuda: bool | None = None) -> tuple[jax.A
     On a GPU with the CUDA library, by default, one radix sort of every row at once
     (``ffi/sort_kernels.h``, cub's onesweep on ``row | value`` keys); XLA sorts
     ``[8, 151936]`` with a bitonic network of 28 kernels (~370 us a call on an H200,
-    RESULTS.md AF1). Elsewhere ``lax.sort``. Both give the same values (bit for bit)
-    and indices.
+    RESULTS.md AF1). Elsewhere ``lax.sort``. Both give the same indices and values
+    (bit for bit, but for NaN payloads: XLA's GPU sort writes every NaN back as one NaN).
 
     Args:
       z: ``[B, V]`` float32, bfloat16 or float16 (the CUDA sort; any float for

@@ -461,12 +461,22 @@ def test_cuda_sort_is_lax_sort():
     )
     kernels = jax.jit(functools.partial(S._sorted_descending, cuda=True))
     xla = jax.jit(functools.partial(S._sorted_descending, cuda=False))
+
+    # Every value's bits, signed zeros too, but any NaN as one NaN: XLA's GPU sort writes
+    # NaNs back as 0x7fffffff, the CUDA sort keeps the row's own.
+    def bits(v):
+        v = np.asarray(v)
+        return np.where(np.isnan(v), np.uint32(0x7FC00000), v.view(np.uint32))
+
     for name, x in cases.items():
         vals, idx = kernels(jnp.asarray(x))
         want_v, want_i = xla(jnp.asarray(x))
         np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_i), err_msg=name)
-        np.testing.assert_array_equal(
-            np.asarray(vals).view(np.uint32), np.asarray(want_v).view(np.uint32), err_msg=name
+        np.testing.assert_array_equal(bits(vals), bits(want_v), err_msg=name)
+        np.testing.assert_array_equal(  # the CUDA sort's values are z's own, NaN bits too
+            np.asarray(vals).view(np.uint32),
+            np.take_along_axis(x, np.asarray(idx), axis=-1).view(np.uint32),
+            err_msg=name,
         )
         if x.shape[0] <= 8:
             np.testing.assert_array_equal(np.asarray(idx), sort_reference(x), err_msg=name)

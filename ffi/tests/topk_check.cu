@@ -162,10 +162,13 @@ Buffers Alloc(int B, int V, int C) {
   return d;
 }
 
-rjtopk::TopkArgs Args(const Buffers& d, int B, int V, int C) {
+// pdl: kernels 2-4 as programmatic dependents (the library's default on sm_90+, unless
+// RESET_JAX_TOPK_PDL=0).
+rjtopk::TopkArgs Args(const Buffers& d, int B, int V, int C, bool pdl = rjtopk::TopkPdlDefault()) {
   rjtopk::TopkArgs a;
   a.z = d.z, a.vals = d.vals, a.idx = d.idx, a.exact = d.exact, a.scratch = d.scratch;
   a.B = B, a.V = V, a.C = C;
+  a.pdl = pdl;
   return a;
 }
 
@@ -251,15 +254,22 @@ void Time(int B, int V, int C) {
   Buffers d = Alloc(B, V, C);
   const auto z = Normal(B, V, 7.f, 99);
   CK(cudaMemcpy(d.z, z.data(), z.size() * 4, cudaMemcpyHostToDevice));
-  const rjtopk::TopkArgs a = Args(d, B, V, C);
   cudaStream_t st;
   CK(cudaStreamCreate(&st));
-  // A CUDA graph of 20 calls, as XLA's command buffers run them.
-  const float ms = GraphMedianMs(st, 15, [&](cudaStream_t s) {
-    for (int r = 0; r < 20; ++r) CK(rjtopk::LaunchTopk(a, s));
-  });
-  std::printf("time B=%d V=%d C=%d: %.2f us a call (median of 15 graphs of 20 calls)\n", B, V, C,
-              1e3 * ms / 20);
+  // A CUDA graph of 20 calls, as XLA's command buffers run them; with and without PDL inside
+  // each call, alternating, twice.
+  float ms[2][2];
+  for (int rep = 0; rep < 2; ++rep)
+    for (int pdl = 0; pdl < 2; ++pdl) {
+      const rjtopk::TopkArgs a = Args(d, B, V, C, pdl == 1);
+      ms[rep][pdl] = GraphMedianMs(st, 15, [&](cudaStream_t s) {
+        for (int r = 0; r < 20; ++r) CK(rjtopk::LaunchTopk(a, s));
+      });
+    }
+  std::printf("time B=%d V=%d C=%d: %.2f / %.2f us a call, PDL %.2f / %.2f (median of 15 graphs "
+              "of 20 calls)\n",
+              B, V, C, 1e3 * ms[0][0] / 20, 1e3 * ms[1][0] / 20, 1e3 * ms[0][1] / 20,
+              1e3 * ms[1][1] / 20);
   CK(cudaStreamDestroy(st));
   d.Free();
 }
