@@ -55,7 +55,7 @@ ffi::Error TopKImpl(cudaStream_t stream, ffi::AnyBuffer z, ffi::Result<ffi::AnyB
   a.idx = static_cast<int32_t*>(idx->untyped_data());
   a.exact = static_cast<int32_t*>(exact->untyped_data());
   a.scratch = static_cast<uint32_t*>(scratch->untyped_data());
-  a.pdl = rjtopk::TopkPdlDefault();
+  a.pdl = rjtopk::TopkPdlDefault(a.B, a.C);
   if (const char* why = rjtopk::TopkUnsupportedReason(a)) return Invalid(why);
   const size_t want = rjtopk::TopkScratchWords(a.B, a.V, a.C);
   if (scratch->element_type() != T::U32 || scratch->element_count() != want)

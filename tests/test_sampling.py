@@ -946,11 +946,13 @@ def _sub_jaxprs(eqn):
 
 
 def _conds(jaxpr, *, nested: bool) -> list:
-    """The ``cond`` equations of ``jaxpr`` (through pjit and other sub-jaxprs; inside other
-    conds' branches too where ``nested``)."""
+    """The ``cond`` equations of ``jaxpr`` that choose at run time, each a readback on a GPU
+    (through pjit and other sub-jaxprs; inside other conds' branches too where ``nested``).
+    A ``lax.platform_dependent`` cond (``branches_platforms`` set: the CUDA top-k or sort
+    against its XLA form) is chosen when lowering, not counted; its branches are searched."""
     out = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "cond":
+        if eqn.primitive.name == "cond" and not eqn.params.get("branches_platforms"):
             out.append(eqn)
             if not nested:
                 continue
@@ -959,25 +961,50 @@ def _conds(jaxpr, *, nested: bool) -> list:
     return out
 
 
-def _prims(jaxpr) -> set:
-    """The primitives' names in ``jaxpr`` and all its sub-jaxprs."""
-    out = set()
+def _eqns(jaxpr) -> list:
+    """Every equation of ``jaxpr`` and of all its sub-jaxprs."""
+    out = []
     for eqn in jaxpr.eqns:
-        out.add(eqn.primitive.name)
+        out.append(eqn)
         for sub in _sub_jaxprs(eqn):
-            out |= _prims(sub)
+            out += _eqns(sub)
     return out
 
 
-def test_branchless_fallback_reaches_the_wide_draw_behind_one_more_readback():
+def _prims(jaxpr) -> set:
+    """The primitives' names in ``jaxpr`` and all its sub-jaxprs."""
+    return {eqn.primitive.name for eqn in _eqns(jaxpr)}
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["xla", "cuda-forms"])
+def test_branchless_fallback_reaches_the_wide_draw_behind_one_more_readback(kernels, monkeypatch):
     """On a GPU each conditional reads a value back (~16 us). The common fallbacks (a kept
     set wider than the 256 candidates: within the 1024 wide ones, or past them) take their
     token behind the switch and one more conditional, whose branches for them hold none:
     not the three nested conds of the exact fallback. The wide draw runs the plain draw
-    and the argmax only where the batch needs them."""
+    and the argmax only where the batch needs them. ``cuda-forms``: traced as on a GPU with
+    the library, the CUDA top-k and row sort behind their ``platform_dependent`` (stand-ins
+    here: only the structure is read)."""
+    if kernels:
+        monkeypatch.setattr(S, "_cuda_top_k_reason", lambda *a: None)
+        monkeypatch.setattr(S, "_cuda_sort_reason", lambda *a: None)
+        monkeypatch.setattr(S, "_sort_rows_cuda", lambda z: (z, jnp.zeros(z.shape, jnp.int32)))
+        monkeypatch.setattr(
+            S,
+            "_top_k_cuda",
+            lambda z, c: (
+                z[:, :c],
+                jnp.zeros((z.shape[0], c), jnp.int32),
+                jnp.ones(z.shape[:1], bool),
+            ),
+        )
     args = _top_p_args(2, 5000)
-    fn = functools.partial(S._sample, max_candidates=256, branchless=True)
-    (switch,) = _conds(jax.make_jaxpr(fn)(*args).jaxpr, nested=False)
+    # Unjitted, so that the stand-ins are traced (not _sample's cached trace).
+    fn = functools.partial(S._sample.__wrapped__, max_candidates=256, branchless=True)
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    platform_conds = [e for e in _eqns(jaxpr) if e.params.get("branches_platforms")]
+    assert bool(platform_conds) == kernels
+    (switch,) = _conds(jaxpr, nested=False)
     *first, fallback = switch.params["branches"]
     assert len(first) == 4 and all(not _conds(br.jaxpr, nested=True) for br in first)
     (inner,) = _conds(fallback.jaxpr, nested=False)

@@ -162,13 +162,13 @@ Buffers Alloc(int B, int V, int C) {
   return d;
 }
 
-// pdl: kernels 2-4 as programmatic dependents (the library's default on sm_90+, unless
-// RESET_JAX_TOPK_PDL=0).
-rjtopk::TopkArgs Args(const Buffers& d, int B, int V, int C, bool pdl = rjtopk::TopkPdlDefault()) {
+// pdl: kernels 2-4 as programmatic dependents (by default as the library launches them,
+// rjtopk::TopkPdlDefault; RESET_JAX_TOPK_PDL=1 or 0 runs every case with or without).
+rjtopk::TopkArgs Args(const Buffers& d, int B, int V, int C, int pdl = -1) {
   rjtopk::TopkArgs a;
   a.z = d.z, a.vals = d.vals, a.idx = d.idx, a.exact = d.exact, a.scratch = d.scratch;
   a.B = B, a.V = V, a.C = C;
-  a.pdl = pdl;
+  a.pdl = pdl < 0 ? rjtopk::TopkPdlDefault(B, C) : pdl == 1;
   return a;
 }
 
@@ -261,7 +261,7 @@ void Time(int B, int V, int C) {
   float ms[2][2];
   for (int rep = 0; rep < 2; ++rep)
     for (int pdl = 0; pdl < 2; ++pdl) {
-      const rjtopk::TopkArgs a = Args(d, B, V, C, pdl == 1);
+      const rjtopk::TopkArgs a = Args(d, B, V, C, pdl);
       ms[rep][pdl] = GraphMedianMs(st, 15, [&](cudaStream_t s) {
         for (int r = 0; r < 20; ++r) CK(rjtopk::LaunchTopk(a, s));
       });
