@@ -12,4 +12,9 @@ __device__ __forceinline__ uint32_t OrderKey(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// The float of an order key (OrderKey's inverse).
+__device__ __forceinline__ float FromOrderKey(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k);
+}
+
 }  // namespace rjkeys

@@ -6,6 +6,9 @@
 // Shapes: z [B, V] f32; vals [B, k] f32 and idx [B, k] s32, lax.top_k(z, k) for every row whose
 // exact [B] s32 is 1 (0: the row holds a NaN, or its values tie too widely; the caller falls
 // back); scratch u32 [rjtopk::TopkScratchWords(B, V, k)], contents undefined on entry and exit.
+//   ResetJaxTopKScaled(x, t; k) -> (vals, idx, exact, log_norm, scratch)
+// The same for z = x / t[:, None] (x [B, V] f32, t [B] f32), computed in the kernels, never
+// written out; also log_norm [B] f32 = jax.nn.logsumexp(z, axis=-1) (the sum in f64).
 //   ResetJaxSortRows(z) -> (vals, idx, scratch)
 // Shapes: z [B, V] f32; vals [B, V] f32 and idx [B, V] s32, every row sorted descending (ties
 // in index order, NaNs last); scratch u8 [rjsort::SortScratchBytes(B, V)].
@@ -35,9 +38,10 @@ ffi::Error InvalidSort(const std::string& msg) {
   return ffi::Error::InvalidArgument("reset_jax sort: " + msg);
 }
 
-ffi::Error TopKImpl(cudaStream_t stream, ffi::AnyBuffer z, ffi::Result<ffi::AnyBuffer> vals,
-                    ffi::Result<ffi::AnyBuffer> idx, ffi::Result<ffi::AnyBuffer> exact,
-                    ffi::Result<ffi::AnyBuffer> scratch, int64_t k) {
+// The shared checks and launch of both top-k handlers; `scale` and `log_norm` may be null.
+ffi::Error LaunchTopK(cudaStream_t stream, const ffi::AnyBuffer& z, const ffi::AnyBuffer* scale,
+                      ffi::AnyBuffer& vals, ffi::AnyBuffer& idx, ffi::AnyBuffer& exact,
+                      ffi::AnyBuffer* log_norm, ffi::AnyBuffer& scratch, int64_t k) {
   using T = ffi::DataType;
   const auto zd = z.dimensions();
   if (zd.size() != 2 || z.element_type() != T::F32)
@@ -47,22 +51,40 @@ ffi::Error TopKImpl(cudaStream_t stream, ffi::AnyBuffer z, ffi::Result<ffi::AnyB
     return Invalid("shape too large for 32-bit indexing");
   rjtopk::TopkArgs a;
   a.B = int(B), a.V = int(V), a.C = int(k);
-  if (!Shaped(*vals, T::F32, {B, k})) return Invalid("vals must be float32 [B, k]");
-  if (!Shaped(*idx, T::S32, {B, k})) return Invalid("idx must be int32 [B, k]");
-  if (!Shaped(*exact, T::S32, {B})) return Invalid("exact must be int32 [B]");
+  if (!Shaped(vals, T::F32, {B, k})) return Invalid("vals must be float32 [B, k]");
+  if (!Shaped(idx, T::S32, {B, k})) return Invalid("idx must be int32 [B, k]");
+  if (!Shaped(exact, T::S32, {B})) return Invalid("exact must be int32 [B]");
+  if (scale != nullptr && !Shaped(*scale, T::F32, {B})) return Invalid("t must be float32 [B]");
+  if (log_norm != nullptr && !Shaped(*log_norm, T::F32, {B}))
+    return Invalid("log_norm must be float32 [B]");
   a.z = static_cast<const float*>(z.untyped_data());
-  a.vals = static_cast<float*>(vals->untyped_data());
-  a.idx = static_cast<int32_t*>(idx->untyped_data());
-  a.exact = static_cast<int32_t*>(exact->untyped_data());
-  a.scratch = static_cast<uint32_t*>(scratch->untyped_data());
+  a.scale = scale != nullptr ? static_cast<const float*>(scale->untyped_data()) : nullptr;
+  a.vals = static_cast<float*>(vals.untyped_data());
+  a.idx = static_cast<int32_t*>(idx.untyped_data());
+  a.exact = static_cast<int32_t*>(exact.untyped_data());
+  a.log_norm = log_norm != nullptr ? static_cast<float*>(log_norm->untyped_data()) : nullptr;
+  a.scratch = static_cast<uint32_t*>(scratch.untyped_data());
   a.pdl = rjtopk::TopkPdlDefault(a.B, a.C);
   if (const char* why = rjtopk::TopkUnsupportedReason(a)) return Invalid(why);
   const size_t want = rjtopk::TopkScratchWords(a.B, a.V, a.C);
-  if (scratch->element_type() != T::U32 || scratch->element_count() != want)
+  if (scratch.element_type() != T::U32 || scratch.element_count() != want)
     return Invalid("scratch must be uint32 with " + std::to_string(want) + " elements");
   if (cudaError_t err = rjtopk::LaunchTopk(a, stream); err != cudaSuccess)
     return reset_jax_ffi::CudaFailure("reset_jax top-k: launch", err);
   return ffi::Error::Success();
+}
+
+ffi::Error TopKImpl(cudaStream_t stream, ffi::AnyBuffer z, ffi::Result<ffi::AnyBuffer> vals,
+                    ffi::Result<ffi::AnyBuffer> idx, ffi::Result<ffi::AnyBuffer> exact,
+                    ffi::Result<ffi::AnyBuffer> scratch, int64_t k) {
+  return LaunchTopK(stream, z, nullptr, *vals, *idx, *exact, nullptr, *scratch, k);
+}
+
+ffi::Error TopKScaledImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer t,
+                          ffi::Result<ffi::AnyBuffer> vals, ffi::Result<ffi::AnyBuffer> idx,
+                          ffi::Result<ffi::AnyBuffer> exact, ffi::Result<ffi::AnyBuffer> log_norm,
+                          ffi::Result<ffi::AnyBuffer> scratch, int64_t k) {
+  return LaunchTopK(stream, x, &t, *vals, *idx, *exact, &*log_norm, *scratch, k);
 }
 
 ffi::Error SortRowsImpl(cudaStream_t stream, ffi::AnyBuffer z, ffi::Result<ffi::AnyBuffer> vals,
@@ -115,6 +137,22 @@ extern "C" __attribute__((visibility("default"))) size_t ResetJaxTopKScratchWord
                                                                                   int k) {
   return rjtopk::TopkScratchWords(B, V, k);
 }
+
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* ResetJaxTopKScaled(
+    XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResetJaxTopKScaled, TopKScaledImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // t
+                                  .Ret<ffi::AnyBuffer>()  // vals
+                                  .Ret<ffi::AnyBuffer>()  // idx
+                                  .Ret<ffi::AnyBuffer>()  // exact
+                                  .Ret<ffi::AnyBuffer>()  // log_norm
+                                  .Ret<ffi::AnyBuffer>()  // scratch
+                                  .Attr<int64_t>("k"),
+                              {ffi::Traits::kCmdBufferCompatible});
 
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* ResetJaxSortRows(
     XLA_FFI_CallFrame* call_frame);

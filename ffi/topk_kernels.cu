@@ -13,25 +13,36 @@ namespace {
 
 constexpr int kThreads = 256;        // every kernel but the sort past C = 256 (1024)
 constexpr int kWarps = kThreads / 32;
+static_assert(kWarps == kSlicesPerCta, "TopkScratchWords counts the collect's CTAs by kSlicesPerCta");
 
+using rjkeys::FromOrderKey;
 using rjkeys::OrderKey;
 
-// The scratch: maxima [B, ns], rows [B, kRowWords], candidates [B, TopkRowCap(V)] u64.
+// The scratch: maxima [B, ns], rows [B, kRowWords], candidates [B, TopkRowCap(V)] u64, then the
+// collect CTAs' sums of exp [B, ceil(ns / kWarps)] f64 (TopkScratchWords).
 struct Scratch {
   uint32_t* maxima;
   uint32_t* rows;
   unsigned long long* cand;
+  double* sums;
 };
 
-Scratch Split(uint32_t* s, int B, int ns) {
-  return {s, s + size_t(B) * ns,
-          reinterpret_cast<unsigned long long*>(s + TopkCandidateOffset(B, ns))};
+Scratch Split(uint32_t* s, int B, int V, int ns) {
+  unsigned long long* cand = reinterpret_cast<unsigned long long*>(s + TopkCandidateOffset(B, ns));
+  return {s, s + size_t(B) * ns, cand,
+          reinterpret_cast<double*>(cand + size_t(B) * TopkRowCap(V))};
+}
+
+// z = x / scale[b] (IEEE division, as XLA's), or x where there is no scale.
+__device__ __forceinline__ float Scaled(float x, const float* scale, int b) {
+  return scale != nullptr ? x / scale[b] : x;
 }
 
 // Kernel 1: the largest key of each slice of S elements (a warp a slice, 8 slices a CTA).
 template <int S>
-__global__ void __launch_bounds__(kThreads) SliceMaxKernel(const float* __restrict__ z, int B,
-                                                           int V, int ns,
+__global__ void __launch_bounds__(kThreads) SliceMaxKernel(const float* __restrict__ z,
+                                                           const float* __restrict__ scale,
+                                                           int B, int V, int ns,
                                                            uint32_t* __restrict__ maxima) {
   rjpdl::PdlLaunchDependents();  // kernel 2 may start; it waits for this grid (pdl.cuh)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -44,7 +55,7 @@ __global__ void __launch_bounds__(kThreads) SliceMaxKernel(const float* __restri
 #pragma unroll
     for (int j = 0; j < S / 32; ++j) {
       const int i = base + j * 32 + lane;
-      if (i < V) m = max(m, OrderKey(__ldg(row + i)));
+      if (i < V) m = max(m, OrderKey(Scaled(__ldg(row + i), scale, b)));
     }
     m = __reduce_max_sync(0xffffffffu, m);
     if (lane == 0) maxima[size_t(b) * ns + s] = m;
@@ -52,17 +63,23 @@ __global__ void __launch_bounds__(kThreads) SliceMaxKernel(const float* __restri
 }
 
 // Kernel 2: L = the C-th largest slice maximum of each row (a CTA a row, radix select over
-// 8-bit digits from the top); L = 0 where the row has fewer than C slices. Also clears the
-// row's candidate count and flags for kernel 3.
+// 8-bit digits from the top); L = 0 where the row has fewer than C slices. Also the row's
+// largest key (for the sums of exp in kernel 3), and clears the row's candidate count and
+// flags for kernel 3.
 __global__ void __launch_bounds__(kThreads) ThresholdKernel(const uint32_t* __restrict__ maxima,
                                                             int ns, int C,
                                                             uint32_t* __restrict__ rows) {
   __shared__ uint32_t hist[256];
-  __shared__ uint32_t sh_prefix, sh_need;
+  __shared__ uint32_t sh_prefix, sh_need, warp_top[kWarps];
   rjpdl::PdlLaunchDependents();  // kernel 3 may start and load its slices of z
   rjpdl::PdlWait();              // the maxima come from kernel 1
   const int b = blockIdx.x;
   const uint32_t* mk = maxima + size_t(b) * ns;
+  uint32_t top = 0;
+  for (int i = threadIdx.x; i < ns; i += kThreads) top = max(top, mk[i]);
+  top = __reduce_max_sync(0xffffffffu, top);
+  if ((threadIdx.x & 31) == 0) warp_top[threadIdx.x >> 5] = top;
+  __syncthreads();
   uint32_t prefix = 0, mask = 0, need = uint32_t(C);
   if (ns >= C) {
     // Invariant: `need` (>= 1) of the keys under `prefix` / `mask` are the rank-C key or above
@@ -116,6 +133,9 @@ __global__ void __launch_bounds__(kThreads) ThresholdKernel(const uint32_t* __re
     r[0] = ns >= C ? prefix : 0u;
     r[1] = 0u;
     r[2] = 0u;
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) top = max(top, warp_top[w]);
+    r[3] = max(top, warp_top[0]);
   }
 }
 
@@ -125,14 +145,19 @@ __global__ void __launch_bounds__(kThreads) ThresholdKernel(const uint32_t* __re
 // zeros of either sign anywhere in the row set the row's flags. A CTA reserves its slots with
 // one atomic a row (all the row's CTAs add to one counter: an atomic a warp and a chunk of 32
 // took 9.9 us at k = 1024, B = 8, H200, against 5.0 at k = 256; RESULTS.md AE1); the words'
-// order in the list does not matter (kernel 4 sorts them).
+// order in the list does not matter (kernel 4 sorts them). Where `sums` is given, each CTA
+// also writes the sum of exp(z - m) over its slices (m: the row's largest value, 0 if that is
+// not finite, as jax.nn.logsumexp), in f64, in a fixed order: sums[b, blockIdx.x].
 template <int S>
-__global__ void __launch_bounds__(kThreads) CollectKernel(const float* __restrict__ z, int B,
-                                                          int V, int ns,
+__global__ void __launch_bounds__(kThreads) CollectKernel(const float* __restrict__ z,
+                                                          const float* __restrict__ scale,
+                                                          int B, int V, int ns,
                                                           uint32_t* __restrict__ rows,
-                                                          unsigned long long* __restrict__ cand) {
+                                                          unsigned long long* __restrict__ cand,
+                                                          double* __restrict__ sums) {
   constexpr int J = S / 32;
   __shared__ uint32_t warp_first[kWarps];
+  __shared__ double warp_sum[kWarps];
   __shared__ uint32_t cta_first;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int s = blockIdx.x * kWarps + warp;
@@ -150,10 +175,23 @@ __global__ void __launch_bounds__(kThreads) CollectKernel(const float* __restric
 #pragma unroll
     for (int j = 0; j < J; ++j) {
       const int i = base + j * 32 + lane;
-      vals[j] = (live && i < V) ? __ldg(row + i) : 0.f;
+      vals[j] = (live && i < V) ? Scaled(__ldg(row + i), scale, b) : 0.f;
     }
     rjpdl::PdlWait();  // L, and the count and flags kernel 2 cleared (a no-op after the first)
     const uint32_t L = r[0];
+    if (sums != nullptr) {
+      float m = FromOrderKey(r[3]);
+      if (!isfinite(m)) m = 0.f;
+      double acc = 0.0;
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        const int i = base + j * 32 + lane;
+        if (live && i < V) acc += double(expf(vals[j] - m));
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
+      if (lane == 0) warp_sum[warp] = acc;  // summed by thread 0 after the barrier below
+    }
     unsigned flags = 0;
     unsigned long long word[J];
     uint32_t ballot[J], count = 0;
@@ -184,6 +222,12 @@ __global__ void __launch_bounds__(kThreads) CollectKernel(const float* __restric
         total += c;
       }
       cta_first = total ? atomicAdd(r + 1, total) : 0u;
+      if (sums != nullptr) {
+        double sum = 0.0;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) sum += warp_sum[w];
+        sums[size_t(b) * gridDim.x + blockIdx.x] = sum;
+      }
     }
     __syncthreads();
     uint32_t p = cta_first + warp_first[warp];
@@ -240,12 +284,15 @@ __device__ __forceinline__ void RegisterStage(unsigned long long (&x)[kMaxBlocks
 }
 
 template <int kT>
-__global__ void __launch_bounds__(kT, 1) SortKernel(const float* __restrict__ z, int V, int C,
+__global__ void __launch_bounds__(kT, 1) SortKernel(const float* __restrict__ z,
+                                                    const float* __restrict__ scale, int V, int C,
                                                     const uint32_t* __restrict__ rows,
                                                     const unsigned long long* __restrict__ cand,
                                                     float* __restrict__ vals,
                                                     int32_t* __restrict__ idx,
-                                                    int32_t* __restrict__ exact) {
+                                                    int32_t* __restrict__ exact,
+                                                    const double* __restrict__ sums, int nsums,
+                                                    float* __restrict__ log_norm) {
   constexpr int W = kT / 32;
   constexpr int kMaxBlocks = (kCap / 64 + W - 1) / W;  // 64-word blocks a warp holds, at most
   __shared__ unsigned long long s[kCap];
@@ -316,35 +363,48 @@ __global__ void __launch_bounds__(kT, 1) SortKernel(const float* __restrict__ z,
     const uint32_t id = 0xFFFFFFFFu - uint32_t(s[i] & 0xFFFFFFFFull);
     const bool in_row = id < uint32_t(V);
     idx[size_t(b) * C + i] = in_row ? int32_t(id) : 0;
-    vals[size_t(b) * C + i] = in_row ? z[size_t(b) * V + id] : __int_as_float(0x7fc00000);
+    vals[size_t(b) * C + i] =
+        in_row ? Scaled(z[size_t(b) * V + id], scale, b) : __int_as_float(0x7fc00000);
     if (!in_row) ok = false;
   }
   ok = __syncthreads_and(ok);
   if (threadIdx.x == 0) exact[b] = ok ? 1 : 0;
+  if (log_norm != nullptr && warp == 0) {
+    // log(sum of exp(z - m)) + m, the collect CTAs' sums added in a fixed order.
+    double sum = 0.0;
+    for (int i = lane; i < nsums; i += 32) sum += sums[size_t(b) * nsums + i];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, o);
+    float m = FromOrderKey(r[3]);
+    if (!isfinite(m)) m = 0.f;
+    if (lane == 0) log_norm[b] = float(log(sum) + double(m));
+  }
 }
 
 template <int S>
 cudaError_t LaunchWith(const TopkArgs& a, cudaStream_t stream) {
   const int ns = TopkSlices(a.V, a.C);
-  const Scratch sc = Split(a.scratch, a.B, ns);
+  const Scratch sc = Split(a.scratch, a.B, a.V, ns);
   const dim3 slices((ns + kWarps - 1) / kWarps, a.B < 65535 ? a.B : 65535);
+  double* sums = a.log_norm != nullptr ? sc.sums : nullptr;
   // The first kernel waits for everything before it on the stream; the other three are
   // programmatic dependents of the one before them where a.pdl (pdl.cuh).
-  SliceMaxKernel<S><<<slices, kThreads, 0, stream>>>(a.z, a.B, a.V, ns, sc.maxima);
+  SliceMaxKernel<S><<<slices, kThreads, 0, stream>>>(a.z, a.scale, a.B, a.V, ns, sc.maxima);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   if (cudaError_t e = rjpdl::Launch(ThresholdKernel, dim3(a.B), dim3(kThreads), 0, stream, a.pdl,
                                     sc.maxima, ns, a.C, sc.rows);
       e != cudaSuccess)
     return e;
   if (cudaError_t e = rjpdl::Launch(CollectKernel<S>, slices, dim3(kThreads), 0, stream, a.pdl,
-                                    a.z, a.B, a.V, ns, sc.rows, sc.cand);
+                                    a.z, a.scale, a.B, a.V, ns, sc.rows, sc.cand, sums);
       e != cudaSuccess)
     return e;
   // Past C = 256 a row sorts 2048-4096 words: 1024 threads (two blocks of 64 words a warp).
   const int sort_threads = a.C > 256 ? 1024 : kThreads;
   return rjpdl::Launch(a.C > 256 ? SortKernel<1024> : SortKernel<kThreads>, dim3(a.B),
-                       dim3(sort_threads), 0, stream, a.pdl, a.z, a.V, a.C, sc.rows, sc.cand,
-                       a.vals, a.idx, a.exact);
+                       dim3(sort_threads), 0, stream, a.pdl, a.z, a.scale, a.V, a.C, sc.rows,
+                       sc.cand, a.vals, a.idx, a.exact, static_cast<const double*>(sums),
+                       int(slices.x), a.log_norm);
 }
 
 }  // namespace

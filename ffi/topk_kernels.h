@@ -15,13 +15,17 @@
 //      top-C element passes "key >= L". With fewer than C slices, L = 0 (every element passes).
 //   3. Collect: the slices are read again; elements with key >= L are appended to the row's
 //      candidate list (TopkRowCap(V) entries; more are counted, not stored). Random rows of
-//      V = 151,936 give ~330 candidates for C = 256.
+//      V = 151,936 give ~330 candidates for C = 256. Where log_norm is asked for, each CTA
+//      also sums exp(z - max) over its slices (the row's max from kernel 2's pass over the
+//      slice maxima); kernel 4 adds the CTAs' sums and writes logsumexp of the row.
 //   4. Sort: one CTA a row sorts its candidates as 64-bit (key, ~index) words, bitonic (the
 //      stages within 64-word blocks in registers, the others in shared memory), and writes the
 //      first C. A row is exact unless it overflowed its capacity, held a NaN, or held zeros of
 //      both signs with L <= +0.0.
 // A shape with fewer than 2C slices of 32 and V > 4096 passes most of each row: the caller
 // should not send it (reset_jax/sampling.py's _cuda_top_k_reason).
+// With scale, every pass reads z and divides by the row's scale (the sampler's logits and
+// temperatures: z = logits / t is never written out).
 // Keys: the float's bits mapped to an unsigned total order (negative: all bits flipped;
 // positive: the sign bit set).
 #pragma once
@@ -42,12 +46,19 @@ namespace rjtopk {
 
 constexpr int kCap = 4096;   // most candidates a row can hold (the sort's shared memory: 32 KiB)
 constexpr int kMaxC = 1024;  // largest C served
+constexpr int kSlicesPerCta = 8;  // slices (warps) a CTA of kernels 1 and 3 takes
 
 struct TopkArgs {
   const float* z = nullptr;  // [B, V]
+  // Optional [B]: the rows are z[b] / scale[b] (IEEE division, as XLA's `logits / t`): the
+  // values ordered, returned and summed are those quotients; z is read, never written.
+  const float* scale = nullptr;
   float* vals = nullptr;     // [B, C]
   int32_t* idx = nullptr;    // [B, C]
   int32_t* exact = nullptr;  // [B]: 1 where the row's result is lax.top_k's, else 0
+  // Optional [B]: logsumexp of each row (of the quotients where scale is given), as
+  // jax.nn.logsumexp (its maximum taken as 0 where not finite), the sum in f64.
+  float* log_norm = nullptr;
   uint32_t* scratch = nullptr;  // TopkScratchWords(B, V, C) words, 8-byte aligned
   int B = 0, V = 0, C = 0;
   // Launch kernels 2-4 as programmatic dependents of the kernel before them (ffi/pdl.cuh;
@@ -57,7 +68,7 @@ struct TopkArgs {
 };
 
 // Per-row words of the scratch after the slice maxima: threshold key, candidate count, flags
-// (kNanSeen, kNegZero, kPosZero: seen anywhere in the row), unused.
+// (kNanSeen, kNegZero, kPosZero: seen anywhere in the row), the row's largest key.
 constexpr int kRowWords = 4;
 constexpr unsigned kNanSeen = 1u, kNegZero = 2u, kPosZero = 4u;
 
@@ -86,9 +97,11 @@ inline size_t TopkCandidateOffset(int B, int slices) {
 }
 
 // Scratch words (uint32) the launch needs: slice maxima, row words, candidates
-// [B, TopkRowCap(V)] u64.
+// [B, TopkRowCap(V)] u64, the collect CTAs' sums of exp [B, ceil(slices / 8)] f64.
 inline size_t TopkScratchWords(int B, int V, int C) {
-  return TopkCandidateOffset(B, TopkSlices(V, C)) + size_t(B) * TopkRowCap(V) * 2;
+  const int ns = TopkSlices(V, C);
+  const size_t ctas = size_t(ns + kSlicesPerCta - 1) / kSlicesPerCta;
+  return TopkCandidateOffset(B, ns) + size_t(B) * TopkRowCap(V) * 2 + size_t(B) * ctas * 2;
 }
 
 // Why these arguments cannot be served (a message), or nullptr.

@@ -935,6 +935,79 @@ def _top_k_cuda(z: jax.Array, c: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     return vals.astype(z.dtype), idx, exact != 0
 
 
+def _top_k_cuda_scaled(
+    x: jax.Array, t: jax.Array, c: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`_top_k_cuda` of ``z = x / t[:, None]`` and ``jax.nn.logsumexp(z, axis=-1)``, with
+    z computed inside the kernels (never written out).
+
+    Args:
+      x: ``[B, V]`` float32, bfloat16 or float16 (used in float32).
+      t: ``[B]`` float32 divisors.
+      c: static, as for `_top_k_cuda`.
+
+    Returns:
+      ``(values [B, c] float32, indices [B, c] int32, exact [B] bool, log_norm [B]
+      float32)``: the values are z's (the quotients, IEEE division as XLA's), exactness as
+      `_top_k_cuda`'s; ``log_norm`` is each row's logsumexp of z (its sum in float64, so it
+      can differ from XLA's in the last bit).
+    """
+    from reset_jax.nvfp4 import cuda
+
+    cuda.ensure_registered()
+    b, v = x.shape
+    vals, idx, exact, log_norm, _ = jax.ffi.ffi_call(
+        cuda.TARGET_TOPK_SCALED,
+        (
+            jax.ShapeDtypeStruct((b, c), jnp.float32),
+            jax.ShapeDtypeStruct((b, c), jnp.int32),
+            jax.ShapeDtypeStruct((b,), jnp.int32),
+            jax.ShapeDtypeStruct((b,), jnp.float32),
+            jax.ShapeDtypeStruct((cuda.top_k_scratch_words(b, v, c),), jnp.uint32),  # scratch
+        ),
+        vmap_method="sequential",
+    )(x.astype(jnp.float32), t.astype(jnp.float32), k=np.int64(c))
+    return vals, idx, exact != 0, log_norm
+
+
+def _scaled_top_k(
+    x: jax.Array, t: jax.Array, c: int, *, rows: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`_top_k_candidates` of ``z = x / t[:, None]``, and ``jax.nn.logsumexp(z, axis=-1)``.
+
+    Where the CUDA top-k serves (as `_top_k_candidates` decides, ``RESET_JAX_TOP_K``
+    included), one call does both from ``x`` and ``t`` (`_top_k_cuda_scaled`): z is not
+    written out and its logsumexp costs no reductions of its own (4 kernels and a
+    ``[B, V]`` division less a decode step). Elsewhere z is computed and both run in XLA.
+
+    Args:
+      x: ``[B, V]`` float logits.
+      t: ``[B]`` float32 divisors (the temperatures, 1 for greedy rows).
+      c: static, ``1 <= c <= V``.
+      rows: as for `_top_k_candidates`.
+
+    Returns:
+      ``(values [B, c], indices [B, c] int32, exact, log_norm [B])``: the first three as
+      `_top_k_candidates` returns them for z, ``exact`` a bool scalar.
+    """
+
+    def with_xla(x, t):
+        z = x / t[:, None]
+        vals, idx, exact = _top_k_candidates(z, c, rows=rows)
+        return vals, idx, exact, jax.nn.logsumexp(z, axis=-1)
+
+    choice = os.environ.get("RESET_JAX_TOP_K", "auto")
+    if choice not in ("auto", "cuda") or _cuda_top_k_reason(x.shape, c, x.dtype) is not None:
+        return with_xla(x, t)  # _top_k_candidates checks the choice and raises for "cuda"
+
+    def kernels(x, t):
+        vals, idx, row_exact, log_norm = _top_k_cuda_scaled(x, t, c)
+        return vals, idx, jnp.all(row_exact if rows is None else row_exact | ~rows), log_norm
+
+    # A CPU device of a GPU host gets the XLA form: picked when the call is lowered.
+    return jax.lax.platform_dependent(x, t, cuda=kernels, default=with_xla)
+
+
 def _top_k_candidates(
     z: jax.Array,
     c: int,
@@ -1155,8 +1228,14 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, wide_candidates=102
     b, vocab = logits.shape
     valid = logits_valid(logits) & jnp.isfinite(t)
     greedy = t <= GREEDY_TEMPERATURE
+    t_eff = jnp.where(greedy, 1.0, t)
 
-    z = logits / jnp.where(greedy, 1.0, t)[:, None]
+    def scaled():
+        """z = logits / t (1 for greedy rows), ``[B, V]`` float: computed inside each branch
+        that needs it. On a GPU the candidates' path does not (`_scaled_top_k`), so a step
+        that takes it never writes z out."""
+        return logits / t_eff[:, None]
+
     k_eff = jnp.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
     plain = (k_eff >= vocab) & (top_p >= 1.0)
     drawn = valid & ~greedy
@@ -1167,7 +1246,7 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, wide_candidates=102
     c_wide = min(wide_candidates, vocab)
 
     def draw_plain():
-        return jax.random.categorical(key_plain, z, axis=-1).astype(jnp.int32)
+        return jax.random.categorical(key_plain, scaled(), axis=-1).astype(jnp.int32)
 
     def argmax():
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -1176,7 +1255,7 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, wide_candidates=102
         return _sample_candidates(key_filtered, vals, idx, k_eff, top_p, log_norm_all, vocab)
 
     def full_sort(log_norm_all):  # the filtered draw from every token, sorted
-        return draw_from(*_sorted_descending(z), log_norm_all)[0]
+        return draw_from(*_sorted_descending(scaled()), log_norm_all)[0]
 
     def all_fit(fits):  # every row that needs a filtered draw
         return jnp.all(fits | ~need)
@@ -1184,8 +1263,7 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, wide_candidates=102
     def draw_candidates():
         """The filtered draw from the top-c candidates, and whether it is exact for every
         row that needs it (no fallback)."""
-        log_norm_all = jax.nn.logsumexp(z, axis=-1)
-        vals, idx, exact = _top_k_candidates(z, c, rows=need)
+        vals, idx, exact, log_norm_all = _scaled_top_k(logits, t_eff, c, rows=need)
         token, fits = draw_from(vals, idx, log_norm_all)
         return token, exact & all_fit(fits), exact, log_norm_all
 
@@ -1194,6 +1272,7 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, wide_candidates=102
         candidates where the fast top-k was not; where a kept set reaches past them, the
         same from the ``c_wide`` best; past those, a full sort. The tokens the CPU form
         gives."""
+        z = scaled()
 
         def draw_or(vals, idx, past):
             """The draw from candidates ``vals``/``idx``, or ``past()`` where some kept
@@ -1207,7 +1286,7 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, wide_candidates=102
         else:
 
             def wide():
-                vals, idx, fast_exact = _top_k_candidates(z, c_wide, rows=need)
+                vals, idx, fast_exact, _ = _scaled_top_k(logits, t_eff, c_wide, rows=need)
                 return jax.lax.cond(
                     fast_exact,
                     lambda: draw_or(vals, idx, sort),
@@ -1255,7 +1334,7 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, wide_candidates=102
             other draws, so that each compiles once (GPU compile time, AD4)."""
             if c_wide <= c:
                 return branch(lambda: draw_exactly(exact, log_norm_all), True, True)()
-            vals, idx, wide_exact = _top_k_candidates(z, c_wide, rows=need)
+            vals, idx, wide_exact, _ = _scaled_top_k(logits, t_eff, c_wide, rows=need)
             tok_wide, fits = draw_from(vals, idx, log_norm_all)
             inner = [
                 *mixes(lambda: tok_wide),

@@ -989,14 +989,14 @@ def test_branchless_fallback_reaches_the_wide_draw_behind_one_more_readback(kern
         monkeypatch.setattr(S, "_cuda_top_k_reason", lambda *a: None)
         monkeypatch.setattr(S, "_cuda_sort_reason", lambda *a: None)
         monkeypatch.setattr(S, "_sort_rows_cuda", lambda z: (z, jnp.zeros(z.shape, jnp.int32)))
+
+        def top_k(z, c):
+            b = z.shape[0]
+            return z[:, :c], jnp.zeros((b, c), jnp.int32), jnp.ones((b,), bool)
+
+        monkeypatch.setattr(S, "_top_k_cuda", top_k)
         monkeypatch.setattr(
-            S,
-            "_top_k_cuda",
-            lambda z, c: (
-                z[:, :c],
-                jnp.zeros((z.shape[0], c), jnp.int32),
-                jnp.ones(z.shape[:1], bool),
-            ),
+            S, "_top_k_cuda_scaled", lambda x, t, c: (*top_k(x, c), jnp.zeros(x.shape[:1]))
         )
     args = _top_p_args(2, 5000)
     # Unjitted, so that the stand-ins are traced (not _sample's cached trace).

@@ -164,7 +164,8 @@ SHAPES = [(1, 151936, 256), (8, 151936, 256), (3, 32000, 256), (2, 49152, 20), (
 def scratch_words(b: int, v: int, c: int) -> int:
     ns = -(-v // slice_size(v, c))
     head = b * ns + b * ROW_WORDS
-    return head + (head & 1) + b * min(CAP, v) * 2
+    sums = b * -(-ns // 8) * 2  # the collect's CTAs (8 slices each): a float64 sum each
+    return head + (head & 1) + b * min(CAP, v) * 2 + sums
 
 
 @pytest.fixture(scope="module")
@@ -323,8 +324,12 @@ def test_cuda_top_k_is_lax_top_k():
 
 
 @gpu
-def test_sampler_tokens_with_cuda_top_k_are_the_staged_ones():
-    """`sample` draws the same tokens whichever exact top-k gives its candidates."""
+def test_sampler_tokens_with_cuda_top_k_are_the_staged_ones(monkeypatch):
+    """`sample` draws the same tokens whichever exact top-k gives its candidates: the CUDA
+    kernels, which also divide by the temperatures and sum the logsumexp inside them
+    (`_scaled_top_k`), or XLA's staged top-k over z with XLA's logsumexp. (The two
+    logsumexps may differ in the last bit; these rows' kept sets are not that close to a
+    top-p boundary.)"""
     rng = np.random.default_rng(12)
     logits = (rng.standard_normal((8, 151936)) * 6).astype(np.float32)
     logits[5, 1000:1200] = 30.0  # ties at the top
@@ -332,23 +337,83 @@ def test_sampler_tokens_with_cuda_top_k_are_the_staged_ones():
     top_p = np.array([1.0, 1.0, 0.9, 1.0, 0.5, 0.95, 0.95, 0.99], np.float32)
     top_k = np.array([0, 0, 0, 5, 40, 20, 20, 300], np.int32)
 
-    def with_method(cuda):
-        def fn(key, x):
-            orig = S._top_k_candidates
-            S._top_k_candidates = functools.partial(orig, cuda=cuda, staged=None if cuda else True)
-            try:
-                return S._sample.__wrapped__(key, x, t, top_p, top_k, max_candidates=256)
-            finally:
-                S._top_k_candidates = orig
-
-        return jax.jit(fn)
-
-    kernels, staged = with_method(True), with_method(False)
-    for seed in range(6):
-        key = jax.random.key(seed)
-        np.testing.assert_array_equal(
-            np.asarray(kernels(key, logits)), np.asarray(staged(key, logits))
+    def tokens(choice):  # RESET_JAX_TOP_K is read when the sampler is traced
+        monkeypatch.setenv("RESET_JAX_TOP_K", choice)
+        fn = jax.jit(
+            lambda key, x: S._sample.__wrapped__(key, x, t, top_p, top_k, max_candidates=256)
         )
+        return [np.asarray(fn(jax.random.key(seed), logits)) for seed in range(6)]
+
+    kernels, staged = tokens("cuda"), tokens("staged")
+    for got, want in zip(kernels, staged, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@gpu
+def test_cuda_scaled_top_k_is_xla():
+    """`_top_k_cuda_scaled`: the top-k of x / t (values bit for bit, as XLA divides) and
+    its logsumexp, against XLA on the same rows."""
+    rng = np.random.default_rng(21)
+    x = (rng.standard_normal((8, 151936)) * 7).astype(np.float32)
+    x[3, :200] = -np.inf  # masked tokens
+    t = np.array([1.0, 0.6, 0.1, 1.3, 0.05, 0.6, 0.95, 2.0], np.float32)
+    for c in (256, 1024):
+        vals, idx, exact, log_norm = jax.jit(S._top_k_cuda_scaled, static_argnums=2)(x, t, c)
+        z = jnp.asarray(x) / jnp.asarray(t)[:, None]
+        want_v, want_i = jax.lax.top_k(z, c)
+        assert np.asarray(exact).all()
+        np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_i))
+        np.testing.assert_array_equal(
+            np.asarray(vals).view(np.uint32), np.asarray(want_v).view(np.uint32)
+        )
+        np.testing.assert_allclose(
+            np.asarray(log_norm), np.asarray(jax.nn.logsumexp(z, axis=-1)), rtol=2e-7, atol=1e-6
+        )
+    # bf16 logits are divided as float32, as `_sample`'s XLA form does.
+    xb = jnp.asarray(x, jnp.bfloat16)
+    _, idx, _, log_norm = S._top_k_cuda_scaled(xb, jnp.asarray(t), 256)
+    zb = xb / jnp.asarray(t)[:, None]
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(jax.lax.top_k(zb, 256)[1]))
+    np.testing.assert_allclose(
+        np.asarray(log_norm), np.asarray(jax.nn.logsumexp(zb, axis=-1)), rtol=2e-7, atol=1e-6
+    )
+
+
+def test_scaled_top_k_without_the_kernels(monkeypatch):
+    """Off a GPU (or with ``RESET_JAX_TOP_K`` naming an XLA form) `_scaled_top_k` is the
+    top-k of z = x / t and XLA's logsumexp of z; where the default backend is a GPU but the
+    call is lowered for the CPU, the CPU takes that form, not the kernels' (a stand-in that
+    would give wrong values here)."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 3000)).astype(np.float32) * 5
+    t = np.array([1.0, 0.5, 0.7], np.float32)
+    # XLA's own quotient: on the CPU it divides by a broadcast as a multiply by the
+    # reciprocal (not NumPy's bits); on a GPU it divides, as the kernels do.
+    z = np.asarray(jnp.asarray(x) / jnp.asarray(t)[:, None])
+    want_v, want_i = jax.lax.top_k(jnp.asarray(z), 64)
+    want_ln = np.asarray(jax.nn.logsumexp(jnp.asarray(z), axis=-1))
+
+    def check(out):
+        vals, idx, exact, log_norm = (np.asarray(a) for a in out)
+        assert bool(exact)
+        np.testing.assert_array_equal(idx, np.asarray(want_i))
+        np.testing.assert_array_equal(vals, np.asarray(want_v))
+        np.testing.assert_allclose(log_norm, want_ln, rtol=1e-6)
+
+    check(S._scaled_top_k(jnp.asarray(x), jnp.asarray(t), 64))
+    monkeypatch.setattr(S, "_cuda_top_k_reason", lambda *a: None)
+
+    def stand_in(x, t, c):
+        b = x.shape[0]
+        zeros = jnp.zeros((b, c), jnp.int32)
+        return x[:, :c], zeros, jnp.ones((b,), bool), jnp.zeros((b,), jnp.float32)
+
+    monkeypatch.setattr(S, "_top_k_cuda_scaled", stand_in)
+    monkeypatch.setattr(S, "_top_k_cuda", lambda z, c: stand_in(z, None, c)[:3])
+    with jax.default_device(jax.devices("cpu")[0]):
+        check(jax.jit(lambda x, t: S._scaled_top_k(x, t, 64))(jnp.asarray(x), jnp.asarray(t)))
+    monkeypatch.setenv("RESET_JAX_TOP_K", "lax")
+    check(S._scaled_top_k(jnp.asarray(x), jnp.asarray(t), 64))
 
 
 # ----------------------------------------------------------------------------

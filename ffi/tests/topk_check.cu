@@ -41,7 +41,19 @@ struct Case {
   int B, V, C;
   Expect expect;
   std::vector<float> z;  // [B, V]
+  // [B] or empty. Given: the kernels divide the rows by t (TopkArgs::scale) and write each
+  // row's logsumexp (log_norm), checked against the host's in f64; the reference is z / t.
+  std::vector<float> t = {};
 };
+
+std::vector<float> Temperatures(int B, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::uniform_real_distribution<float> d(0.05f, 1.5f);
+  std::vector<float> t(B);
+  for (auto& x : t) x = d(g);
+  t[0] = 1.f;  // a greedy row's divisor
+  return t;
+}
 
 std::vector<float> Normal(int B, int V, float std, uint32_t seed) {
   std::mt19937 g(seed);
@@ -59,6 +71,10 @@ std::vector<Case> Cases(bool quick) {
   for (int B : {1, 3, 8}) cs.push_back({"random", B, V, 256, Expect::kAllExact, Normal(B, V, 7.f, 11 + B)});
   // The 1024-thread sort (C > 256), in the quick cases too (racecheck).
   cs.push_back({"random 1024", 3, V, 1024, Expect::kAllExact, Normal(3, V, 3.f, 31)});
+  // Rows divided by temperatures inside the kernels, with their logsumexp.
+  cs.push_back({"scaled", 8, V, 256, Expect::kAllExact, Normal(8, V, 7.f, 41), Temperatures(8, 1)});
+  cs.push_back({"scaled 1024", 3, V, 1024, Expect::kAllExact, Normal(3, V, 3.f, 42),
+                Temperatures(3, 2)});
   if (!quick) {
     for (int C : {1, 20, 255, 1024})
       cs.push_back({"random C", 2, V, C, Expect::kAllExact, Normal(2, V, 7.f, 100 + C)});
@@ -109,6 +125,7 @@ std::vector<Case> Cases(bool quick) {
       for (int b = 0; b < 2; ++b)
         for (int n = 0; n < 400; ++n) z[size_t(b) * V + g() % V] = float(int(g() % 1000)) / 8.f;
       cs.push_back({"masked", 2, V, 256, Expect::kAllExact, z});
+      cs.push_back({"scaled masked", 2, V, 256, Expect::kAllExact, z, Temperatures(2, 3)});
     }
     {
       std::vector<float> z(size_t(2) * V, 0.5f);  // every value equal: more than kCap candidates
@@ -174,14 +191,23 @@ rjtopk::TopkArgs Args(const Buffers& d, int B, int V, int C, int pdl = -1) {
 
 bool RunCase(const Case& c) {
   const int B = c.B, V = c.V, C = c.C;
+  const bool scaled = !c.t.empty();
   Buffers d = Alloc(B, V, C);
+  float *t = nullptr, *log_norm = nullptr;
   CK(cudaMemcpy(d.z, c.z.data(), c.z.size() * 4, cudaMemcpyHostToDevice));
   // Poison: outputs and scratch (the kernels must not rely on a cleared scratch).
   CK(cudaMemset(d.vals, 0xFF, size_t(B) * C * 4));
   CK(cudaMemset(d.idx, 0xAB, size_t(B) * C * 4));
   CK(cudaMemset(d.exact, 0x7F, size_t(B) * 4));
   CK(cudaMemset(d.scratch, 0x5A, rjtopk::TopkScratchWords(B, V, C) * 4));
-  const rjtopk::TopkArgs a = Args(d, B, V, C);
+  rjtopk::TopkArgs a = Args(d, B, V, C);
+  if (scaled) {
+    CK(cudaMalloc(&t, size_t(B) * 4));
+    CK(cudaMalloc(&log_norm, size_t(B) * 4));
+    CK(cudaMemcpy(t, c.t.data(), size_t(B) * 4, cudaMemcpyHostToDevice));
+    CK(cudaMemset(log_norm, 0xFF, size_t(B) * 4));
+    a.scale = t, a.log_norm = log_norm;
+  }
   if (const char* why = rjtopk::TopkUnsupportedReason(a)) {
     std::printf("FAIL %s: unsupported: %s\n", c.name.c_str(), why);
     d.Free();
@@ -189,17 +215,39 @@ bool RunCase(const Case& c) {
   }
   CK(rjtopk::LaunchTopk(a, nullptr));
   CK(cudaDeviceSynchronize());
-  std::vector<float> vals(size_t(B) * C);
+  std::vector<float> vals(size_t(B) * C), got_ln(B);
   std::vector<int32_t> idx(size_t(B) * C), exact(B);
   CK(cudaMemcpy(vals.data(), d.vals, vals.size() * 4, cudaMemcpyDeviceToHost));
   CK(cudaMemcpy(idx.data(), d.idx, idx.size() * 4, cudaMemcpyDeviceToHost));
   CK(cudaMemcpy(exact.data(), d.exact, B * 4, cudaMemcpyDeviceToHost));
+  if (scaled) {
+    CK(cudaMemcpy(got_ln.data(), log_norm, size_t(B) * 4, cudaMemcpyDeviceToHost));
+    CK(cudaFree(t));
+    CK(cudaFree(log_norm));
+  }
   d.Free();
+  // The rows the kernels ordered: z, or z / t (IEEE float division, as the device's).
+  std::vector<float> rows_z = c.z;
+  if (scaled)
+    for (int b = 0; b < B; ++b)
+      for (int i = 0; i < V; ++i) rows_z[size_t(b) * V + i] = c.z[size_t(b) * V + i] / c.t[b];
   bool ok = true;
   int n_exact = 0, written = 0;
   std::vector<int32_t> want;
   for (int b = 0; b < B; ++b) {
-    const float* row = c.z.data() + size_t(b) * V;
+    const float* row = rows_z.data() + size_t(b) * V;
+    if (scaled) {  // logsumexp in f64 on the host (max 0 where not finite, as jax's)
+      float m = -INFINITY;
+      for (int i = 0; i < V; ++i) m = std::max(m, row[i]);
+      if (!std::isfinite(m)) m = 0.f;
+      double sum = 0.0;
+      for (int i = 0; i < V; ++i) sum += std::exp(double(row[i]) - double(m));
+      const double ln = std::log(sum) + double(m);
+      if (!(std::fabs(double(got_ln[b]) - ln) <= 1e-6 * std::max(1.0, std::fabs(ln)))) {
+        std::printf("FAIL %s row %d: log_norm %.9g, want %.9g\n", c.name.c_str(), b, got_ln[b], ln);
+        ok = false;
+      }
+    }
     bool has_nan = false;
     for (int i = 0; i < V; ++i) has_nan |= std::isnan(row[i]);
     if (exact[b] != 0 && exact[b] != 1) {
@@ -266,10 +314,24 @@ void Time(int B, int V, int C) {
         for (int r = 0; r < 20; ++r) CK(rjtopk::LaunchTopk(a, s));
       });
     }
-  std::printf("time B=%d V=%d C=%d: %.2f / %.2f us a call, PDL %.2f / %.2f (median of 15 graphs "
-              "of 20 calls)\n",
+  // Rows divided by temperatures, with their logsumexp (the sampler's call), PDL as the library
+  // launches it.
+  float *t, *log_norm;
+  const auto h_t = Temperatures(B, 7);
+  CK(cudaMalloc(&t, size_t(B) * 4));
+  CK(cudaMalloc(&log_norm, size_t(B) * 4));
+  CK(cudaMemcpy(t, h_t.data(), size_t(B) * 4, cudaMemcpyHostToDevice));
+  rjtopk::TopkArgs sa = Args(d, B, V, C);
+  sa.scale = t, sa.log_norm = log_norm;
+  const float scaled_ms = GraphMedianMs(st, 15, [&](cudaStream_t s) {
+    for (int r = 0; r < 20; ++r) CK(rjtopk::LaunchTopk(sa, s));
+  });
+  CK(cudaFree(t));
+  CK(cudaFree(log_norm));
+  std::printf("time B=%d V=%d C=%d: %.2f / %.2f us a call, PDL %.2f / %.2f, scaled with "
+              "log_norm %.2f (median of 15 graphs of 20 calls)\n",
               B, V, C, 1e3 * ms[0][0] / 20, 1e3 * ms[1][0] / 20, 1e3 * ms[0][1] / 20,
-              1e3 * ms[1][1] / 20);
+              1e3 * ms[1][1] / 20, 1e3 * scaled_ms / 20);
   CK(cudaStreamDestroy(st));
   d.Free();
 }

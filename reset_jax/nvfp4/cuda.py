@@ -48,6 +48,7 @@ TARGET_ADD_NORM_W4A16 = "reset_jax_nvfp4_add_norm_w4a16"
 TARGET_DECODE_ATTENTION = "reset_jax_decode_attention"  # reset_jax.attention
 TARGET_DECODER_LAYERS = "reset_jax_decoder_layers"  # reset_jax.decoder_layers
 TARGET_TOPK = "reset_jax_top_k"  # reset_jax.sampling
+TARGET_TOPK_SCALED = "reset_jax_top_k_scaled"  # reset_jax.sampling
 TARGET_SORT_ROWS = "reset_jax_sort_rows"  # reset_jax.sampling
 # bf16 mma.sync and cp/ld cache hints need Ampere; sm_80 machine code ships.
 _MIN_COMPUTE_CAPABILITY = 8.0
@@ -138,6 +139,7 @@ def _register() -> None:
             (TARGET_DECODE_ATTENTION, "ResetJaxDecodeAttention"),
             (TARGET_DECODER_LAYERS, "ResetJaxDecoderLayers"),
             (TARGET_TOPK, "ResetJaxTopK"),
+            (TARGET_TOPK_SCALED, "ResetJaxTopKScaled"),
             (TARGET_SORT_ROWS, "ResetJaxSortRows"),
         ):
             jax.ffi.register_ffi_target(
