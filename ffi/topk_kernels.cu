@@ -33,9 +33,9 @@ Scratch Split(uint32_t* s, int B, int V, int ns) {
           reinterpret_cast<double*>(cand + size_t(B) * TopkRowCap(V))};
 }
 
-// z = x / scale[b] (IEEE division, as XLA's), or x where there is no scale.
+// z = x / scale[b] (as XLA's GPU code divides), or x where there is no scale.
 __device__ __forceinline__ float Scaled(float x, const float* scale, int b) {
-  return scale != nullptr ? x / scale[b] : x;
+  return scale != nullptr ? rjkeys::XlaDivide(x, scale[b]) : x;
 }
 
 // Kernel 1: the largest key of each slice of S elements (a warp a slice, 8 slices a CTA).
@@ -182,12 +182,13 @@ __global__ void __launch_bounds__(kThreads) CollectKernel(const float* __restric
     if (sums != nullptr) {
       float m = FromOrderKey(r[3]);
       if (!isfinite(m)) m = 0.f;
-      double acc = 0.0;
+      float lane_sum = 0.f;  // J <= 8 terms in f32, then f64 across lanes and CTAs
 #pragma unroll
       for (int j = 0; j < J; ++j) {
         const int i = base + j * 32 + lane;
-        if (live && i < V) acc += double(expf(vals[j] - m));
+        if (live && i < V) lane_sum += expf(vals[j] - m);
       }
+      double acc = lane_sum;
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
       if (lane == 0) warp_sum[warp] = acc;  // summed by thread 0 after the barrier below

@@ -50,8 +50,9 @@ constexpr int kSlicesPerCta = 8;  // slices (warps) a CTA of kernels 1 and 3 tak
 
 struct TopkArgs {
   const float* z = nullptr;  // [B, V]
-  // Optional [B]: the rows are z[b] / scale[b] (IEEE division, as XLA's `logits / t`): the
-  // values ordered, returned and summed are those quotients; z is read, never written.
+  // Optional [B]: the rows are z[b] / scale[b] (divided as XLA's GPU code divides f32: PTX
+  // div.full.f32, order_key.cuh): the values ordered, returned and summed are those quotients;
+  // z is read, never written.
   const float* scale = nullptr;
   float* vals = nullptr;     // [B, C]
   int32_t* idx = nullptr;    // [B, C]

@@ -948,7 +948,8 @@ def _top_k_cuda_scaled(
 
     Returns:
       ``(values [B, c] float32, indices [B, c] int32, exact [B] bool, log_norm [B]
-      float32)``: the values are z's (the quotients, IEEE division as XLA's), exactness as
+      float32)``: the values are z's, divided as XLA's GPU code divides (PTX
+      ``div.full.f32``, not the IEEE quotient: ``ffi/order_key.cuh``), exactness as
       `_top_k_cuda`'s; ``log_norm`` is each row's logsumexp of z (its sum in float64, so it
       can differ from XLA's in the last bit).
     """

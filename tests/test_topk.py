@@ -387,20 +387,23 @@ def test_scaled_top_k_without_the_kernels(monkeypatch):
     rng = np.random.default_rng(4)
     x = rng.standard_normal((3, 3000)).astype(np.float32) * 5
     t = np.array([1.0, 0.5, 0.7], np.float32)
-    # XLA's own quotient: on the CPU it divides by a broadcast as a multiply by the
-    # reciprocal (not NumPy's bits); on a GPU it divides, as the kernels do.
-    z = np.asarray(jnp.asarray(x) / jnp.asarray(t)[:, None])
-    want_v, want_i = jax.lax.top_k(jnp.asarray(z), 64)
-    want_ln = np.asarray(jax.nn.logsumexp(jnp.asarray(z), axis=-1))
+    cpu = jax.devices("cpu")[0]
 
     def check(out):
+        # XLA's own quotient on the CPU: it divides by a broadcast as a multiply by the
+        # reciprocal (not NumPy's bits).
+        with jax.default_device(cpu):
+            z = jnp.asarray(x) / jnp.asarray(t)[:, None]
+            want_v, want_i = jax.lax.top_k(z, 64)
+            want_ln = np.asarray(jax.nn.logsumexp(z, axis=-1))
         vals, idx, exact, log_norm = (np.asarray(a) for a in out)
         assert bool(exact)
         np.testing.assert_array_equal(idx, np.asarray(want_i))
         np.testing.assert_array_equal(vals, np.asarray(want_v))
         np.testing.assert_allclose(log_norm, want_ln, rtol=1e-6)
 
-    check(S._scaled_top_k(jnp.asarray(x), jnp.asarray(t), 64))
+    with jax.default_device(cpu):
+        check(S._scaled_top_k(jnp.asarray(x), jnp.asarray(t), 64))
     monkeypatch.setattr(S, "_cuda_top_k_reason", lambda *a: None)
 
     def stand_in(x, t, c):
@@ -413,7 +416,8 @@ def test_scaled_top_k_without_the_kernels(monkeypatch):
     with jax.default_device(jax.devices("cpu")[0]):
         check(jax.jit(lambda x, t: S._scaled_top_k(x, t, 64))(jnp.asarray(x), jnp.asarray(t)))
     monkeypatch.setenv("RESET_JAX_TOP_K", "lax")
-    check(S._scaled_top_k(jnp.asarray(x), jnp.asarray(t), 64))
+    with jax.default_device(cpu):
+        check(S._scaled_top_k(jnp.asarray(x), jnp.asarray(t), 64))
 
 
 # ----------------------------------------------------------------------------

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "tests/host_util.h"
+#include "order_key.cuh"
 #include "sort_kernels.h"
 #include "topk_kernels.h"
 
@@ -189,6 +190,30 @@ rjtopk::TopkArgs Args(const Buffers& d, int B, int V, int C, int pdl = -1) {
   return a;
 }
 
+__global__ void DivideKernel(const float* x, const float* t, int V, size_t n, float* z) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x)
+    z[i] = rjkeys::XlaDivide(x[i], t[i / V]);
+}
+
+// x[b, :] / t[b] for [B, V] rows, as XLA's GPU code divides (rjkeys::XlaDivide).
+std::vector<float> DivideOnDevice(const std::vector<float>& x, const std::vector<float>& t, int V) {
+  float *dx, *dt, *dz;
+  CK(cudaMalloc(&dx, x.size() * 4));
+  CK(cudaMalloc(&dt, t.size() * 4));
+  CK(cudaMalloc(&dz, x.size() * 4));
+  CK(cudaMemcpy(dx, x.data(), x.size() * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dt, t.data(), t.size() * 4, cudaMemcpyHostToDevice));
+  DivideKernel<<<1024, 256>>>(dx, dt, V, x.size(), dz);
+  CK(cudaGetLastError());
+  std::vector<float> z(x.size());
+  CK(cudaMemcpy(z.data(), dz, z.size() * 4, cudaMemcpyDeviceToHost));
+  CK(cudaFree(dx));
+  CK(cudaFree(dt));
+  CK(cudaFree(dz));
+  return z;
+}
+
 bool RunCase(const Case& c) {
   const int B = c.B, V = c.V, C = c.C;
   const bool scaled = !c.t.empty();
@@ -226,11 +251,10 @@ bool RunCase(const Case& c) {
     CK(cudaFree(log_norm));
   }
   d.Free();
-  // The rows the kernels ordered: z, or z / t (IEEE float division, as the device's).
+  // The rows the kernels ordered: z, or z / t divided on the device as XLA divides (its own
+  // kernel: the host's IEEE quotient can differ in the last bit).
   std::vector<float> rows_z = c.z;
-  if (scaled)
-    for (int b = 0; b < B; ++b)
-      for (int i = 0; i < V; ++i) rows_z[size_t(b) * V + i] = c.z[size_t(b) * V + i] / c.t[b];
+  if (scaled) rows_z = DivideOnDevice(c.z, c.t, V);
   bool ok = true;
   int n_exact = 0, written = 0;
   std::vector<int32_t> want;
