@@ -64,7 +64,7 @@ ffi::Error LaunchTopK(cudaStream_t stream, const ffi::AnyBuffer& z, const ffi::A
   a.exact = static_cast<int32_t*>(exact.untyped_data());
   a.log_norm = log_norm != nullptr ? static_cast<float*>(log_norm->untyped_data()) : nullptr;
   a.scratch = static_cast<uint32_t*>(scratch.untyped_data());
-  a.pdl = rjtopk::TopkPdlDefault(a.B, a.C);
+  a.pdl = rjtopk::TopkPdlDefault();
   if (const char* why = rjtopk::TopkUnsupportedReason(a)) return Invalid(why);
   const size_t want = rjtopk::TopkScratchWords(a.B, a.V, a.C);
   if (scratch.element_type() != T::U32 || scratch.element_count() != want)

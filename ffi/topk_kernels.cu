@@ -410,12 +410,9 @@ cudaError_t LaunchWith(const TopkArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-bool TopkPdlDefault(int B, int C) {
+bool TopkPdlDefault() {
   const char* env = std::getenv("RESET_JAX_TOPK_PDL");
-  const bool forced = env != nullptr && (std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0);
-  if (forced && env[0] == '0') return false;
-  // Measured without gain at k <= 256 past B = 1: +0.0 us a call at B = 2, +0.56 at B = 8 (AF3).
-  if (!forced && C <= 256 && B > 1) return false;
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   int device = 0;
   return cudaGetDevice(&device) == cudaSuccess && rjpdl::DeviceSupportsPdl(device);
 }

@@ -107,11 +107,11 @@ inline size_t TopkScratchWords(int B, int V, int C) {
 
 // Why these arguments cannot be served (a message), or nullptr.
 const char* TopkUnsupportedReason(const TopkArgs& a);
-// TopkArgs::pdl for a [B, V] call of k = C on the current device: on sm_90+ where it measured
-// faster in a CUDA graph on an H200 (RESULTS.md AF3: k > 256, -0.8 to -1.4 us a call; k <= 256
-// at B = 1, -0.9), off at k <= 256 with B > 1 (B = 2: no change; B = 8: +0.56). The
-// environment variable RESET_JAX_TOPK_PDL = "1" / "0" turns it on / off everywhere (sm_90+).
-bool TopkPdlDefault(int B, int C);
+// TopkArgs::pdl for the current device: true on sm_90+ unless the environment variable
+// RESET_JAX_TOPK_PDL is "0" (for comparisons). Measured in a CUDA graph on H200s (RESULTS.md
+// AF3, AF5): -0.8 to -1.8 us a call at k = 1024; at k = 256 -0.9 / -2.6 (B = 1), 0.0 / -1.4
+// (B = 2), +0.56 / -2.4 (B = 8) in the two runs.
+bool TopkPdlDefault();
 // Enqueues the four kernels on `stream` (kernels 2-4 as programmatic dependents where a.pdl).
 // Returns the first CUDA error.
 cudaError_t LaunchTopk(const TopkArgs& a, cudaStream_t stream);

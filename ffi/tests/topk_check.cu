@@ -181,12 +181,12 @@ Buffers Alloc(int B, int V, int C) {
 }
 
 // pdl: kernels 2-4 as programmatic dependents (by default as the library launches them,
-// rjtopk::TopkPdlDefault; RESET_JAX_TOPK_PDL=1 or 0 runs every case with or without).
+// rjtopk::TopkPdlDefault: on sm_90+ unless RESET_JAX_TOPK_PDL=0).
 rjtopk::TopkArgs Args(const Buffers& d, int B, int V, int C, int pdl = -1) {
   rjtopk::TopkArgs a;
   a.z = d.z, a.vals = d.vals, a.idx = d.idx, a.exact = d.exact, a.scratch = d.scratch;
   a.B = B, a.V = V, a.C = C;
-  a.pdl = pdl < 0 ? rjtopk::TopkPdlDefault(B, C) : pdl == 1;
+  a.pdl = pdl < 0 ? rjtopk::TopkPdlDefault() : pdl == 1;
   return a;
 }
 
