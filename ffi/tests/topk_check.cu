@@ -157,6 +157,20 @@ void Reference(const float* row, int V, int C, std::vector<int32_t>& idx,
   idx.assign(order.begin(), order.begin() + C);
 }
 
+// Whether a row's results are the reference's: indices want[i] and their values' bits, one
+// entry per element of want (reports the first difference).
+bool RowMatches(const std::string& name, int b, const float* row, const int32_t* idx,
+                const float* vals, const std::vector<int32_t>& want) {
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (idx[i] != want[i] || std::memcmp(&vals[i], &row[want[i]], 4) != 0) {
+      std::printf("FAIL %s row %d rank %zu: got (%d, %a), want (%d, %a)\n", name.c_str(), b, i,
+                  idx[i], vals[i], want[i], row[want[i]]);
+      return false;
+    }
+  }
+  return true;
+}
+
 struct Buffers {
   float *z = nullptr, *vals = nullptr;
   int32_t *idx = nullptr, *exact = nullptr;
@@ -300,16 +314,7 @@ bool RunCase(const Case& c) {
     if (!exact[b]) continue;
     ++n_exact;
     Reference(row, V, C, want);
-    for (int i = 0; i < C; ++i) {
-      const int32_t id = idx[size_t(b) * C + i];
-      const float v = vals[size_t(b) * C + i];
-      if (id != want[i] || std::memcmp(&v, &row[want[i]], 4) != 0) {
-        std::printf("FAIL %s row %d rank %d: got (%d, %a), want (%d, %a)\n", c.name.c_str(), b,
-                    i, id, v, want[i], row[want[i]]);
-        ok = false;
-        break;
-      }
-    }
+    ok &= RowMatches(c.name, b, row, idx.data() + size_t(b) * C, vals.data() + size_t(b) * C, want);
   }
   if (written != B * C) {
     std::printf("FAIL %s: %d of %d indices written inside the row\n", c.name.c_str(), written,
@@ -444,16 +449,8 @@ bool RunSortCase(const SortCase& c) {
   for (int b = 0; b < B && ok; ++b) {
     const float* row = c.z.data() + size_t(b) * V;
     Reference(row, V, V, want, /*zeros_equal=*/true);
-    for (int i = 0; i < V; ++i) {
-      const int32_t id = got_i[size_t(b) * V + i];
-      const float v = got_v[size_t(b) * V + i];
-      if (id != want[i] || std::memcmp(&v, &row[want[i]], 4) != 0) {
-        std::printf("FAIL %s row %d rank %d: got (%d, %a), want (%d, %a)\n", c.name.c_str(), b,
-                    i, id, v, want[i], row[want[i]]);
-        ok = false;
-        break;
-      }
-    }
+    ok &= RowMatches(c.name, b, row, got_i.data() + size_t(b) * V, got_v.data() + size_t(b) * V,
+                     want);
   }
   std::printf("%s %-14s B=%d V=%d scratch=%zu bytes\n", ok ? "ok  " : "FAIL", c.name.c_str(), B,
               V, bytes);
