@@ -410,6 +410,29 @@ std::vector<SortCase> SortCases(bool quick) {
   return cs;
 }
 
+// A sort's device buffers for [B, V] and its arguments.
+struct SortBuffers {
+  float *z = nullptr, *vals = nullptr;
+  int32_t* idx = nullptr;
+  void* scratch = nullptr;
+  rjsort::SortArgs args;
+  SortBuffers(int B, int V, size_t bytes) {
+    const size_t n = size_t(B) * V;
+    CK(cudaMalloc(&z, n * 4));
+    CK(cudaMalloc(&vals, n * 4));
+    CK(cudaMalloc(&idx, n * 4));
+    CK(cudaMalloc(&scratch, bytes));
+    args.z = z, args.vals = vals, args.idx = idx, args.scratch = scratch;
+    args.scratch_bytes = bytes, args.B = B, args.V = V;
+  }
+  ~SortBuffers() {
+    CK(cudaFree(z));
+    CK(cudaFree(vals));
+    CK(cudaFree(idx));
+    CK(cudaFree(scratch));
+  }
+};
+
 bool RunSortCase(const SortCase& c) {
   const int B = c.B, V = c.V;
   const size_t n = size_t(B) * V, bytes = rjsort::SortScratchBytes(B, V);
@@ -417,34 +440,24 @@ bool RunSortCase(const SortCase& c) {
     std::printf("FAIL %s: no scratch size\n", c.name.c_str());
     return false;
   }
-  float *z, *vals;
-  int32_t* idx;
-  void* scratch;
-  CK(cudaMalloc(&z, n * 4));
-  CK(cudaMalloc(&vals, n * 4));
-  CK(cudaMalloc(&idx, n * 4));
-  CK(cudaMalloc(&scratch, bytes));
-  CK(cudaMemcpy(z, c.z.data(), n * 4, cudaMemcpyHostToDevice));
-  CK(cudaMemset(vals, 0xFF, n * 4));
-  CK(cudaMemset(idx, 0xAB, n * 4));
-  CK(cudaMemset(scratch, 0x5A, bytes));
-  rjsort::SortArgs a;
-  a.z = z, a.vals = vals, a.idx = idx, a.scratch = scratch, a.scratch_bytes = bytes;
-  a.B = B, a.V = V;
-  if (const char* why = rjsort::SortUnsupportedReason(a)) {
-    std::printf("FAIL %s: unsupported: %s\n", c.name.c_str(), why);
-    return false;
-  }
-  CK(rjsort::LaunchSortRows(a, nullptr));
-  CK(cudaDeviceSynchronize());
   std::vector<float> got_v(n);
   std::vector<int32_t> got_i(n), want;
-  CK(cudaMemcpy(got_v.data(), vals, n * 4, cudaMemcpyDeviceToHost));
-  CK(cudaMemcpy(got_i.data(), idx, n * 4, cudaMemcpyDeviceToHost));
-  CK(cudaFree(z));
-  CK(cudaFree(vals));
-  CK(cudaFree(idx));
-  CK(cudaFree(scratch));
+  {
+    SortBuffers d(B, V, bytes);
+    CK(cudaMemcpy(d.z, c.z.data(), n * 4, cudaMemcpyHostToDevice));
+    // Poison: outputs and scratch.
+    CK(cudaMemset(d.vals, 0xFF, n * 4));
+    CK(cudaMemset(d.idx, 0xAB, n * 4));
+    CK(cudaMemset(d.scratch, 0x5A, bytes));
+    if (const char* why = rjsort::SortUnsupportedReason(d.args)) {
+      std::printf("FAIL %s: unsupported: %s\n", c.name.c_str(), why);
+      return false;
+    }
+    CK(rjsort::LaunchSortRows(d.args, nullptr));
+    CK(cudaDeviceSynchronize());
+    CK(cudaMemcpy(got_v.data(), d.vals, n * 4, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(got_i.data(), d.idx, n * 4, cudaMemcpyDeviceToHost));
+  }
   bool ok = true;
   for (int b = 0; b < B && ok; ++b) {
     const float* row = c.z.data() + size_t(b) * V;
@@ -458,31 +471,17 @@ bool RunSortCase(const SortCase& c) {
 }
 
 void TimeSort(int B, int V) {
-  const size_t n = size_t(B) * V, bytes = rjsort::SortScratchBytes(B, V);
-  float *z, *vals;
-  int32_t* idx;
-  void* scratch;
-  CK(cudaMalloc(&z, n * 4));
-  CK(cudaMalloc(&vals, n * 4));
-  CK(cudaMalloc(&idx, n * 4));
-  CK(cudaMalloc(&scratch, bytes));
+  SortBuffers d(B, V, rjsort::SortScratchBytes(B, V));
   const auto h = Normal(B, V, 7.f, 98);
-  CK(cudaMemcpy(z, h.data(), n * 4, cudaMemcpyHostToDevice));
-  rjsort::SortArgs a;
-  a.z = z, a.vals = vals, a.idx = idx, a.scratch = scratch, a.scratch_bytes = bytes;
-  a.B = B, a.V = V;
+  CK(cudaMemcpy(d.z, h.data(), h.size() * 4, cudaMemcpyHostToDevice));
   cudaStream_t st;
   CK(cudaStreamCreate(&st));
   const float ms = GraphMedianMs(st, 15, [&](cudaStream_t s) {
-    for (int r = 0; r < 20; ++r) CK(rjsort::LaunchSortRows(a, s));
+    for (int r = 0; r < 20; ++r) CK(rjsort::LaunchSortRows(d.args, s));
   });
   std::printf("time sort B=%d V=%d: %.2f us a call (median of 15 graphs of 20 calls)\n", B, V,
               1e3 * ms / 20);
   CK(cudaStreamDestroy(st));
-  CK(cudaFree(z));
-  CK(cudaFree(vals));
-  CK(cudaFree(idx));
-  CK(cudaFree(scratch));
 }
 
 }  // namespace
