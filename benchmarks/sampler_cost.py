@@ -13,7 +13,7 @@ quartiles of the per-step time, and ReSET minus fixed, which is the ReSET rule's
 own cost (both rules compute the entropy: the decode loop records it).
 
 Pieces (``--pieces``) time one part each in the same loop: ``entropy``
-(``token_entropy``), ``top-k`` (the sampler's candidate top-k), ``sample``
+(``token_entropy``), ``top-k`` (the sampler's candidate top-k with z's logsumexp), ``sample``
 (``sample`` alone at a fixed temperature). A piece's time includes the loop's own
 cost, which the ``loop`` row measures.
 
@@ -174,9 +174,9 @@ def variants(batch: int, vocab: int, pieces: bool, against: dict | None = None) 
         def entropy(key, kn, x):
             return kn, (sampling.token_entropy(x) > 1e30).astype(jnp.int32)
 
-        def top_k_piece(key, kn, x):
-            _, idx, exact = sampling._top_k_candidates(x, c)
-            return kn, idx[:, 0] + exact.astype(jnp.int32)
+        def top_k_piece(key, kn, x):  # the candidates' call `_sample` makes: with z's logsumexp
+            _, idx, exact, log_norm = sampling._scaled_top_k(x, kn["t"], c)
+            return kn, idx[:, 0] + exact.astype(jnp.int32) + (log_norm > 1e30).astype(jnp.int32)
 
         def sample(key, kn, x):
             return kn, sampling.sample(key, x, kn["t"], top_p=kn["top_p"], top_k=kn["top_k"])

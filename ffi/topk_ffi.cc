@@ -8,7 +8,8 @@
 // back); scratch u32 [rjtopk::TopkScratchWords(B, V, k)], contents undefined on entry and exit.
 //   ResetJaxTopKScaled(x, t; k) -> (vals, idx, exact, log_norm, scratch)
 // The same for z = x / t[:, None] (x [B, V] f32, t [B] f32), computed in the kernels, never
-// written out; also log_norm [B] f32 = jax.nn.logsumexp(z, axis=-1) (the sum in f64).
+// written out; also log_norm [B] f32 = jax.nn.logsumexp(z, axis=-1) (exp summed in f32 a lane,
+// then in f64 across lanes and CTAs).
 //   ResetJaxSortRows(z) -> (vals, idx, scratch)
 // Shapes: z [B, V] f32; vals [B, V] f32 and idx [B, V] s32, every row sorted descending (ties
 // in index order, NaNs last); scratch u8 [rjsort::SortScratchBytes(B, V)].

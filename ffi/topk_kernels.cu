@@ -66,8 +66,9 @@ __global__ void __launch_bounds__(kThreads) SliceMaxKernel(const float* __restri
 // 8-bit digits from the top); L = 0 where the row has fewer than C slices. Also the row's
 // largest key (for the sums of exp in kernel 3), and clears the row's candidate count and
 // flags for kernel 3.
-__global__ void __launch_bounds__(kThreads) ThresholdKernel(const uint32_t* __restrict__ maxima,
-                                                            int ns, int C,
+// maxima: kernel 1's output, read after PdlWait with plain (coherent) loads: no __restrict__,
+// which makes nvcc emit ld.global.nc, wrong while kernel 1 may still run (pdl.cuh).
+__global__ void __launch_bounds__(kThreads) ThresholdKernel(const uint32_t* maxima, int ns, int C,
                                                             uint32_t* __restrict__ rows) {
   __shared__ uint32_t hist[256];
   __shared__ uint32_t sh_prefix, sh_need, warp_top[kWarps];
@@ -285,14 +286,16 @@ __device__ __forceinline__ void RegisterStage(unsigned long long (&x)[kMaxBlocks
 }
 
 template <int kT>
+// rows, cand and sums come from kernels 2-3 (programmatic dependents): plain loads, no
+// __restrict__ (see ThresholdKernel).
 __global__ void __launch_bounds__(kT, 1) SortKernel(const float* __restrict__ z,
                                                     const float* __restrict__ scale, int V, int C,
-                                                    const uint32_t* __restrict__ rows,
-                                                    const unsigned long long* __restrict__ cand,
+                                                    const uint32_t* rows,
+                                                    const unsigned long long* cand,
                                                     float* __restrict__ vals,
                                                     int32_t* __restrict__ idx,
                                                     int32_t* __restrict__ exact,
-                                                    const double* __restrict__ sums, int nsums,
+                                                    const double* sums, int nsums,
                                                     float* __restrict__ log_norm) {
   constexpr int W = kT / 32;
   constexpr int kMaxBlocks = (kCap / 64 + W - 1) / W;  // 64-word blocks a warp holds, at most

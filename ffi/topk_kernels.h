@@ -58,7 +58,8 @@ struct TopkArgs {
   int32_t* idx = nullptr;    // [B, C]
   int32_t* exact = nullptr;  // [B]: 1 where the row's result is lax.top_k's, else 0
   // Optional [B]: logsumexp of each row (of the quotients where scale is given), as
-  // jax.nn.logsumexp (its maximum taken as 0 where not finite), the sum in f64.
+  // jax.nn.logsumexp (its maximum taken as 0 where not finite); exp summed in f32 over a lane's
+  // (at most 8) values, then in f64 across lanes and CTAs, in a fixed order.
   float* log_norm = nullptr;
   uint32_t* scratch = nullptr;  // TopkScratchWords(B, V, C) words, 8-byte aligned
   int B = 0, V = 0, C = 0;

@@ -950,8 +950,8 @@ def _top_k_cuda_scaled(
       ``(values [B, c] float32, indices [B, c] int32, exact [B] bool, log_norm [B]
       float32)``: the values are z's, divided as XLA's GPU code divides (PTX
       ``div.full.f32``, not the IEEE quotient: ``ffi/order_key.cuh``), exactness as
-      `_top_k_cuda`'s; ``log_norm`` is each row's logsumexp of z (its sum in float64, so it
-      can differ from XLA's in the last bit).
+      `_top_k_cuda`'s; ``log_norm`` is each row's logsumexp of z (exp summed in float32 over
+      a lane's few values, then in float64, so it can differ from XLA's in the last bit).
     """
     from reset_jax.nvfp4 import cuda
 

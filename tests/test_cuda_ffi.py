@@ -97,6 +97,29 @@ def test_missing_library_is_a_reason(monkeypatch, tmp_path):
         cuda._library.cache_clear()
 
 
+def test_stale_library_is_a_reason(monkeypatch, tmp_path):
+    """A library built from an older checkout (here: one with only the first handler's
+    symbol) counts as absent, with a reason that names what it lacks, so every CUDA path
+    falls back instead of failing when it is traced."""
+    import shutil
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("needs a C compiler")
+    (tmp_path / "old.c").write_text("void ResetJaxNvfp4W4A16(void) {}\n")
+    so = tmp_path / "libold.so"
+    subprocess.run([cc, "-shared", "-fPIC", str(tmp_path / "old.c"), "-o", str(so)], check=True)
+    monkeypatch.setattr(cuda, "_explicit_path", so)
+    cuda._library.cache_clear()
+    try:
+        lib, reason = cuda._library()
+        assert lib is None and "predates" in reason and str(so) in reason
+        assert "ResetJaxTopKScaled" in reason and "ResetJaxNvfp4W4A16" not in reason
+    finally:
+        monkeypatch.undo()
+        cuda._library.cache_clear()
+
+
 def test_refusal_reasons_independent_of_platform():
     x, q = _inputs("reasons", 17, 8, 32)
     with pytest.raises(NotImplementedError, match="M=17 > 16"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 
 import jax
@@ -1056,14 +1057,21 @@ def test_branchless_fallback_when_one_top_k_is_not_exact():
 
 
 def _with_staged_top_k(fn, *args, **kwargs):
-    """Calls ``fn`` (traced) with `sampling._top_k_candidates` forced to its staged form,
-    as on a GPU."""
-    orig = S._top_k_candidates
+    """Calls ``fn`` (traced) with the sampler's top-k forced to its staged form, as on a GPU
+    without the CUDA library: `sampling._top_k_candidates` staged, and ``RESET_JAX_TOP_K``
+    set to ``staged`` so that `sampling._scaled_top_k` takes its XLA form (on a GPU host
+    with the library it would take the exact kernels, and the inexact paths go untested)."""
+    orig, env = S._top_k_candidates, os.environ.get("RESET_JAX_TOP_K")
     S._top_k_candidates = functools.partial(orig, staged=True)
+    os.environ["RESET_JAX_TOP_K"] = "staged"
     try:
         return fn(*args, **kwargs)
     finally:
         S._top_k_candidates = orig
+        if env is None:
+            del os.environ["RESET_JAX_TOP_K"]
+        else:
+            os.environ["RESET_JAX_TOP_K"] = env
 
 
 def test_plain_rows_draw_from_the_whole_vocabulary():

@@ -137,6 +137,17 @@ std::vector<Case> Cases(bool quick) {
                     v == 5000 ? Expect::kAnyExactness : Expect::kAllExact, Normal(2, v, 3.f, v)});
     cs.push_back({"V 17 C 5", 3, 17, 5, Expect::kAllExact, Normal(3, 17, 1.f, 17)});
     cs.push_back({"70000 rows", 70000, 40, 5, Expect::kAllExact, Normal(70000, 40, 1.f, 40)});
+    cs.push_back({"scaled 70000 rows", 70000, 40, 5, Expect::kAllExact,
+                  Normal(70000, 40, 1.f, 41), Temperatures(70000, 4)});
+    {
+      // logsumexp where the row's maximum is not finite (jax takes it as 0): a +inf (the sum
+      // is +inf), every value -inf (the sum is 0: -inf), a NaN (NaN); then a plain row.
+      auto z = Normal(4, V, 7.f, 43);
+      z[size_t(0) * V + 5] = INFINITY;
+      std::fill(z.begin() + V, z.begin() + 2 * V, -INFINITY);
+      z[size_t(2) * V + 9] = NAN;
+      cs.push_back({"scaled non-finite", 4, V, 256, Expect::kAnyExactness, z, Temperatures(4, 5)});
+    }
   }
   return cs;
 }
@@ -281,7 +292,10 @@ bool RunCase(const Case& c) {
       double sum = 0.0;
       for (int i = 0; i < V; ++i) sum += std::exp(double(row[i]) - double(m));
       const double ln = std::log(sum) + double(m);
-      if (!(std::fabs(double(got_ln[b]) - ln) <= 1e-6 * std::max(1.0, std::fabs(ln)))) {
+      const double got = got_ln[b];
+      const bool same = std::isfinite(ln) ? std::fabs(got - ln) <= 1e-6 * std::max(1.0, std::fabs(ln))
+                                          : (std::isnan(ln) ? std::isnan(got) : got == ln);
+      if (!same) {
         std::printf("FAIL %s row %d: log_norm %.9g, want %.9g\n", c.name.c_str(), b, got_ln[b], ln);
         ok = false;
       }

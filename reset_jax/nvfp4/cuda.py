@@ -96,9 +96,31 @@ def _candidate_paths() -> list[Path]:
     return paths
 
 
+# The FFI targets and the library's handler symbols for them.
+_HANDLERS = (
+    (TARGET_W4A16, "ResetJaxNvfp4W4A16"),
+    (TARGET_W4A4, "ResetJaxNvfp4W4A4"),
+    (TARGET_ADD_NORM_W4A16, "ResetJaxNvfp4AddNormW4A16"),
+    (TARGET_DECODE_ATTENTION, "ResetJaxDecodeAttention"),
+    (TARGET_DECODER_LAYERS, "ResetJaxDecoderLayers"),
+    (TARGET_TOPK, "ResetJaxTopK"),
+    (TARGET_TOPK_SCALED, "ResetJaxTopKScaled"),
+    (TARGET_SORT_ROWS, "ResetJaxSortRows"),
+)
+# Every symbol this package looks up in the library: the handlers and the ctypes helpers.
+_SYMBOLS = (
+    *(sym for _, sym in _HANDLERS),
+    "ResetJaxTopKScratchWords",
+    "ResetJaxSortScratchBytes",
+    "ResetJaxDecoderLayersScratch",
+)
+
+
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str]:
-    """The loaded library, or ``(None, reason)``."""
+    """The loaded library, or ``(None, reason)``. A library without every symbol this
+    package uses (built from an older checkout) counts as absent, so that every CUDA path
+    falls back with that reason instead of failing when it is traced."""
     tried = []
     for path in _candidate_paths():
         if path in tried:
@@ -107,9 +129,16 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         if not path.is_file():
             continue
         try:
-            return ctypes.cdll.LoadLibrary(str(path)), ""
+            lib = ctypes.cdll.LoadLibrary(str(path))
         except OSError as e:
             return None, f"the CUDA library {path} does not load: {e}"
+        missing = [sym for sym in _SYMBOLS if not hasattr(lib, sym)]
+        if missing:
+            return None, (
+                f"the CUDA library {path} predates this reset-jax (no {', '.join(missing)}); "
+                "rebuild it: pip install --no-build-isolation -e ."
+            )
+        return lib, ""
     return None, (
         f"the CUDA library {LIBRARY_NAME} is not built (pip install builds it when nvcc is "
         f"present); looked in {', '.join(str(p) for p in tried)}"
@@ -132,16 +161,7 @@ def _register() -> None:
         lib, reason = _library()
         if lib is None:
             raise NotImplementedError(reason)
-        for name, symbol in (
-            (TARGET_W4A16, "ResetJaxNvfp4W4A16"),
-            (TARGET_W4A4, "ResetJaxNvfp4W4A4"),
-            (TARGET_ADD_NORM_W4A16, "ResetJaxNvfp4AddNormW4A16"),
-            (TARGET_DECODE_ATTENTION, "ResetJaxDecodeAttention"),
-            (TARGET_DECODER_LAYERS, "ResetJaxDecoderLayers"),
-            (TARGET_TOPK, "ResetJaxTopK"),
-            (TARGET_TOPK_SCALED, "ResetJaxTopKScaled"),
-            (TARGET_SORT_ROWS, "ResetJaxSortRows"),
-        ):
+        for name, symbol in _HANDLERS:
             jax.ffi.register_ffi_target(
                 name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA"
             )
