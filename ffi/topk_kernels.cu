@@ -135,8 +135,8 @@ __global__ void __launch_bounds__(kThreads) ThresholdKernel(const uint32_t* maxi
     r[1] = 0u;
     r[2] = 0u;
 #pragma unroll
-    for (int w = 1; w < kWarps; ++w) top = max(top, warp_top[w]);
-    r[3] = max(top, warp_top[0]);
+    for (int w = 1; w < kWarps; ++w) top = max(top, warp_top[w]);  // top: warp 0's already
+    r[3] = top;
   }
 }
 

@@ -997,9 +997,9 @@ def _scaled_top_k(
         vals, idx, exact = _top_k_candidates(z, c, rows=rows)
         return vals, idx, exact, jax.nn.logsumexp(z, axis=-1)
 
-    choice = os.environ.get("RESET_JAX_TOP_K", "auto")
-    if choice not in ("auto", "cuda") or _cuda_top_k_reason(x.shape, c, x.dtype) is not None:
-        return with_xla(x, t)  # _top_k_candidates checks the choice and raises for "cuda"
+    cuda, _ = _top_k_env_choice()  # False: staged or lax, asked for
+    if cuda is False or _cuda_top_k_reason(x.shape, c, x.dtype) is not None:
+        return with_xla(x, t)  # where "cuda" was asked for, _top_k_candidates raises why not
 
     def kernels(x, t):
         vals, idx, row_exact, log_norm = _top_k_cuda_scaled(x, t, c)
@@ -1007,6 +1007,22 @@ def _scaled_top_k(
 
     # A CPU device of a GPU host gets the XLA form: picked when the call is lowered.
     return jax.lax.platform_dependent(x, t, cuda=kernels, default=with_xla)
+
+
+def _top_k_env_choice() -> tuple[bool | None, bool | None]:
+    """``(cuda, staged)`` as the environment variable ``RESET_JAX_TOP_K`` sets them when the
+    call is traced: ``auto`` (or unset) leaves both None; ``cuda``, ``staged`` or ``lax``
+    picks that one method.
+
+    Raises:
+      ValueError: any other value.
+    """
+    choice = os.environ.get("RESET_JAX_TOP_K", "auto")
+    if choice not in ("auto", "cuda", "staged", "lax"):
+        raise ValueError(f"RESET_JAX_TOP_K={choice!r}: expected auto, cuda, staged or lax")
+    if choice == "auto":
+        return None, None
+    return choice == "cuda", choice == "staged"
 
 
 def _top_k_candidates(
@@ -1063,11 +1079,7 @@ def _top_k_candidates(
     """
     b, v = z.shape
     if cuda is None and staged is None:
-        choice = os.environ.get("RESET_JAX_TOP_K", "auto")
-        if choice not in ("auto", "cuda", "staged", "lax"):
-            raise ValueError(f"RESET_JAX_TOP_K={choice!r}: expected auto, cuda, staged or lax")
-        if choice != "auto":
-            cuda, staged = choice == "cuda", choice == "staged"
+        cuda, staged = _top_k_env_choice()
     if cuda is None:
         cuda = staged is None and _cuda_top_k_reason(z.shape, c, z.dtype) is None
     elif cuda and (why := _cuda_top_k_reason(z.shape, c, z.dtype)) is not None:
