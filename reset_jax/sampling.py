@@ -1220,9 +1220,15 @@ def sample(
       ``[B]`` int32 tokens; ``INVALID_TOKEN`` (-1) for a row whose logits hold a
       NaN or ``+inf`` or no finite value, or whose temperature is NaN or
       infinite. No token is ever drawn from such a row.
+
+    Raises:
+      ValueError: ``max_candidates`` or ``wide_candidates`` not a positive int.
     """
     logits = jnp.asarray(logits, jnp.float32)
     b = logits.shape[0]
+    for name, n in (("max_candidates", max_candidates), ("wide_candidates", wide_candidates)):
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
     # Fixed dtypes and shapes here, so that Python scalars and arrays, weak
     # types or not, all share one compiled sampler per (B, V).
     return _sample(
@@ -1231,8 +1237,8 @@ def sample(
         _rows(temperature, b, jnp.float32),
         _rows(top_p, b, jnp.float32),
         _rows(top_k, b, jnp.int32),
-        max_candidates=max_candidates,
-        wide_candidates=wide_candidates,
+        max_candidates=int(max_candidates),
+        wide_candidates=int(wide_candidates),
     )
 
 

@@ -736,6 +736,16 @@ def test_candidate_path_and_full_sort_agree():
         assert len(np.unique(tok)) == 20
 
 
+def test_sample_rejects_bad_candidate_counts():
+    """The static candidate counts must be positive ints (0 failed deep inside the draw as
+    an argmax of an empty sequence; 2.5 as a shape error)."""
+    x = jnp.zeros((1, 100), jnp.float32).at[0, 3].set(1.0)
+    for kw in ({"max_candidates": 0}, {"wide_candidates": 2.5}, {"max_candidates": True}):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be a positive int"):
+            S.sample(jax.random.key(0), x, 1.0, top_p=0.9, **kw)
+    assert int(S.sample(jax.random.key(0), x, 1.0, top_p=0.9, max_candidates=np.int64(8))[0]) >= 0
+
+
 def test_wide_candidates_before_a_full_sort():
     """A batch whose kept sets do not fit the first candidates draws from the
     ``wide_candidates`` best, the same draw as from ``lax.top_k``'s; only a kept set wider
