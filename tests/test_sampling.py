@@ -737,10 +737,12 @@ def test_candidate_path_and_full_sort_agree():
 
 
 def test_sample_rejects_bad_candidate_counts():
-    """The static candidate counts must be positive ints (0 failed deep inside the draw as
-    an argmax of an empty sequence; 2.5 as a shape error)."""
+    """The static candidate counts must be positive ints (a max_candidates of 0 failed deep
+    inside the draw as an argmax of an empty sequence, 2.5 as a shape error; a
+    wide_candidates of 2.5 silently turned the wide draw off)."""
     x = jnp.zeros((1, 100), jnp.float32).at[0, 3].set(1.0)
-    for kw in ({"max_candidates": 0}, {"wide_candidates": 2.5}, {"max_candidates": True}):
+    bad = (0, -3, 2.5, True, np.bool_(True), "8")
+    for kw in [{name: n} for name in ("max_candidates", "wide_candidates") for n in bad]:
         with pytest.raises(ValueError, match=f"{next(iter(kw))} must be a positive int"):
             S.sample(jax.random.key(0), x, 1.0, top_p=0.9, **kw)
     assert int(S.sample(jax.random.key(0), x, 1.0, top_p=0.9, max_candidates=np.int64(8))[0]) >= 0
