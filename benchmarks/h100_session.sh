@@ -19,6 +19,6 @@ TESTS="tests/test_topk.py tests/test_sampling.py tests/test_decode.py" TEST_TIME
   PIP_EXTRA="--config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES=90-real" \
   DECODE_ARGS="--models qwen3-8b --variants bf16-fattn,cuda-w4a16-chain-model --batch 1,8 --repeats 2" \
   DECODE_TIMEOUT=420 DECODE_JSON="decode_8b_${tag:-gpu}.json" \
-  SAMPLER_ARGS="--batch 1,8 --rounds 9 --paths --rates benchmarks/data/nucleus_widths_smollm2_AD5_cpu.json" \
+  SAMPLER_ARGS="--batch 1,8 --rounds 9 --paths --rates benchmarks/data/nucleus_widths_smollm2_AG5_cpu.json" \
   LAYER_BENCH_ARGS="20 -1 640" ATTENTION_CHECK=1 TAR_LOGS=1 \
   exec bash "$(dirname "$0")/gpu_session.sh"

@@ -12,7 +12,7 @@ uses, almost never need either. This measures how often real steps do:
 3. the nucleus of each step at its temperature: the fewest best tokens whose mass
    reaches top-p (float64).
 
-It prints the share of steps wider than 64 / 256 / 512 / 1024 / 4096 tokens, overall and at
+It prints the share of steps wider than 64 / 256 / 384 / 512 / 1024 / 4096 tokens, overall and at
 ``t_high``, with the chance that a batch of 8 such steps has one (each row drawn
 independently), and writes JSON. ``--fixed-temperature T`` also counts the same steps'
 kept sets at one fixed temperature (the baseline rule ReSET's cost is measured against;
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-# 256 and 1024: the sampler's candidates and wide candidates; 512 and 4096: what other sizes
-# would leave to the fallbacks.
-CAPS = (64, 256, 512, 1024, 4096)
+# 256 and 1024: the sampler's candidates and wide candidates; 384: its hot rows' candidates; 512
+# and 4096: what other sizes would leave to the fallbacks.
+CAPS = (64, 256, 384, 512, 1024, 4096)
 CCDF_GRID = tuple(2**i for i in range(15))  # 1 ... 16384
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k-dev-50.jsonl"
 

@@ -34,14 +34,15 @@ labelled by its name), for an A/B in one process.
 step of that length (e.g. the NVFP4 step from ``benchmarks/decode.py``).
 
 ``--paths`` times each rule's whole step on logits that force each of the sampler's paths
-(`PATHS`: the candidates, the wide draw, the full sort), and with ``--rates FILE`` (a
-``nucleus_widths.py --fixed-temperature`` JSON: how often a real model's steps keep more than
-256 and 1024 tokens under each rule) prints each rule's expected cost a step at those rates
-and their difference: ReSET's cost on real logits, which random logits never show (its
-``t_high`` steps widen the nucleus; a fixed T = 0.6 rarely does).
+(`PATHS`: the candidates with no hot row, the candidates with ReSET's hot rows, the wide
+draw, the full sort), and with ``--rates FILE`` (a ``nucleus_widths.py --fixed-temperature``
+JSON: how often a real model's steps keep more than 256, 512 and 1024 tokens under each
+rule, and how many are at ReSET's ``t_high``) prints each rule's expected cost a step at
+those rates and their difference: ReSET's cost on real logits, which random logits never
+show (its ``t_high`` steps widen the nucleus; a fixed T = 0.6 rarely does).
 
     python3 benchmarks/sampler_cost.py --paths --rates \
-        benchmarks/data/nucleus_widths_smollm2_AD5_cpu.json --step-ms 2.035,2.681
+        benchmarks/data/nucleus_widths_smollm2_AG5_cpu.json --step-ms 2.020,2.663
 
 ``--profile DIR`` (GPU, with ``--paths``) then traces one loop of each variant on each path
 and prints where its step goes: the kernels by the JAX source line of their op, and the idle
@@ -232,17 +233,23 @@ def measure(
 # --paths: logits that force each of the sampler's paths for both rules. A row holds
 # this many near-equal best values (scattered over the row, so no top-k stage sees them
 # clustered) far above the rest: its top-p 0.95 nucleus is ~95 % of them at any
-# temperature the rules pick. 512 -> ~486 tokens, past the 256 candidates, within the
-# 1024 wide ones; 4096 -> ~3890, past those too (the full sort).
-PATHS = {"fast": None, "wide": 512, "full": 4096}
+# temperature the rules pick, and its entropy (~log n nats) makes ReSET pick t_high, a hot
+# row for a sampler with hot candidates. 128 -> ~122 tokens, within the 256 candidates (the
+# fast path, but for ReSET's hot rows with their 384 hot candidates); 768 -> ~730, past 256 and
+# 512, within the 1024 wide ones; 4096 -> ~3890, past those too (the full sort). "fast":
+# random logits with one token far above the rest (entropy ~0: ReSET picks t_low; no hot row).
+PATHS = {"fast": None, "hot": 128, "wide": 768, "full": 4096}
 
 
 def forced_logits(path: str, batch: int, vocab: int, logit_std: float, key) -> jax.Array:
     """``[batch, vocab]`` float32 logits whose top-p 0.95 draw takes ``path`` of `PATHS`:
-    ``fast`` is the usual random logits (std ``logit_std``)."""
+    ``fast`` is the usual random logits (std ``logit_std``) with one token per row raised
+    far above the others (a nucleus of one, for both rules at t_low)."""
     k1, k2, k3 = jax.random.split(key, 3)
     if PATHS[path] is None:
-        return logit_std * jax.random.normal(k1, (batch, vocab), jnp.float32)
+        x = logit_std * jax.random.normal(k1, (batch, vocab), jnp.float32)
+        top = jax.random.randint(k2, (batch,), 0, vocab)
+        return x.at[jnp.arange(batch), top].add(20.0 * max(logit_std, 1.0))
     n = PATHS[path]
     if vocab < n:
         raise ValueError(f"path {path!r} needs a vocabulary of at least {n}, got {vocab}")
@@ -325,15 +332,50 @@ def _print_profile(b: int, prof: dict, top: int) -> None:
                 )
 
 
-def path_rates(shares: dict, batch: int) -> dict:
-    """The share of batch steps that take each path, from per-row shares of kept sets
-    wider than 256 and 1024 (``nucleus_widths`` JSON ``caps``; rows independent): a batch
-    takes the full sort where some row is past 1024, else the wide draw where some row is
-    past 256."""
-    has_one = _bench_module("nucleus_widths").batch_has_one
-    wide_or_more = has_one(float(shares["256"]["share"]), batch)
-    full = has_one(float(shares["1024"]["share"]), batch)
-    return {"fast": 1.0 - wide_or_more, "wide": wide_or_more - full, "full": full}
+def path_rates(rule: dict, batch: int, hot: int = 0) -> dict:
+    """The share of batch steps that take each path of `PATHS`, rows independent.
+
+    ``rule``: ``{"caps": {cap: {"share", "share_hot"}}, "hot": share of hot rows}``
+    (`load_rates`): per row, the shares of kept sets wider than 256, ``hot`` and 1024, all
+    rows and hot ones. A batch takes the full sort where some row is past 1024. For a
+    sampler without hot candidates (``hot`` 0) it takes the wide draw where some row is past
+    256, else the fast path. With them, a hot row has ``hot`` first candidates: the wide
+    draw where some cold row is past 256 or hot row past ``hot``; else the hot path where
+    some row is hot; else the fast path.
+
+    Raises:
+      SystemExit: the rates do not count kept sets wider than ``hot``.
+    """
+    caps, h = rule["caps"], float(rule["hot"]) if hot else 0.0
+    if hot and str(hot) not in caps:
+        raise SystemExit(
+            f"the rates count kept sets wider than {sorted(caps, key=int)}, not {hot} "
+            "(the sampler's hot candidates): rerun nucleus_widths.py"
+        )
+
+    def share(cap, hot=False):
+        return float(caps[str(cap)]["share_hot" if hot else "share"])
+
+    full = 1.0 - (1.0 - share(1024)) ** batch
+    cold_past = share(256) - h * share(256, hot=True)  # cold rows past 256
+    past = cold_past + (h * share(hot, hot=True) if hot else 0.0)  # past their candidates
+    wide_or_more = 1.0 - (1.0 - past) ** batch
+    fast = (1.0 - h - cold_past) ** batch  # every row cold and within 256
+    return {
+        "fast": fast,
+        "hot": 1.0 - wide_or_more - fast,
+        "wide": wide_or_more - full,
+        "full": full,
+    }
+
+
+def hot_candidates(mod) -> int:
+    """How many first candidates sampler module ``mod`` gives its hot rows by default, or 0
+    where it has no hot rows (older revisions for ``--against``)."""
+    import inspect
+
+    p = inspect.signature(mod.sample).parameters.get("hot_candidates")
+    return 0 if p is None else int(p.default)
 
 
 def expected_us(path_us: dict, rates: dict) -> float:
@@ -342,8 +384,10 @@ def expected_us(path_us: dict, rates: dict) -> float:
 
 
 def load_rates(path: str) -> dict:
-    """``{"reset": caps, "fixed": caps}`` from a ``nucleus_widths.py --fixed-temperature``
-    JSON, checked."""
+    """``{"reset": rule, "fixed": rule}`` (`path_rates`' ``rule``) from a
+    ``nucleus_widths.py --fixed-temperature`` JSON, checked. ReSET's hot rows are its
+    ``t_high`` ones (1.0, above `reset_jax.sampling.HOT_TEMPERATURE`); the fixed rule's
+    T = 0.6 is below it."""
     with open(path) as f:
         rec = json.load(f)
     if "fixed" not in rec:
@@ -355,10 +399,23 @@ def load_rates(path: str) -> dict:
         raise SystemExit(
             f"--rates {path}: its fixed rule ran at T = {t}; this benchmark's is {FIXED_T}"
         )
-    return {"reset": rec["caps"], "fixed": rec["fixed"]["caps"], "model": rec.get("model")}
+    hot_t = sampling.HOT_TEMPERATURE
+
+    def rule(caps, hot_share, hot_key):
+        return {
+            "caps": {c: dict(v, share_hot=v.get(hot_key, 0.0)) for c, v in caps.items()},
+            "hot": hot_share,
+        }
+
+    at_high = float(rec["steps_at_t_high"]) / float(rec["steps"])
+    return {
+        "reset": rule(rec["caps"], at_high if 1.0 >= hot_t else 0.0, "share_at_t_high"),
+        "fixed": rule(rec["fixed"]["caps"], 1.0 if FIXED_T >= hot_t else 0.0, "share"),
+        "model": rec.get("model"),
+    }
 
 
-def _print_paths(b, times, rates, step_ms):
+def _print_paths(b, times, rates, step_ms, hot):
     med = {p: {n: float(np.median(v)) for n, v in t.items()} for p, t in times.items()}
     print("| B | variant | " + " | ".join(f"{p} µs" for p in PATHS) + " |")
     print("|---|---|" + "---|" * len(PATHS))
@@ -370,8 +427,8 @@ def _print_paths(b, times, rates, step_ms):
     print("|---|---|" + "---|" * (len(PATHS) + 1))
     exp = {}
     for n in med["fast"]:
-        rule = n.split("@")[0]
-        r = path_rates(rates[rule], b)
+        rule, _, label = n.partition("@")
+        r = path_rates(rates[rule], b, hot["@" + label if label else ""])
         exp[n] = expected_us({p: med[p][n] for p in PATHS}, r)
         cells = " | ".join(f"{100 * r[p]:.2f} %" for p in PATHS)
         print(f"| {b} | {n} | {cells} | {exp[n]:.2f} |")
@@ -400,7 +457,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--paths",
         action="store_true",
-        help="time every variant on logits that force each sampler path (fast, wide, full)",
+        help="time every variant on logits that force each sampler path (fast, hot, wide, full)",
     )
     p.add_argument(
         "--rates",
@@ -442,9 +499,8 @@ def main(argv=None) -> int:
         p.error(f"--step-ms needs one value per batch size ({len(batches)})")
     if a.iters < 1 or a.rounds < 1:
         p.error("--iters and --rounds must be >= 1")
-    against = None
+    against = {}
     if a.against:  # labelled by revision, or by a saved file's name without ".py"
-        against = {}
         for r in a.against.split(","):
             label = os.path.basename(r).removesuffix(".py") if r.endswith(".py") else r
             if label in against:
@@ -457,8 +513,17 @@ def main(argv=None) -> int:
     record = {}
     if a.paths:
         rates = load_rates(a.rates) if a.rates else None
+        hot = {"": hot_candidates(sampling)}
+        hot.update({f"@{k}": hot_candidates(m) for k, m in against.items()})
         if rates:
             print(f"rates: {a.rates} ({rates['model']}), rows independent")
+            for n in set(hot.values()) - {0}:
+                if str(n) not in rates["reset"]["caps"]:
+                    p.error(
+                        f"--rates {a.rates} counts kept sets wider than "
+                        f"{sorted(rates['reset']['caps'], key=int)}, not {n} (a sampler's hot "
+                        "candidates): rerun nucleus_widths.py"
+                    )
         expected, profiles = {}, {}
         for i, b in enumerate(batches):
             logits = path_logits(b, a.vocab, a.logit_std)
@@ -468,7 +533,7 @@ def main(argv=None) -> int:
             }
             times = _time_interleaved(runs, logits, a.iters, a.rounds)
             record[b] = times
-            expected[b] = _print_paths(b, times, rates, steps[i] if steps else None)
+            expected[b] = _print_paths(b, times, rates, steps[i] if steps else None, hot)
             if a.profile:
                 ours = {n: r for n, r in runs.items() if "@" not in n}  # not --against's
                 prof = profile_paths(ours, logits, a.iters, a.profile)

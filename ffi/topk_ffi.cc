@@ -10,6 +10,9 @@
 // The same for z = x / t[:, None] (x [B, V] f32, t [B] f32), computed in the kernels, never
 // written out; also log_norm [B] f32 = jax.nn.logsumexp(z, axis=-1) (exp summed in f32 a lane,
 // then in f64 across lanes and CTAs).
+//   ResetJaxTopKScaledCounts(x, t, counts; k) -> (vals, idx, exact, log_norm, scratch)
+// The same with counts [B] s32: row b's first counts[b] (clamped to [1, k]) results as above, the
+// rest -inf with index 0; exact says whether those first counts[b] are lax.top_k's.
 //   ResetJaxSortRows(z) -> (vals, idx, scratch)
 // Shapes: z [B, V] f32; vals [B, V] f32 and idx [B, V] s32, every row sorted descending (ties
 // in index order, NaNs last); scratch u8 [rjsort::SortScratchBytes(B, V)].
@@ -39,10 +42,12 @@ ffi::Error InvalidSort(const std::string& msg) {
   return ffi::Error::InvalidArgument("reset_jax sort: " + msg);
 }
 
-// The shared checks and launch of both top-k handlers; `scale` and `log_norm` may be null.
+// The shared checks and launch of the top-k handlers; `scale`, `counts` and `log_norm` may be
+// null.
 ffi::Error LaunchTopK(cudaStream_t stream, const ffi::AnyBuffer& z, const ffi::AnyBuffer* scale,
-                      ffi::AnyBuffer& vals, ffi::AnyBuffer& idx, ffi::AnyBuffer& exact,
-                      ffi::AnyBuffer* log_norm, ffi::AnyBuffer& scratch, int64_t k) {
+                      const ffi::AnyBuffer* counts, ffi::AnyBuffer& vals, ffi::AnyBuffer& idx,
+                      ffi::AnyBuffer& exact, ffi::AnyBuffer* log_norm, ffi::AnyBuffer& scratch,
+                      int64_t k) {
   using T = ffi::DataType;
   const auto zd = z.dimensions();
   if (zd.size() != 2 || z.element_type() != T::F32)
@@ -56,10 +61,13 @@ ffi::Error LaunchTopK(cudaStream_t stream, const ffi::AnyBuffer& z, const ffi::A
   if (!Shaped(idx, T::S32, {B, k})) return Invalid("idx must be int32 [B, k]");
   if (!Shaped(exact, T::S32, {B})) return Invalid("exact must be int32 [B]");
   if (scale != nullptr && !Shaped(*scale, T::F32, {B})) return Invalid("t must be float32 [B]");
+  if (counts != nullptr && !Shaped(*counts, T::S32, {B}))
+    return Invalid("counts must be int32 [B]");
   if (log_norm != nullptr && !Shaped(*log_norm, T::F32, {B}))
     return Invalid("log_norm must be float32 [B]");
   a.z = static_cast<const float*>(z.untyped_data());
   a.scale = scale != nullptr ? static_cast<const float*>(scale->untyped_data()) : nullptr;
+  a.counts = counts != nullptr ? static_cast<const int32_t*>(counts->untyped_data()) : nullptr;
   a.vals = static_cast<float*>(vals.untyped_data());
   a.idx = static_cast<int32_t*>(idx.untyped_data());
   a.exact = static_cast<int32_t*>(exact.untyped_data());
@@ -78,14 +86,22 @@ ffi::Error LaunchTopK(cudaStream_t stream, const ffi::AnyBuffer& z, const ffi::A
 ffi::Error TopKImpl(cudaStream_t stream, ffi::AnyBuffer z, ffi::Result<ffi::AnyBuffer> vals,
                     ffi::Result<ffi::AnyBuffer> idx, ffi::Result<ffi::AnyBuffer> exact,
                     ffi::Result<ffi::AnyBuffer> scratch, int64_t k) {
-  return LaunchTopK(stream, z, nullptr, *vals, *idx, *exact, nullptr, *scratch, k);
+  return LaunchTopK(stream, z, nullptr, nullptr, *vals, *idx, *exact, nullptr, *scratch, k);
 }
 
 ffi::Error TopKScaledImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer t,
                           ffi::Result<ffi::AnyBuffer> vals, ffi::Result<ffi::AnyBuffer> idx,
                           ffi::Result<ffi::AnyBuffer> exact, ffi::Result<ffi::AnyBuffer> log_norm,
                           ffi::Result<ffi::AnyBuffer> scratch, int64_t k) {
-  return LaunchTopK(stream, x, &t, *vals, *idx, *exact, &*log_norm, *scratch, k);
+  return LaunchTopK(stream, x, &t, nullptr, *vals, *idx, *exact, &*log_norm, *scratch, k);
+}
+
+ffi::Error TopKScaledCountsImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer t,
+                                ffi::AnyBuffer counts, ffi::Result<ffi::AnyBuffer> vals,
+                                ffi::Result<ffi::AnyBuffer> idx, ffi::Result<ffi::AnyBuffer> exact,
+                                ffi::Result<ffi::AnyBuffer> log_norm,
+                                ffi::Result<ffi::AnyBuffer> scratch, int64_t k) {
+  return LaunchTopK(stream, x, &t, &counts, *vals, *idx, *exact, &*log_norm, *scratch, k);
 }
 
 ffi::Error SortRowsImpl(cudaStream_t stream, ffi::AnyBuffer z, ffi::Result<ffi::AnyBuffer> vals,
@@ -147,6 +163,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResetJaxTopKScaled, TopKScaledImpl,
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::AnyBuffer>()  // x
                                   .Arg<ffi::AnyBuffer>()  // t
+                                  .Ret<ffi::AnyBuffer>()  // vals
+                                  .Ret<ffi::AnyBuffer>()  // idx
+                                  .Ret<ffi::AnyBuffer>()  // exact
+                                  .Ret<ffi::AnyBuffer>()  // log_norm
+                                  .Ret<ffi::AnyBuffer>()  // scratch
+                                  .Attr<int64_t>("k"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* ResetJaxTopKScaledCounts(
+    XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResetJaxTopKScaledCounts, TopKScaledCountsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // t
+                                  .Arg<ffi::AnyBuffer>()  // counts
                                   .Ret<ffi::AnyBuffer>()  // vals
                                   .Ret<ffi::AnyBuffer>()  // idx
                                   .Ret<ffi::AnyBuffer>()  // exact

@@ -33,6 +33,11 @@ Scratch Split(uint32_t* s, int B, int V, int ns) {
           reinterpret_cast<double*>(cand + size_t(B) * TopkRowCap(V))};
 }
 
+// Row b's count: counts[b] clamped to [1, C], or C where there are no per-row counts.
+__device__ __forceinline__ int RowCount(const int32_t* counts, int b, int C) {
+  return counts != nullptr ? min(max(int(counts[b]), 1), C) : C;
+}
+
 // z = x / scale[b] (as XLA's GPU code divides), or x where there is no scale.
 __device__ __forceinline__ float Scaled(float x, const float* scale, int b) {
   return scale != nullptr ? rjkeys::XlaDivide(x, scale[b]) : x;
@@ -62,29 +67,32 @@ __global__ void __launch_bounds__(kThreads) SliceMaxKernel(const float* __restri
   }
 }
 
-// Kernel 2: L = the C-th largest slice maximum of each row (a CTA a row, radix select over
-// 8-bit digits from the top); L = 0 where the row has fewer than C slices. Also the row's
+// Kernel 2: L = the c_b-th largest slice maximum of each row (a CTA a row, radix select over
+// 8-bit digits from the top; c_b = RowCount); L = 0 where the row has fewer than c_b slices. Also the row's
 // largest key (for the sums of exp in kernel 3), and clears the row's candidate count and
 // flags for kernel 3.
 // maxima: kernel 1's output, read after PdlWait with plain (coherent) loads: no __restrict__,
 // which makes nvcc emit ld.global.nc, wrong while kernel 1 may still run (pdl.cuh).
+// counts is the chain's input (written before kernel 1 ran): read any time.
 __global__ void __launch_bounds__(kThreads) ThresholdKernel(const uint32_t* maxima, int ns, int C,
+                                                            const int32_t* __restrict__ counts,
                                                             uint32_t* __restrict__ rows) {
   __shared__ uint32_t hist[256];
   __shared__ uint32_t sh_prefix, sh_need, warp_top[kWarps];
   rjpdl::PdlLaunchDependents();  // kernel 3 may start and load its slices of z
   rjpdl::PdlWait();              // the maxima come from kernel 1
   const int b = blockIdx.x;
+  const int cb = RowCount(counts, b, C);
   const uint32_t* mk = maxima + size_t(b) * ns;
   uint32_t top = 0;
   for (int i = threadIdx.x; i < ns; i += kThreads) top = max(top, mk[i]);
   top = __reduce_max_sync(0xffffffffu, top);
   if ((threadIdx.x & 31) == 0) warp_top[threadIdx.x >> 5] = top;
   __syncthreads();
-  uint32_t prefix = 0, mask = 0, need = uint32_t(C);
-  if (ns >= C) {
-    // Invariant: `need` (>= 1) of the keys under `prefix` / `mask` are the rank-C key or above
-    // it among them, so the C-th largest is the need-th largest key matching the prefix.
+  uint32_t prefix = 0, mask = 0, need = uint32_t(cb);
+  if (ns >= cb) {
+    // Invariant: `need` (>= 1) of the keys under `prefix` / `mask` are the rank-cb key or
+    // above it among them, so the cb-th largest is the need-th largest key matching the prefix.
     for (int shift = 24; shift >= 0; shift -= 8) {
       hist[threadIdx.x] = 0;
       __syncthreads();
@@ -131,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) ThresholdKernel(const uint32_t* maxi
   }
   if (threadIdx.x == 0) {
     uint32_t* r = rows + size_t(b) * kRowWords;
-    r[0] = ns >= C ? prefix : 0u;
+    r[0] = ns >= cb ? prefix : 0u;
     r[1] = 0u;
     r[2] = 0u;
 #pragma unroll
@@ -247,8 +255,9 @@ __global__ void __launch_bounds__(kThreads) CollectKernel(const float* __restric
   }
 }
 
-// Kernel 4: sorts each row's candidates (bitonic, descending) and writes the first C: indices,
-// the values read back from z (their own sign bits), and exactness.
+// Kernel 4: sorts each row's candidates (bitonic, descending) and writes the first c_b
+// (RowCount): indices, the values read back from z (their own sign bits), and exactness; then
+// -inf and index 0 up to C.
 //
 // The words are padded to P (a power of two, at least 64) with zeros (below every word) and
 // cut into blocks of 64: warp w holds blocks w, w + W, ... in registers (lane l: words 64q + l
@@ -290,6 +299,7 @@ template <int kT>
 // __restrict__ (see ThresholdKernel).
 __global__ void __launch_bounds__(kT, 1) SortKernel(const float* __restrict__ z,
                                                     const float* __restrict__ scale, int V, int C,
+                                                    const int32_t* __restrict__ counts,
                                                     const uint32_t* rows,
                                                     const unsigned long long* cand,
                                                     float* __restrict__ vals,
@@ -306,8 +316,9 @@ __global__ void __launch_bounds__(kT, 1) SortKernel(const float* __restrict__ z,
   const uint32_t* r = rows + size_t(b) * kRowWords;
   const uint32_t count = r[1], cap = uint32_t(TopkRowCap(V));
   const int n = int(min(count, cap));
+  const int cb = RowCount(counts, b, C);
   int P = 64;
-  while (P < max(n, C)) P <<= 1;  // <= kCap: n <= cap and C <= kMaxC
+  while (P < max(n, cb)) P <<= 1;  // <= kCap: n <= cap and cb <= C <= kMaxC
   const int nb = P / 64;
   const unsigned long long* in = cand + size_t(b) * cap;
   unsigned long long x[kMaxBlocks][2];
@@ -361,9 +372,14 @@ __global__ void __launch_bounds__(kT, 1) SortKernel(const float* __restrict__ z,
   const bool signed_zeros = (flags & (kNegZero | kPosZero)) == (kNegZero | kPosZero) &&
                             r[0] <= 0x80000000u;
   bool ok = count <= cap && !(flags & kNanSeen) && !signed_zeros;
-  // n >= C always (kernel 2's bound), so the first C words are elements; the check keeps a
+  // n >= cb always (kernel 2's bound), so the first cb words are elements; the check keeps a
   // broken bound from reading outside the row.
   for (int i = threadIdx.x; i < C; i += kT) {
+    if (i >= cb) {  // past the row's own count
+      idx[size_t(b) * C + i] = 0;
+      vals[size_t(b) * C + i] = -INFINITY;
+      continue;
+    }
     const uint32_t id = 0xFFFFFFFFu - uint32_t(s[i] & 0xFFFFFFFFull);
     const bool in_row = id < uint32_t(V);
     idx[size_t(b) * C + i] = in_row ? int32_t(id) : 0;
@@ -396,19 +412,22 @@ cudaError_t LaunchWith(const TopkArgs& a, cudaStream_t stream) {
   SliceMaxKernel<S><<<slices, kThreads, 0, stream>>>(a.z, a.scale, a.B, a.V, ns, sc.maxima);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   if (cudaError_t e = rjpdl::Launch(ThresholdKernel, dim3(a.B), dim3(kThreads), 0, stream, a.pdl,
-                                    sc.maxima, ns, a.C, sc.rows);
+                                    sc.maxima, ns, a.C, a.counts, sc.rows);
       e != cudaSuccess)
     return e;
   if (cudaError_t e = rjpdl::Launch(CollectKernel<S>, slices, dim3(kThreads), 0, stream, a.pdl,
                                     a.z, a.scale, a.B, a.V, ns, sc.rows, sc.cand, sums);
       e != cudaSuccess)
     return e;
-  // Past C = 256 a row sorts 2048-4096 words: 1024 threads (two blocks of 64 words a warp).
-  const int sort_threads = a.C > 256 ? 1024 : kThreads;
-  return rjpdl::Launch(a.C > 256 ? SortKernel<1024> : SortKernel<kThreads>, dim3(a.B),
-                       dim3(sort_threads), 0, stream, a.pdl, a.z, a.scale, a.V, a.C, sc.rows,
-                       sc.cand, a.vals, a.idx, a.exact, static_cast<const double*>(sums),
-                       int(slices.x), a.log_norm);
+  // A warp a block of 64 words at the usual candidate counts: past C = 512 a row sorts
+  // 2048-4096 words (1024 threads, two blocks a warp); at C = 512, 1024 (512 threads); up to
+  // C = 384, 512 (256 threads: random rows of V = 151,936 give ~290 candidates at C = 256 and
+  // ~460 at 384 with slices of 128).
+  const int sort_threads = a.C > 512 ? 1024 : a.C > 384 ? 512 : kThreads;
+  auto* sort = a.C > 512 ? SortKernel<1024> : a.C > 384 ? SortKernel<512> : SortKernel<kThreads>;
+  return rjpdl::Launch(sort, dim3(a.B), dim3(sort_threads), 0, stream, a.pdl, a.z, a.scale, a.V,
+                       a.C, a.counts, sc.rows, sc.cand, a.vals, a.idx, a.exact,
+                       static_cast<const double*>(sums), int(slices.x), a.log_norm);
 }
 
 }  // namespace

@@ -61,6 +61,11 @@ struct TopkArgs {
   // jax.nn.logsumexp (its maximum taken as 0 where not finite); exp summed in f32 over a lane's
   // (at most 8) values, then in f64 across lanes and CTAs, in a fixed order.
   float* log_norm = nullptr;
+  // Optional [B]: row b's own count c_b (clamped to [1, C]): its first c_b outputs are
+  // lax.top_k(z, C)'s first c_b, and outputs c_b..C-1 are -inf with index 0 (so a row that
+  // needs fewer candidates selects and sorts fewer: the sampler's rows below its hot
+  // temperature). Exactness is about the first c_b. nullptr: c_b = C for every row.
+  const int32_t* counts = nullptr;
   uint32_t* scratch = nullptr;  // TopkScratchWords(B, V, C) words, 8-byte aligned
   int B = 0, V = 0, C = 0;
   // Launch kernels 2-4 as programmatic dependents of the kernel before them (ffi/pdl.cuh;

@@ -64,6 +64,15 @@ GREEDY_TEMPERATURE = 1e-6
 INVALID_TOKEN = -1
 """What ``sample`` returns for a row whose logits or temperature are unusable."""
 
+HOT_TEMPERATURE = 0.9
+"""`sample`'s default ``hot_temperature``: filtered rows at or above it draw from the
+``hot_candidates`` best tokens, not the ``max_candidates`` best. ReSET's ``t_high`` (1.0) is
+above it; the reasoning models' usual fixed temperatures (0.6-0.7), ReSET's ``t_low`` and 0.8
+are below. On the default model's GSM8K steps (benchmarks/RESULTS.md AD5, AG2, AG5) every
+nucleus wider than 256 tokens came at ``t_high``; at a fixed T = 1.0, 4.4 % of rows keep more
+than 256 and 2.2 % more than 512 (a batch of 8: 30 % and 16 %); at T = 0.8, 0.28 % and 0.06 %,
+too few to pay for the wider first candidates."""
+
 ENTROPY_FLOOR = 1e-10
 """Probabilities are clamped to this inside the log, as in the reference."""
 
@@ -936,7 +945,7 @@ def _top_k_cuda(z: jax.Array, c: int) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def _top_k_cuda_scaled(
-    x: jax.Array, t: jax.Array, c: int
+    x: jax.Array, t: jax.Array, c: int, counts: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """`_top_k_cuda` of ``z = x / t[:, None]`` and ``jax.nn.logsumexp(z, axis=-1)``, with
     z computed inside the kernels (never written out).
@@ -945,6 +954,8 @@ def _top_k_cuda_scaled(
       x: ``[B, V]`` float32, bfloat16 or float16 (used in float32).
       t: ``[B]`` float32 divisors.
       c: static, as for `_top_k_cuda`.
+      counts: optional ``[B]`` int32 in ``[1, c]``: row ``b`` selects and sorts only its
+        ``counts[b]`` best (`_mask_past_counts` for the rest); exactness is about those.
 
     Returns:
       ``(values [B, c] float32, indices [B, c] int32, exact [B] bool, log_norm [B]
@@ -957,8 +968,11 @@ def _top_k_cuda_scaled(
 
     cuda.ensure_registered()
     b, v = x.shape
+    args = [x.astype(jnp.float32), t.astype(jnp.float32)]
+    if counts is not None:
+        args.append(counts.astype(jnp.int32))
     vals, idx, exact, log_norm, _ = jax.ffi.ffi_call(
-        cuda.TARGET_TOPK_SCALED,
+        cuda.TARGET_TOPK_SCALED if counts is None else cuda.TARGET_TOPK_SCALED_COUNTS,
         (
             jax.ShapeDtypeStruct((b, c), jnp.float32),
             jax.ShapeDtypeStruct((b, c), jnp.int32),
@@ -967,12 +981,29 @@ def _top_k_cuda_scaled(
             jax.ShapeDtypeStruct((cuda.top_k_scratch_words(b, v, c),), jnp.uint32),  # scratch
         ),
         vmap_method="sequential",
-    )(x.astype(jnp.float32), t.astype(jnp.float32), k=np.int64(c))
+    )(*args, k=np.int64(c))
     return vals, idx, exact != 0, log_norm
 
 
+def _mask_past_counts(
+    vals: jax.Array, idx: jax.Array, counts: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """Top-k results ``vals``/``idx`` ``[B, C]`` with each row's entries from rank
+    ``counts[b]`` on set to ``-inf`` / 0 (what the CUDA top-k writes there); unchanged where
+    ``counts`` is None."""
+    if counts is None:
+        return vals, idx
+    past = jnp.arange(vals.shape[-1])[None, :] >= counts[:, None]
+    return jnp.where(past, -jnp.inf, vals), jnp.where(past, 0, idx)
+
+
 def _scaled_top_k(
-    x: jax.Array, t: jax.Array, c: int, *, rows: jax.Array | None = None
+    x: jax.Array,
+    t: jax.Array,
+    c: int,
+    *,
+    rows: jax.Array | None = None,
+    counts: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """`_top_k_candidates` of ``z = x / t[:, None]``, and ``jax.nn.logsumexp(z, axis=-1)``.
 
@@ -986,15 +1017,20 @@ def _scaled_top_k(
       t: ``[B]`` float32 divisors (the temperatures, 1 for greedy rows).
       c: static, ``1 <= c <= V``.
       rows: as for `_top_k_candidates`.
+      counts: optional ``[B]`` int32 in ``[1, c]``: row ``b`` needs only its ``counts[b]``
+        best; its entries from that rank on are ``-inf`` with index 0 (`_mask_past_counts`),
+        and the CUDA kernels select and sort fewer for it.
 
     Returns:
       ``(values [B, c], indices [B, c] int32, exact, log_norm [B])``: the first three as
-      `_top_k_candidates` returns them for z, ``exact`` a bool scalar.
+      `_top_k_candidates` returns them for z (then masked past ``counts``), ``exact`` a
+      bool scalar.
     """
 
     def with_xla(x, t):
         z = x / t[:, None]
         vals, idx, exact = _top_k_candidates(z, c, rows=rows)
+        vals, idx = _mask_past_counts(vals, idx, counts)
         return vals, idx, exact, jax.nn.logsumexp(z, axis=-1)
 
     cuda, _ = _top_k_env_choice()  # False: staged or lax, asked for
@@ -1002,7 +1038,7 @@ def _scaled_top_k(
         return with_xla(x, t)  # where "cuda" was asked for, _top_k_candidates raises why not
 
     def kernels(x, t):
-        vals, idx, row_exact, log_norm = _top_k_cuda_scaled(x, t, c)
+        vals, idx, row_exact, log_norm = _top_k_cuda_scaled(x, t, c, counts)
         return vals, idx, jnp.all(row_exact if rows is None else row_exact | ~rows), log_norm
 
     # A CPU device of a GPU host gets the XLA form: picked when the call is lowered.
@@ -1143,20 +1179,24 @@ def _top_k_rows(
     return jax.lax.cond(exact, lambda: (vals, idx), lambda: tuple(jax.lax.top_k(z, c)))
 
 
-def _sample_candidates(key, vals, idx, k_eff, top_p, log_norm_all, vocab):
-    """Top-k then top-p over descending candidates ``vals``/``idx`` ``[B, C]``.
+def _sample_candidates(key, vals, idx, k_eff, top_p, log_norm_all, vocab, counts=None):
+    """Top-k then top-p over descending candidates ``vals``/``idx`` ``[B, C]``, of which
+    row ``b`` has its first ``counts[b]`` (``[B]``; None: all ``C``).
 
     Returns the sampled token ``[B]`` and whether the candidates hold the whole
-    kept set ``[B]`` (always true when ``C == V``).
+    kept set ``[B]`` (always true when ``C == V``). Where they do, the token depends
+    only on the key and the row's kept set, not on ``counts``: the noise is drawn for
+    ``[B, C]`` either way.
     """
     c = vals.shape[-1]
     rank = jnp.arange(c)[None, :]
-    in_k = rank < k_eff[:, None]
+    have = jnp.full_like(k_eff, c) if counts is None else counts
+    in_k = (rank < k_eff[:, None]) & (rank < have[:, None])
     masked = jnp.where(in_k, vals, -jnp.inf)
     # Top-p is measured on the distribution renormalised over the top-k set
     # (the Hugging Face / vLLM order). With top-k off, that set is the full
     # vocabulary, whose normaliser the candidates alone do not give.
-    log_norm = jnp.where(k_eff <= c, jax.nn.logsumexp(masked, axis=-1), log_norm_all)
+    log_norm = jnp.where(k_eff <= have, jax.nn.logsumexp(masked, axis=-1), log_norm_all)
     probs = jnp.exp(masked - log_norm[:, None])
     cum = jnp.cumsum(probs, axis=-1)
     before = jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum[:, :-1]], axis=-1)
@@ -1165,7 +1205,7 @@ def _sample_candidates(key, vals, idx, k_eff, top_p, log_norm_all, vocab):
     keep = in_k & ((before < top_p[:, None]) | (rank == 0) | ~nucleus_on[:, None])
     choice = jax.random.categorical(key, jnp.where(keep, vals, -jnp.inf), axis=-1)
     token = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
-    fits = (k_eff <= c) | ((k_eff >= vocab) & nucleus_on & (cum[:, -1] >= top_p))
+    fits = (k_eff <= have) | ((k_eff >= vocab) & nucleus_on & (cum[:, -1] >= top_p))
     return token, fits
 
 
@@ -1178,6 +1218,8 @@ def sample(
     top_k: jax.Array | int = 0,
     max_candidates: int = 256,
     wide_candidates: int = 1024,
+    hot_candidates: int = 384,
+    hot_temperature: float = HOT_TEMPERATURE,
 ) -> jax.Array:
     """Draws one token per row: ``logits / T``, then top-k, then top-p.
 
@@ -1188,7 +1230,8 @@ def sample(
     top token; ``top_p >= 1`` is off. All parameters may differ per row.
 
     Cost: rows with both filters off draw from the full vocabulary with no sort.
-    Filtered rows look at the ``max_candidates`` best tokens (``lax.top_k``; on a GPU
+    Filtered rows look at the ``max_candidates`` best tokens, those at or above
+    ``hot_temperature`` at the ``hot_candidates`` best (``lax.top_k``; on a GPU
     the CUDA top-k kernels, or stages where the library is missing, falling back to
     ``lax.top_k`` where either is not exact);
     where some row's kept set may reach beyond them (a large ``k``, or a nucleus
@@ -1196,10 +1239,15 @@ def sample(
     instead, and only past those from a full sort, so the result is always exact,
     and the same on every backend for one key. (A nucleus wider than 256 is not
     rare: 2.95 % of the default model's ReSET steps on GSM8K, 12.9 % of those at
-    ``t_high``, none at a fixed T = 0.6; 0.20 % wider than 1024. On a GPU a full sort of
-    the rows costs far more than a step's sampling.) A ``top_k`` of at most
-    ``max_candidates`` keeps every kept set within the candidates: no wide draw and no
-    full sort, at the price of cutting the widest nuclei. On a GPU the filtered draw
+    ``t_high``, none at a fixed T = 0.6; 7.5 % of the ``t_high`` ones wider than 384,
+    0.20 % of all wider than 1024. On a GPU a full sort of the rows costs far more than a
+    step's sampling.) Hot rows' 384 candidates took ReSET's step at batch 8 from 99.1 to
+    93.6 us of sampling at those rates (the wide draw on 11.3 % of batches, not 19.7 %), the
+    fixed rule's unchanged (RESULTS.md AG5, AG6). A ``top_k`` of at most
+    ``max_candidates`` keeps every kept set within the candidates: no wide draw and no full
+    sort, at the price of cutting the widest nuclei. Every row draws from
+    ``[B, max(max_candidates, hot_candidates)]`` candidates, each row from its own count of
+    them, so one key gives a row the same token whichever count it had. On a GPU the filtered draw
     always runs and one ``lax.switch`` (one index read back per call) adds what the batch
     needs besides: the plain draw, the argmax, or the fallbacks (which read back one more
     index, more where a top-k was not exact). On the CPU each draw runs only where some
@@ -1213,8 +1261,13 @@ def sample(
       top_k: ``[B]`` or scalar int.
       max_candidates: static size of the candidate set for filtered rows.
       wide_candidates: static size of the second candidate set, for batches where
-        some row's kept set is wider than the first (none where not above
-        ``max_candidates``).
+        some row's kept set is wider than its first (none where not above the first).
+      hot_candidates: static size of the first candidate set of rows at or above
+        ``hot_temperature`` (hotter rows keep wider nuclei); at most ``max_candidates``
+        turns this off. 384: a hot row's CUDA top-k then sorts ~460 candidates, as few
+        words (512) as a 256-candidate row's ~290; 512 hot candidates sorted 1024 words,
+        +6.4 us a call at B = 8, and broke even (benchmarks/RESULTS.md AG3).
+      hot_temperature: static float, see `HOT_TEMPERATURE`.
 
     Returns:
       ``[B]`` int32 tokens; ``INVALID_TOKEN`` (-1) for a row whose logits hold a
@@ -1222,13 +1275,20 @@ def sample(
       infinite. No token is ever drawn from such a row.
 
     Raises:
-      ValueError: ``max_candidates`` or ``wide_candidates`` not a positive int.
+      ValueError: ``max_candidates``, ``wide_candidates`` or ``hot_candidates`` not a
+        positive int, or ``hot_temperature`` not finite.
     """
     logits = jnp.asarray(logits, jnp.float32)
     b = logits.shape[0]
-    for name, n in (("max_candidates", max_candidates), ("wide_candidates", wide_candidates)):
+    for name, n in (
+        ("max_candidates", max_candidates),
+        ("wide_candidates", wide_candidates),
+        ("hot_candidates", hot_candidates),
+    ):
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise ValueError(f"{name} must be a positive int, got {n!r}")
+    if not np.isfinite(hot_temperature):
+        raise ValueError(f"hot_temperature must be finite, got {hot_temperature!r}")
     # Fixed dtypes and shapes here, so that Python scalars and arrays, weak
     # types or not, all share one compiled sampler per (B, V).
     return _sample(
@@ -1239,11 +1299,34 @@ def sample(
         _rows(top_k, b, jnp.int32),
         max_candidates=int(max_candidates),
         wide_candidates=int(wide_candidates),
+        hot_candidates=int(hot_candidates),
+        hot_temperature=float(hot_temperature),
     )
 
 
-@functools.partial(jax.jit, static_argnames=("max_candidates", "wide_candidates", "branchless"))
-def _sample(key, logits, t, top_p, top_k, *, max_candidates, wide_candidates=1024, branchless=None):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "max_candidates",
+        "wide_candidates",
+        "hot_candidates",
+        "hot_temperature",
+        "branchless",
+    ),
+)
+def _sample(
+    key,
+    logits,
+    t,
+    top_p,
+    top_k,
+    *,
+    max_candidates,
+    wide_candidates=1024,
+    hot_candidates=384,
+    hot_temperature=HOT_TEMPERATURE,
+    branchless=None,
+):
     b, vocab = logits.shape
     valid = logits_valid(logits) & jnp.isfinite(t)
     greedy = t <= GREEDY_TEMPERATURE
@@ -1261,8 +1344,14 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, wide_candidates=102
     need = drawn & ~plain
     key_plain, key_filtered = jax.random.split(key)
     zero = jnp.zeros((b,), jnp.int32)
-    c = min(max_candidates, vocab)
+    c_cold = min(max_candidates, vocab)
+    c = max(c_cold, min(hot_candidates, vocab))  # the first candidates' width
     c_wide = min(wide_candidates, vocab)
+    # Each row's own count of the first candidates: hot rows (and only rows that draw
+    # filtered) take c, the others c_cold; None where the two are one.
+    counts = None
+    if c > c_cold:
+        counts = jnp.where(need & (t >= hot_temperature), c, c_cold).astype(jnp.int32)
 
     def draw_plain():
         return jax.random.categorical(key_plain, scaled(), axis=-1).astype(jnp.int32)
@@ -1270,8 +1359,10 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, wide_candidates=102
     def argmax():
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    def draw_from(vals, idx, log_norm_all):  # (token, whether each row's kept set fits)
-        return _sample_candidates(key_filtered, vals, idx, k_eff, top_p, log_norm_all, vocab)
+    def draw_from(vals, idx, log_norm_all, counts=None):  # (token, whether each row fits)
+        return _sample_candidates(
+            key_filtered, vals, idx, k_eff, top_p, log_norm_all, vocab, counts
+        )
 
     def full_sort(log_norm_all):  # the filtered draw from every token, sorted
         return draw_from(*_sorted_descending(scaled()), log_norm_all)[0]
@@ -1282,8 +1373,8 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, wide_candidates=102
     def draw_candidates():
         """The filtered draw from the top-c candidates, and whether it is exact for every
         row that needs it (no fallback)."""
-        vals, idx, exact, log_norm_all = _scaled_top_k(logits, t_eff, c, rows=need)
-        token, fits = draw_from(vals, idx, log_norm_all)
+        vals, idx, exact, log_norm_all = _scaled_top_k(logits, t_eff, c, rows=need, counts=counts)
+        token, fits = draw_from(vals, idx, log_norm_all, counts)
         return token, exact & all_fit(fits), exact, log_norm_all
 
     def draw_exactly(exact, log_norm_all):
@@ -1293,10 +1384,10 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, wide_candidates=102
         gives."""
         z = scaled()
 
-        def draw_or(vals, idx, past):
-            """The draw from candidates ``vals``/``idx``, or ``past()`` where some kept
-            set is wider than them."""
-            tok, fits = draw_from(vals, idx, log_norm_all)
+        def draw_or(vals, idx, past, counts=None):
+            """The draw from candidates ``vals``/``idx`` (a row from its first
+            ``counts``), or ``past()`` where some kept set is wider than them."""
+            tok, fits = draw_from(vals, idx, log_norm_all, counts)
             return jax.lax.cond(all_fit(fits), lambda: tok, past)
 
         sort = functools.partial(full_sort, log_norm_all)
@@ -1314,7 +1405,7 @@ def _sample(key, logits, t, top_p, top_k, *, max_candidates, wide_candidates=102
 
         # Where the first candidates' top-k was exact, their draw did not fit: some kept
         # set is wider than them. Where it was not, lax.top_k's candidates first.
-        return jax.lax.cond(exact, wide, lambda: draw_or(*jax.lax.top_k(z, c), wide))
+        return jax.lax.cond(exact, wide, lambda: draw_or(*jax.lax.top_k(z, c), wide, counts=counts))
 
     if branchless is None:
         branchless = jax.default_backend() == "gpu"

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from reset_jax import sampling as S
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -499,19 +501,23 @@ def test_sampler_cost_benchmark(tmp_path, capsys):
         mod.main(["--batch", "1,8", "--step-ms", "2.0"])  # one step time per batch size
 
 
-def test_sampler_cost_against_another_revision(capsys):
+def test_sampler_cost_against_another_revision(capsys, monkeypatch):
     """--against times another revision's sampler in the same loop, side by side: here the
-    one before the lax.switch, which draws the same tokens."""
+    one before the lax.switch, which draws the same tokens as this one with its hot
+    candidates off (that revision has none)."""
     mod = _load_bench("sampler_cost")
     try:
         old = mod.load_sampling_at("8976df7")
     except SystemExit as e:  # a shallow clone may not hold that commit
         pytest.skip(str(e))
     body, state = mod.variants(2, 512, pieces=False, against={"8976df7": old})["reset@8976df7"]
-    new_body, new_state = mod.variants(2, 512, pieces=False)["reset"]
-    logits = 3.0 * jax.random.normal(jax.random.key(2), (2, 512))
-    got = mod._loop(body, state, 5)(jax.random.key(0), logits)
-    want = mod._loop(new_body, new_state, 5)(jax.random.key(0), logits)
+    sample = mod.sampling.sample
+    with monkeypatch.context() as m:
+        m.setattr(mod.sampling, "sample", lambda *a, **kw: sample(*a, **kw, hot_candidates=1))
+        new_body, new_state = mod.variants(2, 512, pieces=False)["reset"]
+        logits = 3.0 * jax.random.normal(jax.random.key(2), (2, 512))
+        got = mod._loop(body, state, 5)(jax.random.key(0), logits)
+        want = mod._loop(new_body, new_state, 5)(jax.random.key(0), logits)
     assert got[2].tolist() == want[2].tolist()  # the summed tokens of 5 steps
     args = ["--batch", "1", "--vocab", "512", "--iters", "2", "--rounds", "1"]
     assert mod.main([*args, "--logit-std", "2.0", "--against", "8976df7"]) == 0
@@ -546,17 +552,23 @@ def test_sampler_cost_against_a_saved_file(tmp_path):
 
 def test_sampler_cost_paths_force_each_sampler_path():
     """--paths: each logits set's top-p 0.95 nucleus falls where its path says, at every
-    temperature the rules pick (fixed 0.6; ReSET 0.1 or 1.0): within the 256 candidates,
-    past them but within the 1024 wide ones, past those (float64 count)."""
+    temperature the rules pick (fixed 0.6; ReSET 0.1 or 1.0): within the 256 candidates
+    (fast, hot), past 512 (a hot row's candidates) but within the 1024 wide ones, past
+    those (float64 count); and ReSET (its tau0 0.55 here) picks t_low on the fast logits,
+    t_high on the others."""
     mod = _load_bench("sampler_cost")
     widths = _load_bench("nucleus_widths")
     v = 8192
-    for path, (lo, hi) in {"fast": (1, 256), "wide": (257, 1024), "full": (1025, v)}.items():
+    ranges = {"fast": (1, 256), "hot": (1, 256), "wide": (513, 1024), "full": (1025, v)}
+    assert set(ranges) == set(mod.PATHS)
+    for path, (lo, hi) in ranges.items():
         x = np.asarray(mod.forced_logits(path, 3, v, 7.0, jax.random.key(4)))
         assert x.shape == (3, v) and x.dtype == np.float32 and np.isfinite(x).all()
         for t in (0.1, 0.6, 1.0):
             sizes = widths.nucleus_sizes(x, np.full(3, t), 0.95)
             assert ((lo <= sizes) & (sizes <= hi)).all(), (path, t, sizes)
+        h = np.asarray(S.token_entropy(jnp.asarray(x)))
+        assert ((h < 0.55) if path == "fast" else (h > 0.55)).all(), (path, h)
     with pytest.raises(ValueError, match="at least 4096"):
         mod.forced_logits("full", 1, 2000, 7.0, jax.random.key(0))
 
@@ -606,34 +618,58 @@ def test_sampler_cost_profile_accounts_each_path(tmp_path, monkeypatch, capsys):
 
 def test_sampler_cost_expected_cost_at_real_rates(tmp_path, capsys):
     """A batch takes the full sort where some row is past 1024, else the wide draw where
-    some row is past 256 (rows independent); the expected step weights each path's time."""
+    some row is past its first candidates (256; a hot row's 384 where the sampler has hot
+    candidates), else the hot path where some row is hot (rows independent); the expected
+    step weights each path's time."""
     mod = _load_bench("sampler_cost")
-    caps = {"256": {"share": 0.1}, "1024": {"share": 0.02}}
-    r = mod.path_rates(caps, 1)
-    assert r == pytest.approx({"fast": 0.9, "wide": 0.08, "full": 0.02})
-    r8 = mod.path_rates(caps, 8)
-    assert r8["full"] == pytest.approx(1 - 0.98**8) and r8["fast"] == pytest.approx(0.9**8)
+    older = type("older", (), {"sample": staticmethod(lambda key, logits, t, top_p=1.0: None)})
+    assert mod.hot_candidates(S) == 384 and mod.hot_candidates(older) == 0
+    # A quarter of the rows hot; 10 % of all rows past 256 (8 % hot, 2 % cold), 3 % past
+    # 384 (all hot), 1 % past 1024.
+    caps = {
+        "256": {"share": 0.1, "share_at_t_high": 0.32},
+        "384": {"share": 0.03, "share_at_t_high": 0.12},
+        "1024": {"share": 0.01, "share_at_t_high": 0.04},
+    }
+    rule = {"caps": {c: dict(v, share_hot=v["share_at_t_high"]) for c, v in caps.items()}}
+    rule["hot"] = 0.25
+    r = mod.path_rates(rule, 1, hot=384)
+    assert r == pytest.approx({"fast": 0.73, "hot": 0.22, "wide": 0.04, "full": 0.01})
+    old = mod.path_rates(rule, 1)
+    assert old == pytest.approx({"fast": 0.9, "hot": 0.0, "wide": 0.09, "full": 0.01})
+    r8 = mod.path_rates(rule, 8, hot=384)
+    assert r8["full"] == pytest.approx(1 - 0.99**8) and r8["fast"] == pytest.approx(0.73**8)
+    assert r8["wide"] + r8["full"] == pytest.approx(1 - 0.95**8)
     assert sum(r8.values()) == pytest.approx(1.0)
-    assert mod.expected_us({"fast": 10.0, "wide": 20.0, "full": 100.0}, r) == pytest.approx(
-        0.9 * 10 + 0.08 * 20 + 0.02 * 100
+    assert sum(mod.path_rates(rule, 8).values()) == pytest.approx(1.0)
+    with pytest.raises(SystemExit, match="not 512"):
+        mod.path_rates(rule, 8, hot=512)
+    path_us = {"fast": 10.0, "hot": 12.0, "wide": 20.0, "full": 100.0}
+    assert mod.expected_us(path_us, r) == pytest.approx(
+        0.73 * 10 + 0.22 * 12 + 0.04 * 20 + 0.01 * 100
     )
     rates = tmp_path / "r.json"
+    zero = {c: {"share": 0.0} for c in caps}
     rec = {
+        "steps": 100,
+        "steps_at_t_high": 25,
         "caps": caps,
         "model": "m",
-        "fixed": {"caps": {"256": {"share": 0.0}, "1024": {"share": 0.0}}, "temperature": 0.6},
+        "fixed": {"caps": zero, "temperature": 0.6},
     }
     rates.write_text(json.dumps(rec))
+    assert mod.load_rates(str(rates))["reset"]["hot"] == pytest.approx(0.25)
+    assert mod.load_rates(str(rates))["fixed"]["hot"] == 0.0  # T = 0.6: below the hot one
     out = tmp_path / "o.json"
     args = ["--batch", "1", "--vocab", "4096", "--iters", "2", "--rounds", "1", "--paths"]
     assert mod.main([*args, "--rates", str(rates), "--json", str(out), "--step-ms", "2.0"]) == 0
     text = capsys.readouterr().out
-    assert "| 1 | reset | 90.00 % | 8.00 % | 2.00 % |" in text
-    assert "| 1 | fixed | 100.00 % | 0.00 % | 0.00 % |" in text
+    assert "| 1 | reset | 73.00 % | 22.00 % | 4.00 % | 1.00 % |" in text
+    assert "| 1 | fixed | 100.00 % | 0.00 % | 0.00 % | 0.00 % |" in text
     assert "reset − fixed, expected" in text and "% of a 2.0 ms step" in text
     got = json.loads(out.read_text())
-    assert set(got["us_per_step"]["1"]) == {"fast", "wide", "full"}
-    times = {p: np.median(got["us_per_step"]["1"][p]["reset"]) for p in ("fast", "wide", "full")}
+    assert set(got["us_per_step"]["1"]) == set(mod.PATHS)
+    times = {p: np.median(got["us_per_step"]["1"][p]["reset"]) for p in mod.PATHS}
     want = mod.expected_us(times, r)
     assert got["expected_us"]["1"]["reset"] == pytest.approx(want)
     # A rates file without the fixed rule's counts, or from another fixed temperature.
@@ -651,12 +687,13 @@ def test_sampler_cost_expected_cost_at_real_rates(tmp_path, capsys):
         mod.main(["--paths", "--vocab", "2000"])  # too small for the full sort's logits
     # The saved rates that h100_session.sh passes load, with both rules' counts.
     saved = mod.load_rates(
-        str(ROOT / "benchmarks" / "data" / "nucleus_widths_smollm2_AD5_cpu.json")
+        str(ROOT / "benchmarks" / "data" / "nucleus_widths_smollm2_AG5_cpu.json")
     )
     assert mod.path_rates(saved["reset"], 8)["wide"] > 0.1
-    assert mod.path_rates(saved["fixed"], 8)["fast"] == 1.0
+    assert mod.path_rates(saved["reset"], 8, hot=384)["wide"] < 0.15
+    assert mod.path_rates(saved["fixed"], 8, hot=384)["fast"] == 1.0
     assert (
-        "nucleus_widths_smollm2_AD5_cpu.json"
+        "nucleus_widths_smollm2_AG5_cpu.json"
         in (ROOT / "benchmarks" / "h100_session.sh").read_text()
     )
 
@@ -738,11 +775,18 @@ def test_nucleus_widths_benchmark_on_the_default_model(tmp_path, capsys):
     assert "| ReSET | 256 |" in text and "| fixed T = 0.6 | 256 |" in text
     assert "a batch of 8 has one" in text
     rec = json.loads(out.read_text())
-    assert 1 <= rec["steps"] <= 8 and set(rec["caps"]) == {"64", "256", "512", "1024", "4096"}
+    assert 1 <= rec["steps"] <= 8 and set(rec["caps"]) == {
+        "64",
+        "256",
+        "384",
+        "512",
+        "1024",
+        "4096",
+    }
     # The fixed rule's count is over the same steps, at its one temperature.
     assert rec["fixed"]["steps"] == rec["steps"] and rec["fixed"]["temperature"] == 0.6
     assert "steps_at_t_high" not in rec["fixed"]
-    assert set(rec["fixed"]["caps"]) == {"64", "256", "512", "1024", "4096"}
+    assert set(rec["fixed"]["caps"]) == {"64", "256", "384", "512", "1024", "4096"}
     with pytest.raises(SystemExit):
         mod.main([*args, "--fixed-temperature", "0"])
     # The figure, from the run and again from its JSON.

@@ -742,10 +742,13 @@ def test_sample_rejects_bad_candidate_counts():
     wide_candidates of 2.5 silently turned the wide draw off)."""
     x = jnp.zeros((1, 100), jnp.float32).at[0, 3].set(1.0)
     bad = (0, -3, 2.5, True, np.bool_(True), "8")
-    for kw in [{name: n} for name in ("max_candidates", "wide_candidates") for n in bad]:
+    names = ("max_candidates", "wide_candidates", "hot_candidates")
+    for kw in [{name: n} for name in names for n in bad]:
         with pytest.raises(ValueError, match=f"{next(iter(kw))} must be a positive int"):
             S.sample(jax.random.key(0), x, 1.0, top_p=0.9, **kw)
     assert int(S.sample(jax.random.key(0), x, 1.0, top_p=0.9, max_candidates=np.int64(8))[0]) >= 0
+    with pytest.raises(ValueError, match="hot_temperature must be finite"):
+        S.sample(jax.random.key(0), x, 1.0, top_p=0.9, hot_temperature=float("nan"))
 
 
 def test_wide_candidates_before_a_full_sort():
@@ -769,7 +772,11 @@ def test_wide_candidates_before_a_full_sort():
     cases = ((0.5, 1024, 1024), (0.8, 256, v), (0.9, 1024, v), (0.05, 1024, 64))
     for top_p, wide, want_from in cases:
         p = jnp.full((2,), top_p, jnp.float32)
-        got = S.sample(key, x, t, top_p=p, max_candidates=64, wide_candidates=wide)
+        # (These rows are at T = 1, hot: hot_candidates = 64 keeps their first candidates
+        # at 64, as a cold row's.)
+        got = S.sample(
+            key, x, t, top_p=p, max_candidates=64, wide_candidates=wide, hot_candidates=64
+        )
         if want_from == v:
             want, fits = by_hand(*S._sorted_descending(x), p)
         else:
@@ -780,6 +787,55 @@ def test_wide_candidates_before_a_full_sort():
         narrower = {1024: 64, v: wide, 64: None}[want_from]
         if narrower is not None:
             assert not bool(jnp.all(by_hand(*jax.lax.top_k(x, narrower), p)[1]))
+
+
+def test_hot_rows_draw_from_their_own_count():
+    """Filtered rows at or above ``hot_temperature`` look at the ``hot_candidates`` best
+    tokens first, the others at ``max_candidates``: a hot row whose nucleus fits its count
+    takes no fallback, a cold row as wide takes the wide draw (for the batch). All rows
+    share one ``[B, hot_candidates]`` draw, so a row's token does not depend on its count."""
+    rng = np.random.default_rng(5)
+    v = 5000
+    x = jnp.asarray(rng.standard_normal((2, v)).astype(np.float32) * 2.0)
+    key = jax.random.key(7)
+    _, key_filtered = jax.random.split(key)
+    k_eff = jnp.full((2,), v, jnp.int32)
+
+    def by_hand(t, c, top_p, counts=None):  # `_sample`'s draw from z's c best
+        z = jax.jit(lambda x, t: x / t[:, None])(x, t)
+        lse = jax.nn.logsumexp(z, axis=-1)
+        vals, idx = jax.lax.top_k(z, c)
+        return S._sample_candidates(key_filtered, vals, idx, k_eff, top_p, lse, v, counts)
+
+    def sample(t, top_p):
+        return S.sample(
+            key, x, t, top_p=top_p, max_candidates=64, wide_candidates=1024, hot_candidates=256
+        )
+
+    hot = jnp.array([1.0, 1.0], jnp.float32)
+    mixed = jnp.array([1.0, 0.85], jnp.float32)  # row 1 below the hot temperature (0.9)
+    # Nuclei at top-p 0.5: 144 and 111 tokens at T = 1, past 64, within 256.
+    p = jnp.full((2,), 0.5, jnp.float32)
+    want, fits = by_hand(hot, 256, p)
+    assert bool(jnp.all(fits)) and not bool(jnp.all(by_hand(hot, 64, p)[1]))
+    np.testing.assert_array_equal(np.asarray(sample(hot, p)), np.asarray(want))
+    # Narrow nuclei (3 and 1 tokens): each row from its own count, the same tokens as
+    # with no counts.
+    p = jnp.full((2,), 0.05, jnp.float32)
+    want, fits = by_hand(mixed, 256, p, counts=jnp.array([256, 64], jnp.int32))
+    assert bool(jnp.all(fits))
+    np.testing.assert_array_equal(np.asarray(sample(mixed, p)), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(want), np.asarray(by_hand(mixed, 256, p)[0]))
+    # Row 0 (hot) keeps 144 of its 256, row 1 (cold) 89 at top-p 0.6: past its 64, so the
+    # batch draws from the 1024 best.
+    p = jnp.array([0.5, 0.6], jnp.float32)
+    counts = jnp.array([256, 64], jnp.int32)
+    assert not bool(jnp.all(by_hand(mixed, 256, p, counts=counts)[1]))
+    want, fits = by_hand(mixed, 1024, p)
+    assert bool(jnp.all(fits))
+    np.testing.assert_array_equal(np.asarray(sample(mixed, p)), np.asarray(want))
+    # The same with the hot count off: row 0 alone is past its 64 candidates too.
+    assert not bool(jnp.all(by_hand(hot, 64, jnp.full((2,), 0.5))[1]))
 
 
 def test_staged_top_k_is_lax_top_k():
@@ -868,19 +924,23 @@ def test_branchless_sampler_draws_the_same_tokens():
     # there): its candidates still hold top_p = 0.6 of the mass, but not the right tokens.
     logits[8, 640:670] = 40.0
     logits[8, 1280:1296] = 40.0
-    # Row 9: a nucleus of ~400 tokens, wider than the 256 candidates, not the 1024 wide ones.
-    logits = np.concatenate([logits, rng.standard_normal((1, v)).astype(np.float32) * 2.0])
-    t = np.array([0.0, 0.7, 0.7, 1.0, 0.7, 1.0, 0.7, 0.5, 1.0, 1.0], np.float32)
-    top_p = np.array([1.0, 1.0, 0.9, 1.0, 0.5, 0.95, 0.9, 0.99, 0.6, 0.5], np.float32)
-    top_k = np.array([0, 0, 0, 5, 40, 0, 0, 300, 0, 0], np.int32)
+    # Row 9: a nucleus of ~310 tokens at T = 1 and top-p 0.42, a hot row: past 256, within
+    # its 384 first candidates. Row 10: the same logits at T = 0.89 and top-p 0.5, below the
+    # hot temperature: ~280 tokens, wider than the 256 candidates, not the 1024 wide ones.
+    row9 = rng.standard_normal((1, v)).astype(np.float32) * 2.0
+    logits = np.concatenate([logits, row9, row9])
+    t = np.array([0.0, 0.7, 0.7, 1.0, 0.7, 1.0, 0.7, 0.5, 1.0, 1.0, 0.89], np.float32)
+    top_p = np.array([1.0, 1.0, 0.9, 1.0, 0.5, 0.95, 0.9, 0.99, 0.6, 0.42, 0.5], np.float32)
+    top_k = np.array([0, 0, 0, 5, 40, 0, 0, 300, 0, 0, 0], np.int32)
     run = jax.jit(S._sample, static_argnames=("max_candidates", "branchless"))
     mixes = {
-        "all kinds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+        "all kinds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
         # Kept sets wider than the candidates but within the 1024 wide ones (a top-k of
-        # 300, a nucleus of ~400): no full sort.
-        "wide candidates": [1, 2, 7, 9],
-        "wide candidates, clustered": [7, 8, 9],
-        "wide candidates and greedy": [0, 7, 9],
+        # 300, a nucleus of ~290): no full sort.
+        "wide candidates": [1, 2, 7, 9, 10],
+        "wide candidates, clustered": [7, 8, 10],
+        "wide candidates and greedy": [0, 7, 10],
+        "a hot row within its candidates": [2, 3, 9],
         "wide candidates, plain and greedy": [0, 1, 7],
         "full sort, plain and greedy": [0, 1, 5],
         "candidates suffice": [0, 1, 2, 3, 4, 6],  # the fast path, no fallback
@@ -1009,7 +1069,9 @@ def test_branchless_fallback_reaches_the_wide_draw_behind_one_more_readback(kern
 
         monkeypatch.setattr(S, "_top_k_cuda", top_k)
         monkeypatch.setattr(
-            S, "_top_k_cuda_scaled", lambda x, t, c: (*top_k(x, c), jnp.zeros(x.shape[:1]))
+            S,
+            "_top_k_cuda_scaled",
+            lambda x, t, c, counts=None: (*top_k(x, c), jnp.zeros(x.shape[:1])),
         )
     args = _top_p_args(2, 5000)
     # Unjitted, so that the stand-ins are traced (not _sample's cached trace).

@@ -354,10 +354,14 @@ def test_cuda_scaled_top_k_is_xla():
     x = (rng.standard_normal((8, 151936)) * 7).astype(np.float32)
     x[3, :200] = -np.inf  # masked tokens
     t = np.array([1.0, 0.6, 0.1, 1.3, 0.05, 0.6, 0.95, 2.0], np.float32)
-    for c in (256, 1024):
-        vals, idx, exact, log_norm = jax.jit(S._top_k_cuda_scaled, static_argnums=2)(x, t, c)
+    # Per-row counts (the sampler's hot rows at c = 384; 512 takes 512 sort threads): each
+    # row's first counts[b], the rest -inf / 0, as the XLA form masks them.
+    counts = jnp.asarray([384, 256, 1, 383, 256, 384, 300, 256], jnp.int32)
+    for c, n in ((256, None), (1024, None), (384, counts), (512, counts + 128)):
+        call = jax.jit(S._top_k_cuda_scaled, static_argnums=2)
+        vals, idx, exact, log_norm = call(x, t, c) if n is None else call(x, t, c, n)
         z = jnp.asarray(x) / jnp.asarray(t)[:, None]
-        want_v, want_i = jax.lax.top_k(z, c)
+        want_v, want_i = S._mask_past_counts(*jax.lax.top_k(z, c), n)
         assert np.asarray(exact).all()
         np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_i))
         np.testing.assert_array_equal(
@@ -386,24 +390,31 @@ def test_scaled_top_k_without_the_kernels(monkeypatch):
     t = np.array([1.0, 0.5, 0.7], np.float32)
     cpu = jax.devices("cpu")[0]
 
-    def check(out):
+    def check(out, counts=None):
         # XLA's own quotient on the CPU: it divides by a broadcast as a multiply by the
         # reciprocal (not NumPy's bits).
         with jax.default_device(cpu):
             z = jnp.asarray(x) / jnp.asarray(t)[:, None]
             want_v, want_i = jax.lax.top_k(z, 64)
             want_ln = np.asarray(jax.nn.logsumexp(z, axis=-1))
+        if counts is not None:  # past each row's count: -inf, index 0
+            past = np.arange(64)[None, :] >= np.asarray(counts)[:, None]
+            want_v = np.where(past, -np.inf, want_v)
+            want_i = np.where(past, 0, want_i)
+            assert past.any() and not past.all()
         vals, idx, exact, log_norm = (np.asarray(a) for a in out)
         assert bool(exact)
         np.testing.assert_array_equal(idx, np.asarray(want_i))
         np.testing.assert_array_equal(vals, np.asarray(want_v))
         np.testing.assert_allclose(log_norm, want_ln, rtol=1e-6)
 
+    counts = jnp.asarray([64, 10, 1], jnp.int32)
     with jax.default_device(cpu):
         check(S._scaled_top_k(jnp.asarray(x), jnp.asarray(t), 64))
+        check(S._scaled_top_k(jnp.asarray(x), jnp.asarray(t), 64, counts=counts), counts)
     monkeypatch.setattr(S, "_cuda_top_k_reason", lambda *a: None)
 
-    def stand_in(x, t, c):
+    def stand_in(x, t, c, counts=None):
         b = x.shape[0]
         zeros = jnp.zeros((b, c), jnp.int32)
         return x[:, :c], zeros, jnp.ones((b,), bool), jnp.zeros((b,), jnp.float32)

@@ -45,7 +45,18 @@ struct Case {
   // [B] or empty. Given: the kernels divide the rows by t (TopkArgs::scale) and write each
   // row's logsumexp (log_norm), checked against the host's in f64; the reference is z / t.
   std::vector<float> t = {};
+  // [B] or empty. Given: row b's own count (TopkArgs::counts, clamped to [1, C]); its first
+  // counts[b] results must be the reference's, the rest -inf with index 0.
+  std::vector<int32_t> counts = {};
 };
+
+// Counts 256 and 512 in turn, with the edges (1, C - 1) and values outside [1, C] (clamped).
+std::vector<int32_t> Counts(int B, int C) {
+  std::vector<int32_t> n(B);
+  const int32_t pattern[] = {C, C / 2, 1, C - 1, 0, C + 7, -3, C / 2};
+  for (int b = 0; b < B; ++b) n[b] = pattern[b % 8];
+  return n;
+}
 
 std::vector<float> Temperatures(int B, uint32_t seed) {
   std::mt19937 g(seed);
@@ -76,9 +87,18 @@ std::vector<Case> Cases(bool quick) {
   cs.push_back({"scaled", 8, V, 256, Expect::kAllExact, Normal(8, V, 7.f, 41), Temperatures(8, 1)});
   cs.push_back({"scaled 1024", 3, V, 1024, Expect::kAllExact, Normal(3, V, 3.f, 42),
                 Temperatures(3, 2)});
+  // Per-row counts (the sampler's hot rows: C = 512, 512 sort threads), scaled as it calls them.
+  cs.push_back({"scaled counts", 8, V, 512, Expect::kAllExact, Normal(8, V, 7.f, 44),
+                Temperatures(8, 6), Counts(8, 512)});
+  cs.push_back({"scaled counts 384", 8, V, 384, Expect::kAllExact, Normal(8, V, 7.f, 48),
+                Temperatures(8, 11), Counts(8, 384)});
   if (!quick) {
-    for (int C : {1, 20, 255, 1024})
+    for (int C : {1, 20, 255, 512, 1024})
       cs.push_back({"random C", 2, V, C, Expect::kAllExact, Normal(2, V, 7.f, 100 + C)});
+    cs.push_back({"counts 1024", 8, V, 1024, Expect::kAllExact, Normal(8, V, 3.f, 45), {},
+                  Counts(8, 1024)});
+    cs.push_back({"counts V 300", 8, 300, 256, Expect::kAllExact, Normal(8, 300, 3.f, 46),
+                  Temperatures(8, 8), Counts(8, 256)});
     {
       auto z = Normal(4, V, 7.f, 21);
       for (auto& x : z) x = RoundBf16(x);
@@ -139,6 +159,8 @@ std::vector<Case> Cases(bool quick) {
     cs.push_back({"70000 rows", 70000, 40, 5, Expect::kAllExact, Normal(70000, 40, 1.f, 40)});
     cs.push_back({"scaled 70000 rows", 70000, 40, 5, Expect::kAllExact,
                   Normal(70000, 40, 1.f, 41), Temperatures(70000, 4)});
+    cs.push_back({"counts 70000 rows", 70000, 40, 5, Expect::kAllExact,
+                  Normal(70000, 40, 1.f, 47), Temperatures(70000, 9), Counts(70000, 5)});
     {
       // logsumexp where the row's maximum is not finite (jax takes it as 0): a +inf (the sum
       // is +inf), every value -inf (the sum is 0: -inf), a NaN (NaN); then a plain row.
@@ -244,6 +266,7 @@ bool RunCase(const Case& c) {
   const bool scaled = !c.t.empty();
   Buffers d = Alloc(B, V, C);
   float *t = nullptr, *log_norm = nullptr;
+  int32_t* counts = nullptr;
   CK(cudaMemcpy(d.z, c.z.data(), c.z.size() * 4, cudaMemcpyHostToDevice));
   // Poison: outputs and scratch (the kernels must not rely on a cleared scratch).
   CK(cudaMemset(d.vals, 0xFF, size_t(B) * C * 4));
@@ -257,6 +280,11 @@ bool RunCase(const Case& c) {
     CK(cudaMemcpy(t, c.t.data(), size_t(B) * 4, cudaMemcpyHostToDevice));
     CK(cudaMemset(log_norm, 0xFF, size_t(B) * 4));
     a.scale = t, a.log_norm = log_norm;
+  }
+  if (!c.counts.empty()) {
+    CK(cudaMalloc(&counts, size_t(B) * 4));
+    CK(cudaMemcpy(counts, c.counts.data(), size_t(B) * 4, cudaMemcpyHostToDevice));
+    a.counts = counts;
   }
   if (const char* why = rjtopk::TopkUnsupportedReason(a)) {
     std::printf("FAIL %s: unsupported: %s\n", c.name.c_str(), why);
@@ -275,6 +303,7 @@ bool RunCase(const Case& c) {
     CK(cudaFree(t));
     CK(cudaFree(log_norm));
   }
+  CK(cudaFree(counts));
   d.Free();
   // The rows the kernels ordered: z, or z / t divided on the device as XLA divides (its own
   // kernel: the host's IEEE quotient can differ in the last bit).
@@ -325,9 +354,19 @@ bool RunCase(const Case& c) {
       std::printf("FAIL %s row %d: a NaN row reported exact\n", c.name.c_str(), b);
       ok = false;
     }
+    const int cb = c.counts.empty() ? C : std::min(std::max(int(c.counts[b]), 1), C);
+    for (int i = cb; i < C; ++i) {  // past the row's count: -inf and index 0, exact or not
+      const float v = vals[size_t(b) * C + i];
+      if (idx[size_t(b) * C + i] != 0 || !(std::isinf(v) && v < 0)) {
+        std::printf("FAIL %s row %d rank %d past its count %d: (%d, %a)\n", c.name.c_str(), b,
+                    i, cb, idx[size_t(b) * C + i], v);
+        ok = false;
+        break;
+      }
+    }
     if (!exact[b]) continue;
     ++n_exact;
-    Reference(row, V, C, want);
+    Reference(row, V, cb, want);
     ok &= RowMatches(c.name, b, row, idx.data() + size_t(b) * C, vals.data() + size_t(b) * C, want);
   }
   if (written != B * C) {
@@ -376,6 +415,48 @@ void Time(int B, int V, int C) {
               B, V, C, 1e3 * ms[0][0] / 20, 1e3 * ms[1][0] / 20, 1e3 * ms[0][1] / 20,
               1e3 * ms[1][1] / 20, 1e3 * scaled_ms / 20);
   CK(cudaStreamDestroy(st));
+  d.Free();
+}
+
+// The sampler's first top-k with hot rows: scaled, with log_norm, C = hot and per-row counts
+// (every row 256; row 0 at hot; every row hot), against C = 256 without counts, interleaved.
+void TimeCounts(int B, int V, int hot) {
+  Buffers d = Alloc(B, V, hot);
+  const auto z = Normal(B, V, 7.f, 98);
+  CK(cudaMemcpy(d.z, z.data(), z.size() * 4, cudaMemcpyHostToDevice));
+  const auto h_t = Temperatures(B, 10);
+  float *t, *log_norm;
+  int32_t* counts[3];
+  CK(cudaMalloc(&t, size_t(B) * 4));
+  CK(cudaMalloc(&log_norm, size_t(B) * 4));
+  CK(cudaMemcpy(t, h_t.data(), size_t(B) * 4, cudaMemcpyHostToDevice));
+  for (int v = 0; v < 3; ++v) {
+    std::vector<int32_t> n(B, v == 2 ? hot : 256);
+    if (v == 1) n[0] = hot;
+    CK(cudaMalloc(&counts[v], size_t(B) * 4));
+    CK(cudaMemcpy(counts[v], n.data(), size_t(B) * 4, cudaMemcpyHostToDevice));
+  }
+  cudaStream_t st;
+  CK(cudaStreamCreate(&st));
+  float ms[2][4];
+  for (int rep = 0; rep < 2; ++rep)
+    for (int v = 0; v < 4; ++v) {
+      rjtopk::TopkArgs a = Args(d, B, V, v == 0 ? 256 : hot);
+      a.scale = t, a.log_norm = log_norm;
+      a.counts = v == 0 ? nullptr : counts[v - 1];
+      ms[rep][v] = GraphMedianMs(st, 15, [&](cudaStream_t s) {
+        for (int r = 0; r < 20; ++r) CK(rjtopk::LaunchTopk(a, s));
+      });
+    }
+  std::printf("time counts B=%d V=%d: C=256 %.2f / %.2f us a call; C=%d with counts all 256 "
+              "%.2f / %.2f, row 0 at %d %.2f / %.2f, all %d %.2f / %.2f\n",
+              B, V, 1e3 * ms[0][0] / 20, 1e3 * ms[1][0] / 20, hot, 1e3 * ms[0][1] / 20,
+              1e3 * ms[1][1] / 20, hot, 1e3 * ms[0][2] / 20, 1e3 * ms[1][2] / 20, hot,
+              1e3 * ms[0][3] / 20, 1e3 * ms[1][3] / 20);
+  CK(cudaStreamDestroy(st));
+  CK(cudaFree(t));
+  CK(cudaFree(log_norm));
+  for (auto* c : counts) CK(cudaFree(c));
   d.Free();
 }
 
@@ -515,6 +596,8 @@ int main(int argc, char** argv) {
   if (!quick) {
     for (int C : {256, 1024})
       for (int B : {1, 2, 8}) Time(B, 151936, C);
+    for (int hot : {384, 512})
+      for (int B : {1, 8}) TimeCounts(B, 151936, hot);
     for (int B : {1, 2, 8}) TimeSort(B, 151936);
   }
   return failed ? 1 : 0;

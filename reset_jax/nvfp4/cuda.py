@@ -49,6 +49,7 @@ TARGET_DECODE_ATTENTION = "reset_jax_decode_attention"  # reset_jax.attention
 TARGET_DECODER_LAYERS = "reset_jax_decoder_layers"  # reset_jax.decoder_layers
 TARGET_TOPK = "reset_jax_top_k"  # reset_jax.sampling
 TARGET_TOPK_SCALED = "reset_jax_top_k_scaled"  # reset_jax.sampling
+TARGET_TOPK_SCALED_COUNTS = "reset_jax_top_k_scaled_counts"  # reset_jax.sampling
 TARGET_SORT_ROWS = "reset_jax_sort_rows"  # reset_jax.sampling
 # bf16 mma.sync and cp/ld cache hints need Ampere; sm_80 machine code ships.
 _MIN_COMPUTE_CAPABILITY = 8.0
@@ -105,6 +106,7 @@ _HANDLERS = (
     (TARGET_DECODER_LAYERS, "ResetJaxDecoderLayers"),
     (TARGET_TOPK, "ResetJaxTopK"),
     (TARGET_TOPK_SCALED, "ResetJaxTopKScaled"),
+    (TARGET_TOPK_SCALED_COUNTS, "ResetJaxTopKScaledCounts"),
     (TARGET_SORT_ROWS, "ResetJaxSortRows"),
 )
 # Every symbol this package looks up in the library: the handlers and the ctypes helpers.
