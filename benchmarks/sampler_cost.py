@@ -357,7 +357,7 @@ def path_rates(rule: dict, batch: int, hot: int = 0) -> dict:
         return float(caps[str(cap)]["share_hot" if hot else "share"])
 
     full = 1.0 - (1.0 - share(1024)) ** batch
-    cold_past = share(256) - h * share(256, hot=True)  # cold rows past 256
+    cold_past = max(0.0, share(256) - h * share(256, hot=True))  # cold rows past 256
     past = cold_past + (h * share(hot, hot=True) if hot else 0.0)  # past their candidates
     wide_or_more = 1.0 - (1.0 - past) ** batch
     fast = (1.0 - h - cold_past) ** batch  # every row cold and within 256
@@ -407,6 +407,11 @@ def load_rates(path: str) -> dict:
             "hot": hot_share,
         }
 
+    for k in ("steps", "steps_at_t_high"):
+        if k not in rec:
+            raise SystemExit(f"--rates {path}: no {k!r} (a nucleus_widths.py JSON has it)")
+    if any("share_at_t_high" not in v for v in rec["caps"].values()):
+        raise SystemExit(f"--rates {path}: ReSET's caps lack 'share_at_t_high'")
     at_high = float(rec["steps_at_t_high"]) / float(rec["steps"])
     return {
         "reset": rule(rec["caps"], at_high if 1.0 >= hot_t else 0.0, "share_at_t_high"),
@@ -518,12 +523,13 @@ def main(argv=None) -> int:
         if rates:
             print(f"rates: {a.rates} ({rates['model']}), rows independent")
             for n in set(hot.values()) - {0}:
-                if str(n) not in rates["reset"]["caps"]:
-                    p.error(
-                        f"--rates {a.rates} counts kept sets wider than "
-                        f"{sorted(rates['reset']['caps'], key=int)}, not {n} (a sampler's hot "
-                        "candidates): rerun nucleus_widths.py"
-                    )
+                for rule in ("reset", "fixed"):
+                    if str(n) not in rates[rule]["caps"]:
+                        p.error(
+                            f"--rates {a.rates}: its {rule} rule counts kept sets wider than "
+                            f"{sorted(rates[rule]['caps'], key=int)}, not {n} (a sampler's "
+                            "hot candidates): rerun nucleus_widths.py"
+                        )
         expected, profiles = {}, {}
         for i, b in enumerate(batches):
             logits = path_logits(b, a.vocab, a.logit_std)

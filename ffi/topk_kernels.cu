@@ -11,7 +11,7 @@ namespace rjtopk {
 
 namespace {
 
-constexpr int kThreads = 256;        // every kernel but the sort past C = 256 (1024)
+constexpr int kThreads = 256;        // every kernel but the sort past C = 384 (512 or 1024)
 constexpr int kWarps = kThreads / 32;
 static_assert(kWarps == kSlicesPerCta, "TopkScratchWords counts the collect's CTAs by kSlicesPerCta");
 

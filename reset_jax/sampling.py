@@ -1347,11 +1347,13 @@ def _sample(
     c_cold = min(max_candidates, vocab)
     c = max(c_cold, min(hot_candidates, vocab))  # the first candidates' width
     c_wide = min(wide_candidates, vocab)
-    # Each row's own count of the first candidates: hot rows (and only rows that draw
-    # filtered) take c, the others c_cold; None where the two are one.
+    # Each row's own count of the first candidates: hot rows (only rows that draw filtered,
+    # and not those whose top-k fits c_cold anyway) take c, the others c_cold; None where
+    # the two are one. A row's token does not depend on its count where its kept set fits.
     counts = None
     if c > c_cold:
-        counts = jnp.where(need & (t >= hot_temperature), c, c_cold).astype(jnp.int32)
+        hot = need & (t >= hot_temperature) & (k_eff > c_cold)
+        counts = jnp.where(hot, c, c_cold).astype(jnp.int32)
 
     def draw_plain():
         return jax.random.categorical(key_plain, scaled(), axis=-1).astype(jnp.int32)

@@ -681,6 +681,19 @@ def test_sampler_cost_expected_cost_at_real_rates(tmp_path, capsys):
     rates.write_text(json.dumps(rec))
     with pytest.raises(SystemExit, match=r"T = 0\.7"):
         mod.main([*args, "--rates", str(rates)])
+    # Rates without this sampler's hot count (384), for either rule: an error before timing.
+    for rule in ("reset", "fixed"):
+        bad = json.loads(json.dumps(dict(rec, fixed={"caps": zero, "temperature": 0.6})))
+        del (bad["caps"] if rule == "reset" else bad["fixed"]["caps"])["384"]
+        rates.write_text(json.dumps(bad))
+        with pytest.raises(SystemExit):
+            mod.main([*args, "--rates", str(rates)])
+        assert f"its {rule} rule counts kept sets wider than" in capsys.readouterr().err
+    # Rates without ReSET's t_high counts.
+    good = dict(rec, fixed={"caps": zero, "temperature": 0.6})
+    rates.write_text(json.dumps({k: v for k, v in good.items() if k != "steps_at_t_high"}))
+    with pytest.raises(SystemExit, match="steps_at_t_high"):
+        mod.main([*args, "--rates", str(rates)])
     with pytest.raises(SystemExit):
         mod.main(["--rates", str(rates)])  # --rates needs --paths
     with pytest.raises(SystemExit):

@@ -703,7 +703,8 @@ def test_distribution_per_row_parameters():
 
 def test_candidate_path_and_full_sort_agree():
     """The capped lax.top_k path, the wider candidates and the full-sort fallback give the
-    same distribution."""
+    same distribution. (These rows are hot, T = 1: ``hot_candidates=cap`` keeps their first
+    candidates at ``cap``.)"""
     rng = np.random.default_rng(9)
     z = rng.standard_normal(60).astype(np.float32) * 0.5
     n = 20000
@@ -720,6 +721,7 @@ def test_candidate_path_and_full_sort_agree():
                 top_p=0.5,
                 max_candidates=cap,
                 wide_candidates=wide,
+                hot_candidates=cap,
             )
         )
         got = np.bincount(tok, minlength=60) / n
@@ -730,7 +732,15 @@ def test_candidate_path_and_full_sort_agree():
     # full sort), and stays exact.
     for wide in (8, 32):
         tok = np.asarray(
-            S.sample(jax.random.key(3), x, 1.0, top_k=20, max_candidates=8, wide_candidates=wide)
+            S.sample(
+                jax.random.key(3),
+                x,
+                1.0,
+                top_k=20,
+                max_candidates=8,
+                wide_candidates=wide,
+                hot_candidates=8,
+            )
         )
         assert set(np.unique(tok)) <= set(np.argsort(-z)[:20].tolist())
         assert len(np.unique(tok)) == 20
@@ -799,17 +809,24 @@ def test_hot_rows_draw_from_their_own_count():
     x = jnp.asarray(rng.standard_normal((2, v)).astype(np.float32) * 2.0)
     key = jax.random.key(7)
     _, key_filtered = jax.random.split(key)
-    k_eff = jnp.full((2,), v, jnp.int32)
 
-    def by_hand(t, c, top_p, counts=None):  # `_sample`'s draw from z's c best
+    def by_hand(t, c, top_p, counts=None, top_k=v):  # `_sample`'s draw from z's c best
         z = jax.jit(lambda x, t: x / t[:, None])(x, t)
         lse = jax.nn.logsumexp(z, axis=-1)
         vals, idx = jax.lax.top_k(z, c)
+        k_eff = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (2,))
         return S._sample_candidates(key_filtered, vals, idx, k_eff, top_p, lse, v, counts)
 
-    def sample(t, top_p):
+    def sample(t, top_p, top_k=0, hot=256):
         return S.sample(
-            key, x, t, top_p=top_p, max_candidates=64, wide_candidates=1024, hot_candidates=256
+            key,
+            x,
+            t,
+            top_p=top_p,
+            top_k=top_k,
+            max_candidates=64,
+            wide_candidates=1024,
+            hot_candidates=hot,
         )
 
     hot = jnp.array([1.0, 1.0], jnp.float32)
@@ -834,8 +851,22 @@ def test_hot_rows_draw_from_their_own_count():
     want, fits = by_hand(mixed, 1024, p)
     assert bool(jnp.all(fits))
     np.testing.assert_array_equal(np.asarray(sample(mixed, p)), np.asarray(want))
-    # The same with the hot count off: row 0 alone is past its 64 candidates too.
-    assert not bool(jnp.all(by_hand(hot, 64, jnp.full((2,), 0.5))[1]))
+    # The same with the hot count off: both rows past their 64, the wide draw.
+    p = jnp.full((2,), 0.5, jnp.float32)
+    want, fits = by_hand(hot, 1024, p)
+    assert bool(jnp.all(fits)) and not bool(jnp.all(by_hand(hot, 64, p)[1]))
+    np.testing.assert_array_equal(np.asarray(sample(hot, p, hot=64)), np.asarray(want))
+    # A top-k between the cold and hot counts: the hot row draws from its 256, the cold
+    # row's 100 > 64 does not fit (its entries past 64 are not candidates): the wide draw.
+    p = jnp.ones((2,), jnp.float32)
+    top_k = jnp.array([100, 100], jnp.int32)
+    counts = jnp.array([256, 64], jnp.int32)
+    _, fits = by_hand(mixed, 256, p, counts=counts, top_k=top_k)
+    np.testing.assert_array_equal(np.asarray(fits), [True, False])
+    want, fits = by_hand(mixed, 1024, p, top_k=top_k)
+    assert bool(jnp.all(fits))
+    got = sample(mixed, p, top_k=top_k)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_staged_top_k_is_lax_top_k():
@@ -973,8 +1004,8 @@ def test_branchless_sampler_draws_the_same_tokens():
                 np.testing.assert_array_equal(np.asarray(got), want, err_msg=name)
     # The staged top-k really is inexact on the clustered row and exact elsewhere.
     cand = functools.partial(S._top_k_candidates, staged=True)
-    assert not bool(cand(jnp.asarray(logits[[8]]), 256)[2])
-    assert bool(cand(jnp.asarray(logits[[1, 2, 3, 4]]), 256)[2])
+    assert not bool(cand(jnp.asarray(logits[[8]]), 384)[2])
+    assert bool(cand(jnp.asarray(logits[[1, 2, 3, 4]]), 384)[2])
 
 
 def _top_p_args(b: int, v: int) -> tuple:
@@ -1115,7 +1146,7 @@ def test_branchless_fallback_when_one_top_k_is_not_exact():
     cand = functools.partial(S._top_k_candidates, staged=True)
     assert not bool(cand(jnp.asarray(x_a), 64)[2]) and bool(cand(jnp.asarray(x_a), 128)[2])
     assert bool(cand(jnp.asarray(x_b), 64)[2]) and not bool(cand(jnp.asarray(x_b), 128)[2])
-    static = ("max_candidates", "wide_candidates", "branchless")
+    static = ("max_candidates", "wide_candidates", "hot_candidates", "branchless")
     cpu = jax.jit(S._sample, static_argnames=static)
     gpu = jax.jit(
         lambda *a, **k: _with_staged_top_k(S._sample.__wrapped__, *a, **k), static_argnames=static
@@ -1123,7 +1154,8 @@ def test_branchless_fallback_when_one_top_k_is_not_exact():
     for args in (a, b):
         for seed in range(12):
             key = jax.random.key(seed)
-            sizes = dict(max_candidates=64, wide_candidates=128)
+            # (T = 1: hot rows; hot_candidates=64 keeps their first candidates at 64.)
+            sizes = dict(max_candidates=64, wide_candidates=128, hot_candidates=64)
             want = np.asarray(cpu(key, *args, **sizes, branchless=False))
             np.testing.assert_array_equal(
                 np.asarray(gpu(key, *args, **sizes, branchless=True)), want
