@@ -1276,7 +1276,7 @@ def sample(
 
     Raises:
       ValueError: ``max_candidates``, ``wide_candidates`` or ``hot_candidates`` not a
-        positive int, or ``hot_temperature`` not finite.
+        positive int, or ``hot_temperature`` not a finite number.
     """
     logits = jnp.asarray(logits, jnp.float32)
     b = logits.shape[0]
@@ -1287,8 +1287,13 @@ def sample(
     ):
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise ValueError(f"{name} must be a positive int, got {n!r}")
-    if not np.isfinite(hot_temperature):
-        raise ValueError(f"hot_temperature must be finite, got {hot_temperature!r}")
+    number = (int, float, np.integer, np.floating)
+    if (
+        isinstance(hot_temperature, bool)
+        or not isinstance(hot_temperature, number)
+        or not np.isfinite(hot_temperature)
+    ):
+        raise ValueError(f"hot_temperature must be a finite number, got {hot_temperature!r}")
     # Fixed dtypes and shapes here, so that Python scalars and arrays, weak
     # types or not, all share one compiled sampler per (B, V).
     return _sample(

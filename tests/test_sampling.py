@@ -757,8 +757,9 @@ def test_sample_rejects_bad_candidate_counts():
         with pytest.raises(ValueError, match=f"{next(iter(kw))} must be a positive int"):
             S.sample(jax.random.key(0), x, 1.0, top_p=0.9, **kw)
     assert int(S.sample(jax.random.key(0), x, 1.0, top_p=0.9, max_candidates=np.int64(8))[0]) >= 0
-    with pytest.raises(ValueError, match="hot_temperature must be finite"):
-        S.sample(jax.random.key(0), x, 1.0, top_p=0.9, hot_temperature=float("nan"))
+    for t in (float("nan"), float("inf"), "0.9", None, True):
+        with pytest.raises(ValueError, match="hot_temperature must be a finite number"):
+            S.sample(jax.random.key(0), x, 1.0, top_p=0.9, hot_temperature=t)
 
 
 def test_wide_candidates_before_a_full_sort():
