@@ -353,13 +353,15 @@ def path_rates(rule: dict, batch: int, hot: int = 0) -> dict:
             "(the sampler's hot candidates): rerun nucleus_widths.py"
         )
 
-    def share(cap, hot=False):
-        return float(caps[str(cap)]["share_hot" if hot else "share"])
+    has_one = _bench_module("nucleus_widths").batch_has_one
 
-    full = 1.0 - (1.0 - share(1024)) ** batch
-    cold_past = max(0.0, share(256) - h * share(256, hot=True))  # cold rows past 256
-    past = cold_past + (h * share(hot, hot=True) if hot else 0.0)  # past their candidates
-    wide_or_more = 1.0 - (1.0 - past) ** batch
+    def share(cap, among_hot=False):
+        return float(caps[str(cap)]["share_hot" if among_hot else "share"])
+
+    full = has_one(share(1024), batch)
+    cold_past = max(0.0, share(256) - h * share(256, among_hot=True))  # cold rows past 256
+    past = cold_past + (h * share(hot, among_hot=True) if hot else 0.0)  # past their first
+    wide_or_more = has_one(past, batch)
     fast = (1.0 - h - cold_past) ** batch  # every row cold and within 256
     return {
         "fast": fast,
@@ -403,7 +405,7 @@ def load_rates(path: str) -> dict:
 
     def rule(caps, hot_share, hot_key):
         return {
-            "caps": {c: dict(v, share_hot=v.get(hot_key, 0.0)) for c, v in caps.items()},
+            "caps": {c: dict(v, share_hot=v[hot_key]) for c, v in caps.items()},
             "hot": hot_share,
         }
 

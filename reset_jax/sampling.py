@@ -826,12 +826,8 @@ def _sorted_descending(z: jax.Array, *, cuda: bool | None = None) -> tuple[jax.A
     Returns:
       ``(values [B, V] of z's dtype, indices [B, V] int32)``.
     """
-    if cuda is None:
-        choice = os.environ.get("RESET_JAX_SORT", "auto")
-        if choice not in ("auto", "cuda", "xla"):
-            raise ValueError(f"RESET_JAX_SORT={choice!r}: expected auto, cuda or xla")
-        if choice != "auto":
-            cuda = choice == "cuda"
+    if cuda is None and (choice := _env_method("RESET_JAX_SORT", ("cuda", "xla"))) != "auto":
+        cuda = choice == "cuda"
     why = _cuda_sort_reason(z.shape, z.dtype)
     if cuda and why is not None:
         raise NotImplementedError(f"the CUDA row sort cannot serve this call: {why}")
@@ -1045,6 +1041,21 @@ def _scaled_top_k(
     return jax.lax.platform_dependent(x, t, cuda=kernels, default=with_xla)
 
 
+def _env_method(name: str, methods: tuple[str, ...]) -> str:
+    """The method the environment variable ``name`` names when a call is traced: ``auto``
+    (also where it is unset) or one of ``methods`` (for comparisons of the sampler's
+    kernels with XLA's forms).
+
+    Raises:
+      ValueError: any other value.
+    """
+    choice = os.environ.get(name, "auto")
+    if choice != "auto" and choice not in methods:
+        names = ", ".join(("auto", *methods[:-1]))
+        raise ValueError(f"{name}={choice!r}: expected {names} or {methods[-1]}")
+    return choice
+
+
 def _top_k_env_choice() -> tuple[bool | None, bool | None]:
     """``(cuda, staged)`` as the environment variable ``RESET_JAX_TOP_K`` sets them when the
     call is traced: ``auto`` (or unset) leaves both None; ``cuda``, ``staged`` or ``lax``
@@ -1053,9 +1064,7 @@ def _top_k_env_choice() -> tuple[bool | None, bool | None]:
     Raises:
       ValueError: any other value.
     """
-    choice = os.environ.get("RESET_JAX_TOP_K", "auto")
-    if choice not in ("auto", "cuda", "staged", "lax"):
-        raise ValueError(f"RESET_JAX_TOP_K={choice!r}: expected auto, cuda, staged or lax")
+    choice = _env_method("RESET_JAX_TOP_K", ("cuda", "staged", "lax"))
     if choice == "auto":
         return None, None
     return choice == "cuda", choice == "staged"
